@@ -1,0 +1,40 @@
+# Every target that runs code first makes sure .venv exists and holds what it needs,
+# so on a fresh machine `make test` or `make demo` is the only command to type.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-unit lint format demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,embedded,lint]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kraite_mp tests bench
+	$(VENV)/bin/mypy kraite_mp
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format kraite_mp tests bench
+	$(VENV)/bin/ruff check --fix kraite_mp tests bench
+
+demo: $(STAMP)
+	$(VENV)/bin/kraite-mp demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from kraite_mp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""What every forked child gets from the supervisor, and how it reports back.
+
+The supervisor builds a ``ChildContext`` before the fork (it connects nothing); the child calls
+``after_fork()`` first thing, then runs its loop until ``ctx.stop`` is set, calling
+``ctx.beat(state, **fields)`` often. ``beat`` is cheap to call on every frame: it rewrites the
+heartbeat file and the process title at most once per ``BEAT_INTERVAL_S`` (or at once when the
+state changes).
+
+Heartbeat file (``<run_dir>/heartbeats/<key>.json``, replaced atomically): ``{"key", "role",
+"account_id", "pid", "state", "ts", "started", "fields", "error"}``. The parent kills a child whose
+``ts`` is older than ``supervisor.heartbeat_timeout_s`` and reads ``error`` after a FATAL exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kraite_mp import exitcodes
+from kraite_mp.accounts import Account
+from kraite_mp.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: At most one heartbeat-file write and one title update per second.
+BEAT_INTERVAL_S = 1.0
+_PR_SET_PDEATHSIG = 1
+
+StatusHook = Callable[["ChildContext"], None]
+
+#: Called (throttled, from ``beat``) with the context: issue 7's Redis status publisher plugs in here.
+status_hooks: list[StatusHook] = []
+
+
+def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        log.warning("PR_SET_PDEATHSIG unavailable: an orphaned child may outlive its parent")
+
+
+def heartbeat_dir(settings: Settings) -> str:
+    return os.path.join(settings.run_dir, "heartbeats")
+
+
+def title_prefix(role: str, account: Account | None) -> str:
+    if account is None:
+        return f"kraite-mp: {role}"
+    # names are operator-chosen: keep the title one token per field
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in account.name)[:32]
+    return f"kraite-mp: {role} account={account.id} name={name}"
+
+
+class ChildContext:
+    def __init__(self, settings: Settings, role: str, account: Account | None = None, key: str | None = None) -> None:
+        self.settings = settings
+        self.role = role
+        self.account = account
+        self.key = key or (f"{role}-{account.id}" if account else role)
+        self.heartbeat_path = os.path.join(heartbeat_dir(settings), f"{self.key}.json")
+        #: Set by SIGTERM/SIGINT: loops must finish promptly (use ``stop.wait(timeout)`` to sleep).
+        self.stop = threading.Event()
+        #: Set by SIGHUP: reload what can be reloaded without reconnecting (mark-price symbol map).
+        self.reload = threading.Event()
+        self.state = "starting"
+        self.fields: dict[str, Any] = {}
+        self.error: str | None = None
+        self.started = time.time()
+        self.parent_pid = os.getpid()
+        self._last_beat = 0.0
+        self._title_prefix = title_prefix(role, account)
+
+    # -- in the child ---------------------------------------------------------------------------
+    def after_fork(self) -> None:
+        """First thing in the child: die with the parent, own signal handlers, fresh randomness."""
+        set_pdeathsig(signal.SIGTERM)
+        if os.getppid() != self.parent_pid:  # parent died between fork() and prctl()
+            os._exit(exitcodes.EXIT_OK)
+        random.seed()  # or every child draws the same jitter
+        self.started = time.time()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.beat("starting", force=True)
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop.set()
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reload.set()
+
+    def beat(self, state: str | None = None, *, force: bool = False, **fields: Any) -> None:
+        """Record liveness and counters; writes the heartbeat file and title at most once a second."""
+        changed = state is not None and state != self.state
+        if state is not None:
+            self.state = state
+        if fields:
+            self.fields.update(fields)
+        now = time.monotonic()
+        if not (force or changed) and now - self._last_beat < BEAT_INTERVAL_S:
+            return
+        self._last_beat = now
+        self.set_title()
+        self._write_heartbeat()
+        for hook in status_hooks:
+            try:
+                hook(self)
+            except Exception:  # a status hook must never take a stream down
+                log.debug("status hook failed", exc_info=True)
+
+    def set_title(self) -> None:
+        parts = [self._title_prefix, f"state={self.state}"]
+        parts.extend(f"{k}={v}" for k, v in self.fields.items())
+        set_process_title(" ".join(parts))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "role": self.role,
+            "account_id": self.account.id if self.account else None,
+            "account_name": self.account.name if self.account else None,
+            "pid": os.getpid(),
+            "state": self.state,
+            "ts": time.time(),
+            "started": self.started,
+            "fields": self.fields,
+            "error": self.error,
+        }
+
+    def _write_heartbeat(self) -> None:
+        tmp = f"{self.heartbeat_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.status(), f, default=str)
+            os.replace(tmp, self.heartbeat_path)
+        except OSError:
+            log.warning("cannot write heartbeat %s", self.heartbeat_path, exc_info=True)
+
+    def fail(self, reason: str) -> None:
+        """Record a (redacted) error for ``status`` without changing state."""
+        from kraite_mp.logs import redact
+
+        self.error = redact(reason)[:500]
+
+    def fatal(self, reason: str, code: int = exitcodes.EXIT_FATAL_CREDENTIALS) -> int:
+        """Record why this child cannot usefully be restarted soon; return the exit code to use."""
+        self.fail(reason)
+        self.beat("fatal", force=True)
+        log.error("fatal: %s", self.error)
+        return code
+
+
+def read_heartbeat(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def set_process_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_child(ctx: ChildContext, target: Callable[[ChildContext], int]) -> int:
+    """Run ``target`` in a freshly forked child and turn every outcome into an exit code."""
+    code = exitcodes.EXIT_ERROR
+    try:
+        ctx.after_fork()
+        code = target(ctx)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else exitcodes.EXIT_ERROR
+    except BaseException as e:  # noqa: BLE001 - the child must always report
+        ctx.fail(f"{type(e).__name__}: {e}")
+        log.exception("child %s crashed", ctx.key)
+        ctx.beat("crashed", force=True)
+        code = exitcodes.EXIT_ERROR
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    return code

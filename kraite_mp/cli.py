@@ -1,0 +1,232 @@
+"""The ``kraite-mp`` command line (click). Heavy subcommands are imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from kraite_mp import exitcodes
+from kraite_mp.config import ConfigError, Settings, load_settings
+from kraite_mp.logs import setup_logging
+
+#: Subcommands that live in their own modules: name -> "module:attribute".
+LAZY_COMMANDS: dict[str, str] = {
+    "simulate": "kraite_mp.simulator.cli:simulate",
+    "run": "kraite_mp.supervisor:run_command",
+    "sync-orders": "kraite_mp.reconcile:sync_orders_command",
+    "status": "kraite_mp.status:status_command",
+    "demo": "kraite_mp.demo:demo_command",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module_name, attr = LAZY_COMMANDS[cmd_name].split(":")
+            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        return super().get_command(ctx, cmd_name)
+
+
+def get_settings(ctx: click.Context) -> Settings:
+    """The settings for this invocation; bad config exits 78 with a message naming the key."""
+    obj = ctx.find_root().ensure_object(dict)
+    if "settings" not in obj:
+        try:
+            settings = load_settings(obj.get("config_path"))
+        except ConfigError as e:
+            click.echo(f"kraite-mp: configuration error: {e}", err=True)
+            ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+        if obj.get("log_level"):
+            settings.log_level = obj["log_level"].upper()
+        setup_logging(settings.log_level)
+        obj["settings"] = settings
+    return obj["settings"]  # type: ignore[no-any-return]
+
+
+def open_db(ctx: click.Context, settings: Settings) -> Any:
+    from kraite_mp.db import DatabaseUnavailable, connect
+
+    try:
+        return connect(settings.database_url, application_name="kraite-mp cli")
+    except DatabaseUnavailable as e:
+        click.echo(f"kraite-mp: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_TEMPFAIL)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file (default etc/kraite-mp.toml if present, or $KRAITE_CONFIG).")
+@click.option("--log-level", default=None, help="Override log_level (DEBUG, INFO, ...).")
+@click.version_option(package_name="kraite-mp")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
+    """kraite-mp: Binance USD-M user-data and mark-price push daemon."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    ctx.obj["log_level"] = log_level
+
+
+@cli.command("check-config")
+@click.pass_context
+def check_config(ctx: click.Context) -> None:
+    """Validate the configuration and print it with secrets redacted."""
+    settings = get_settings(ctx)
+    click.echo(json.dumps(settings.redacted(), indent=2))
+
+
+@cli.command("gen-secret-key")
+def gen_secret_key() -> None:
+    """Print a new Fernet key for KRAITE_SECRET_KEY."""
+    from kraite_mp.accounts import generate_secret_key
+
+    click.echo(generate_secret_key())
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Apply pending schema migrations (idempotent)."""
+    from kraite_mp.db import migrate
+
+    settings = get_settings(ctx)
+    conn = open_db(ctx, settings)
+    try:
+        applied = migrate(conn)
+    finally:
+        conn.close()
+    click.echo(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@cli.group()
+def accounts() -> None:
+    """Manage exchange accounts (no SQL needed)."""
+
+
+def _read_secret(secret_file: str | None, secret_env: str | None, secret_stdin: bool) -> str:
+    chosen = [x for x in (secret_file, secret_env, secret_stdin or None) if x]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --api-secret-file, --api-secret-env, --api-secret-stdin")
+    if secret_file:
+        with open(secret_file) as f:
+            return f.read().strip()
+    if secret_env:
+        value = os.environ.get(secret_env, "")
+        if not value:
+            raise click.UsageError(f"environment variable {secret_env} is empty or not set")
+        return value.strip()
+    return sys.stdin.readline().strip()
+
+
+@accounts.command("add")
+@click.option("--name", required=True)
+@click.option("--api-key", required=True, help="The API key (not secret).")
+@click.option("--api-secret-file", type=click.Path(exists=True, dir_okay=False), help="File holding the API secret.")
+@click.option("--api-secret-env", metavar="VAR", help="Name of an environment variable holding the API secret.")
+@click.option("--api-secret-stdin", is_flag=True, help="Read the API secret from the first line of stdin.")
+@click.option("--inactive", is_flag=True, help="Add it disabled.")
+@click.pass_context
+def accounts_add(ctx: click.Context, name: str, api_key: str, api_secret_file: str | None,
+                 api_secret_env: str | None, api_secret_stdin: bool, inactive: bool) -> None:
+    """Add an account; the secret never goes on the command line (ps would show it)."""
+    import psycopg2
+
+    from kraite_mp.accounts import SecretKeyError, add_account, mask, set_active
+
+    settings = get_settings(ctx)
+    secret = _read_secret(api_secret_file, api_secret_env, api_secret_stdin)
+    conn = open_db(ctx, settings)
+    try:
+        account = add_account(conn, settings.secret_key, name=name, api_key=api_key, api_secret=secret)
+        if inactive:
+            set_active(conn, account.id, False)
+    except SecretKeyError as e:
+        click.echo(f"kraite-mp: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+    except psycopg2.errors.UniqueViolation:
+        click.echo(f"kraite-mp: an account named {name!r} already exists", err=True)
+        ctx.exit(1)
+    except ValueError as e:
+        click.echo(f"kraite-mp: {e}", err=True)
+        ctx.exit(1)
+    finally:
+        conn.close()
+    click.echo(f"added account id={account.id} name={account.name} api_key={mask(account.api_key)}")
+
+
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def accounts_list(ctx: click.Context, as_json: bool) -> None:
+    """List accounts (secrets never shown, API keys masked)."""
+    from kraite_mp.accounts import list_accounts, mask
+
+    settings = get_settings(ctx)
+    conn = open_db(ctx, settings)
+    try:
+        rows = list_accounts(conn)
+    finally:
+        conn.close()
+    data = [
+        {"id": a.id, "name": a.name, "exchange": a.exchange, "api_key": mask(a.api_key), "active": a.is_active,
+         "credentials_error": a.credentials_error}
+        for a in rows
+    ]
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"{'ID':>5}  {'NAME':<20} {'EXCHANGE':<8} {'API KEY':<12} {'ACTIVE':<6} CREDENTIALS")
+    for d in data:
+        click.echo(f"{d['id']:>5}  {d['name']:<20} {d['exchange']:<8} {d['api_key']:<12} "
+                   f"{'yes' if d['active'] else 'no':<6} {d['credentials_error'] or 'ok'}")
+
+
+def _set_active(ctx: click.Context, account_id: int, active: bool) -> None:
+    from kraite_mp.accounts import set_active
+
+    settings = get_settings(ctx)
+    conn = open_db(ctx, settings)
+    try:
+        found = set_active(conn, account_id, active)
+    finally:
+        conn.close()
+    if not found:
+        click.echo(f"kraite-mp: no account with id {account_id}", err=True)
+        ctx.exit(1)
+    click.echo(f"account {account_id} {'enabled' if active else 'disabled'}")
+
+
+@accounts.command("disable")
+@click.argument("account_id", type=int)
+@click.pass_context
+def accounts_disable(ctx: click.Context, account_id: int) -> None:
+    """Disable an account: its stream stops within supervisor.accounts_refresh_s (or at SIGHUP)."""
+    _set_active(ctx, account_id, False)
+
+
+@accounts.command("enable")
+@click.argument("account_id", type=int)
+@click.pass_context
+def accounts_enable(ctx: click.Context, account_id: int) -> None:
+    """Enable an account (and clear a remembered invalid-credentials error)."""
+    _set_active(ctx, account_id, True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="kraite-mp", standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0

@@ -1,0 +1,339 @@
+"""One settings object: TOML file, then environment variables on top.
+
+Precedence (last wins): built-in defaults (production Binance URLs) < TOML file < environment.
+
+Environment variables:
+- the named ones in ``ENV_VARS`` (``KRAITE_DATABASE_URL``, ``KRAITE_REDIS_URL``, ...);
+- any setting by path with double underscores: ``KRAITE__supervisor__healthy_after_s=5``.
+  Lists are comma-separated (``KRAITE__user_data_stream__binance__dispatched_executions=TRADE,CANCELED``;
+  an empty value is an empty list).
+
+Every error names the key that is wrong (``ConfigError``); ``kraite-mp check-config`` prints the
+effective settings with secrets redacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+#: The config file used when ``--config`` is not given and this file exists.
+DEFAULT_CONFIG_PATH = "etc/kraite-mp.toml"
+
+#: Binance's production endpoints (2026 routes: the WS base is split into /private, /market, /public).
+BINANCE_REST_URL = "https://fapi.binance.com"
+BINANCE_WS_URL = "wss://fstream.binance.com"
+
+#: The seed system's production allowlist of dispatched execution types.
+DEFAULT_DISPATCHED_EXECUTIONS: tuple[str, ...] = (
+    "TRADE",
+    "AMENDMENT",
+    "CANCELED",
+    "EXPIRED",
+    "ALGO_NEW",
+    "ALGO_CANCELED",
+    "ALGO_EXPIRED",
+    "ALGO_FILLED",
+)
+
+#: Every dispatch key the job knows; anything else in the allowlist is a config error.
+KNOWN_DISPATCH_KEYS: frozenset[str] = frozenset(
+    {"NEW", "CANCELED", "CALCULATED", "EXPIRED", "TRADE", "AMENDMENT", "REJECTED"}
+    | {f"ALGO_{s}" for s in ("NEW", "CANCELED", "TRIGGERING", "TRIGGERED", "FINISHED", "FILLED", "REJECTED", "EXPIRED")}
+)
+
+#: Named environment variables -> setting path.
+ENV_VARS: dict[str, str] = {
+    "KRAITE_DATABASE_URL": "database_url",
+    "KRAITE_REDIS_URL": "redis_url",
+    "KRAITE_REDIS_NAMESPACE": "redis_namespace",
+    "KRAITE_SECRET_KEY": "secret_key",
+    "KRAITE_LOG_LEVEL": "log_level",
+    "KRAITE_BINANCE_REST_URL": "binance.rest_url",
+    "KRAITE_BINANCE_WS_URL": "binance.ws_url",
+    "KRAITE_RUN_DIR": "run_dir",
+}
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the offending key."""
+
+
+@dataclass
+class BinanceSettings:
+    rest_url: str = BINANCE_REST_URL
+    ws_url: str = BINANCE_WS_URL
+    recv_window_ms: int = 5000
+    #: REST timeouts: a hung call must never hang a process forever.
+    rest_timeout_s: float = 10.0
+    #: Stay under Binance's 2400/min request weight; slow down above this share of it.
+    weight_limit_per_min: int = 2400
+    weight_slowdown_ratio: float = 0.8
+
+
+@dataclass
+class SupervisorSettings:
+    #: Re-read the owned accounts this often (also on SIGHUP).
+    accounts_refresh_s: float = 30.0
+    #: A child that stayed up this long gets its restart counter reset.
+    healthy_after_s: float = 60.0
+    #: A child that exited FATAL (invalid credentials) is retried only after this long.
+    fatal_retry_s: float = 300.0
+    #: A child whose heartbeat is older than this is killed and restarted.
+    heartbeat_timeout_s: float = 60.0
+    #: SIGTERM -> wait this long -> SIGKILL.
+    graceful_timeout_s: float = 10.0
+    #: Backoff: delay = base * 2^min(attempt, cap) + jitter.
+    backoff_base_s: float = 1.0
+    backoff_cap_exponent: int = 5
+    backoff_jitter_ratio: float = 0.1
+    #: Spawn pacing (token bucket): Binance allows 300 new WS connections per 5 min per IP.
+    spawn_rate_per_s: float = 0.9
+    spawn_burst: int = 20
+    #: Periodic REST reconciliation of all owned accounts (0 disables).
+    sync_interval_s: float = 300.0
+    #: Which accounts this supervisor owns: "all" or "I/N" (account id modulo N == I).
+    shard: str = "all"
+    #: Run the mark-price child in this supervisor.
+    mark_price: bool = True
+
+
+@dataclass
+class BinanceUserDataSettings:
+    dispatched_executions: list[str] = field(default_factory=lambda: list(DEFAULT_DISPATCHED_EXECUTIONS))
+
+
+@dataclass
+class UserDataStreamSettings:
+    keepalive_interval_s: float = 1800.0
+    ping_interval_s: float = 30.0
+    pong_timeout_s: float = 10.0
+    #: Reconnect proactively before Binance's 24 h connection limit.
+    max_connection_age_s: float = 23.5 * 3600
+    #: Where frames go while Redis is unreachable (one subdirectory per account).
+    spool_dir: str = "var/spool"
+    queue_name: str = "user-data-stream"
+    events: list[str] = field(
+        default_factory=lambda: [
+            "ORDER_TRADE_UPDATE",
+            "TRADE_LITE",
+            "ACCOUNT_UPDATE",
+            "ALGO_UPDATE",
+            "MARGIN_CALL",
+            "ACCOUNT_CONFIG_UPDATE",
+            "STRATEGY_UPDATE",
+            "GRID_UPDATE",
+            "CONDITIONAL_ORDER_TRIGGER_REJECT",
+            "listenKeyExpired",
+        ]
+    )
+    binance: BinanceUserDataSettings = field(default_factory=BinanceUserDataSettings)
+
+
+@dataclass
+class MarkPriceSettings:
+    #: No tick for this long means the stream is dead: reconnect.
+    watchdog_s: float = 5.0
+    reload_s: float = 60.0
+    ping_interval_s: float = 20.0
+    pong_timeout_s: float = 10.0
+    #: Rows per UPDATE statement; 0 = one statement per tick.
+    chunk_size: int = 0
+    strategy: str = "unnest"
+    include_coin_m: bool = False
+
+
+@dataclass
+class JobsSettings:
+    #: Dotted paths of observers called with (old, new) after each committed status change.
+    observers: list[str] = field(default_factory=lambda: ["kraite_mp.observers.publish_transition"])
+    transitions_channel: str = "kraite:order-transitions"
+    max_retries: int = 20
+
+
+@dataclass
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/kraite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_namespace: str = "kraite"
+    #: Fernet key that encrypts account secrets at rest.
+    secret_key: str = ""
+    log_level: str = "INFO"
+    #: Heartbeat files and other per-host runtime state.
+    run_dir: str = "var/run"
+    binance: BinanceSettings = field(default_factory=BinanceSettings)
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    user_data_stream: UserDataStreamSettings = field(default_factory=UserDataStreamSettings)
+    mark_price: MarkPriceSettings = field(default_factory=MarkPriceSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
+    #: Where the settings came from (for check-config).
+    source: str = "defaults"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as a dict, secrets and URL passwords masked."""
+        data = dataclasses.asdict(self)
+        data["secret_key"] = "***" if self.secret_key else ""
+        data["database_url"] = redact_url(self.database_url)
+        data["redis_url"] = redact_url(self.redis_url)
+        return data
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://u:pw@h/db`` -> ``postgresql://u:***@h/db``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _coerce(path: str, value: Any, target: Any) -> Any:
+    """Check/convert one leaf value against the dataclass field type."""
+    origin = typing.get_origin(target)
+    if origin is list:
+        (item_type,) = typing.get_args(target)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return [_coerce(f"{path}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+    if target is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if target is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__}")
+        return value
+    raise ConfigError(f"{path}: unsupported setting type {target!r}")  # pragma: no cover
+
+
+def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)} - {"source"}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{path}: unknown setting")
+        target = hints[key]
+        if dataclasses.is_dataclass(target):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a table")
+            _apply(getattr(obj, key), value, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, target))
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    node = data
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: conflicts with a non-table value")
+    node[leaf] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for name, path in ENV_VARS.items():
+        if name in environ:
+            _set_path(data, path, environ[name])
+    for name, value in environ.items():
+        if name.startswith("KRAITE__"):
+            _set_path(data, name[len("KRAITE__") :].replace("__", ".").lower(), value)
+    return data
+
+
+def validate(settings: Settings) -> None:
+    """Cross-field checks that the type coercion cannot do."""
+    for key in ("database_url",):
+        if not urlsplit(settings.database_url).scheme.startswith("postgres"):
+            raise ConfigError(f"{key}: expected a postgresql:// URL")
+    if urlsplit(settings.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis_url: expected a redis://, rediss:// or unix:// URL")
+    for key, url, schemes in (
+        ("binance.rest_url", settings.binance.rest_url, ("http", "https")),
+        ("binance.ws_url", settings.binance.ws_url, ("ws", "wss")),
+    ):
+        parts = urlsplit(url)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL, got {url!r}")
+        if parts.path not in ("", "/"):
+            raise ConfigError(f"{key}: give the base URL only (routes such as /private are added), got {url!r}")
+    unknown = set(settings.user_data_stream.binance.dispatched_executions) - KNOWN_DISPATCH_KEYS
+    if unknown:
+        raise ConfigError(
+            f"user_data_stream.binance.dispatched_executions: unknown execution types {sorted(unknown)}"
+        )
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"log_level: expected DEBUG/INFO/WARNING/ERROR/CRITICAL, got {settings.log_level!r}")
+    if settings.mark_price.strategy not in ("unnest", "case", "copy"):
+        raise ConfigError(f"mark_price.strategy: expected unnest, case or copy, got {settings.mark_price.strategy!r}")
+    if settings.mark_price.chunk_size < 0:
+        raise ConfigError("mark_price.chunk_size: must be >= 0")
+    if settings.supervisor.backoff_cap_exponent < 0:
+        raise ConfigError("supervisor.backoff_cap_exponent: must be >= 0")
+    if settings.supervisor.spawn_rate_per_s <= 0 or settings.supervisor.spawn_burst < 1:
+        raise ConfigError("supervisor.spawn_rate_per_s/spawn_burst: must be positive")
+    from kraite_mp.ownership import parse_shard  # local: ownership imports config
+
+    try:
+        parse_shard(settings.supervisor.shard)
+    except ValueError as e:
+        raise ConfigError(f"supervisor.shard: {e}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load defaults < TOML file < environment; raise ConfigError naming the bad key."""
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    sources = []
+    if path is None and environ.get("KRAITE_CONFIG"):
+        path = environ["KRAITE_CONFIG"]
+    if path is None and Path(DEFAULT_CONFIG_PATH).is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+        _apply(settings, data)
+        sources.append(str(path))
+    overrides = env_overrides(environ)
+    if overrides:
+        _apply(settings, overrides)
+        sources.append("environment")
+    settings.log_level = settings.log_level.upper()
+    settings.source = " + ".join(["defaults", *sources])
+    validate(settings)
+    return settings
