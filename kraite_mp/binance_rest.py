@@ -1,0 +1,482 @@
+"""Binance USD-M Futures REST client: listenKeys and the signed order queries reconciliation needs.
+
+One ``BinanceRest`` per account (``BinanceRest.for_account(settings, account)``), one
+``requests.Session`` under it for connection reuse, a timeout on every call. Library errors are
+translated at this boundary into the ``BinanceError`` family (see CONTRACTS.md):
+
+- ``InvalidCredentials``: -2015 / HTTP 401 (and -2014 malformed key, -1022 rejected signature, which
+  no retry fixes either): fatal for the account; the caller marks the credentials invalid.
+- ``RateLimited``: HTTP 429 (weight limit hit) and 418 (IP banned, 2 minutes to 3 days). Both are
+  per IP, so the "refuse calls until" deadline lives in state shared by every client in the process
+  for the same base URL: after a 429/418 no client sends another request before ``Retry-After``
+  has passed (continuing after a 429 is what earns the 418).
+- ``ListenKeyNotFound`` (-1125), ``OrderNotFound`` (-2013), ``TransientError`` (connection errors,
+  timeouts, 5xx), plain ``BinanceError`` for the rest.
+
+Signed requests (PROTOCOL.md): ``timestamp`` (ms, local clock + a server-time offset) and
+``recvWindow`` are added, the query string is signed with HMAC-SHA256 (hex) and ``signature`` is
+appended last. On -1021 (timestamp outside recvWindow) the offset is re-measured with
+``GET /fapi/v1/time`` and the request is retried once.
+
+Rate-limit awareness: every reply's ``X-MBX-USED-WEIGHT-1M`` is remembered (per base URL); before a
+request, if the last reading in the current minute is above ``slowdown_ratio * weight_limit_per_min``
+the client sleeps until the minute window rolls over (at most ``MAX_SLOWDOWN_SLEEP_S``).
+
+Secrets: exception messages never hold the API secret, a signature or a listenKey. The secret and
+every listenKey are registered with ``kraite_mp.logs.register_secret``; requests' own exception
+texts (which quote the URL, signature included) are never passed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import requests
+
+from kraite_mp.logs import redact, register_secret
+
+if TYPE_CHECKING:
+    from kraite_mp.accounts import Account
+    from kraite_mp.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Retry-After assumed when a 429 carries none.
+DEFAULT_429_RETRY_AFTER_S = 60.0
+#: Retry-After assumed when a 418 carries none (Binance's shortest ban).
+DEFAULT_418_RETRY_AFTER_S = 120.0
+#: Never sleep longer than this for the weight slowdown (the window is one minute).
+MAX_SLOWDOWN_SLEEP_S = 61.0
+#: Sleep this much past the minute boundary so that the server's window has surely rolled.
+SLOWDOWN_MARGIN_S = 0.25
+#: Error codes that no retry can fix: the key or secret is wrong, or lacks permissions.
+CREDENTIAL_ERROR_CODES: frozenset[int] = frozenset({-2015, -2014, -1022})
+#: Timestamp outside recvWindow: re-measure the server-time offset and retry once.
+TIMESTAMP_ERROR_CODE = -1021
+LISTEN_KEY_NOT_FOUND_CODE = -1125
+ORDER_NOT_FOUND_CODE = -2013
+
+#: Request weight per (method, path, has_symbol) (PROTOCOL.md); used to account what a caller spent.
+ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
+    ("GET", "/fapi/v1/openOrders", True): 1,
+    ("GET", "/fapi/v1/openOrders", False): 40,
+    ("GET", "/fapi/v1/openAlgoOrders", True): 1,
+    ("GET", "/fapi/v1/openAlgoOrders", False): 40,
+    ("GET", "/fapi/v1/order", True): 1,
+    ("GET", "/fapi/v1/algoOrder", False): 1,
+    ("GET", "/fapi/v1/allOrders", True): 5,
+    ("GET", "/fapi/v1/time", False): 1,
+    ("POST", "/fapi/v1/listenKey", False): 1,
+    ("PUT", "/fapi/v1/listenKey", False): 1,
+    ("DELETE", "/fapi/v1/listenKey", False): 1,
+}
+
+_QUERY_RE = re.compile(r"\?[^\s'\")]*")
+
+
+class BinanceError(Exception):
+    """An error answered by (or on the way to) Binance. The message never holds secrets."""
+
+    def __init__(self, http_status: int, code: int | None, msg: str) -> None:
+        self.http_status = http_status
+        self.code = code
+        self.msg = redact(msg)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = f"HTTP {self.http_status}" if self.http_status else "no reply"
+        code = f" code {self.code}" if self.code is not None else ""
+        return f"{where}{code}: {self.msg}"
+
+
+class InvalidCredentials(BinanceError):
+    """-2015 / HTTP 401 (also -2014, -1022): the key or secret is wrong or lacks permissions. Fatal for the account."""
+
+
+class ListenKeyNotFound(BinanceError):
+    """-1125: the listenKey does not exist (expired or deleted); create a new one with POST."""
+
+
+class OrderNotFound(BinanceError):
+    """-2013: no such order (or it aged out: 3 days for unfilled CANCELED/EXPIRED, 90 days for any)."""
+
+
+class RateLimited(BinanceError):
+    """HTTP 429 (request weight exceeded) or 418 (IP banned); no call is sent before ``retry_after_s`` passed."""
+
+    def __init__(self, http_status: int, code: int | None, msg: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(http_status, code, msg)
+
+    @property
+    def banned(self) -> bool:
+        return self.http_status == 418
+
+
+class TransientError(BinanceError):
+    """Connection error, timeout or 5xx: retry later with backoff."""
+
+
+@dataclass
+class _HostState:
+    """What all clients of one base URL (one IP's limits) share in this process."""
+
+    #: ``time.monotonic()`` before which no request may be sent (after a 429/418), 0 = none.
+    blocked_until: float = 0.0
+    #: 429 or 418: what caused ``blocked_until``.
+    blocked_status: int = 0
+    #: Last X-MBX-USED-WEIGHT-1M seen, and the (server-clock) minute it was seen in.
+    used_weight: int = 0
+    used_weight_minute: int = -1
+    #: Server time minus local time, ms; re-measured on -1021.
+    time_offset_ms: int = 0
+
+
+_hosts: dict[str, _HostState] = {}
+_hosts_lock = threading.Lock()
+
+
+def host_state(base_url: str) -> _HostState:
+    """The shared rate-limit/ban/clock state of a base URL."""
+    with _hosts_lock:
+        state = _hosts.get(base_url)
+        if state is None:
+            state = _hosts[base_url] = _HostState()
+        return state
+
+
+def reset_host_state(base_url: str | None = None) -> None:
+    """Forget bans, weights and clock offsets (tests; ``None`` = every host)."""
+    with _hosts_lock:
+        if base_url is None:
+            _hosts.clear()
+        else:
+            _hosts.pop(base_url, None)
+
+
+def sign(secret: str, query: str) -> str:
+    """HMAC-SHA256 of the query string with the API secret, lower-case hex."""
+    return hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
+
+
+def parse_retry_after(value: str | None, default: float) -> float:
+    """Retry-After as seconds (delta-seconds or an HTTP date); ``default`` when absent or unreadable."""
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return default
+
+
+def _scrub(text: str) -> str:
+    """A library error text without its query string (signature, listenKey) or any registered secret."""
+    return redact(_QUERY_RE.sub("?...", text))[:300]
+
+
+class BinanceRest:
+    """REST calls for one account. Not thread-safe (one session); cheap to create."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        api_secret: str | None = None,
+        *,
+        recv_window_ms: int = 5000,
+        timeout_s: float = 10.0,
+        weight_limit_per_min: int = 2400,
+        slowdown_ratio: float = 0.8,
+        session: requests.Session | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self._secret = api_secret
+        if api_secret:
+            register_secret(api_secret)
+        self.recv_window_ms = recv_window_ms
+        self.timeout_s = timeout_s
+        self.weight_limit_per_min = weight_limit_per_min
+        self.slowdown_ratio = slowdown_ratio
+        self._own_session = session is None
+        self.session = session or requests.Session()
+        #: Set it to cut a weight-slowdown sleep short (e.g. the child's stop event).
+        self.stop = stop or threading.Event()
+        self._host = host_state(self.base_url)
+        #: Requests sent and their weight (by ENDPOINT_WEIGHTS) by this client: what a caller spent.
+        self.requests_sent = 0
+        self.weight_spent = 0
+        #: Seconds slept for the weight slowdown by this client.
+        self.slowdown_slept_s = 0.0
+
+    @classmethod
+    def for_account(cls, settings: Settings, account: Account, **kwargs: Any) -> BinanceRest:
+        """A client with the account's decrypted secret and the settings' URL, timeout and limits."""
+        b = settings.binance
+        return cls(
+            b.rest_url,
+            account.api_key,
+            account.secret(settings.secret_key),
+            recv_window_ms=b.recv_window_ms,
+            timeout_s=b.rest_timeout_s,
+            weight_limit_per_min=b.weight_limit_per_min,
+            slowdown_ratio=b.weight_slowdown_ratio,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        if self._own_session:
+            self.session.close()
+
+    def __enter__(self) -> BinanceRest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BinanceRest({self.base_url!r}, api_key={self.api_key[:4]}...)"
+
+    # ------------------------------------------------------------------ shared state
+    @property
+    def used_weight_1m(self) -> int:
+        """The last X-MBX-USED-WEIGHT-1M seen for this host in the current minute (0 once it rolled)."""
+        if self._host.used_weight_minute != self._server_minute():
+            return 0
+        return self._host.used_weight
+
+    @property
+    def time_offset_ms(self) -> int:
+        return self._host.time_offset_ms
+
+    def blocked_for_s(self) -> float:
+        """Seconds left before this host may be called again after a 429/418 (0 = not blocked)."""
+        return max(0.0, self._host.blocked_until - time.monotonic())
+
+    def _now_ms(self) -> int:
+        return int(time.time() * 1000) + self._host.time_offset_ms
+
+    def _server_minute(self) -> int:
+        return self._now_ms() // 60_000
+
+    # ------------------------------------------------------------------ listenKeys (USER_STREAM: key, no signature)
+    def create_listen_key(self) -> str:
+        """POST /fapi/v1/listenKey: the account's key (the active one, extended, if there is one)."""
+        data = self._request("POST", "/fapi/v1/listenKey")
+        key = data.get("listenKey") if isinstance(data, dict) else None
+        if not isinstance(key, str) or not key:
+            raise BinanceError(200, None, "POST /fapi/v1/listenKey: reply without a listenKey")
+        register_secret(key)
+        return key
+
+    def keepalive_listen_key(self) -> str:
+        """PUT /fapi/v1/listenKey: extend by 60 minutes; ListenKeyNotFound (-1125) means create a new one."""
+        data = self._request("PUT", "/fapi/v1/listenKey")
+        key = data.get("listenKey") if isinstance(data, dict) else None
+        if isinstance(key, str) and key:
+            register_secret(key)
+            return key
+        return ""
+
+    def close_listen_key(self) -> None:
+        """DELETE /fapi/v1/listenKey."""
+        self._request("DELETE", "/fapi/v1/listenKey")
+
+    # ------------------------------------------------------------------ signed queries
+    def server_time(self) -> int:
+        """GET /fapi/v1/time -> serverTime (ms)."""
+        data = self._request("GET", "/fapi/v1/time", auth=False)
+        return int(data["serverTime"])
+
+    def sync_time(self) -> int:
+        """Measure the server-time offset (ms, server minus local, midpoint of the round trip) and keep it."""
+        before = time.time() * 1000
+        server = self.server_time()
+        after = time.time() * 1000
+        self._host.time_offset_ms = int(server - (before + after) / 2)
+        log.info("server time offset %+d ms (%s)", self._host.time_offset_ms, self.base_url)
+        return self._host.time_offset_ms
+
+    def open_orders(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        """GET /fapi/v1/openOrders (weight 1 with symbol, 40 without): open regular orders."""
+        data = self._request("GET", "/fapi/v1/openOrders", {"symbol": symbol}, signed=True)
+        return self._list(data, "openOrders")
+
+    def order(self, symbol: str, order_id: int | None = None, orig_client_order_id: str | None = None) -> dict[str, Any]:
+        """GET /fapi/v1/order (weight 1): one regular order by orderId or origClientOrderId."""
+        if order_id is None and not orig_client_order_id:
+            raise ValueError("order(): give order_id or orig_client_order_id")
+        params = {"symbol": symbol, "orderId": order_id, "origClientOrderId": orig_client_order_id}
+        return self._dict(self._request("GET", "/fapi/v1/order", params, signed=True), "order")
+
+    def open_algo_orders(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        """GET /fapi/v1/openAlgoOrders (weight 1 with symbol, 40 without): open conditional orders."""
+        data = self._request("GET", "/fapi/v1/openAlgoOrders", {"symbol": symbol}, signed=True)
+        return self._list(data, "openAlgoOrders")
+
+    def algo_order(self, algo_id: int | None = None, client_algo_id: str | None = None) -> dict[str, Any]:
+        """GET /fapi/v1/algoOrder (weight 1): one conditional order by algoId or clientAlgoId."""
+        if algo_id is None and not client_algo_id:
+            raise ValueError("algo_order(): give algo_id or client_algo_id")
+        params = {"algoId": algo_id, "clientAlgoId": client_algo_id}
+        return self._dict(self._request("GET", "/fapi/v1/algoOrder", params, signed=True), "algoOrder")
+
+    @staticmethod
+    def _list(data: Any, what: str) -> list[dict[str, Any]]:
+        if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+            raise BinanceError(200, None, f"{what}: expected a JSON array of objects")
+        return data
+
+    @staticmethod
+    def _dict(data: Any, what: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise BinanceError(200, None, f"{what}: expected a JSON object")
+        return data
+
+    # ------------------------------------------------------------------ transport
+    def _request(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        *,
+        signed: bool = False,
+        auth: bool = True,
+    ) -> Any:
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            return self._send(method, path, clean, signed=signed, auth=auth)
+        except BinanceError as e:
+            if e.code != TIMESTAMP_ERROR_CODE or not signed:
+                raise
+            log.warning("%s %s: timestamp outside recvWindow (-1021): re-measuring the server time", method, path)
+        self.sync_time()
+        return self._send(method, path, clean, signed=signed, auth=auth)
+
+    def _check_blocked(self, method: str, path: str) -> None:
+        left = self.blocked_for_s()
+        if left > 0:
+            status = self._host.blocked_status or 429
+            what = "IP banned by Binance (418)" if status == 418 else "rate limited by Binance (429)"
+            raise RateLimited(status, None, f"{method} {path} not sent: {what}, {left:.0f}s left", left)
+
+    def _throttle(self) -> None:
+        """Near the weight limit: wait for the minute window to roll instead of earning a 429."""
+        used = self.used_weight_1m
+        if used < self.slowdown_ratio * self.weight_limit_per_min:
+            return
+        now_ms = self._now_ms()
+        wait_s = min(MAX_SLOWDOWN_SLEEP_S, (60_000 - now_ms % 60_000) / 1000 + SLOWDOWN_MARGIN_S)
+        log.warning("used weight %d of %d per minute: pausing %.1fs until the window rolls",
+                    used, self.weight_limit_per_min, wait_s)
+        self.slowdown_slept_s += wait_s
+        self.stop.wait(wait_s)
+
+    def _note_weight(self, resp: requests.Response) -> None:
+        raw = resp.headers.get("X-MBX-USED-WEIGHT-1M")
+        if raw is None:
+            return
+        try:
+            used = int(raw)
+        except ValueError:
+            return
+        self._host.used_weight = used
+        self._host.used_weight_minute = self._server_minute()
+
+    def _send(self, method: str, path: str, params: dict[str, Any], *, signed: bool, auth: bool) -> Any:
+        self._check_blocked(method, path)
+        self._throttle()
+        self._check_blocked(method, path)
+        headers = {}
+        if auth:
+            headers["X-MBX-APIKEY"] = self.api_key
+        query = urlencode(params)
+        if signed:
+            if not self._secret:
+                raise ValueError(f"{method} {path} is a signed endpoint: this client has no API secret")
+            extra = urlencode({"recvWindow": self.recv_window_ms, "timestamp": self._now_ms()})
+            query = f"{query}&{extra}" if query else extra
+            query = f"{query}&signature={sign(self._secret, query)}"
+        url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
+        self.requests_sent += 1
+        self.weight_spent += ENDPOINT_WEIGHTS.get((method, path, "symbol" in params), 1)
+        try:
+            resp = self.session.request(method, url, headers=headers, timeout=self.timeout_s)
+        except requests.Timeout as e:
+            raise TransientError(0, None, f"{method} {path}: timed out after {self.timeout_s}s ({_scrub(str(e))})") from None
+        except requests.RequestException as e:
+            raise TransientError(0, None, f"{method} {path}: {type(e).__name__}: {_scrub(str(e))}") from None
+        try:
+            self._note_weight(resp)
+            return self._handle(method, path, resp)
+        finally:
+            resp.close()
+
+    def _handle(self, method: str, path: str, resp: requests.Response) -> Any:
+        status = resp.status_code
+        try:
+            data: Any = json.loads(resp.content, parse_float=Decimal) if resp.content else None
+        except ValueError:
+            data = None
+        code = msg = None
+        if isinstance(data, dict) and isinstance(data.get("code"), int) and "msg" in data:
+            code, msg = int(data["code"]), str(data["msg"])
+        if status < 400 and (code is None or code >= 0):
+            if data is None and status != 200:
+                raise BinanceError(status, None, f"{method} {path}: unexpected reply")
+            return data if data is not None else {}
+        where = f"{method} {path}"
+        text = _scrub(msg or (resp.text[:200] if data is None else "error"))
+        if status in (429, 418):
+            default = DEFAULT_418_RETRY_AFTER_S if status == 418 else DEFAULT_429_RETRY_AFTER_S
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"), default)
+            host = self._host
+            host.blocked_until = max(host.blocked_until, time.monotonic() + retry_after)
+            host.blocked_status = status
+            what = "IP banned" if status == 418 else "rate limited"
+            log.error("%s: %s by Binance for %.0fs: no requests to %s until then", where, what, retry_after,
+                      self.base_url)
+            raise RateLimited(status, code, f"{where}: {what}, retry after {retry_after:.0f}s ({text})", retry_after)
+        if status == 401 or code in CREDENTIAL_ERROR_CODES:
+            hint = {
+                -1022: "the API secret does not match the API key (signature rejected)",
+                -2014: "the API key is malformed",
+            }.get(code or 0, "invalid API key, IP not whitelisted, or missing permissions")
+            raise InvalidCredentials(status, code, f"{where}: credentials rejected: {hint} ({text})")
+        if code == LISTEN_KEY_NOT_FOUND_CODE:
+            raise ListenKeyNotFound(status, code, f"{where}: {text}")
+        if code == ORDER_NOT_FOUND_CODE:
+            raise OrderNotFound(status, code, f"{where}: {text}")
+        if status >= 500 or status == 408:
+            raise TransientError(status, code, f"{where}: server error ({text})")
+        raise BinanceError(status, code, f"{where}: {text}")
+
+
+__all__ = [
+    "BinanceError",
+    "BinanceRest",
+    "InvalidCredentials",
+    "ListenKeyNotFound",
+    "OrderNotFound",
+    "RateLimited",
+    "TransientError",
+    "host_state",
+    "reset_host_state",
+    "sign",
+]
