@@ -66,7 +66,7 @@ class Account:
 
 
 _COLUMNS = "id, name, exchange, api_key, api_secret, is_active, credentials_error"
-_SELECT = "SELECT " + _COLUMNS + " FROM accounts"
+_SELECT = "SELECT " + _COLUMNS + " FROM accounts"  # noqa: S608 - constant column list
 
 
 def _row(r: tuple[Any, ...]) -> Account:
@@ -83,7 +83,7 @@ def add_account(conn: Any, secret_key: str, *, name: str, api_key: str, api_secr
     token = encrypt_secret(secret_key, api_secret.strip())
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO accounts (name, exchange, api_key, api_secret) VALUES (%s, %s, %s, %s) RETURNING " + _COLUMNS,
+            "INSERT INTO accounts (name, exchange, api_key, api_secret) VALUES (%s, %s, %s, %s) RETURNING " + _COLUMNS,  # noqa: S608 - constant column list
             (name.strip(), exchange, api_key.strip(), token),
         )
         row = cur.fetchone()

@@ -316,12 +316,13 @@ _ORDER_COLUMNS = (
     "filled_quantity", "average_price", "reduce_only", "actual_order_id", "last_execution_type",
     "last_trade_id", "last_transaction_time_ms", "last_event_time_ms", "last_source",
 )
+# Only the constant column list is concatenated; every value is a %s parameter.
 _SELECT_FOR_UPDATE = (
-    "SELECT " + ", ".join(_ORDER_COLUMNS) + " FROM orders"
+    "SELECT " + ", ".join(_ORDER_COLUMNS) + " FROM orders"  # noqa: S608
     " WHERE account_id = %s AND kind = %s AND exchange_order_id = %s FOR UPDATE"
 )
 _INSERT = (
-    "INSERT INTO orders (account_id, kind, exchange_order_id, client_order_id, symbol, side, position_side,"
+    "INSERT INTO orders (account_id, kind, exchange_order_id, client_order_id, symbol, side, position_side,"  # noqa: S608
     " order_type, time_in_force, status, price, stop_price, quantity, filled_quantity, average_price,"
     " reduce_only, actual_order_id, last_execution_type, last_trade_id, last_transaction_time_ms,"
     " last_event_time_ms, last_source)"
@@ -331,7 +332,7 @@ _INSERT = (
 )
 # Fields a source does not report (None) keep their stored value.
 _UPDATE = (
-    "UPDATE orders SET client_order_id = COALESCE(%s, client_order_id), symbol = %s,"
+    "UPDATE orders SET client_order_id = COALESCE(%s, client_order_id), symbol = %s,"  # noqa: S608
     " side = COALESCE(%s, side), position_side = COALESCE(%s, position_side),"
     " order_type = COALESCE(%s, order_type), time_in_force = COALESCE(%s, time_in_force), status = %s,"
     " price = COALESCE(%s, price), stop_price = COALESCE(%s, stop_price), quantity = COALESCE(%s, quantity),"
