@@ -1,0 +1,93 @@
+"""A local Binance USD-M Futures compatible exchange, for tests, the demo and benchmarks.
+
+It speaks the protocol described in ``PROTOCOL.md`` over real sockets on 127.0.0.1: REST
+(``/fapi/v1/...``), user-data streams (``/private/ws``), mark prices (``/market/...``), the
+retired silent routes (``/ws/...``, ``/stream``), plus a control API under ``/_sim``.
+
+In-process use::
+
+    from kraite_mp.simulator import Simulator, SimAccount
+
+    with Simulator(accounts=3, symbols=570, rate=0.0, ping_interval_s=180.0, pong_timeout_s=600.0,
+                   max_connection_age_s=86400.0, mark_price_interval_s=1.0, seed=1) as sim:
+        sim.rest_url      # "http://127.0.0.1:PORT"  (like https://fapi.binance.com)
+        sim.ws_url        # "ws://127.0.0.1:PORT"    (like wss://fstream.binance.com)
+        sim.control_url   # "http://127.0.0.1:PORT/_sim"
+        sim.accounts      # list[SimAccount(api_key, api_secret)], deterministic for a seed
+
+``start()`` binds 127.0.0.1:0 in a background thread and returns once listening; ``stop()`` is
+idempotent. More constructor keywords: ``listen_key_ttl_s=3600``, ``lose_while_disconnected=True``,
+``max_open_orders=20``, ``weight_limit_1m=2400``, ``ban_s=120``, ``host``, ``port``. ``symbols``
+may also be a list of names.
+
+Scenario and state (all thread-safe; every change emits the user-data events at once, whether or
+not a client is connected; E and T strictly increase per account)::
+
+    sim.set_rate(events_per_s)            # scenario steps per second per account (0 = manual)
+    sim.step(api_key, n=1)                # n scenario steps now (deterministic for the seed)
+    sim.place_order(api_key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010",
+                    price="86000.10", client_order_id=None) -> order id   # MARKET fills at once
+    sim.fill(api_key, order_id, qty=None, price=None)   # TRADE_LITE, ORDER_TRADE_UPDATE x=TRADE,
+                                                        # ACCOUNT_UPDATE (qty None = the rest)
+    sim.cancel / sim.expire (api_key, order_id); sim.amend(api_key, order_id, price=, quantity=)
+    sim.place_algo(api_key, symbol=, side=, type="STOP_MARKET", quantity=, trigger_price=,
+                   price="0", client_algo_id=None) -> algo id
+    sim.trigger_algo(api_key, algo_id, fill=True) -> regular order id
+        # ALGO_UPDATE TRIGGERING, ORDER_TRADE_UPDATE NEW (ot=<algo type>, c=clientAlgoId),
+        # ALGO_UPDATE TRIGGERED (ai=order id), the fill, ALGO_UPDATE FINISHED (aq, ap).
+        # fill=False leaves the order open; FINISHED follows when it fills/cancels/expires.
+    sim.cancel_algo / sim.expire_algo (api_key, algo_id)
+    sim.reject_algo(api_key, algo_id, reason="Reduce Only reject")   # TRIGGERING, REJECTED
+    sim.account_config_update(api_key, symbol="BTCUSDT", leverage=20)
+    sim.truth(api_key) -> {"orders": [GET /fapi/v1/order dicts, every order ever, by id],
+                           "algo_orders": [GET /fapi/v1/algoOrder dicts],
+                           "positions": [ACCOUNT_UPDATE "P" dicts, non-zero only],
+                           "wallet_balance": str, "listen_key": str | None, "steps": int}
+
+Faults (thread-safe)::
+
+    sim.drop_connections(api_key=None, abrupt=False)  # that account's user-data connections;
+                                   # None = all (market too); "market"/"retired" = those
+    sim.go_silent(target, seconds) # api_key or "market": TCP stays open, nothing is sent, pings
+                                   # are not answered; user-data events of that time are lost
+    sim.send_raw(api_key, text); sim.send_market_raw(text)    # arbitrary text frames
+    sim.expire_listen_key(api_key) # listenKeyExpired (E as a string, like Binance), then the
+                                   # key is unknown (-1125) and that connection gets nothing more
+    sim.set_max_connection_age(seconds); sim.set_ping(interval_s=, pong_timeout_s=)
+    sim.set_lose_while_disconnected(True)   # default, as production: events generated while the
+                                   # account has no live connection are never delivered;
+                                   # False buffers them for the next connection
+    sim.invalidate_api_key(api_key) / sim.restore_api_key(api_key)   # REST -> 401 -2015
+    sim.rate_limit(status=429, count=N, retry_after_s=1.0)           # next N /fapi requests
+    sim.reset_rate_limits()
+    sim.set_symbols([...]); sim.mark_symbols -> [(symbol, st)]
+    sim.set_mark_price_override(symbol, "86000.12")  # p/ap verbatim; None releases
+    sim.set_clock_offset(ms)
+    sim.stats() -> {"requests": {path: n}, "control_requests": {method: n},
+                    "ws_opened": {api_key | "market" | "retired": n},
+                    "frames_sent": {same keys: n}, "events_lost": {api_key: n},
+                    "current_connections": {same keys: n}, "closed": {reason: n}}
+    sim.wait_for_connections(target, count=1, timeout=5.0) -> bool
+
+Control API for other processes (loopback only): ``POST {control_url}/<method>`` with a JSON
+object of keyword arguments (api_key first where the method takes one) answers
+``{"result": ...}`` or 400 ``{"error": ...}``; ``GET {control_url}/truth?api_key=..``,
+``GET {control_url}/stats`` and ``GET {control_url}/accounts``.
+
+Command line: ``kraite-mp simulate`` or ``python -m kraite_mp.simulator`` prints one JSON line
+``{"rest_url", "ws_url", "control_url", "accounts": [{"api_key", "api_secret"}]}`` once
+listening and serves until SIGTERM/SIGINT.
+
+Notes on protocol choices where sources disagree: ``events`` on ``/private/ws`` is an
+allow-list applied to every event including ``listenKeyExpired``; without it all events are
+delivered. An unknown listenKey is refused with HTTP 400 before the upgrade. Average prices
+(``ap``, ``avgPrice``, ``actualPrice``) are cumQuote / executedQty rounded half-even to 8
+decimals; ``cumQuote`` and ``z`` are exact sums.
+"""
+
+from __future__ import annotations
+
+from kraite_mp.simulator.engine import SimAccount, SimulatorError
+from kraite_mp.simulator.server import Simulator
+
+__all__ = ["SimAccount", "Simulator", "SimulatorError"]

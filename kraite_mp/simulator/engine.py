@@ -1,0 +1,1090 @@
+"""Exchange state of the simulator: accounts, listenKeys, orders, algo orders and the scenario.
+
+Everything here is guarded by one re-entrant lock, so the public methods may be called from any
+thread. State changes produce user-data events; they are handed, still under the lock, to the
+``sink`` callback (the stream hub), which keeps their order per account. Whether anybody is
+connected does not matter here: state changes anyway and ``truth()`` always reflects it.
+
+Quantities and prices are ``Decimal``; JSON leaves as decimal strings. Times are integer ms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import string
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from kraite_mp.simulator.market import KNOWN_SYMBOLS, Market, MarketSymbol, split_symbol
+
+log = logging.getLogger(__name__)
+
+#: Validity of a listenKey after its creation or last keepalive (production: 60 minutes).
+DEFAULT_LISTEN_KEY_TTL_SECS = 3600.0
+#: The scenario never keeps more regular orders open per account than this.
+DEFAULT_MAX_OPEN_ORDERS = 20
+#: ... nor more algo orders open per account than this.
+DEFAULT_MAX_OPEN_ALGOS = 10
+#: Terminal orders kept per account; older ones become unqueryable (-2013), as on Binance.
+DEFAULT_MAX_KEPT_ORDERS = 100_000
+#: Starting USDT wallet balance of every account.
+START_WALLET = Decimal("10000.00000000")
+
+TAKER_FEE = Decimal("0.0005")
+MAKER_FEE = Decimal("0.0002")
+_EIGHT_DP = Decimal("0.00000001")
+_ZERO = Decimal(0)
+
+#: Symbols the scenario trades on (always USD-M, always known, independent of the market walk).
+SCENARIO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "DOGEUSDT")
+
+OPEN_STATUSES = frozenset({"NEW", "PARTIALLY_FILLED"})
+OPEN_ALGO_STATUSES = frozenset({"NEW", "TRIGGERING"})
+ALGO_ORDER_TYPES = frozenset({"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"})
+_ALPHANUM = string.ascii_letters + string.digits
+
+#: (event type, serialized JSON) pairs for one account, in delivery order.
+EventBatch = list[tuple[str, dict[str, Any]]]
+#: sink(api_key, events, expired_listen_key): called with the engine lock held.
+EventSink = Callable[[str, EventBatch, "str | None"], None]
+
+
+class SimulatorError(ValueError):
+    """A control call that does not fit the state (unknown key, order, wrong status...)."""
+
+
+class ApiError(Exception):
+    """An error answered to a REST client as ``{"code": code, "msg": msg}`` with ``status``."""
+
+    def __init__(self, status: int, code: int, msg: str) -> None:
+        super().__init__(f"{status} {code} {msg}")
+        self.status = status
+        self.code = code
+        self.msg = msg
+
+
+def invalid_api_key() -> ApiError:
+    return ApiError(401, -2015, "Invalid API-key, IP, or permissions for action.")
+
+
+def unknown_listen_key() -> ApiError:
+    return ApiError(400, -1125, "This listenKey does not exist.")
+
+
+def unknown_order() -> ApiError:
+    return ApiError(400, -2013, "Order does not exist.")
+
+
+@dataclass(frozen=True, slots=True)
+class SimAccount:
+    """Credentials of one simulated account."""
+
+    api_key: str
+    api_secret: str
+
+
+def fmt_avg(cum_quote: Decimal, qty: Decimal) -> str:
+    """Average fill price: cumQuote / executedQty, rounded half-even to 8 decimals ("0.00000000" if none)."""
+    if qty == 0:
+        return "0.00000000"
+    return f"{(cum_quote / qty).quantize(_EIGHT_DP, rounding=ROUND_HALF_EVEN):.8f}"
+
+
+def fmt8(value: Decimal) -> str:
+    return f"{value.quantize(_EIGHT_DP, rounding=ROUND_HALF_EVEN):.8f}"
+
+
+@dataclass
+class Order:
+    """A regular (matching-engine) order; ``to_rest()`` is the GET /fapi/v1/order shape."""
+
+    order_id: int
+    client_order_id: str
+    symbol: str
+    side: str
+    type: str
+    orig_type: str
+    time_in_force: str
+    price: Decimal
+    orig_qty: Decimal
+    stop_price: Decimal
+    time: int
+    update_time: int
+    executed_qty: Decimal = _ZERO
+    cum_quote: Decimal = _ZERO
+    status: str = "NEW"
+    reduce_only: bool = False
+    close_position: bool = False
+    position_side: str = "BOTH"
+    working_type: str = "CONTRACT_PRICE"
+    price_protect: bool = False
+    price_match: str = "NONE"
+    stp_mode: str = "EXPIRE_MAKER"
+    good_till_date: int = 0
+    algo_id: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.orig_qty - self.executed_qty
+
+    def to_rest(self) -> dict[str, Any]:
+        return {
+            "orderId": self.order_id,
+            "symbol": self.symbol,
+            "status": self.status,
+            "clientOrderId": self.client_order_id,
+            "price": str(self.price),
+            "avgPrice": fmt_avg(self.cum_quote, self.executed_qty),
+            "origQty": str(self.orig_qty),
+            "executedQty": str(self.executed_qty),
+            "cumQuote": str(self.cum_quote),
+            "timeInForce": self.time_in_force,
+            "type": self.type,
+            "reduceOnly": self.reduce_only,
+            "closePosition": self.close_position,
+            "side": self.side,
+            "positionSide": self.position_side,
+            "stopPrice": str(self.stop_price),
+            "workingType": self.working_type,
+            "priceProtect": self.price_protect,
+            "origType": self.orig_type,
+            "priceMatch": self.price_match,
+            "selfTradePreventionMode": self.stp_mode,
+            "goodTillDate": self.good_till_date,
+            "time": self.time,
+            "updateTime": self.update_time,
+        }
+
+
+@dataclass
+class AlgoOrder:
+    """A conditional order of the algo service; ``to_rest()`` is the GET /fapi/v1/algoOrder shape."""
+
+    algo_id: int
+    client_algo_id: str
+    order_type: str
+    symbol: str
+    side: str
+    quantity: Decimal
+    trigger_price: Decimal
+    price: Decimal
+    create_time: int
+    update_time: int
+    status: str = "NEW"
+    algo_type: str = "CONDITIONAL"
+    position_side: str = "BOTH"
+    time_in_force: str = "GTC"
+    actual_order_id: int | None = None
+    executed_qty: Decimal = _ZERO
+    cum_quote: Decimal = _ZERO
+    stp_mode: str = "EXPIRE_MAKER"
+    working_type: str = "CONTRACT_PRICE"
+    price_match: str = "NONE"
+    close_position: bool = False
+    price_protect: bool = False
+    reduce_only: bool = False
+    trigger_time: int = 0
+    good_till_date: int = 0
+    reason: str = ""
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_ALGO_STATUSES
+
+    def to_rest(self) -> dict[str, Any]:
+        return {
+            "algoId": self.algo_id,
+            "clientAlgoId": self.client_algo_id,
+            "algoType": self.algo_type,
+            "orderType": self.order_type,
+            "symbol": self.symbol,
+            "side": self.side,
+            "positionSide": self.position_side,
+            "timeInForce": self.time_in_force,
+            "quantity": str(self.quantity),
+            "algoStatus": self.status,
+            "actualOrderId": "" if self.actual_order_id is None else str(self.actual_order_id),
+            "actualPrice": fmt_avg(self.cum_quote, self.executed_qty),
+            "triggerPrice": str(self.trigger_price),
+            "price": str(self.price),
+            "icebergQuantity": None,
+            "tpTriggerPrice": "0.000",
+            "tpPrice": "0.000",
+            "slTriggerPrice": "0.000",
+            "slPrice": "0.000",
+            "tpOrderType": "",
+            "selfTradePreventionMode": self.stp_mode,
+            "workingType": self.working_type,
+            "priceMatch": self.price_match,
+            "closePosition": self.close_position,
+            "priceProtect": self.price_protect,
+            "reduceOnly": self.reduce_only,
+            "createTime": self.create_time,
+            "updateTime": self.update_time,
+            "triggerTime": self.trigger_time,
+            "goodTillDate": self.good_till_date,
+        }
+
+    def to_event(self) -> dict[str, Any]:
+        return {
+            "caid": self.client_algo_id,
+            "aid": self.algo_id,
+            "at": self.algo_type,
+            "o": self.order_type,
+            "s": self.symbol,
+            "S": self.side,
+            "ps": self.position_side,
+            "f": self.time_in_force,
+            "q": str(self.quantity),
+            "X": self.status,
+            "ai": "" if self.actual_order_id is None else str(self.actual_order_id),
+            "ap": fmt_avg(self.cum_quote, self.executed_qty),
+            "aq": str(self.executed_qty),
+            "act": "0",
+            "tp": str(self.trigger_price),
+            "p": str(self.price),
+            "V": self.stp_mode,
+            "wt": self.working_type,
+            "pm": self.price_match,
+            "cp": self.close_position,
+            "pP": self.price_protect,
+            "R": self.reduce_only,
+            "tt": self.trigger_time,
+            "gtd": self.good_till_date,
+            "rm": self.reason,
+        }
+
+
+@dataclass
+class Position:
+    symbol: str
+    amount: Decimal = _ZERO
+    entry_price: Decimal = _ZERO
+    realized: Decimal = _ZERO
+
+    def to_event(self, mark: Decimal) -> dict[str, Any]:
+        return {
+            "s": self.symbol,
+            "pa": str(self.amount),
+            "ep": fmt8(self.entry_price),
+            "bep": fmt8(self.entry_price),
+            "cr": fmt8(self.realized),
+            "up": fmt8((mark - self.entry_price) * self.amount if self.amount else _ZERO),
+            "mt": "cross",
+            "iw": "0",
+            "ps": "BOTH",
+        }
+
+
+@dataclass
+class _Account:
+    index: int
+    creds: SimAccount
+    rng: random.Random
+    next_order_id: int
+    next_algo_id: int
+    next_trade_id: int
+    valid: bool = True
+    listen_key: str | None = None
+    listen_key_deadline: float = 0.0
+    last_ms: int = 0
+    seq: int = 0
+    wallet: Decimal = START_WALLET
+    orders: dict[int, Order] = field(default_factory=dict)
+    orders_by_client_id: dict[str, int] = field(default_factory=dict)
+    algos: dict[int, AlgoOrder] = field(default_factory=dict)
+    algos_by_client_id: dict[str, int] = field(default_factory=dict)
+    positions: dict[str, Position] = field(default_factory=dict)
+    prices: dict[str, Decimal] = field(default_factory=dict)
+    leverage: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+
+
+def _credentials(seed: int, index: int) -> SimAccount:
+    digest = hashlib.sha256(f"kraite-mp-sim:{seed}:{index}".encode()).digest()
+    rng = random.Random(digest)
+    key = "".join(rng.choice(_ALPHANUM) for _ in range(64))
+    secret = "".join(rng.choice(_ALPHANUM) for _ in range(64))
+    return SimAccount(key, secret)
+
+
+class Engine:
+    """The exchange state. All public methods are thread-safe."""
+
+    def __init__(
+        self,
+        accounts: int,
+        market: Market,
+        seed: int,
+        listen_key_ttl_s: float = DEFAULT_LISTEN_KEY_TTL_SECS,
+        max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS,
+        max_open_algos: int = DEFAULT_MAX_OPEN_ALGOS,
+        max_kept_orders: int = DEFAULT_MAX_KEPT_ORDERS,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.market = market
+        self.seed = seed
+        self.listen_key_ttl_s = listen_key_ttl_s
+        self.max_open_orders = max_open_orders
+        self.max_open_algos = max_open_algos
+        self.max_kept_orders = max_kept_orders
+        self.clock_offset_ms = 0
+        self._sink: EventSink | None = None
+        self._key_rng = random.Random(f"{seed}:listenkeys")
+        self._accounts: dict[str, _Account] = {}
+        self._listen_keys: dict[str, str] = {}
+        self._symbol_info: dict[str, MarketSymbol] = {}
+        for i in range(accounts):
+            creds = _credentials(seed, i)
+            self._accounts[creds.api_key] = _Account(
+                index=i,
+                creds=creds,
+                rng=random.Random(f"{seed}:account:{i}"),
+                next_order_id=8_000_000_000 + i * 100_000_000,
+                next_algo_id=3_000_000_000 + i * 100_000_000,
+                next_trade_id=5_000_000_000 + i * 100_000_000,
+            )
+
+    # ------------------------------------------------------------------ plumbing
+    def set_sink(self, sink: EventSink | None) -> None:
+        with self.lock:
+            self._sink = sink
+
+    @property
+    def accounts(self) -> list[SimAccount]:
+        return [a.creds for a in self._accounts.values()]
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000) + self.clock_offset_ms
+
+    def _acct(self, api_key: str) -> _Account:
+        acct = self._accounts.get(api_key)
+        if acct is None:
+            raise SimulatorError(f"unknown api_key {api_key[:8]}...")
+        return acct
+
+    def _tick(self, acct: _Account) -> int:
+        """A strictly increasing ms timestamp per account (never behind the wall clock)."""
+        ts = max(self.now_ms(), acct.last_ms + 1)
+        acct.last_ms = ts
+        return ts
+
+    def _emit(self, acct: _Account, events: EventBatch, expired_key: str | None = None) -> None:
+        if events and self._sink is not None:
+            self._sink(acct.creds.api_key, events, expired_key)
+
+    def _info(self, symbol: str) -> MarketSymbol:
+        info = self._symbol_info.get(symbol)
+        if info is None:
+            info = self.market.get(symbol)
+            if info is None:
+                from kraite_mp.simulator.market import make_symbol
+
+                info = make_symbol(symbol, random.Random(f"{self.seed}:symbol:{symbol}"))
+            self._symbol_info[symbol] = info
+        return info
+
+    def _price(self, acct: _Account, symbol: str) -> Decimal:
+        """The account-local last price of a symbol (its own walk keeps scenarios deterministic)."""
+        price = acct.prices.get(symbol)
+        if price is None:
+            info = self._info(symbol)
+            known = {name: p for name, p, _ in KNOWN_SYMBOLS}
+            price = Decimal(known[symbol]) if symbol in known else info.mark
+            acct.prices[symbol] = price
+        return price
+
+    # ------------------------------------------------------------------ credentials
+    def secret_for(self, api_key: str) -> str:
+        """The API secret of a valid key; ApiError -2015 otherwise."""
+        with self.lock:
+            acct = self._accounts.get(api_key)
+            if acct is None or not acct.valid:
+                raise invalid_api_key()
+            return acct.creds.api_secret
+
+    def set_api_key_valid(self, api_key: str, valid: bool) -> None:
+        with self.lock:
+            self._acct(api_key).valid = valid
+
+    # ------------------------------------------------------------------ listenKeys
+    def listen_key_create(self, api_key: str) -> str:
+        with self.lock:
+            self.secret_for(api_key)
+            acct = self._accounts[api_key]
+            if acct.listen_key is None:
+                key = "".join(self._key_rng.choice(_ALPHANUM) for _ in range(64))
+                acct.listen_key = key
+                self._listen_keys[key] = api_key
+            acct.listen_key_deadline = time.monotonic() + self.listen_key_ttl_s
+            return acct.listen_key
+
+    def listen_key_keepalive(self, api_key: str, listen_key: str | None = None) -> str:
+        with self.lock:
+            self.secret_for(api_key)
+            acct = self._accounts[api_key]
+            if acct.listen_key is None or (listen_key and listen_key != acct.listen_key):
+                raise unknown_listen_key()
+            acct.listen_key_deadline = time.monotonic() + self.listen_key_ttl_s
+            return acct.listen_key
+
+    def listen_key_delete(self, api_key: str, listen_key: str | None = None) -> str | None:
+        """Invalidate the account's key; returns it so the hub can close its connections."""
+        with self.lock:
+            self.secret_for(api_key)
+            acct = self._accounts[api_key]
+            key = acct.listen_key
+            if key is None or (listen_key and listen_key != key):
+                raise unknown_listen_key()
+            acct.listen_key = None
+            self._listen_keys.pop(key, None)
+            return key
+
+    def account_for_listen_key(self, listen_key: str) -> str | None:
+        with self.lock:
+            return self._listen_keys.get(listen_key)
+
+    def is_active_listen_key(self, listen_key: str) -> bool:
+        with self.lock:
+            return listen_key in self._listen_keys
+
+    def expire_listen_key(self, api_key: str) -> str | None:
+        """Kill the account's key now: listenKeyExpired goes out, then the key is unknown."""
+        with self.lock:
+            acct = self._acct(api_key)
+            key = acct.listen_key
+            if key is None:
+                return None
+            acct.listen_key = None
+            self._listen_keys.pop(key, None)
+            event_ms = self._tick(acct)
+            # Binance sends E as a string in this event (PROTOCOL.md): keep that quirk.
+            self._emit(acct, [("listenKeyExpired", {"e": "listenKeyExpired", "E": str(event_ms), "listenKey": key})], key)
+            log.info("account=%d listenKey expired", acct.index)
+            return key
+
+    def expire_due_listen_keys(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for acct in self._accounts.values():
+                if acct.listen_key is not None and acct.listen_key_deadline <= now:
+                    self.expire_listen_key(acct.creds.api_key)
+
+    # ------------------------------------------------------------------ queries (REST + truth)
+    def get_order(self, api_key: str, symbol: str, order_id: int | None, client_order_id: str | None) -> dict[str, Any]:
+        with self.lock:
+            acct = self._accounts[api_key]
+            if order_id is None and client_order_id is not None:
+                order_id = acct.orders_by_client_id.get(client_order_id)
+            order = acct.orders.get(order_id) if order_id is not None else None
+            if order is None or order.symbol != symbol:
+                raise unknown_order()
+            if client_order_id is not None and order.client_order_id != client_order_id:
+                raise unknown_order()
+            return order.to_rest()
+
+    def open_orders(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
+        with self.lock:
+            acct = self._accounts[api_key]
+            return [o.to_rest() for o in acct.orders.values() if o.is_open and (symbol is None or o.symbol == symbol)]
+
+    def all_orders(
+        self,
+        api_key: str,
+        symbol: str,
+        order_id: int | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        with self.lock:
+            acct = self._accounts[api_key]
+            found = [
+                o
+                for o in acct.orders.values()
+                if o.symbol == symbol
+                and (order_id is None or o.order_id >= order_id)
+                and (start_ms is None or o.time >= start_ms)
+                and (end_ms is None or o.time <= end_ms)
+            ]
+            found.sort(key=lambda o: o.order_id)
+            found = found[:limit] if order_id is not None else found[-limit:]
+            return [o.to_rest() for o in found]
+
+    def get_algo(self, api_key: str, algo_id: int | None, client_algo_id: str | None) -> dict[str, Any]:
+        with self.lock:
+            acct = self._accounts[api_key]
+            if algo_id is None and client_algo_id is not None:
+                algo_id = acct.algos_by_client_id.get(client_algo_id)
+            algo = acct.algos.get(algo_id) if algo_id is not None else None
+            if algo is None:
+                raise unknown_order()
+            return algo.to_rest()
+
+    def open_algos(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
+        with self.lock:
+            acct = self._accounts[api_key]
+            return [a.to_rest() for a in acct.algos.values() if a.is_open and (symbol is None or a.symbol == symbol)]
+
+    def truth(self, api_key: str) -> dict[str, Any]:
+        with self.lock:
+            acct = self._acct(api_key)
+            return {
+                "orders": [o.to_rest() for o in acct.orders.values()],
+                "algo_orders": [a.to_rest() for a in acct.algos.values()],
+                "positions": [
+                    p.to_event(self._price(acct, p.symbol)) for p in acct.positions.values() if p.amount != 0
+                ],
+                "wallet_balance": fmt8(acct.wallet),
+                "listen_key": acct.listen_key,
+                "steps": acct.steps,
+            }
+
+    # ------------------------------------------------------------------ event builders
+    def _order_event(
+        self,
+        acct: _Account,
+        order: Order,
+        execution: str,
+        ts: int,
+        last_qty: Decimal = _ZERO,
+        last_price: Decimal = _ZERO,
+        trade_id: int = 0,
+        commission: Decimal = _ZERO,
+        maker: bool = False,
+        realized: Decimal = _ZERO,
+    ) -> tuple[str, dict[str, Any]]:
+        bids = sum(
+            (o.remaining * o.price for o in acct.orders.values() if o.is_open and o.symbol == order.symbol and o.side == "BUY"),
+            _ZERO,
+        )
+        asks = sum(
+            (o.remaining * o.price for o in acct.orders.values() if o.is_open and o.symbol == order.symbol and o.side == "SELL"),
+            _ZERO,
+        )
+        info = self._info(order.symbol)
+        body = {
+            "s": order.symbol,
+            "c": order.client_order_id,
+            "S": order.side,
+            "o": order.type,
+            "f": order.time_in_force,
+            "q": str(order.orig_qty),
+            "p": str(order.price),
+            "ap": fmt_avg(order.cum_quote, order.executed_qty),
+            "sp": str(order.stop_price),
+            "x": execution,
+            "X": order.status,
+            "i": order.order_id,
+            "l": str(last_qty),
+            "z": str(order.executed_qty),
+            "L": str(last_price),
+            "N": info.quote_asset,
+            "n": fmt8(commission),
+            "T": ts,
+            "t": trade_id,
+            "b": str(bids),
+            "a": str(asks),
+            "m": maker,
+            "R": order.reduce_only,
+            "wt": order.working_type,
+            "ot": order.orig_type,
+            "ps": order.position_side,
+            "cp": order.close_position,
+            "rp": fmt8(realized),
+            "pP": order.price_protect,
+            "si": 0,
+            "ss": 0,
+            "V": order.stp_mode,
+            "pm": order.price_match,
+            "gtd": order.good_till_date,
+            "er": "0",
+        }
+        return "ORDER_TRADE_UPDATE", {"e": "ORDER_TRADE_UPDATE", "E": self._tick(acct), "T": ts, "o": body}
+
+    def _algo_event(self, acct: _Account, algo: AlgoOrder) -> tuple[str, dict[str, Any]]:
+        ts = self._tick(acct)
+        algo.update_time = ts
+        return "ALGO_UPDATE", {"e": "ALGO_UPDATE", "T": ts, "E": self._tick(acct), "o": algo.to_event()}
+
+    # ------------------------------------------------------------------ orders
+    def _new_client_id(self, acct: _Account, prefix: str = "") -> str:
+        return prefix + "".join(acct.rng.choice(_ALPHANUM) for _ in range(22 - len(prefix)))
+
+    def place_order(
+        self,
+        api_key: str,
+        symbol: str = "BTCUSDT",
+        side: str = "BUY",
+        type: str = "LIMIT",
+        quantity: str = "0.010",
+        price: str = "0",
+        client_order_id: str | None = None,
+        time_in_force: str | None = None,
+        reduce_only: bool = False,
+    ) -> int:
+        """Place a regular order (NEW event). MARKET orders fill at once, as on the exchange."""
+        if side not in ("BUY", "SELL"):
+            raise SimulatorError(f"bad side {side!r}")
+        if type not in ("LIMIT", "MARKET"):
+            raise SimulatorError(f"regular orders are LIMIT or MARKET, not {type!r} (use place_algo)")
+        qty = Decimal(quantity)
+        if qty <= 0:
+            raise SimulatorError("quantity must be positive")
+        limit_price = Decimal(price) if type == "LIMIT" else Decimal(0)
+        if type == "LIMIT" and limit_price <= 0:
+            raise SimulatorError("LIMIT orders need a positive price")
+        with self.lock:
+            acct = self._acct(api_key)
+            order = self._create_order(
+                acct, symbol, side, type, type, qty, limit_price, client_order_id, time_in_force, reduce_only
+            )
+            events: EventBatch = [self._order_event(acct, order, "NEW", order.time)]
+            if type == "MARKET":
+                events += self._fill_events(acct, order, order.remaining, self._price(acct, symbol), maker=False)
+            self._emit(acct, events)
+            return order.order_id
+
+    def _create_order(
+        self,
+        acct: _Account,
+        symbol: str,
+        side: str,
+        type: str,
+        orig_type: str,
+        qty: Decimal,
+        price: Decimal,
+        client_order_id: str | None,
+        time_in_force: str | None,
+        reduce_only: bool,
+        stop_price: Decimal = _ZERO,
+        algo_id: int | None = None,
+    ) -> Order:
+        if client_order_id is None:
+            client_order_id = self._new_client_id(acct)
+        existing = acct.orders_by_client_id.get(client_order_id)
+        if existing is not None and acct.orders[existing].is_open:
+            raise SimulatorError(f"duplicate open clientOrderId {client_order_id!r}")
+        ts = self._tick(acct)
+        acct.next_order_id += 1
+        order = Order(
+            order_id=acct.next_order_id,
+            client_order_id=client_order_id,
+            symbol=symbol,
+            side=side,
+            type=type,
+            orig_type=orig_type,
+            time_in_force=time_in_force or "GTC",
+            price=price,
+            orig_qty=qty,
+            stop_price=stop_price,
+            time=ts,
+            update_time=ts,
+            executed_qty=Decimal(0).quantize(qty) if qty.as_tuple().exponent < 0 else Decimal(0),
+            reduce_only=reduce_only,
+            algo_id=algo_id,
+        )
+        acct.orders[order.order_id] = order
+        acct.orders_by_client_id[client_order_id] = order.order_id
+        self._prune(acct)
+        return order
+
+    def _prune(self, acct: _Account) -> None:
+        excess = len(acct.orders) - self.max_kept_orders
+        if excess <= 0:
+            return
+        for oid in [oid for oid, o in acct.orders.items() if not o.is_open][:excess]:
+            order = acct.orders.pop(oid)
+            if acct.orders_by_client_id.get(order.client_order_id) == oid:
+                del acct.orders_by_client_id[order.client_order_id]
+
+    def _open_order(self, acct: _Account, order_id: int) -> Order:
+        order = acct.orders.get(order_id)
+        if order is None:
+            raise SimulatorError(f"unknown order {order_id}")
+        if not order.is_open:
+            raise SimulatorError(f"order {order_id} is {order.status}")
+        return order
+
+    def _fill_events(
+        self, acct: _Account, order: Order, qty: Decimal, price: Decimal, maker: bool
+    ) -> EventBatch:
+        """One fill: TRADE_LITE, ORDER_TRADE_UPDATE x=TRADE, ACCOUNT_UPDATE (+ ALGO_UPDATE FINISHED)."""
+        if qty <= 0 or qty > order.remaining:
+            raise SimulatorError(f"fill qty {qty} outside (0, {order.remaining}]")
+        ts = self._tick(acct)
+        acct.next_trade_id += 1
+        trade_id = acct.next_trade_id
+        order.executed_qty += qty
+        order.cum_quote += qty * price
+        order.status = "FILLED" if order.executed_qty == order.orig_qty else "PARTIALLY_FILLED"
+        order.update_time = ts
+        commission = (qty * price * (MAKER_FEE if maker else TAKER_FEE)).quantize(_EIGHT_DP)
+        realized = self._apply_position(acct, order.symbol, qty if order.side == "BUY" else -qty, price)
+        acct.wallet += realized - commission
+        events: EventBatch = [
+            (
+                "TRADE_LITE",
+                {
+                    "e": "TRADE_LITE",
+                    "E": self._tick(acct),
+                    "T": ts,
+                    "s": order.symbol,
+                    "q": str(order.orig_qty),
+                    "p": str(order.price),
+                    "m": maker,
+                    "c": order.client_order_id,
+                    "S": order.side,
+                    "L": str(price),
+                    "l": str(qty),
+                    "t": trade_id,
+                    "i": order.order_id,
+                },
+            ),
+            self._order_event(acct, order, "TRADE", ts, qty, price, trade_id, commission, maker, realized),
+        ]
+        position = acct.positions[order.symbol]
+        info = self._info(order.symbol)
+        events.append(
+            (
+                "ACCOUNT_UPDATE",
+                {
+                    "e": "ACCOUNT_UPDATE",
+                    "E": self._tick(acct),
+                    "T": ts,
+                    "a": {
+                        "m": "ORDER",
+                        "B": [{"a": info.quote_asset, "wb": fmt8(acct.wallet), "cw": fmt8(acct.wallet), "bc": "0"}],
+                        "P": [position.to_event(price)],
+                    },
+                },
+            )
+        )
+        if not order.is_open:
+            events += self._finish_algo_of(acct, order)
+        return events
+
+    def _apply_position(self, acct: _Account, symbol: str, delta: Decimal, price: Decimal) -> Decimal:
+        """Update the one-way position; return the realized PnL of the closing part."""
+        pos = acct.positions.setdefault(symbol, Position(symbol))
+        realized = _ZERO
+        if pos.amount == 0 or (pos.amount > 0) == (delta > 0):
+            total = pos.amount + delta
+            pos.entry_price = ((pos.entry_price * abs(pos.amount) + price * abs(delta)) / abs(total)).quantize(_EIGHT_DP)
+            pos.amount = total
+        else:
+            closing = min(abs(delta), abs(pos.amount))
+            realized = (price - pos.entry_price) * closing * (1 if pos.amount > 0 else -1)
+            realized = realized.quantize(_EIGHT_DP)
+            pos.realized += realized
+            pos.amount += delta
+            if pos.amount == 0:
+                pos.entry_price = _ZERO
+            elif (pos.amount > 0) == (delta > 0):  # flipped: the rest opens at the fill price
+                pos.entry_price = price
+        acct.prices[symbol] = price
+        return realized
+
+    def _finish_algo_of(self, acct: _Account, order: Order) -> EventBatch:
+        if order.algo_id is None:
+            return []
+        algo = acct.algos.get(order.algo_id)
+        if algo is None or algo.status != "TRIGGERED":
+            return []
+        algo.status = "FINISHED"
+        algo.executed_qty = order.executed_qty
+        algo.cum_quote = order.cum_quote
+        return [self._algo_event(acct, algo)]
+
+    def fill(self, api_key: str, order_id: int, qty: str | None = None, price: str | None = None) -> None:
+        """Fill part (``qty``) or all of the rest of an open order, at its limit price by default."""
+        with self.lock:
+            acct = self._acct(api_key)
+            order = self._open_order(acct, order_id)
+            fill_qty = order.remaining if qty is None else Decimal(qty)
+            if price is not None:
+                fill_price = Decimal(price)
+            elif order.type == "LIMIT":
+                fill_price = order.price
+            else:
+                fill_price = self._price(acct, order.symbol)
+            self._emit(acct, self._fill_events(acct, order, fill_qty, fill_price, maker=order.type == "LIMIT"))
+
+    def _end_order(self, api_key: str, order_id: int, status: str) -> None:
+        with self.lock:
+            acct = self._acct(api_key)
+            order = self._open_order(acct, order_id)
+            ts = self._tick(acct)
+            order.status = status
+            order.update_time = ts
+            events = [self._order_event(acct, order, status, ts)]
+            events += self._finish_algo_of(acct, order)
+            self._emit(acct, events)
+
+    def cancel(self, api_key: str, order_id: int) -> None:
+        self._end_order(api_key, order_id, "CANCELED")
+
+    def expire(self, api_key: str, order_id: int) -> None:
+        self._end_order(api_key, order_id, "EXPIRED")
+
+    def amend(self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None) -> None:
+        """Modify price and/or quantity of an open LIMIT order (x=AMENDMENT)."""
+        with self.lock:
+            acct = self._acct(api_key)
+            order = self._open_order(acct, order_id)
+            if order.type != "LIMIT":
+                raise SimulatorError("only LIMIT orders can be amended")
+            if quantity is not None:
+                new_qty = Decimal(quantity)
+                if new_qty <= order.executed_qty:
+                    raise SimulatorError("amended quantity must exceed the executed quantity")
+                order.orig_qty = new_qty
+            if price is not None:
+                new_price = Decimal(price)
+                if new_price <= 0:
+                    raise SimulatorError("amended price must be positive")
+                order.price = new_price
+            ts = self._tick(acct)
+            order.update_time = ts
+            self._emit(acct, [self._order_event(acct, order, "AMENDMENT", ts)])
+
+    # ------------------------------------------------------------------ algo orders
+    def place_algo(
+        self,
+        api_key: str,
+        symbol: str = "BTCUSDT",
+        side: str = "SELL",
+        type: str = "STOP_MARKET",
+        quantity: str = "0.010",
+        trigger_price: str = "80000.00",
+        price: str = "0",
+        client_algo_id: str | None = None,
+        reduce_only: bool = False,
+    ) -> int:
+        if type not in ALGO_ORDER_TYPES:
+            raise SimulatorError(f"algo order type must be one of {sorted(ALGO_ORDER_TYPES)}")
+        if side not in ("BUY", "SELL"):
+            raise SimulatorError(f"bad side {side!r}")
+        with self.lock:
+            acct = self._acct(api_key)
+            ts = self._tick(acct)
+            acct.next_algo_id += 1
+            algo = AlgoOrder(
+                algo_id=acct.next_algo_id,
+                client_algo_id=client_algo_id or self._new_client_id(acct),
+                order_type=type,
+                symbol=symbol,
+                side=side,
+                quantity=Decimal(quantity),
+                trigger_price=Decimal(trigger_price),
+                price=Decimal(price),
+                create_time=ts,
+                update_time=ts,
+                reduce_only=reduce_only,
+            )
+            acct.algos[algo.algo_id] = algo
+            acct.algos_by_client_id[algo.client_algo_id] = algo.algo_id
+            self._emit(acct, [self._algo_event(acct, algo)])
+            return algo.algo_id
+
+    def _new_algo(self, acct: _Account, algo_id: int) -> AlgoOrder:
+        algo = acct.algos.get(algo_id)
+        if algo is None:
+            raise SimulatorError(f"unknown algo order {algo_id}")
+        if algo.status != "NEW":
+            raise SimulatorError(f"algo order {algo_id} is {algo.status}")
+        return algo
+
+    def trigger_algo(self, api_key: str, algo_id: int, fill: bool = True) -> int:
+        """NEW -> TRIGGERING -> (regular order NEW) -> TRIGGERED; with ``fill`` the order fills and
+        the algo goes FINISHED with aq/ap. Without it, FINISHED follows when that order ends.
+        Returns the regular order id."""
+        with self.lock:
+            acct = self._acct(api_key)
+            algo = self._new_algo(acct, algo_id)
+            algo.status = "TRIGGERING"
+            events: EventBatch = [self._algo_event(acct, algo)]
+            algo.trigger_time = algo.update_time
+            market = algo.order_type.endswith("MARKET")
+            order = self._create_order(
+                acct,
+                algo.symbol,
+                algo.side,
+                "MARKET" if market else "LIMIT",
+                algo.order_type,
+                algo.quantity,
+                _ZERO if market else algo.price,
+                algo.client_algo_id,
+                algo.time_in_force,
+                algo.reduce_only,
+                stop_price=algo.trigger_price,
+                algo_id=algo.algo_id,
+            )
+            events.append(self._order_event(acct, order, "NEW", order.time))
+            algo.status = "TRIGGERED"
+            algo.actual_order_id = order.order_id
+            events.append(self._algo_event(acct, algo))
+            if fill:
+                fill_price = algo.trigger_price if market else algo.price
+                events += self._fill_events(acct, order, order.remaining, fill_price, maker=not market)
+            self._emit(acct, events)
+            return order.order_id
+
+    def _end_algo(self, api_key: str, algo_id: int, status: str, reason: str = "") -> None:
+        with self.lock:
+            acct = self._acct(api_key)
+            algo = self._new_algo(acct, algo_id)
+            events: EventBatch = []
+            if status == "REJECTED":  # the matching engine refuses it at trigger time
+                algo.status = "TRIGGERING"
+                algo.trigger_time = self._tick(acct)
+                events.append(self._algo_event(acct, algo))
+            algo.status = status
+            algo.reason = reason
+            events.append(self._algo_event(acct, algo))
+            self._emit(acct, events)
+
+    def cancel_algo(self, api_key: str, algo_id: int) -> None:
+        self._end_algo(api_key, algo_id, "CANCELED")
+
+    def reject_algo(self, api_key: str, algo_id: int, reason: str = "Reduce Only reject") -> None:
+        self._end_algo(api_key, algo_id, "REJECTED", reason)
+
+    def expire_algo(self, api_key: str, algo_id: int) -> None:
+        self._end_algo(api_key, algo_id, "EXPIRED")
+
+    def account_config_update(self, api_key: str, symbol: str = "BTCUSDT", leverage: int = 20) -> None:
+        with self.lock:
+            acct = self._acct(api_key)
+            acct.leverage[symbol] = leverage
+            ts = self._tick(acct)
+            event = {"e": "ACCOUNT_CONFIG_UPDATE", "E": self._tick(acct), "T": ts, "ac": {"s": symbol, "l": leverage}}
+            self._emit(acct, [("ACCOUNT_CONFIG_UPDATE", event)])
+
+    # ------------------------------------------------------------------ scenario
+    def step(self, api_key: str, n: int = 1) -> None:
+        """Run ``n`` scenario steps for one account: deterministic for a given seed and history."""
+        with self.lock:
+            acct = self._acct(api_key)
+            for _ in range(n):
+                self._scenario_step(acct)
+
+    def _scenario_step(self, acct: _Account) -> None:
+        rng = acct.rng
+        key = acct.creds.api_key
+        acct.steps += 1
+        open_orders = [o for o in acct.orders.values() if o.is_open]
+        open_algos = [a for a in acct.algos.values() if a.status == "NEW"]
+        room = len(open_orders) < self.max_open_orders
+        roll = rng.random()
+        if roll < 0.30 and room:
+            self._scenario_limit(acct)
+        elif roll < 0.36 and room:
+            symbol = rng.choice(SCENARIO_SYMBOLS)
+            self._walk(acct, symbol)
+            self.place_order(key, symbol, rng.choice(("BUY", "SELL")), "MARKET", str(self._scenario_qty(acct, symbol)))
+        elif roll < 0.56 and open_orders:
+            order = rng.choice(open_orders)
+            step = self._info(order.symbol).step
+            steps_left = int(order.remaining / step)
+            qty = step * rng.randint(1, steps_left - 1) if steps_left > 1 else order.remaining
+            self.fill(key, order.order_id, str(qty))
+        elif roll < 0.66 and open_orders:
+            self.fill(key, rng.choice(open_orders).order_id)
+        elif roll < 0.74 and open_orders:
+            self.cancel(key, rng.choice(open_orders).order_id)
+        elif roll < 0.81 and open_orders:
+            order = rng.choice(open_orders)
+            info = self._info(order.symbol)
+            new_price = max(info.tick, order.price + info.tick * rng.randint(-20, 20))
+            quantity = None
+            if rng.random() < 0.3:
+                quantity = str(order.executed_qty + info.step * rng.randint(1, 50))
+            self.amend(key, order.order_id, price=str(new_price), quantity=quantity)
+        elif roll < 0.84 and open_orders:
+            self.expire(key, rng.choice(open_orders).order_id)
+        elif roll < 0.90 and len(open_algos) < self.max_open_algos:
+            self._scenario_algo(acct)
+        elif roll < 0.98 and open_algos:
+            algo = rng.choice(open_algos)
+            what = rng.random()
+            if what < 0.6:
+                self.trigger_algo(key, algo.algo_id)
+            elif what < 0.8:
+                self.cancel_algo(key, algo.algo_id)
+            elif what < 0.9:
+                self.reject_algo(key, algo.algo_id)
+            else:
+                self.expire_algo(key, algo.algo_id)
+        elif roll >= 0.99:
+            self.account_config_update(key, rng.choice(SCENARIO_SYMBOLS), rng.choice((5, 10, 20, 25, 50)))
+        elif room:
+            self._scenario_limit(acct)
+        else:
+            self.fill(key, open_orders[0].order_id)
+
+    def _walk(self, acct: _Account, symbol: str) -> Decimal:
+        info = self._info(symbol)
+        price = self._price(acct, symbol)
+        price = max(info.tick, (price * (1 + Decimal(acct.rng.randint(-20, 20)) / 100000)).quantize(info.tick))
+        acct.prices[symbol] = price
+        return price
+
+    def _scenario_qty(self, acct: _Account, symbol: str) -> Decimal:
+        info = self._info(symbol)
+        price = self._price(acct, symbol)
+        # between ~20 and ~1000 USDT of notional, in whole lot steps
+        steps = max(1, int(Decimal(acct.rng.randint(20, 1000)) / price / info.step))
+        return (info.step * steps).quantize(info.step)
+
+    def _scenario_limit(self, acct: _Account) -> None:
+        rng = acct.rng
+        symbol = rng.choice(SCENARIO_SYMBOLS)
+        info = self._info(symbol)
+        price = self._walk(acct, symbol)
+        side = rng.choice(("BUY", "SELL"))
+        offset = Decimal(rng.randint(1, 50)) / 10000
+        limit = (price * (1 - offset if side == "BUY" else 1 + offset)).quantize(info.tick)
+        qty = self._scenario_qty(acct, symbol)
+        self.place_order(acct.creds.api_key, symbol, side, "LIMIT", str(qty), str(max(limit, info.tick)))
+
+    def _scenario_algo(self, acct: _Account) -> None:
+        rng = acct.rng
+        symbol = rng.choice(SCENARIO_SYMBOLS)
+        info = self._info(symbol)
+        price = self._walk(acct, symbol)
+        kind = rng.choice(("STOP_MARKET", "TAKE_PROFIT_MARKET", "STOP", "TAKE_PROFIT"))
+        side = rng.choice(("BUY", "SELL"))
+        offset = Decimal(rng.randint(5, 200)) / 10000
+        trigger = (price * (1 + offset if (side == "BUY") == kind.startswith("STOP") else 1 - offset)).quantize(info.tick)
+        limit = "0" if kind.endswith("MARKET") else str(trigger)
+        self.place_algo(
+            acct.creds.api_key, symbol, side, kind, str(self._scenario_qty(acct, symbol)), str(trigger), limit
+        )
+
+
+def scenario_symbols() -> Sequence[str]:
+    return SCENARIO_SYMBOLS
+
+
+__all__ = [
+    "AlgoOrder",
+    "ApiError",
+    "Engine",
+    "EventBatch",
+    "Order",
+    "SimAccount",
+    "SimulatorError",
+    "fmt_avg",
+    "split_symbol",
+]
