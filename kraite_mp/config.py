@@ -119,6 +119,8 @@ class UserDataStreamSettings:
     max_connection_age_s: float = 23.5 * 3600
     #: Where frames go while Redis is unreachable (one subdirectory per account).
     spool_dir: str = "var/spool"
+    #: fsync the spool after every frame: survives power loss, not just a child crash (costs latency).
+    spool_fsync: bool = False
     queue_name: str = "user-data-stream"
     events: list[str] = field(
         default_factory=lambda: [
@@ -156,6 +158,11 @@ class JobsSettings:
     observers: list[str] = field(default_factory=lambda: ["kraite_mp.observers.publish_transition"])
     transitions_channel: str = "kraite:order-transitions"
     max_retries: int = 20
+    #: Retry backoff of failed jobs (PostgreSQL down): min, max (ms).
+    retry_min_backoff_ms: int = 1000
+    retry_max_backoff_ms: int = 300_000
+    #: Longest idle sleep of the user-data-stream consumer between empty fetches (ms); see kraite_mp.jobs.
+    idle_poll_ms: int = 10
 
 
 @dataclass
