@@ -99,6 +99,11 @@ class SupervisorSettings:
     spawn_burst: int = 20
     #: Periodic REST reconciliation of all owned accounts (0 disables).
     sync_interval_s: float = 300.0
+    #: Periodic sync: a full sweep (openOrders/openAlgoOrders without symbol, weight 80, plus allOrders history)
+    #: at least this often per account; targeted per-symbol sweeps (weight ~1 per symbol) in between.
+    sync_full_interval_s: float = 3600.0
+    #: A periodic sync child still running after this long is stopped.
+    sync_timeout_s: float = 900.0
     #: Which accounts this supervisor owns: "all" or "I/N" (account id modulo N == I).
     shard: str = "all"
     #: Run the mark-price child in this supervisor.
