@@ -1,0 +1,281 @@
+"""Status in Redis: the child hook, the supervisor snapshot, and ``kraite-mp status`` (real Redis)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from kraite_mp import child, exitcodes, status
+from kraite_mp.accounts import Account
+from kraite_mp.child import ChildContext
+from kraite_mp.config import Settings
+from kraite_mp.embedded import free_port
+from kraite_mp.logs import forget_secret, register_secret
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def namespace(redis_namespace: str) -> str:
+    # under the session namespace, so the session fixture deletes it; unique so tests do not see each other
+    return f"{redis_namespace}-status-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def status_settings(settings: Settings, namespace: str) -> Iterator[Settings]:
+    s = dataclasses.replace(settings, redis_namespace=namespace)
+    os.makedirs(os.path.join(s.run_dir, "heartbeats"), exist_ok=True)
+    try:
+        yield s
+    finally:
+        status.uninstall()
+        if status._publisher is not None:
+            status._publisher.close()
+        status._publisher = None
+
+
+@pytest.fixture()
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _account(account_id: int = 7, name: str = "alice") -> Account:
+    return Account(id=account_id, name=name, exchange="binance", api_key="k" * 16, api_secret_token="tok")
+
+
+def _env(kraite_env: dict[str, str], namespace: str, **extra: str) -> dict[str, str]:
+    env = dict(kraite_env, KRAITE_REDIS_NAMESPACE=namespace)
+    env.update(extra)
+    return env
+
+
+def _status_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kraite_mp", "status", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_child_hook_publishes_heartbeat_with_ttl(status_settings: Settings, rclient: redis.Redis) -> None:
+    status.install(status_settings)
+    assert status.publish_status in child.status_hooks
+    status.install(status_settings)  # idempotent
+    assert child.status_hooks.count(status.publish_status) == 1
+
+    ctx = ChildContext(status_settings, "user-data", _account())
+    ctx.beat("streaming", force=True, frames=1532, last=3, backlog=0)
+
+    key = status.status_key(status_settings.redis_namespace, status.host_name(), "user-data-7")
+    raw = rclient.get(key)
+    assert raw is not None, "the hook wrote nothing"
+    data = json.loads(raw)
+    assert data["state"] == "streaming"
+    assert data["role"] == "user-data"
+    assert data["account_id"] == 7 and data["account_name"] == "alice"
+    assert data["pid"] == os.getpid()
+    assert data["host"] == status.host_name()
+    assert data["fields"] == {"frames": 1532, "last": 3, "backlog": 0}
+    assert data["uptime_s"] >= 0
+    assert 0 < rclient.ttl(key) <= status.STATUS_TTL_SECS
+
+
+def test_publish_is_throttled_unless_state_or_error_changes(status_settings: Settings) -> None:
+    pub = status.StatusPublisher(status_settings.redis_url, status_settings.redis_namespace, interval_s=3600)
+    try:
+        assert pub.publish("k", {"state": "streaming", "fields": {"frames": 1}})
+        assert not pub.publish("k", {"state": "streaming", "fields": {"frames": 2}}), "not throttled"
+        assert pub.publish("k", {"state": "reconnecting"}), "a state change must publish at once"
+        assert pub.publish("k", {"state": "reconnecting", "error": "boom"}), "a new error must publish at once"
+        assert pub.publish("k", {"state": "reconnecting", "error": "boom"}, force=True)
+        assert pub.published == 4
+    finally:
+        pub.close()
+
+
+def test_dead_redis_never_raises_and_backs_off(status_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    dead_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    s = dataclasses.replace(status_settings, redis_url=dead_url)
+    status.install(s)
+    ctx = ChildContext(s, "mark-price")
+    with caplog.at_level("WARNING", logger="kraite_mp.status"):
+        for i in range(5):
+            ctx.beat("streaming", force=True, ticks=i)  # must not raise
+    pub = status.get_publisher(s)
+    assert pub.published == 0
+    # the first failure pauses the publisher: later beats do not even try
+    assert pub.failures == 1
+    warnings = [r for r in caplog.records if "cannot publish status" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_unresponsive_redis_is_bounded_by_socket_timeout(status_settings: Settings) -> None:
+    """A Redis that accepts but never answers (blackholed) costs one short timeout, then a pause."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        pub = status.StatusPublisher(f"redis://127.0.0.1:{port}/0", "ns", socket_timeout_s=0.2)
+        done = threading.Event()
+        result: list[bool] = []
+
+        def run() -> None:
+            result.append(pub.publish("k", {"state": "x"}))
+            result.append(pub.publish("k", {"state": "y"}))
+            done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        assert done.wait(60), "publish blocked on an unresponsive Redis"
+        assert result == [False, False]
+        assert pub.failures == 1
+
+
+def test_secrets_never_reach_redis(status_settings: Settings, rclient: redis.Redis) -> None:
+    secret = "S3cr3t-" + uuid.uuid4().hex
+    register_secret(secret)
+    try:
+        status.install(status_settings)
+        ctx = ChildContext(status_settings, "user-data", _account(9, "bob"))
+        ctx.fail(f"HTTP 401 for https://x/?listenKey=abcdefgh123&signature=deadbeef secret={secret}")
+        ctx.beat("backoff", force=True, note=f"leak {secret}")
+        raw = rclient.get(status.status_key(status_settings.redis_namespace, status.host_name(), "user-data-9"))
+        assert raw is not None
+        assert secret not in raw
+        assert "abcdefgh123" not in raw and "deadbeef" not in raw
+        assert "***" in raw
+    finally:
+        forget_secret(secret)
+
+
+def test_forked_child_uses_its_own_connection(status_settings: Settings, rclient: redis.Redis) -> None:
+    pub = status.install(status_settings)
+    assert status.publish_supervisor(status_settings, {"pid": os.getpid(), "state": "running"}, force=True)
+    assert pub._client is not None
+    parent_client = pub._client
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            assert pub._client is None, "the client crossed the fork"
+            ctx = ChildContext(status_settings, "mark-price")
+            ctx.beat("streaming", force=True, ticks=1)
+            code = 0 if pub.published >= 2 else 2
+        finally:
+            os._exit(code)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    # the parent's connection still works after the child used and dropped its own
+    assert pub._client is parent_client
+    assert status.publish_supervisor(status_settings, {"pid": os.getpid(), "state": "stopping"}, force=True)
+    keys = {status.status_key(status_settings.redis_namespace, status.host_name(), k) for k in ("supervisor", "mark-price")}
+    assert all(rclient.exists(k) for k in keys)
+
+
+def test_remove_status(status_settings: Settings, rclient: redis.Redis) -> None:
+    status.install(status_settings)
+    ChildContext(status_settings, "user-data", _account(3, "carol")).beat("streaming", force=True)
+    key = status.status_key(status_settings.redis_namespace, status.host_name(), "user-data-3")
+    assert rclient.exists(key)
+    assert status.remove_status(status_settings, "user-data-3")
+    assert not rclient.exists(key)
+
+
+def _seed_entries(s: Settings, rclient: redis.Redis) -> None:
+    status.install(s)
+    status.publish_supervisor(s, {"pid": 4242, "state": "running", "started": time.time() - 3700,
+                                  "accounts": 2, "restarts": 1,
+                                  "children": [{"key": "user-data-7"}, {"key": "mark-price"}]}, force=True)
+    ChildContext(s, "user-data", _account(7, "alice")).beat("streaming", force=True, frames=10, last=1)
+    ChildContext(s, "mark-price").beat("streaming", force=True, symbols=570, rows=2272, ticks=33, last=0)
+    # another host, same Redis, that stopped publishing 5 minutes ago
+    other = status.StatusPublisher(s.redis_url, s.redis_namespace, host="otherhost")
+    try:
+        other.publish("user-data-8", {"role": "user-data", "account_id": 8, "account_name": "dave",
+                                      "state": "streaming", "pid": 1, "ts": time.time() - 300,
+                                      "fields": {"frames": 5}})
+    finally:
+        other.close()
+    rclient.set(status.status_key(s.redis_namespace, "otherhost", "junk"), "not json", ex=60)
+
+
+def test_status_cli_table_and_json(status_settings: Settings, rclient: redis.Redis,
+                                   kraite_env: dict[str, str]) -> None:
+    _seed_entries(status_settings, rclient)
+    env = _env(kraite_env, status_settings.redis_namespace)
+
+    table = _status_cli(env)
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["HOST", "PROCESS", "ACCOUNT", "PID", "STATE"]
+    me = status.host_name()
+    sup = next(line for line in lines if line.startswith(me) and " supervisor " in line)
+    assert "4242" in sup and "running" in sup and "children=2" in sup
+    ud = next(line for line in lines if " user-data-7 " in line)
+    assert "7 alice" in ud and "streaming" in ud and "STALE" not in ud
+    mp = next(line for line in lines if " mark-price " in line)
+    assert "symbols=570" in mp and "rows=2272" in mp
+    other = next(line for line in lines if line.startswith("otherhost") and "user-data-8" in line)
+    assert "STALE (streaming)" in other
+    assert any(line.startswith("otherhost") and "unreadable" in line for line in lines)
+    assert "5 process(es) on 2 host(s)" in out and "STALE" in out.splitlines()[-1]
+    # supervisor first on its host, then mark-price, then accounts
+    mine = [line.split()[1] for line in lines[1:] if line.startswith(me)]
+    assert mine == ["supervisor", "mark-price", "user-data-7"]
+
+    as_json = _status_cli(env, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    by_key = {(d["host"], d["key"]): d for d in data}
+    assert by_key[(me, "user-data-7")]["fields"]["frames"] == 10
+    assert by_key[(me, "user-data-7")]["stale"] is False
+    assert by_key[("otherhost", "user-data-8")]["stale"] is True
+    assert by_key[(me, "supervisor")]["snapshot"]["accounts"] == 2
+
+    only_other = _status_cli(env, "--json", "--host", "otherhost")
+    assert {d["host"] for d in json.loads(only_other.stdout)} == {"otherhost"}
+
+    check = _status_cli(env, "--check")
+    assert check.returncode == exitcodes.EXIT_ERROR, "a STALE process must fail --check"
+    healthy = _status_cli(env, "--check", "--host", me)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+
+
+def test_status_cli_empty_namespace(kraite_env: dict[str, str], namespace: str) -> None:
+    result = _status_cli(_env(kraite_env, namespace))
+    assert result.returncode == 0
+    assert "no kraite-mp process has published status" in result.stderr
+    assert _status_cli(_env(kraite_env, namespace), "--check").returncode == exitcodes.EXIT_ERROR
+
+
+def test_status_cli_redis_unreachable(kraite_env: dict[str, str], namespace: str) -> None:
+    dead = f"redis://:hunter2pass@127.0.0.1:{free_port()}/0"
+    result = _status_cli(_env(kraite_env, namespace, KRAITE_REDIS_URL=dead))
+    assert result.returncode == exitcodes.EXIT_TEMPFAIL
+    assert "Redis unreachable" in result.stderr
+    assert "hunter2pass" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.unit
+def test_format_durations_and_payload() -> None:
+    assert status._duration(5) == "5s"
+    assert status._duration(125) == "2m05s"
+    assert status._duration(3 * 3600 + 60) == "3h01m"
+    assert status._duration(float("inf")) == "-"
+    payload: dict[str, Any] = status.supervisor_payload({"pid": 1, "children": {"a": {}, "b": {}}, "accounts": 1})
+    assert payload["fields"] == {"accounts": 1, "children": 2}
+    assert payload["role"] == "supervisor"
