@@ -155,6 +155,9 @@ class MarkPriceSettings:
     chunk_size: int = 0
     strategy: str = "unnest"
     include_coin_m: bool = False
+    #: Mark prices are rewritten every second, so the writer's session commits without waiting for
+    #: the WAL flush (a crash loses at most the last tick); true restores the server default.
+    synchronous_commit: bool = False
 
 
 @dataclass
