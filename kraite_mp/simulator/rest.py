@@ -124,12 +124,15 @@ class RateLimiter:
         if self.injected_left > 0:
             self.injected_left -= 1
             return self._reply(self.injected_status, self.injected_retry_after_s, state.used, ip)
-        if now < state.wait_until:
+        if now < state.wait_until:  # told to wait and did not: every such request is a strike
             state.strikes += 1
             if state.strikes >= STRIKES_BEFORE_BAN:
                 state.banned_until = now + self.ban_s
-                log.warning("ip=%s ignored Retry-After %d times: banned for %.0fs", ip, state.strikes, self.ban_s)
+                state.wait_until = 0.0
+                state.strikes = 0
+                log.warning("ip=%s ignored Retry-After %d times: banned for %.0fs", ip, STRIKES_BEFORE_BAN, self.ban_s)
                 return self._reply(418, self.ban_s, state.used, ip)
+            return self._reply(429, state.wait_until - now, state.used, ip)
         if state.used + weight > self.limit:
             retry = self._retry_after(state, weight, now)
             state.wait_until = now + retry

@@ -1,0 +1,732 @@
+"""Protocol conformance of the exchange simulator over real loopback sockets.
+
+Plain ``requests`` and ``websocket-client`` on purpose: nothing of kraite-mp's own client code
+is involved, so these tests pin the simulator to PROTOCOL.md and not to our reading of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import requests
+import websocket
+
+from kraite_mp.simulator import SimAccount, Simulator, SimulatorError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+REPO = Path(__file__).resolve().parent.parent
+ALL_EVENTS = "ORDER_TRADE_UPDATE/TRADE_LITE/ACCOUNT_UPDATE/ALGO_UPDATE/ACCOUNT_CONFIG_UPDATE/listenKeyExpired"
+EIGHT_DECIMALS = re.compile(r"^-?\d+\.\d{8}$")
+
+
+# ---------------------------------------------------------------------- fixtures and helpers
+@pytest.fixture
+def make_sim() -> Iterator[Callable[..., Simulator]]:
+    started: list[Simulator] = []
+
+    def make(**kwargs: Any) -> Simulator:
+        kwargs.setdefault("symbols", 20)
+        kwargs.setdefault("mark_price_interval_s", 0.2)
+        sim = Simulator(**kwargs)
+        started.append(sim)
+        return sim.start()
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def sim(make_sim: Callable[..., Simulator]) -> Simulator:
+    return make_sim(accounts=2, seed=7)
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[websocket.WebSocket]]:
+    opened: list[websocket.WebSocket] = []
+    yield opened
+    for ws in opened:
+        try:
+            ws.close(timeout=0.5)
+        except Exception:  # noqa: BLE001 - best effort teardown
+            pass
+
+
+def connect(sockets: list[websocket.WebSocket], url: str, timeout: float = 2.0) -> websocket.WebSocket:
+    ws = websocket.create_connection(url, timeout=timeout)
+    sockets.append(ws)
+    return ws
+
+
+def listen_key(sim: Simulator, account: SimAccount) -> str:
+    r = requests.post(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": account.api_key}, timeout=5)
+    assert r.status_code == 200, r.text
+    return str(r.json()["listenKey"])
+
+
+def user_stream(
+    sim: Simulator, sockets: list[websocket.WebSocket], account: SimAccount, events: str | None = ALL_EVENTS
+) -> websocket.WebSocket:
+    key = listen_key(sim, account)
+    query = f"listenKey={key}" + (f"&events={events}" if events is not None else "")
+    ws = connect(sockets, f"{sim.ws_url}/private/ws?{query}")
+    assert sim.wait_for_connections(account.api_key, 1, timeout=3)
+    return ws
+
+
+def recv_json(ws: websocket.WebSocket, timeout: float = 2.0) -> Any:
+    ws.settimeout(timeout)
+    return json.loads(ws.recv())
+
+
+def recv_n(ws: websocket.WebSocket, n: int, timeout: float = 3.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"got {len(out)} of {n} frames: {out}"
+        out.append(recv_json(ws, left))
+    return out
+
+
+def assert_quiet(ws: websocket.WebSocket, seconds: float) -> None:
+    """Nothing but control frames arrives for ``seconds``."""
+    ws.settimeout(seconds)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        frame = ws.recv()
+        pytest.fail(f"unexpected frame {frame[:200]!r}")
+
+
+def wait_closed(ws: websocket.WebSocket, timeout: float) -> None:
+    """Read until the server closes the connection (answering pings meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            opcode, _ = ws.recv_data(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            break
+        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+            return
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return
+    pytest.fail("server did not close the connection")
+
+
+def signed(
+    sim: Simulator,
+    account: SimAccount,
+    path: str,
+    params: dict[str, Any] | None = None,
+    secret: str | None = None,
+    ts_offset_ms: int = 0,
+    api_key: str | None = None,
+) -> requests.Response:
+    query = urlencode({**(params or {}), "timestamp": int(time.time() * 1000) + ts_offset_ms})
+    sig = hmac.new((secret or account.api_secret).encode(), query.encode(), hashlib.sha256).hexdigest()
+    headers = {"X-MBX-APIKEY": account.api_key if api_key is None else api_key}
+    return requests.get(f"{sim.rest_url}{path}?{query}&signature={sig}", headers=headers, timeout=5)
+
+
+def strip_times(orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    drop = {"time", "updateTime", "createTime", "triggerTime"}
+    return [{k: v for k, v in o.items() if k not in drop} for o in orders]
+
+
+# ---------------------------------------------------------------------- REST: auth and listenKey
+def test_signed_rest_good_bad_stale_and_unknown_key(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    good = signed(sim, acct, "/fapi/v1/openOrders")
+    assert good.status_code == 200 and good.json() == []
+    assert int(good.headers["X-MBX-USED-WEIGHT-1M"]) >= 40  # no symbol: weight 40
+
+    bad = signed(sim, acct, "/fapi/v1/openOrders", {"symbol": "BTCUSDT"}, secret="not-the-secret")
+    assert bad.status_code == 400 and bad.json() == {"code": -1022, "msg": "Signature for this request is not valid."}
+
+    stale = signed(sim, acct, "/fapi/v1/openOrders", {"symbol": "BTCUSDT"}, ts_offset_ms=-6000)
+    assert stale.status_code == 400
+    assert stale.json() == {"code": -1021, "msg": "Timestamp for this request is outside of the recvWindow."}
+    # a wider recvWindow accepts the same lag; more than 60000 is refused
+    assert signed(sim, acct, "/fapi/v1/openOrders", {"recvWindow": 10000}, ts_offset_ms=-6000).status_code == 200
+    assert signed(sim, acct, "/fapi/v1/openOrders", {"recvWindow": 70000}).status_code == 400
+
+    for key in ("", "nope"):
+        unknown = signed(sim, acct, "/fapi/v1/openOrders", api_key=key)
+        assert unknown.status_code == 401
+        assert unknown.json() == {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}
+
+    t = requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5)
+    assert abs(t.json()["serverTime"] - time.time() * 1000) < 5000
+    assert "X-MBX-USED-WEIGHT-1M" in t.headers
+    info = requests.get(f"{sim.rest_url}/fapi/v1/exchangeInfo", timeout=5).json()
+    assert {s["symbol"] for s in info["symbols"]} >= {"BTCUSDT", "ETHUSDT"}
+    assert all("_" not in s["symbol"] for s in info["symbols"])  # COIN-M is not on fapi
+
+
+def test_listen_key_post_idempotent_put_delete(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    headers = {"X-MBX-APIKEY": acct.api_key}
+    first = listen_key(sim, acct)
+    assert len(first) == 64 and listen_key(sim, acct) == first
+    assert listen_key(sim, sim.accounts[1]) != first
+    put = requests.put(f"{sim.rest_url}/fapi/v1/listenKey", headers=headers, timeout=5)
+    assert put.status_code == 200 and put.json() == {"listenKey": first}
+    delete = requests.delete(f"{sim.rest_url}/fapi/v1/listenKey", headers=headers, timeout=5)
+    assert delete.status_code == 200 and delete.json() == {}
+    gone = requests.put(f"{sim.rest_url}/fapi/v1/listenKey", headers=headers, timeout=5)
+    assert gone.status_code == 400 and gone.json() == {"code": -1125, "msg": "This listenKey does not exist."}
+    assert listen_key(sim, acct) != first
+    bad = requests.post(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": "x"}, timeout=5)
+    assert bad.status_code == 401 and bad.json()["code"] == -2015
+
+
+def test_unknown_listen_key_is_refused_on_private_route(sim: Simulator) -> None:
+    with pytest.raises(websocket.WebSocketBadStatusException) as exc:
+        websocket.create_connection(f"{sim.ws_url}/private/ws?listenKey=nope&events=ORDER_TRADE_UPDATE", timeout=2)
+    assert exc.value.status_code == 400
+
+
+def test_listen_key_ttl_expiry(make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]) -> None:
+    sim = make_sim(accounts=1, listen_key_ttl_s=0.6)
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    key = sim.truth(acct.api_key)["listen_key"]
+    expired = recv_json(ws, 3.0)
+    assert expired["e"] == "listenKeyExpired" and expired["listenKey"] == key and str(expired["E"]).isdigit()
+    put = requests.put(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": acct.api_key}, timeout=5)
+    assert put.json()["code"] == -1125
+    sim.place_order(acct.api_key)  # nothing more on this connection
+    assert_quiet(ws, 0.4)
+
+
+# ---------------------------------------------------------------------- user-data events
+def test_fill_sequence_fields_and_monotonic_times(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    oid = sim.place_order(acct.api_key, "BTCUSDT", "BUY", "LIMIT", "0.010", "86000.10", client_order_id="cid-1")
+    sim.fill(acct.api_key, oid, "0.004")
+    sim.amend(acct.api_key, oid, price="86000.20")
+    sim.fill(acct.api_key, oid)
+    frames = recv_n(ws, 8)
+    assert [(f["e"], f.get("o", {}).get("x")) for f in frames] == [
+        ("ORDER_TRADE_UPDATE", "NEW"),
+        ("TRADE_LITE", None),
+        ("ORDER_TRADE_UPDATE", "TRADE"),
+        ("ACCOUNT_UPDATE", None),
+        ("ORDER_TRADE_UPDATE", "AMENDMENT"),
+        ("TRADE_LITE", None),
+        ("ORDER_TRADE_UPDATE", "TRADE"),
+        ("ACCOUNT_UPDATE", None),
+    ]
+    new, lite1, trade1, acc1, amend, lite2, trade2, acc2 = frames
+    assert set(new["o"]) >= set("s c S o f q p ap sp x X i l z L N n T t b a m R wt ot ps cp rp pP si ss V pm gtd".split())
+    assert new["o"]["c"] == "cid-1" and new["o"]["i"] == oid and new["o"]["X"] == "NEW"
+    assert lite1["l"] == "0.004" and lite1["L"] == "86000.10" and lite1["i"] == oid and lite1["T"] == trade1["T"]
+    assert trade1["o"]["X"] == "PARTIALLY_FILLED" and trade1["o"]["z"] == "0.004" and trade1["o"]["t"] == lite1["t"]
+    assert acc1["a"]["m"] == "ORDER" and acc1["a"]["P"][0]["s"] == "BTCUSDT" and acc1["a"]["P"][0]["pa"] == "0.004"
+    assert amend["o"]["p"] == "86000.20" and amend["o"]["X"] == "PARTIALLY_FILLED"
+    assert trade2["o"]["X"] == "FILLED" and trade2["o"]["z"] == "0.010" and trade2["o"]["l"] == "0.006"
+    expected_avg = (Decimal("0.004") * Decimal("86000.10") + Decimal("0.006") * Decimal("86000.20")) / Decimal("0.010")
+    assert Decimal(trade2["o"]["ap"]) == expected_avg
+    assert acc2["a"]["P"][0]["pa"] == "0.010"
+    times = [(f["E"], f["T"]) for f in frames]
+    assert [e for e, _ in times] == sorted(e for e, _ in times) and len({e for e, _ in times}) == len(times)
+    for name in ("ORDER_TRADE_UPDATE", "TRADE_LITE", "ACCOUNT_UPDATE"):
+        ts = [f["T"] for f in frames if f["e"] == name]
+        assert ts == sorted(ts)
+    rest = signed(sim, acct, "/fapi/v1/order", {"symbol": "BTCUSDT", "orderId": oid}).json()
+    assert rest["status"] == "FILLED" and rest["executedQty"] == "0.010" and Decimal(rest["avgPrice"]) == expected_avg
+    assert Decimal(rest["cumQuote"]) == expected_avg * Decimal("0.010")
+
+
+def test_events_filter_is_an_allow_list(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    only_orders = user_stream(sim, sockets, acct, events="ORDER_TRADE_UPDATE")
+    everything = connect(sockets, f"{sim.ws_url}/private/ws?listenKey={listen_key(sim, acct)}")
+    assert sim.wait_for_connections(acct.api_key, 2)
+    oid = sim.place_order(acct.api_key)
+    sim.fill(acct.api_key, oid)
+    algo = sim.place_algo(acct.api_key)
+    sim.cancel_algo(acct.api_key, algo)
+    assert [f["o"]["x"] for f in recv_n(only_orders, 2)] == ["NEW", "TRADE"]
+    assert_quiet(only_orders, 0.3)
+    names = [f["e"] for f in recv_n(everything, 6)]
+    assert names == ["ORDER_TRADE_UPDATE", "TRADE_LITE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE", "ALGO_UPDATE", "ALGO_UPDATE"]
+
+
+def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    aid = sim.place_algo(acct.api_key, "ETHUSDT", "SELL", "STOP_MARKET", "0.500", "3100.00")
+    open_algos = signed(sim, acct, "/fapi/v1/openAlgoOrders").json()
+    assert [a["algoId"] for a in open_algos] == [aid]
+    assert signed(sim, acct, "/fapi/v1/openOrders").json() == []  # algo orders are not regular orders
+    oid = sim.trigger_algo(acct.api_key, aid)
+    frames = recv_n(ws, 8)
+    algo = [f["o"] for f in frames if f["e"] == "ALGO_UPDATE"]
+    assert [a["X"] for a in algo] == ["NEW", "TRIGGERING", "TRIGGERED", "FINISHED"]
+    assert algo[0]["ai"] == "" and algo[2]["ai"] == str(oid) and algo[3]["aq"] == "0.500"
+    assert Decimal(algo[3]["ap"]) == Decimal("3100.00")
+    assert [f["e"] for f in frames] == [
+        "ALGO_UPDATE", "ALGO_UPDATE", "ORDER_TRADE_UPDATE", "ALGO_UPDATE",
+        "TRADE_LITE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE", "ALGO_UPDATE",
+    ]  # fmt: skip
+    regular = frames[2]["o"]
+    assert regular["i"] == oid and regular["o"] == "MARKET" and regular["ot"] == "STOP_MARKET" and regular["sp"] == "3100.00"
+    rest = signed(sim, acct, "/fapi/v1/algoOrder", {"algoId": aid}).json()
+    assert set(rest) == {
+        "algoId", "clientAlgoId", "algoType", "orderType", "symbol", "side", "positionSide", "timeInForce",
+        "quantity", "algoStatus", "actualOrderId", "actualPrice", "triggerPrice", "price", "icebergQuantity",
+        "tpTriggerPrice", "tpPrice", "slTriggerPrice", "slPrice", "tpOrderType", "selfTradePreventionMode",
+        "workingType", "priceMatch", "closePosition", "priceProtect", "reduceOnly", "createTime", "updateTime",
+        "triggerTime", "goodTillDate",
+    }  # fmt: skip
+    assert rest["algoStatus"] == "FINISHED" and rest["actualOrderId"] == str(oid) and rest["algoType"] == "CONDITIONAL"
+    by_client = signed(sim, acct, "/fapi/v1/algoOrder", {"clientAlgoId": rest["clientAlgoId"]}).json()
+    assert by_client == rest
+    assert signed(sim, acct, "/fapi/v1/openAlgoOrders").json() == []
+    missing = signed(sim, acct, "/fapi/v1/algoOrder", {"algoId": 1})
+    assert missing.status_code == 400 and missing.json()["code"] == -2013
+
+    rejected = sim.place_algo(acct.api_key, "ETHUSDT", "SELL", "TAKE_PROFIT", "0.5", "3300.00", "3300.00")
+    sim.reject_algo(acct.api_key, rejected)
+    expired = sim.place_algo(acct.api_key)
+    sim.expire_algo(acct.api_key, expired)
+    states = [f["o"]["X"] for f in recv_n(ws, 5)]
+    assert states == ["NEW", "TRIGGERING", "REJECTED", "NEW", "EXPIRED"]
+    with pytest.raises(SimulatorError):
+        sim.cancel_algo(acct.api_key, expired)
+
+
+def test_truth_matches_rest_after_scenario(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    sim.step(acct.api_key, 300)
+    truth = sim.truth(acct.api_key)
+    orders, algos = truth["orders"], truth["algo_orders"]
+    assert orders and algos
+    statuses = {o["status"] for o in orders}
+    assert {"NEW", "FILLED", "CANCELED"} <= statuses | {"NEW"}
+    open_truth = [o for o in orders if o["status"] in ("NEW", "PARTIALLY_FILLED")]
+    assert 0 < len(open_truth) <= 20
+    assert signed(sim, acct, "/fapi/v1/openOrders").json() == open_truth
+    for order in orders[:40]:
+        by_id = signed(sim, acct, "/fapi/v1/order", {"symbol": order["symbol"], "orderId": order["orderId"]})
+        assert by_id.json() == order
+    sample = orders[0]
+    by_client = signed(sim, acct, "/fapi/v1/order", {"symbol": sample["symbol"], "origClientOrderId": sample["clientOrderId"]})
+    assert by_client.json() == sample
+    wrong_symbol = signed(sim, acct, "/fapi/v1/order", {"symbol": "NOPEUSDT", "orderId": sample["orderId"]})
+    assert wrong_symbol.status_code == 400 and wrong_symbol.json() == {"code": -2013, "msg": "Order does not exist."}
+    btc = signed(sim, acct, "/fapi/v1/allOrders", {"symbol": "BTCUSDT"})
+    assert btc.json() == [o for o in orders if o["symbol"] == "BTCUSDT"]
+    assert int(btc.headers["X-MBX-USED-WEIGHT-1M"]) > 40
+    for algo in algos[:10]:
+        assert signed(sim, acct, "/fapi/v1/algoOrder", {"algoId": algo["algoId"]}).json() == algo
+    for order in orders:
+        z, price = Decimal(order["executedQty"]), Decimal(order["origQty"])
+        assert Decimal(0) <= z <= price
+    assert sim.truth(sim.accounts[1].api_key)["orders"] == []  # accounts are independent
+
+
+def test_scenario_is_deterministic_for_a_seed(make_sim: Callable[..., Simulator]) -> None:
+    first, second = make_sim(accounts=1, seed=42), make_sim(accounts=1, seed=42)
+    assert first.accounts == second.accounts
+    for sim in (first, second):
+        sim.step(sim.accounts[0].api_key, 150)
+    a, b = first.truth(first.accounts[0].api_key), second.truth(second.accounts[0].api_key)
+    assert strip_times(a["orders"]) == strip_times(b["orders"])
+    assert strip_times(a["algo_orders"]) == strip_times(b["algo_orders"])
+    assert a["wallet_balance"] == b["wallet_balance"]
+    other = make_sim(accounts=1, seed=43)
+    assert other.accounts != first.accounts
+
+
+def test_background_rate_generates_bounded_events(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    sim = make_sim(accounts=2)
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    sim.set_rate(200)
+    frames = recv_n(ws, 100, timeout=5)
+    sim.set_rate(0)
+    assert {"ORDER_TRADE_UPDATE", "TRADE_LITE", "ACCOUNT_UPDATE"} <= {f["e"] for f in frames}
+    es = [int(f["E"]) for f in frames]
+    assert es == sorted(es)
+    for key in (a.api_key for a in sim.accounts):
+        truth = sim.truth(key)
+        assert truth["steps"] > 0
+        assert len([o for o in truth["orders"] if o["status"] in ("NEW", "PARTIALLY_FILLED")]) <= 20
+
+
+# ---------------------------------------------------------------------- connection rules
+def test_server_pings_and_drops_clients_that_do_not_pong(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    sim = make_sim(accounts=1, ping_interval_s=0.2, pong_timeout_s=0.6)
+    acct = sim.accounts[0]
+    silent_client = user_stream(sim, sockets, acct)
+    good_client = connect(sockets, f"{sim.ws_url}/private/ws?listenKey={listen_key(sim, acct)}&events={ALL_EVENTS}")
+    good_client.settimeout(0.5)
+    opcode, payload = good_client.recv_data(control_frame=True)  # websocket-client pongs it back
+    assert opcode == websocket.ABNF.OPCODE_PING and payload
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # keep answering pings for well over the pong timeout
+        try:
+            good_client.recv_data(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            pass
+    time.sleep(0.1)
+    # the client that never read (so never ponged) is gone, the other is alive
+    assert sim.stats()["current_connections"].get(acct.api_key) == 1
+    assert sim.stats()["closed"].get("pong timeout") == 1
+    wait_closed(silent_client, 1.0)
+    sim.place_order(acct.api_key)
+    deadline = time.monotonic() + 2
+    while True:
+        opcode, data = good_client.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            assert json.loads(data)["e"] == "ORDER_TRADE_UPDATE"
+            break
+        assert time.monotonic() < deadline
+
+
+def test_unsolicited_pongs_do_not_keep_a_connection_alive(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    sim = make_sim(accounts=1, ping_interval_s=0.2, pong_timeout_s=0.5)
+    ws = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    assert sim.wait_for_connections("market")
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and sim.stats()["current_connections"].get("market"):
+        ws.pong(b"unsolicited")
+        time.sleep(0.15)
+    assert not sim.stats()["current_connections"].get("market")
+
+
+def test_client_pings_are_answered(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    ws = connect(sockets, f"{sim.ws_url}/ws/whatever")
+    ws.ping(b"hello")
+    ws.settimeout(2)
+    opcode, data = ws.recv_data(control_frame=True)
+    assert (opcode, data) == (websocket.ABNF.OPCODE_PONG, b"hello")
+
+
+def test_more_than_ten_messages_per_second_disconnects(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    ws = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    for i in range(12):
+        ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": i}))
+    wait_closed(ws, 2.0)
+    assert sim.stats()["closed"].get("too many messages") == 1
+
+
+def test_max_connection_age(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    ws = user_stream(sim, sockets, sim.accounts[0])
+    sim.set_max_connection_age(0.3)
+    wait_closed(ws, 2.0)
+    assert sim.stats()["closed"].get("max connection age") == 1
+
+
+# ---------------------------------------------------------------------- market streams and retired routes
+def test_mark_price_array_frames(make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]) -> None:
+    sim = make_sim(symbols=570)
+    symbols = dict(sim.mark_symbols)
+    assert len(symbols) == 570
+    assert symbols["BTCUSD_PERP"] == 2 and symbols["BTCUSDT"] == 1 and "1000SATSUSDT" in symbols and "BTCUSDC" in symbols
+    sim.set_mark_price_override("ETHUSDT", "3333.12345678")
+    ws = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    t0 = time.monotonic()
+    first, second = recv_json(ws), recv_json(ws)
+    assert time.monotonic() - t0 < 1.5
+    assert isinstance(first, list) and len(first) == 570 and len(second) == 570
+    for item in first:
+        assert set(item) == {"e", "E", "s", "p", "ap", "P", "i", "r", "T", "st"}
+        assert item["e"] == "markPriceUpdate" and item["st"] in (1, 2)
+        for k in ("p", "P", "i", "r"):
+            assert EIGHT_DECIMALS.match(item[k]), item
+        assert item["T"] > item["E"] and item["T"] % (8 * 3600 * 1000) == 0
+    by_symbol = {item["s"]: item for item in first}
+    assert by_symbol["ETHUSDT"]["p"] == "3333.12345678"
+    assert 60000 < Decimal(by_symbol["BTCUSDT"]["p"]) < 120000
+    assert second[0]["E"] > first[0]["E"]
+
+    combined = connect(sockets, f"{sim.ws_url}/market/stream?streams=!markPrice@arr@1s")
+    wrapped = recv_json(combined)
+    assert wrapped["stream"] == "!markPrice@arr@1s" and len(wrapped["data"]) == 570
+
+    sim.set_symbols(["BTCUSDT", "ETHUSDT", "ETHUSD_PERP"])
+    deadline = time.monotonic() + 2
+    while len(frame := recv_json(ws)) != 3:
+        assert time.monotonic() < deadline
+    assert [i["s"] for i in frame] == ["BTCUSDT", "ETHUSDT", "ETHUSD_PERP"] and frame[2]["st"] == 2
+
+
+def test_retired_routes_accept_and_ack_but_deliver_nothing(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    key = listen_key(sim, acct)
+    old_user = connect(sockets, f"{sim.ws_url}/ws/{key}")
+    old_combined = connect(sockets, f"{sim.ws_url}/stream?streams={key}/!markPrice@arr@1s")
+    old_market = connect(sockets, f"{sim.ws_url}/ws/!markPrice@arr@1s")
+    old_user.send(json.dumps({"method": "SUBSCRIBE", "params": ["!markPrice@arr@1s"], "id": 5}))
+    assert recv_json(old_user) == {"result": None, "id": 5}
+    assert sim.wait_for_connections("retired", 3)
+    oid = sim.place_order(acct.api_key)
+    sim.fill(acct.api_key, oid)
+    for ws in (old_user, old_combined, old_market):
+        assert_quiet(ws, 0.45)  # two mark-price ticks and four user events went elsewhere
+    assert sim.stats()["events_lost"][acct.api_key] == 4  # nobody on /private: lost
+
+
+# ---------------------------------------------------------------------- faults
+def test_drop_connections(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    a, b = sim.accounts
+    ws_a, ws_b = user_stream(sim, sockets, a), user_stream(sim, sockets, b)
+    market = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    assert sim.wait_for_connections("market")
+    assert sim.drop_connections(a.api_key) == 1
+    wait_closed(ws_a, 2)
+    sim.place_order(b.api_key)
+    assert recv_json(ws_b)["e"] == "ORDER_TRADE_UPDATE"
+    assert recv_json(market)[0]["e"] == "markPriceUpdate"
+    assert sim.drop_connections(None, abrupt=True) == 2
+    wait_closed(ws_b, 2)
+    wait_closed(market, 2)
+    assert sim.stats()["current_connections"] == {}
+
+
+def test_go_silent_user_stream_loses_events_and_ignores_pings(
+    sim: Simulator, sockets: list[websocket.WebSocket]
+) -> None:
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    assert sim.go_silent(acct.api_key, 0.8) == 1
+    sim.place_order(acct.api_key)  # lost: written into the void
+    ws.ping(b"anyone?")
+    ws.settimeout(0.5)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        ws.recv_data(control_frame=True)
+    time.sleep(0.5)
+    oid = sim.place_order(acct.api_key)  # after the silence: delivered again
+    frame = recv_json(ws)
+    assert frame["o"]["i"] == oid
+    assert sim.stats()["events_lost"][acct.api_key] == 1
+
+
+def test_go_silent_market(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    ws = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    recv_json(ws)
+    sim.go_silent("market", 0.7)
+    assert_quiet(ws, 0.5)
+    assert recv_json(ws, 1.0)[0]["e"] == "markPriceUpdate"
+
+
+def test_send_raw(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    market = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    assert sim.wait_for_connections("market")
+    big = json.dumps({"e": "SOMETHING_NEW", "pad": "x" * 200_000})
+    assert sim.send_raw(acct.api_key, "{not json") == 1
+    sim.send_raw(acct.api_key, big)
+    ws.settimeout(2)
+    assert ws.recv() == "{not json"
+    assert ws.recv() == big
+    sim.send_market_raw('{"e":"weird"}')
+    deadline = time.monotonic() + 2
+    while (frame := market.recv()) != '{"e":"weird"}':
+        assert time.monotonic() < deadline and frame.startswith("[")
+
+
+def test_expire_listen_key_on_demand(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    muted = user_stream(sim, sockets, acct, events="ORDER_TRADE_UPDATE")  # listenKeyExpired not allowed
+    ws = connect(sockets, f"{sim.ws_url}/private/ws?listenKey={listen_key(sim, acct)}&events={ALL_EVENTS}")
+    assert sim.wait_for_connections(acct.api_key, 2)
+    key = sim.expire_listen_key(acct.api_key)
+    frame = recv_json(ws)
+    assert frame == {"e": "listenKeyExpired", "E": frame["E"], "listenKey": key}
+    assert_quiet(muted, 0.2)
+    put = requests.put(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": acct.api_key}, timeout=5)
+    assert put.status_code == 400 and put.json()["code"] == -1125
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        websocket.create_connection(f"{sim.ws_url}/private/ws?listenKey={key}", timeout=2)
+    sim.place_order(acct.api_key)
+    assert_quiet(ws, 0.3)
+    fresh = user_stream(sim, sockets, acct)
+    sim.place_order(acct.api_key)
+    assert recv_json(fresh)["e"] == "ORDER_TRADE_UPDATE"
+
+
+def test_lose_or_keep_events_while_disconnected(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    sim.place_order(acct.api_key)  # nobody connected: lost (production behaviour)
+    ws = user_stream(sim, sockets, acct)
+    assert_quiet(ws, 0.2)
+    ws.close()
+    assert sim.wait_for_connections(acct.api_key, 0)
+    sim.set_lose_while_disconnected(False)
+    oid = sim.place_order(acct.api_key)
+    deadline = time.monotonic() + 2
+    while sim.stats()["current_connections"].get(acct.api_key):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sim.fill(acct.api_key, oid)
+    kept = user_stream(sim, sockets, acct)
+    assert [f["e"] for f in recv_n(kept, 4)] == ["ORDER_TRADE_UPDATE", "TRADE_LITE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE"]
+    assert len(sim.truth(acct.api_key)["orders"]) == 2
+
+
+def test_invalidate_api_key(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    sim.invalidate_api_key(acct.api_key)
+    r = signed(sim, acct, "/fapi/v1/openOrders")
+    assert r.status_code == 401 and r.json() == {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}
+    lk = requests.post(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": acct.api_key}, timeout=5)
+    assert lk.status_code == 401 and lk.json()["code"] == -2015
+    assert signed(sim, sim.accounts[1], "/fapi/v1/openOrders").status_code == 200
+    sim.restore_api_key(acct.api_key)
+    assert signed(sim, acct, "/fapi/v1/openOrders").status_code == 200
+
+
+def test_injected_429_and_418_with_retry_after(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    sim.rate_limit(status=429, count=2, retry_after_s=7)
+    for _ in range(2):
+        r = signed(sim, acct, "/fapi/v1/openOrders")
+        assert r.status_code == 429 and r.headers["Retry-After"] == "7" and r.json()["code"] == -1003
+        assert "X-MBX-USED-WEIGHT-1M" in r.headers
+    assert signed(sim, acct, "/fapi/v1/openOrders").status_code == 200
+    sim.rate_limit(status=418, count=1, retry_after_s=120)
+    banned = requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5)
+    assert banned.status_code == 418 and banned.headers["Retry-After"] == "120" and banned.json()["code"] == -1003
+    assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code == 200
+
+
+def test_weight_limit_429_then_418_ban(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(accounts=1, weight_limit_1m=100, ban_s=5)
+    acct = sim.accounts[0]
+    statuses = [signed(sim, acct, "/fapi/v1/openOrders").status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]  # 40 + 40, the third would make 120
+    refused = signed(sim, acct, "/fapi/v1/openOrders")
+    assert 55 <= int(refused.headers["Retry-After"]) <= 60 and refused.json()["code"] == -1003
+    assert refused.headers["X-MBX-USED-WEIGHT-1M"] == "80"
+    # while told to wait even a light request is refused; the third one earns a ban
+    statuses = [requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code for _ in range(3)]
+    assert statuses == [429, 418, 418]
+    assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).headers["Retry-After"] == "5"
+    sim.reset_rate_limits()
+    assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code == 200
+
+
+def test_manual_calls_validate(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    oid = sim.place_order(acct.api_key)
+    with pytest.raises(SimulatorError):
+        sim.fill(acct.api_key, oid, "1.0")  # more than the order
+    sim.cancel(acct.api_key, oid)
+    with pytest.raises(SimulatorError):
+        sim.cancel(acct.api_key, oid)
+    with pytest.raises(SimulatorError):
+        sim.place_order("unknown-key")
+    market = sim.place_order(acct.api_key, "ETHUSDT", "SELL", "MARKET", "0.100")
+    assert sim.truth(acct.api_key)["orders"][-1]["orderId"] == market
+    assert sim.truth(acct.api_key)["orders"][-1]["status"] == "FILLED"
+    expired = sim.place_order(acct.api_key)
+    sim.expire(acct.api_key, expired)
+    assert sim.truth(acct.api_key)["orders"][-1]["status"] == "EXPIRED"
+
+
+# ---------------------------------------------------------------------- control API and CLI
+def test_control_api(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    step = requests.post(f"{sim.control_url}/step", json={"api_key": acct.api_key, "n": 30}, timeout=5)
+    assert step.status_code == 200 and step.json() == {"result": None}
+    placed = requests.post(f"{sim.control_url}/place_order", json={"api_key": acct.api_key, "price": "85000.00"}, timeout=5)
+    oid = placed.json()["result"]
+    truth = requests.get(f"{sim.control_url}/truth", params={"api_key": acct.api_key}, timeout=5).json()
+    assert truth["orders"] == sim.truth(acct.api_key)["orders"] and truth["orders"][-1]["orderId"] == oid
+    bad = requests.post(f"{sim.control_url}/fill", json={"api_key": acct.api_key, "order_id": 1}, timeout=5)
+    assert bad.status_code == 400 and "unknown order" in bad.json()["error"]
+    assert requests.post(f"{sim.control_url}/nope", json={}, timeout=5).status_code == 404
+    requests.post(f"{sim.control_url}/invalidate_api_key", json={"api_key": acct.api_key}, timeout=5)
+    assert signed(sim, acct, "/fapi/v1/openOrders").status_code == 401
+    stats = requests.get(f"{sim.control_url}/stats", timeout=5).json()
+    assert stats["requests"]["/fapi/v1/openOrders"] == 1 and stats["control_requests"]["step"] == 1
+    accounts = requests.get(f"{sim.control_url}/accounts", timeout=5).json()
+    assert accounts[0] == {"api_key": acct.api_key, "api_secret": acct.api_secret}
+
+
+def test_simulator_refuses_non_loopback_and_stops_idempotently() -> None:
+    with pytest.raises(ValueError):
+        Simulator(host="0.0.0.0")
+    sim = Simulator(accounts=1, symbols=5)
+    sim.stop()  # never started: fine
+    with sim:
+        url = sim.rest_url
+        assert requests.get(f"{url}/fapi/v1/ping", timeout=5).json() == {}
+    sim.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/fapi/v1/ping", timeout=2)
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kraite_mp.simulator", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def test_cli_prints_one_json_line_and_exits_0_on_sigterm() -> None:
+    proc = _cli("--accounts", "2", "--symbols", "10", "--seed", "3", "--mark-price-interval", "0.2")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded by the test timeout
+        info = json.loads(line)
+        assert set(info) == {"rest_url", "ws_url", "control_url", "accounts"}
+        assert len(info["accounts"]) == 2 and set(info["accounts"][0]) == {"api_key", "api_secret"}
+        assert info["rest_url"].startswith("http://127.0.0.1:") and info["ws_url"].startswith("ws://127.0.0.1:")
+        assert requests.get(info["rest_url"] + "/fapi/v1/time", timeout=5).status_code == 200
+        ws = websocket.create_connection(info["ws_url"] + "/market/ws/!markPrice@arr@1s", timeout=3)
+        try:
+            assert len(json.loads(ws.recv())) == 10
+        finally:
+            ws.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert out == ""  # exactly one line in total
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+
+
+def test_cli_refuses_non_loopback_host() -> None:
+    proc = _cli("--host", "0.0.0.0")
+    try:
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 2 and out == "" and "loopback" in err
