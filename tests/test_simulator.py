@@ -74,7 +74,9 @@ def connect(sockets: list[websocket.WebSocket], url: str, timeout: float = 2.0) 
 
 
 def listen_key(sim: Simulator, account: SimAccount) -> str:
-    r = requests.post(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": account.api_key}, timeout=5)
+    r = requests.post(
+        f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": account.api_key}, timeout=5
+    )
     assert r.status_code == 200, r.text
     return str(r.json()["listenKey"])
 
@@ -156,13 +158,18 @@ def test_signed_rest_good_bad_stale_and_unknown_key(sim: Simulator) -> None:
     assert int(good.headers["X-MBX-USED-WEIGHT-1M"]) >= 40  # no symbol: weight 40
 
     bad = signed(sim, acct, "/fapi/v1/openOrders", {"symbol": "BTCUSDT"}, secret="not-the-secret")
-    assert bad.status_code == 400 and bad.json() == {"code": -1022, "msg": "Signature for this request is not valid."}
+    assert bad.status_code == 400 and bad.json() == {
+        "code": -1022,
+        "msg": "Signature for this request is not valid.",
+    }
 
     stale = signed(sim, acct, "/fapi/v1/openOrders", {"symbol": "BTCUSDT"}, ts_offset_ms=-6000)
     assert stale.status_code == 400
     assert stale.json() == {"code": -1021, "msg": "Timestamp for this request is outside of the recvWindow."}
     # a wider recvWindow accepts the same lag; more than 60000 is refused
-    assert signed(sim, acct, "/fapi/v1/openOrders", {"recvWindow": 10000}, ts_offset_ms=-6000).status_code == 200
+    assert (
+        signed(sim, acct, "/fapi/v1/openOrders", {"recvWindow": 10000}, ts_offset_ms=-6000).status_code == 200
+    )
     assert signed(sim, acct, "/fapi/v1/openOrders", {"recvWindow": 70000}).status_code == 400
 
     for key in ("", "nope"):
@@ -197,11 +204,15 @@ def test_listen_key_post_idempotent_put_delete(sim: Simulator) -> None:
 
 def test_unknown_listen_key_is_refused_on_private_route(sim: Simulator) -> None:
     with pytest.raises(websocket.WebSocketBadStatusException) as exc:
-        websocket.create_connection(f"{sim.ws_url}/private/ws?listenKey=nope&events=ORDER_TRADE_UPDATE", timeout=2)
+        websocket.create_connection(
+            f"{sim.ws_url}/private/ws?listenKey=nope&events=ORDER_TRADE_UPDATE", timeout=2
+        )
     assert exc.value.status_code == 400
 
 
-def test_listen_key_ttl_expiry(make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]) -> None:
+def test_listen_key_ttl_expiry(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
     sim = make_sim(accounts=1, listen_key_ttl_s=0.6)
     acct = sim.accounts[0]
     ws = user_stream(sim, sockets, acct)
@@ -218,7 +229,9 @@ def test_listen_key_ttl_expiry(make_sim: Callable[..., Simulator], sockets: list
 def test_fill_sequence_fields_and_monotonic_times(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
     acct = sim.accounts[0]
     ws = user_stream(sim, sockets, acct)
-    oid = sim.place_order(acct.api_key, "BTCUSDT", "BUY", "LIMIT", "0.010", "86000.10", client_order_id="cid-1")
+    oid = sim.place_order(
+        acct.api_key, "BTCUSDT", "BUY", "LIMIT", "0.010", "86000.10", client_order_id="cid-1"
+    )
     sim.fill(acct.api_key, oid, "0.004")
     sim.amend(acct.api_key, oid, price="86000.20")
     sim.fill(acct.api_key, oid)
@@ -234,14 +247,28 @@ def test_fill_sequence_fields_and_monotonic_times(sim: Simulator, sockets: list[
         ("ACCOUNT_UPDATE", None),
     ]
     new, lite1, trade1, acc1, amend, lite2, trade2, acc2 = frames
-    assert set(new["o"]) >= set("s c S o f q p ap sp x X i l z L N n T t b a m R wt ot ps cp rp pP si ss V pm gtd".split())
+    assert set(new["o"]) >= set(
+        "s c S o f q p ap sp x X i l z L N n T t b a m R wt ot ps cp rp pP si ss V pm gtd".split()
+    )
     assert new["o"]["c"] == "cid-1" and new["o"]["i"] == oid and new["o"]["X"] == "NEW"
-    assert lite1["l"] == "0.004" and lite1["L"] == "86000.10" and lite1["i"] == oid and lite1["T"] == trade1["T"]
-    assert trade1["o"]["X"] == "PARTIALLY_FILLED" and trade1["o"]["z"] == "0.004" and trade1["o"]["t"] == lite1["t"]
-    assert acc1["a"]["m"] == "ORDER" and acc1["a"]["P"][0]["s"] == "BTCUSDT" and acc1["a"]["P"][0]["pa"] == "0.004"
+    assert (
+        lite1["l"] == "0.004" and lite1["L"] == "86000.10" and lite1["i"] == oid and lite1["T"] == trade1["T"]
+    )
+    assert (
+        trade1["o"]["X"] == "PARTIALLY_FILLED"
+        and trade1["o"]["z"] == "0.004"
+        and trade1["o"]["t"] == lite1["t"]
+    )
+    assert (
+        acc1["a"]["m"] == "ORDER"
+        and acc1["a"]["P"][0]["s"] == "BTCUSDT"
+        and acc1["a"]["P"][0]["pa"] == "0.004"
+    )
     assert amend["o"]["p"] == "86000.20" and amend["o"]["X"] == "PARTIALLY_FILLED"
     assert trade2["o"]["X"] == "FILLED" and trade2["o"]["z"] == "0.010" and trade2["o"]["l"] == "0.006"
-    expected_avg = (Decimal("0.004") * Decimal("86000.10") + Decimal("0.006") * Decimal("86000.20")) / Decimal("0.010")
+    expected_avg = (
+        Decimal("0.004") * Decimal("86000.10") + Decimal("0.006") * Decimal("86000.20")
+    ) / Decimal("0.010")
     assert Decimal(trade2["o"]["ap"]) == expected_avg
     assert acc2["a"]["P"][0]["pa"] == "0.010"
     times = [(f["E"], f["T"]) for f in frames]
@@ -250,7 +277,11 @@ def test_fill_sequence_fields_and_monotonic_times(sim: Simulator, sockets: list[
         ts = [f["T"] for f in frames if f["e"] == name]
         assert ts == sorted(ts)
     rest = signed(sim, acct, "/fapi/v1/order", {"symbol": "BTCUSDT", "orderId": oid}).json()
-    assert rest["status"] == "FILLED" and rest["executedQty"] == "0.010" and Decimal(rest["avgPrice"]) == expected_avg
+    assert (
+        rest["status"] == "FILLED"
+        and rest["executedQty"] == "0.010"
+        and Decimal(rest["avgPrice"]) == expected_avg
+    )
     assert Decimal(rest["cumQuote"]) == expected_avg * Decimal("0.010")
 
 
@@ -266,7 +297,14 @@ def test_events_filter_is_an_allow_list(sim: Simulator, sockets: list[websocket.
     assert [f["o"]["x"] for f in recv_n(only_orders, 2)] == ["NEW", "TRADE"]
     assert_quiet(only_orders, 0.3)
     names = [f["e"] for f in recv_n(everything, 6)]
-    assert names == ["ORDER_TRADE_UPDATE", "TRADE_LITE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE", "ALGO_UPDATE", "ALGO_UPDATE"]
+    assert names == [
+        "ORDER_TRADE_UPDATE",
+        "TRADE_LITE",
+        "ORDER_TRADE_UPDATE",
+        "ACCOUNT_UPDATE",
+        "ALGO_UPDATE",
+        "ALGO_UPDATE",
+    ]
 
 
 def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
@@ -287,7 +325,12 @@ def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.
         "TRADE_LITE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE", "ALGO_UPDATE",
     ]  # fmt: skip
     regular = frames[2]["o"]
-    assert regular["i"] == oid and regular["o"] == "MARKET" and regular["ot"] == "STOP_MARKET" and regular["sp"] == "3100.00"
+    assert (
+        regular["i"] == oid
+        and regular["o"] == "MARKET"
+        and regular["ot"] == "STOP_MARKET"
+        and regular["sp"] == "3100.00"
+    )
     rest = signed(sim, acct, "/fapi/v1/algoOrder", {"algoId": aid}).json()
     assert set(rest) == {
         "algoId", "clientAlgoId", "algoType", "orderType", "symbol", "side", "positionSide", "timeInForce",
@@ -296,7 +339,11 @@ def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.
         "workingType", "priceMatch", "closePosition", "priceProtect", "reduceOnly", "createTime", "updateTime",
         "triggerTime", "goodTillDate",
     }  # fmt: skip
-    assert rest["algoStatus"] == "FINISHED" and rest["actualOrderId"] == str(oid) and rest["algoType"] == "CONDITIONAL"
+    assert (
+        rest["algoStatus"] == "FINISHED"
+        and rest["actualOrderId"] == str(oid)
+        and rest["algoType"] == "CONDITIONAL"
+    )
     by_client = signed(sim, acct, "/fapi/v1/algoOrder", {"clientAlgoId": rest["clientAlgoId"]}).json()
     assert by_client == rest
     assert signed(sim, acct, "/fapi/v1/openAlgoOrders").json() == []
@@ -328,10 +375,18 @@ def test_truth_matches_rest_after_scenario(sim: Simulator) -> None:
         by_id = signed(sim, acct, "/fapi/v1/order", {"symbol": order["symbol"], "orderId": order["orderId"]})
         assert by_id.json() == order
     sample = orders[0]
-    by_client = signed(sim, acct, "/fapi/v1/order", {"symbol": sample["symbol"], "origClientOrderId": sample["clientOrderId"]})
+    by_client = signed(
+        sim,
+        acct,
+        "/fapi/v1/order",
+        {"symbol": sample["symbol"], "origClientOrderId": sample["clientOrderId"]},
+    )
     assert by_client.json() == sample
     wrong_symbol = signed(sim, acct, "/fapi/v1/order", {"symbol": "NOPEUSDT", "orderId": sample["orderId"]})
-    assert wrong_symbol.status_code == 400 and wrong_symbol.json() == {"code": -2013, "msg": "Order does not exist."}
+    assert wrong_symbol.status_code == 400 and wrong_symbol.json() == {
+        "code": -2013,
+        "msg": "Order does not exist.",
+    }
     btc = signed(sim, acct, "/fapi/v1/allOrders", {"symbol": "BTCUSDT"})
     assert btc.json() == [o for o in orders if o["symbol"] == "BTCUSDT"]
     assert int(btc.headers["X-MBX-USED-WEIGHT-1M"]) > 40
@@ -381,7 +436,9 @@ def test_server_pings_and_drops_clients_that_do_not_pong(
     sim = make_sim(accounts=1, ping_interval_s=0.2, pong_timeout_s=0.6)
     acct = sim.accounts[0]
     silent_client = user_stream(sim, sockets, acct)
-    good_client = connect(sockets, f"{sim.ws_url}/private/ws?listenKey={listen_key(sim, acct)}&events={ALL_EVENTS}")
+    good_client = connect(
+        sockets, f"{sim.ws_url}/private/ws?listenKey={listen_key(sim, acct)}&events={ALL_EVENTS}"
+    )
     good_client.settimeout(0.5)
     opcode, payload = good_client.recv_data(control_frame=True)  # websocket-client pongs it back
     assert opcode == websocket.ABNF.OPCODE_PING and payload
@@ -427,7 +484,9 @@ def test_client_pings_are_answered(sim: Simulator, sockets: list[websocket.WebSo
     assert (opcode, data) == (websocket.ABNF.OPCODE_PONG, b"hello")
 
 
-def test_more_than_ten_messages_per_second_disconnects(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+def test_more_than_ten_messages_per_second_disconnects(
+    sim: Simulator, sockets: list[websocket.WebSocket]
+) -> None:
     ws = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
     for i in range(12):
         ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": i}))
@@ -443,11 +502,18 @@ def test_max_connection_age(sim: Simulator, sockets: list[websocket.WebSocket]) 
 
 
 # ---------------------------------------------------------------------- market streams and retired routes
-def test_mark_price_array_frames(make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]) -> None:
+def test_mark_price_array_frames(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
     sim = make_sim(symbols=570)
     symbols = dict(sim.mark_symbols)
     assert len(symbols) == 570
-    assert symbols["BTCUSD_PERP"] == 2 and symbols["BTCUSDT"] == 1 and "1000SATSUSDT" in symbols and "BTCUSDC" in symbols
+    assert (
+        symbols["BTCUSD_PERP"] == 2
+        and symbols["BTCUSDT"] == 1
+        and "1000SATSUSDT" in symbols
+        and "BTCUSDC" in symbols
+    )
     sim.set_mark_price_override("ETHUSDT", "3333.12345678")
     ws = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
     t0 = time.monotonic()
@@ -476,7 +542,9 @@ def test_mark_price_array_frames(make_sim: Callable[..., Simulator], sockets: li
     assert [i["s"] for i in frame] == ["BTCUSDT", "ETHUSDT", "ETHUSD_PERP"] and frame[2]["st"] == 2
 
 
-def test_retired_routes_accept_and_ack_but_deliver_nothing(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+def test_retired_routes_accept_and_ack_but_deliver_nothing(
+    sim: Simulator, sockets: list[websocket.WebSocket]
+) -> None:
     acct = sim.accounts[0]
     key = listen_key(sim, acct)
     old_user = connect(sockets, f"{sim.ws_url}/ws/{key}")
@@ -549,7 +617,7 @@ def test_send_raw(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
     sim.send_market_raw('{"e":"weird"}')
     deadline = time.monotonic() + 2
     while (frame := market.recv()) != '{"e":"weird"}':
-        assert time.monotonic() < deadline and frame.startswith("[")
+        assert time.monotonic() < deadline and str(frame).startswith("[")
 
 
 def test_expire_listen_key_on_demand(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
@@ -587,7 +655,12 @@ def test_lose_or_keep_events_while_disconnected(sim: Simulator, sockets: list[we
         time.sleep(0.01)
     sim.fill(acct.api_key, oid)
     kept = user_stream(sim, sockets, acct)
-    assert [f["e"] for f in recv_n(kept, 4)] == ["ORDER_TRADE_UPDATE", "TRADE_LITE", "ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE"]
+    assert [f["e"] for f in recv_n(kept, 4)] == [
+        "ORDER_TRADE_UPDATE",
+        "TRADE_LITE",
+        "ORDER_TRADE_UPDATE",
+        "ACCOUNT_UPDATE",
+    ]
     assert len(sim.truth(acct.api_key)["orders"]) == 2
 
 
@@ -595,7 +668,10 @@ def test_invalidate_api_key(sim: Simulator) -> None:
     acct = sim.accounts[0]
     sim.invalidate_api_key(acct.api_key)
     r = signed(sim, acct, "/fapi/v1/openOrders")
-    assert r.status_code == 401 and r.json() == {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}
+    assert r.status_code == 401 and r.json() == {
+        "code": -2015,
+        "msg": "Invalid API-key, IP, or permissions for action.",
+    }
     lk = requests.post(f"{sim.rest_url}/fapi/v1/listenKey", headers={"X-MBX-APIKEY": acct.api_key}, timeout=5)
     assert lk.status_code == 401 and lk.json()["code"] == -2015
     assert signed(sim, sim.accounts[1], "/fapi/v1/openOrders").status_code == 200
@@ -613,7 +689,11 @@ def test_injected_429_and_418_with_retry_after(sim: Simulator) -> None:
     assert signed(sim, acct, "/fapi/v1/openOrders").status_code == 200
     sim.rate_limit(status=418, count=1, retry_after_s=120)
     banned = requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5)
-    assert banned.status_code == 418 and banned.headers["Retry-After"] == "120" and banned.json()["code"] == -1003
+    assert (
+        banned.status_code == 418
+        and banned.headers["Retry-After"] == "120"
+        and banned.json()["code"] == -1003
+    )
     assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code == 200
 
 
@@ -656,7 +736,9 @@ def test_control_api(sim: Simulator) -> None:
     acct = sim.accounts[0]
     step = requests.post(f"{sim.control_url}/step", json={"api_key": acct.api_key, "n": 30}, timeout=5)
     assert step.status_code == 200 and step.json() == {"result": None}
-    placed = requests.post(f"{sim.control_url}/place_order", json={"api_key": acct.api_key, "price": "85000.00"}, timeout=5)
+    placed = requests.post(
+        f"{sim.control_url}/place_order", json={"api_key": acct.api_key, "price": "85000.00"}, timeout=5
+    )
     oid = placed.json()["result"]
     truth = requests.get(f"{sim.control_url}/truth", params={"api_key": acct.api_key}, timeout=5).json()
     assert truth["orders"] == sim.truth(acct.api_key)["orders"] and truth["orders"][-1]["orderId"] == oid
@@ -704,7 +786,9 @@ def test_cli_prints_one_json_line_and_exits_0_on_sigterm() -> None:
         info = json.loads(line)
         assert set(info) == {"rest_url", "ws_url", "control_url", "accounts"}
         assert len(info["accounts"]) == 2 and set(info["accounts"][0]) == {"api_key", "api_secret"}
-        assert info["rest_url"].startswith("http://127.0.0.1:") and info["ws_url"].startswith("ws://127.0.0.1:")
+        assert info["rest_url"].startswith("http://127.0.0.1:") and info["ws_url"].startswith(
+            "ws://127.0.0.1:"
+        )
         assert requests.get(info["rest_url"] + "/fapi/v1/time", timeout=5).status_code == 200
         ws = websocket.create_connection(info["ws_url"] + "/market/ws/!markPrice@arr@1s", timeout=3)
         try:

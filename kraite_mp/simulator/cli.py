@@ -26,14 +26,26 @@ WAIT_SLICE_SECS = 0.5
 
 @click.command("simulate")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Loopback address to bind.")
-@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
+@click.option(
+    "--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port."
+)
 @click.option("--accounts", default=3, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--symbols", default=570, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--rate", default=0.0, show_default=True, type=click.FloatRange(0.0), help="Scenario steps/s per account.")
-@click.option("--ping-interval", default=180.0, show_default=True, type=click.FloatRange(0.01), help="Seconds.")
-@click.option("--pong-timeout", default=600.0, show_default=True, type=click.FloatRange(0.01), help="Seconds.")
-@click.option("--mark-price-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds.")
-@click.option("--listen-key-ttl", default=3600.0, show_default=True, type=click.FloatRange(0.1), help="Seconds.")
+@click.option(
+    "--rate", default=0.0, show_default=True, type=click.FloatRange(0.0), help="Scenario steps/s per account."
+)
+@click.option(
+    "--ping-interval", default=180.0, show_default=True, type=click.FloatRange(0.01), help="Seconds."
+)
+@click.option(
+    "--pong-timeout", default=600.0, show_default=True, type=click.FloatRange(0.01), help="Seconds."
+)
+@click.option(
+    "--mark-price-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds."
+)
+@click.option(
+    "--listen-key-ttl", default=3600.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+)
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--log-level", default="INFO", show_default=True)
 def simulate(
@@ -51,7 +63,9 @@ def simulate(
 ) -> None:
     """Run a local Binance USD-M compatible exchange simulator."""
     if host not in LOOPBACK_HOSTS:
-        raise click.BadParameter(f"the simulator binds loopback only (127.0.0.1, ::1), not {host!r}", param_hint="--host")
+        raise click.BadParameter(
+            f"the simulator binds loopback only (127.0.0.1, ::1), not {host!r}", param_hint="--host"
+        )
     logging.basicConfig(
         stream=sys.stderr, level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

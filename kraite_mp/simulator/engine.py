@@ -46,7 +46,9 @@ SCENARIO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT",
 
 OPEN_STATUSES = frozenset({"NEW", "PARTIALLY_FILLED"})
 OPEN_ALGO_STATUSES = frozenset({"NEW", "TRIGGERING"})
-ALGO_ORDER_TYPES = frozenset({"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"})
+ALGO_ORDER_TYPES = frozenset(
+    {"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"}
+)
 _ALPHANUM = string.ascii_letters + string.digits
 
 #: (event type, serialized JSON) pairs for one account, in delivery order.
@@ -94,6 +96,12 @@ def fmt_avg(cum_quote: Decimal, qty: Decimal) -> str:
     if qty == 0:
         return "0.00000000"
     return f"{(cum_quote / qty).quantize(_EIGHT_DP, rounding=ROUND_HALF_EVEN):.8f}"
+
+
+def _zero_like(qty: Decimal) -> Decimal:
+    """Zero with the scale of ``qty`` ("0.000" for "0.010"), as Binance writes executedQty."""
+    exponent = qty.as_tuple().exponent
+    return Decimal(0).quantize(qty) if isinstance(exponent, int) and exponent < 0 else Decimal(0)
 
 
 def fmt8(value: Decimal) -> str:
@@ -469,7 +477,11 @@ class Engine:
             self._listen_keys.pop(key, None)
             event_ms = self._tick(acct)
             # Binance sends E as a string in this event (PROTOCOL.md): keep that quirk.
-            self._emit(acct, [("listenKeyExpired", {"e": "listenKeyExpired", "E": str(event_ms), "listenKey": key})], key)
+            self._emit(
+                acct,
+                [("listenKeyExpired", {"e": "listenKeyExpired", "E": str(event_ms), "listenKey": key})],
+                key,
+            )
             log.info("account=%d listenKey expired", acct.index)
             return key
 
@@ -481,7 +493,9 @@ class Engine:
                     self.expire_listen_key(acct.creds.api_key)
 
     # ------------------------------------------------------------------ queries (REST + truth)
-    def get_order(self, api_key: str, symbol: str, order_id: int | None, client_order_id: str | None) -> dict[str, Any]:
+    def get_order(
+        self, api_key: str, symbol: str, order_id: int | None, client_order_id: str | None
+    ) -> dict[str, Any]:
         with self.lock:
             acct = self._accounts[api_key]
             if order_id is None and client_order_id is not None:
@@ -496,7 +510,11 @@ class Engine:
     def open_orders(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
         with self.lock:
             acct = self._accounts[api_key]
-            return [o.to_rest() for o in acct.orders.values() if o.is_open and (symbol is None or o.symbol == symbol)]
+            return [
+                o.to_rest()
+                for o in acct.orders.values()
+                if o.is_open and (symbol is None or o.symbol == symbol)
+            ]
 
     def all_orders(
         self,
@@ -534,7 +552,11 @@ class Engine:
     def open_algos(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
         with self.lock:
             acct = self._accounts[api_key]
-            return [a.to_rest() for a in acct.algos.values() if a.is_open and (symbol is None or a.symbol == symbol)]
+            return [
+                a.to_rest()
+                for a in acct.algos.values()
+                if a.is_open and (symbol is None or a.symbol == symbol)
+            ]
 
     def truth(self, api_key: str) -> dict[str, Any]:
         with self.lock:
@@ -565,11 +587,19 @@ class Engine:
         realized: Decimal = _ZERO,
     ) -> tuple[str, dict[str, Any]]:
         bids = sum(
-            (o.remaining * o.price for o in acct.orders.values() if o.is_open and o.symbol == order.symbol and o.side == "BUY"),
+            (
+                o.remaining * o.price
+                for o in acct.orders.values()
+                if o.is_open and o.symbol == order.symbol and o.side == "BUY"
+            ),
             _ZERO,
         )
         asks = sum(
-            (o.remaining * o.price for o in acct.orders.values() if o.is_open and o.symbol == order.symbol and o.side == "SELL"),
+            (
+                o.remaining * o.price
+                for o in acct.orders.values()
+                if o.is_open and o.symbol == order.symbol and o.side == "SELL"
+            ),
             _ZERO,
         )
         info = self._info(order.symbol)
@@ -651,7 +681,9 @@ class Engine:
             )
             events: EventBatch = [self._order_event(acct, order, "NEW", order.time)]
             if type == "MARKET":
-                events += self._fill_events(acct, order, order.remaining, self._price(acct, symbol), maker=False)
+                events += self._fill_events(
+                    acct, order, order.remaining, self._price(acct, symbol), maker=False
+                )
             self._emit(acct, events)
             return order.order_id
 
@@ -690,7 +722,7 @@ class Engine:
             stop_price=stop_price,
             time=ts,
             update_time=ts,
-            executed_qty=Decimal(0).quantize(qty) if qty.as_tuple().exponent < 0 else Decimal(0),
+            executed_qty=_zero_like(qty),
             reduce_only=reduce_only,
             algo_id=algo_id,
         )
@@ -764,7 +796,14 @@ class Engine:
                     "T": ts,
                     "a": {
                         "m": "ORDER",
-                        "B": [{"a": info.quote_asset, "wb": fmt8(acct.wallet), "cw": fmt8(acct.wallet), "bc": "0"}],
+                        "B": [
+                            {
+                                "a": info.quote_asset,
+                                "wb": fmt8(acct.wallet),
+                                "cw": fmt8(acct.wallet),
+                                "bc": "0",
+                            }
+                        ],
                         "P": [position.to_event(price)],
                     },
                 },
@@ -780,7 +819,9 @@ class Engine:
         realized = _ZERO
         if pos.amount == 0 or (pos.amount > 0) == (delta > 0):
             total = pos.amount + delta
-            pos.entry_price = ((pos.entry_price * abs(pos.amount) + price * abs(delta)) / abs(total)).quantize(_EIGHT_DP)
+            pos.entry_price = (
+                (pos.entry_price * abs(pos.amount) + price * abs(delta)) / abs(total)
+            ).quantize(_EIGHT_DP)
             pos.amount = total
         else:
             closing = min(abs(delta), abs(pos.amount))
@@ -818,7 +859,9 @@ class Engine:
                 fill_price = order.price
             else:
                 fill_price = self._price(acct, order.symbol)
-            self._emit(acct, self._fill_events(acct, order, fill_qty, fill_price, maker=order.type == "LIMIT"))
+            self._emit(
+                acct, self._fill_events(acct, order, fill_qty, fill_price, maker=order.type == "LIMIT")
+            )
 
     def _end_order(self, api_key: str, order_id: int, status: str) -> None:
         with self.lock:
@@ -837,7 +880,9 @@ class Engine:
     def expire(self, api_key: str, order_id: int) -> None:
         self._end_order(api_key, order_id, "EXPIRED")
 
-    def amend(self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None) -> None:
+    def amend(
+        self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None
+    ) -> None:
         """Modify price and/or quantity of an open LIMIT order (x=AMENDMENT)."""
         with self.lock:
             acct = self._acct(api_key)
@@ -968,7 +1013,12 @@ class Engine:
             acct = self._acct(api_key)
             acct.leverage[symbol] = leverage
             ts = self._tick(acct)
-            event = {"e": "ACCOUNT_CONFIG_UPDATE", "E": self._tick(acct), "T": ts, "ac": {"s": symbol, "l": leverage}}
+            event = {
+                "e": "ACCOUNT_CONFIG_UPDATE",
+                "E": self._tick(acct),
+                "T": ts,
+                "ac": {"s": symbol, "l": leverage},
+            }
             self._emit(acct, [("ACCOUNT_CONFIG_UPDATE", event)])
 
     # ------------------------------------------------------------------ scenario
@@ -992,7 +1042,9 @@ class Engine:
         elif roll < 0.36 and room:
             symbol = rng.choice(SCENARIO_SYMBOLS)
             self._walk(acct, symbol)
-            self.place_order(key, symbol, rng.choice(("BUY", "SELL")), "MARKET", str(self._scenario_qty(acct, symbol)))
+            self.place_order(
+                key, symbol, rng.choice(("BUY", "SELL")), "MARKET", str(self._scenario_qty(acct, symbol))
+            )
         elif roll < 0.56 and open_orders:
             order = rng.choice(open_orders)
             step = self._info(order.symbol).step
@@ -1036,7 +1088,9 @@ class Engine:
     def _walk(self, acct: _Account, symbol: str) -> Decimal:
         info = self._info(symbol)
         price = self._price(acct, symbol)
-        price = max(info.tick, (price * (1 + Decimal(acct.rng.randint(-20, 20)) / 100000)).quantize(info.tick))
+        price = max(
+            info.tick, (price * (1 + Decimal(acct.rng.randint(-20, 20)) / 100000)).quantize(info.tick)
+        )
         acct.prices[symbol] = price
         return price
 
@@ -1066,7 +1120,9 @@ class Engine:
         kind = rng.choice(("STOP_MARKET", "TAKE_PROFIT_MARKET", "STOP", "TAKE_PROFIT"))
         side = rng.choice(("BUY", "SELL"))
         offset = Decimal(rng.randint(5, 200)) / 10000
-        trigger = (price * (1 + offset if (side == "BUY") == kind.startswith("STOP") else 1 - offset)).quantize(info.tick)
+        trigger = (
+            price * (1 + offset if (side == "BUY") == kind.startswith("STOP") else 1 - offset)
+        ).quantize(info.tick)
         limit = "0" if kind.endswith("MARKET") else str(trigger)
         self.place_algo(
             acct.creds.api_key, symbol, side, kind, str(self._scenario_qty(acct, symbol)), str(trigger), limit

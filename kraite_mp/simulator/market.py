@@ -217,7 +217,8 @@ class Market:
                 basis = Decimal(rng.randint(-200, 200)) / 1000000
                 sym.index = sym.mark * (1 + basis)
                 sym.funding_rate = min(
-                    Decimal("0.003"), max(Decimal("-0.003"), sym.funding_rate + Decimal(rng.randint(-2, 2)).scaleb(-6))
+                    Decimal("0.003"),
+                    max(Decimal("-0.003"), sym.funding_rate + Decimal(rng.randint(-2, 2)).scaleb(-6)),
                 )
                 settle = (sym.mark + sym.index) / 2
                 p = sym.override if sym.override is not None else fmt8(sym.mark)

@@ -130,7 +130,9 @@ class RateLimiter:
                 state.banned_until = now + self.ban_s
                 state.wait_until = 0.0
                 state.strikes = 0
-                log.warning("ip=%s ignored Retry-After %d times: banned for %.0fs", ip, STRIKES_BEFORE_BAN, self.ban_s)
+                log.warning(
+                    "ip=%s ignored Retry-After %d times: banned for %.0fs", ip, STRIKES_BEFORE_BAN, self.ban_s
+                )
                 return self._reply(418, self.ban_s, state.used, ip)
             return self._reply(429, state.wait_until - now, state.used, ip)
         if state.used + weight > self.limit:
@@ -167,7 +169,9 @@ class RateLimiter:
 class RestApi:
     """The ``/fapi`` routes. ``stats`` counts requests per path."""
 
-    def __init__(self, engine: Engine, limiter: RateLimiter, on_listen_key_deleted: Callable[[str], None]) -> None:
+    def __init__(
+        self, engine: Engine, limiter: RateLimiter, on_listen_key_deleted: Callable[[str], None]
+    ) -> None:
         self.engine = engine
         self.limiter = limiter
         self.on_listen_key_deleted = on_listen_key_deleted
@@ -224,9 +228,13 @@ class RestApi:
         params = dict(parse_qsl(query, keep_blank_values=True))
         params.update(parse_qsl(body_part, keep_blank_values=True))
         if "timestamp" not in params or not params["timestamp"].lstrip("-").isdigit():
-            raise ApiError(400, -1102, "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed.")
+            raise ApiError(
+                400, -1102, "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed."
+            )
         if not signature:
-            raise ApiError(400, -1102, "Mandatory parameter 'signature' was not sent, was empty/null, or malformed.")
+            raise ApiError(
+                400, -1102, "Mandatory parameter 'signature' was not sent, was empty/null, or malformed."
+            )
         expected = sign(secret, query + body_part)
         if not hmac.compare_digest(expected, signature.lower()):
             raise ApiError(400, -1022, "Signature for this request is not valid.")
@@ -286,10 +294,28 @@ class RestApi:
                     "underlyingType": "COIN",
                     "triggerProtect": "0.0500",
                     "filters": [
-                        {"filterType": "PRICE_FILTER", "tickSize": str(sym.tick), "minPrice": str(sym.tick), "maxPrice": "1000000"},
-                        {"filterType": "LOT_SIZE", "stepSize": str(sym.step), "minQty": str(sym.step), "maxQty": "1000000"},
+                        {
+                            "filterType": "PRICE_FILTER",
+                            "tickSize": str(sym.tick),
+                            "minPrice": str(sym.tick),
+                            "maxPrice": "1000000",
+                        },
+                        {
+                            "filterType": "LOT_SIZE",
+                            "stepSize": str(sym.step),
+                            "minQty": str(sym.step),
+                            "maxQty": "1000000",
+                        },
                     ],
-                    "orderTypes": ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"],
+                    "orderTypes": [
+                        "LIMIT",
+                        "MARKET",
+                        "STOP",
+                        "STOP_MARKET",
+                        "TAKE_PROFIT",
+                        "TAKE_PROFIT_MARKET",
+                        "TRAILING_STOP_MARKET",
+                    ],
                     "timeInForce": ["GTC", "IOC", "FOK", "GTX", "GTD"],
                 }
             )
@@ -299,11 +325,18 @@ class RestApi:
                 "serverTime": self.engine.now_ms(),
                 "futuresType": "U_MARGINED",
                 "rateLimits": [
-                    {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.limiter.limit},
+                    {
+                        "rateLimitType": "REQUEST_WEIGHT",
+                        "interval": "MINUTE",
+                        "intervalNum": 1,
+                        "limit": self.limiter.limit,
+                    },
                     {"rateLimitType": "ORDERS", "interval": "MINUTE", "intervalNum": 1, "limit": 1200},
                 ],
                 "exchangeFilters": [],
-                "assets": [{"asset": a, "marginAvailable": True, "autoAssetExchange": "0"} for a in ("USDT", "USDC")],
+                "assets": [
+                    {"asset": a, "marginAvailable": True, "autoAssetExchange": "0"} for a in ("USDT", "USDC")
+                ],
                 "symbols": symbols,
             }
         )
@@ -317,18 +350,24 @@ class RestApi:
         api_key, params = await self._signed(request)
         symbol = params.get("symbol")
         if not symbol:
-            raise ApiError(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
+            raise ApiError(
+                400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
+            )
         order_id = _int_param(params, "orderId")
         client_id = params.get("origClientOrderId") or None
         if order_id is None and client_id is None:
-            raise ApiError(400, -1102, "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!")
+            raise ApiError(
+                400, -1102, "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!"
+            )
         return web.json_response(self.engine.get_order(api_key, symbol, order_id, client_id))
 
     async def all_orders(self, request: web.Request) -> web.Response:
         api_key, params = await self._signed(request)
         symbol = params.get("symbol")
         if not symbol:
-            raise ApiError(400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.")
+            raise ApiError(
+                400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
+            )
         limit = _int_param(params, "limit") or 500
         if not 1 <= limit <= 1000:
             raise ApiError(400, -1130, "Data sent for parameter 'limit' is not valid.")
@@ -347,7 +386,9 @@ class RestApi:
         algo_id = _int_param(params, "algoId")
         client_id = params.get("clientAlgoId") or None
         if algo_id is None and client_id is None:
-            raise ApiError(400, -1102, "Param 'clientAlgoId' or 'algoId' must be sent, but both were empty/null!")
+            raise ApiError(
+                400, -1102, "Param 'clientAlgoId' or 'algoId' must be sent, but both were empty/null!"
+            )
         return web.json_response(self.engine.get_algo(api_key, algo_id, client_id))
 
 
@@ -372,7 +413,9 @@ def _int_param(params: dict[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ApiError(400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.") from None
+        raise ApiError(
+            400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed."
+        ) from None
 
 
 __all__ = ["RateLimiter", "RestApi", "sign"]

@@ -104,7 +104,9 @@ class Simulator:
         self.port = port
         self.market = Market(symbols, seed)
         self.engine = Engine(accounts, self.market, seed, listen_key_ttl_s, max_open_orders)
-        self.hub = StreamHub(self.engine, ping_interval_s, pong_timeout_s, max_connection_age_s, mark_price_interval_s)
+        self.hub = StreamHub(
+            self.engine, ping_interval_s, pong_timeout_s, max_connection_age_s, mark_price_interval_s
+        )
         self.hub.lose_while_disconnected = lose_while_disconnected
         self.limiter = RateLimiter(weight_limit_1m, ban_s)
         self.rest = RestApi(self.engine, self.limiter, self.hub.close_listen_key)
@@ -256,7 +258,12 @@ class Simulator:
     async def _housekeeping_loop(self) -> None:
         while True:
             hub = self.hub
-            shortest = min(hub.ping_interval_s, hub.pong_timeout_s, hub.max_connection_age_s, self.engine.listen_key_ttl_s)
+            shortest = min(
+                hub.ping_interval_s,
+                hub.pong_timeout_s,
+                hub.max_connection_age_s,
+                self.engine.listen_key_ttl_s,
+            )
             await asyncio.sleep(min(0.25, max(0.01, shortest / 10)))
             try:
                 hub.housekeep()
@@ -337,7 +344,9 @@ class Simulator:
     def expire(self, api_key: str, order_id: int) -> None:
         self.engine.expire(api_key, order_id)
 
-    def amend(self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None) -> None:
+    def amend(
+        self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None
+    ) -> None:
         self.engine.amend(api_key, order_id, price, quantity)
 
     def place_algo(
@@ -447,7 +456,10 @@ class Simulator:
 
     def stats(self) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
-            out: dict[str, Any] = {"requests": dict(self.rest.requests), "control_requests": dict(self.control_requests)}
+            out: dict[str, Any] = {
+                "requests": dict(self.rest.requests),
+                "control_requests": dict(self.control_requests),
+            }
             out.update(self.hub.stats())
             return out
 

@@ -170,7 +170,9 @@ class StreamHub:
                 self._enqueue(conn, "text", wrapped[conn.stream_name])
 
     # ------------------------------------------------------------------ faults
-    def close(self, conn: Conn, code: int = 1000, reason: str = "", abrupt: bool = False, now: bool = False) -> None:
+    def close(
+        self, conn: Conn, code: int = 1000, reason: str = "", abrupt: bool = False, now: bool = False
+    ) -> None:
         """Close after the frames already queued, or ``now`` (dropping them); ``abrupt`` skips
         the close handshake and just drops the TCP connection."""
         if conn.closing:
@@ -232,7 +234,12 @@ class StreamHub:
             if conn.silent(now):
                 continue
             if conn.pending_pings and now - min(conn.pending_pings.values()) > self.pong_timeout_s:
-                log.info("conn=%d %s: no pong within %.1fs, closing", conn.conn_id, conn.target, self.pong_timeout_s)
+                log.info(
+                    "conn=%d %s: no pong within %.1fs, closing",
+                    conn.conn_id,
+                    conn.target,
+                    self.pong_timeout_s,
+                )
                 self.close(conn, 1008, "pong timeout", now=True)
                 continue
             if now >= conn.next_ping_at:
@@ -294,7 +301,9 @@ class StreamHub:
         events: frozenset[str] | None = None,
         stream_name: str | None = None,
     ) -> web.StreamResponse:
-        ws = web.WebSocketResponse(autoping=False, compress=False, timeout=CLOSE_TIMEOUT_SECS, max_msg_size=1 << 20)
+        ws = web.WebSocketResponse(
+            autoping=False, compress=False, timeout=CLOSE_TIMEOUT_SECS, max_msg_size=1 << 20
+        )
         await ws.prepare(request)
         now = time.monotonic()
         conn = Conn(
@@ -345,7 +354,9 @@ class StreamHub:
             while conn.incoming and now - conn.incoming[0] > 1.0:
                 conn.incoming.popleft()
             if len(conn.incoming) > MAX_INCOMING_PER_SEC:
-                log.info("conn=%d %s: over %d messages/s, closing", conn.conn_id, conn.target, MAX_INCOMING_PER_SEC)
+                log.info(
+                    "conn=%d %s: over %d messages/s, closing", conn.conn_id, conn.target, MAX_INCOMING_PER_SEC
+                )
                 self.close(conn, 1008, "too many messages", now=True)
                 continue
             if msg.type == WSMsgType.PING:
@@ -365,7 +376,9 @@ class StreamHub:
         try:
             request = json.loads(text)
         except ValueError:
-            self._enqueue(conn, "text", dumps({"error": {"code": 3, "msg": "Invalid JSON: malformed request"}}))
+            self._enqueue(
+                conn, "text", dumps({"error": {"code": 3, "msg": "Invalid JSON: malformed request"}})
+            )
             return
         if not isinstance(request, dict) or "method" not in request:
             self._enqueue(conn, "text", dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": None}))
@@ -389,7 +402,9 @@ class StreamHub:
                     how, code, reason = conn.close_request
                     if how == "close":
                         with contextlib.suppress(Exception):
-                            await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_SECS)
+                            await asyncio.wait_for(
+                                ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_SECS
+                            )
                     _abort(conn)
                     return
                 if kind == "silence":
@@ -406,7 +421,7 @@ class StreamHub:
                     await ws.ping(data)
                 elif kind == "pong":
                     await ws.pong(data)
-        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
             log.info("conn=%d %s: write failed: %s", conn.conn_id, conn.target, exc)
             conn.closing = True
             _abort(conn)
