@@ -337,6 +337,15 @@ class BinanceRest:
         params = {"algoId": algo_id, "clientAlgoId": client_algo_id}
         return self._dict(self._request("GET", "/fapi/v1/algoOrder", params, signed=True), "algoOrder")
 
+    def all_orders(
+        self, symbol: str, *, start_time_ms: int | None = None, end_time_ms: int | None = None,
+        order_id: int | None = None, limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """GET /fapi/v1/allOrders (weight 5): a symbol's orders (window under 7 days, at most ``limit``)."""
+        params = {"symbol": symbol, "orderId": order_id, "startTime": start_time_ms, "endTime": end_time_ms,
+                  "limit": limit}
+        return self._list(self._request("GET", "/fapi/v1/allOrders", params, signed=True), "allOrders")
+
     @staticmethod
     def _list(data: Any, what: str) -> list[dict[str, Any]]:
         if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
