@@ -253,43 +253,63 @@ def publish_status(ctx: ChildContext) -> None:
         log.debug("status publish failed", exc_info=True)
 
 
+def supervisor_key(settings: Settings) -> str:
+    """``supervisor``, or ``supervisor-I-of-N`` for a shard (two shards may share a host)."""
+    shard = settings.supervisor.shard
+    if shard == "all":
+        return SUPERVISOR_KEY
+    return f"{SUPERVISOR_KEY}-" + shard.replace("/", "-of-")
+
+
 def publish_supervisor(settings: Settings, snapshot: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Publish the supervisor's own snapshot (the dict it writes to ``<run_dir>/supervisor.json``)."""
+    """Publish the supervisor's own snapshot (the dict it writes to ``<run_dir>/supervisor.json``).
+
+    Synchronous with short timeouts (the parent has no threads and must not start any); never raises.
+    """
     try:
-        payload = supervisor_payload(snapshot)
-        return get_publisher(settings).publish(SUPERVISOR_KEY, payload, force=force)
+        key = supervisor_key(settings)
+        payload = supervisor_payload(snapshot, key=key, shard=settings.supervisor.shard)
+        return get_publisher(settings).publish(key, payload, force=force)
     except Exception:  # noqa: BLE001
         log.debug("supervisor status publish failed", exc_info=True)
         return False
 
 
-def supervisor_payload(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+def supervisor_payload(snapshot: Mapping[str, Any], *, key: str = SUPERVISOR_KEY, shard: str = "all") -> dict[str, Any]:
+    now = time.time()
     data: dict[str, Any] = {
-        "key": SUPERVISOR_KEY,
+        "key": key,
         "role": "supervisor",
         "account_id": None,
         "account_name": None,
         "pid": snapshot.get("pid", os.getpid()),
         "state": snapshot.get("state", "running"),
-        "ts": time.time(),
+        "ts": now,
         "started": snapshot.get("started"),
         "error": snapshot.get("error"),
         "snapshot": dict(snapshot),
     }
     started = data["started"]
     if isinstance(started, int | float):
-        data["uptime_s"] = round(time.time() - started, 1)
-    children = snapshot.get("children")
+        data["uptime_s"] = round(now - started, 1)
     fields: dict[str, Any] = {}
-    for name in ("accounts", "restarts", "shard"):
-        if name in snapshot:
-            fields[name] = snapshot[name]
+    if "accounts" in snapshot:
+        fields["accounts"] = snapshot["accounts"]
+    children = snapshot.get("children")
     if isinstance(children, list | dict):
-        fields["children"] = len(children)
+        fields["children"] = snapshot.get("children_alive", len(children))
+    if shard != "all":
+        fields["shard"] = shard
     data["fields"] = fields
     if "restarts" in snapshot:
         data["restarts"] = snapshot["restarts"]
     return data
+
+
+def close_connection() -> None:
+    """Close the publisher's Redis connection, if any (e.g. in the supervisor right before a fork)."""
+    if _publisher is not None:
+        _publisher.close()
 
 
 def remove_status(settings: Settings, key: str) -> bool:
@@ -389,13 +409,94 @@ def read_status(redis_url: str, namespace: str, *, stale_after_s: float = STALE_
         ts = data.get("ts")
         age = now - ts if isinstance(ts, int | float) else float("inf")
         entries.append(StatusEntry(host=host, key=key, data=data, age_s=max(age, 0.0), stale=age > stale_after_s))
+    entries = merge_supervisor_view(entries)
     entries.sort(key=_sort_key)
     return entries
 
 
+#: Supervisor child states (supervisor.json) in which the child's own heartbeat is not expected to be fresh.
+_NOT_RUNNING_STATES = frozenset({"PENDING", "BACKOFF", "FATAL", "STOPPING", "EXITED"})
+
+
+def merge_supervisor_view(entries: list[StatusEntry]) -> list[StatusEntry]:
+    """Combine each child's own heartbeat with what its supervisor knows about it.
+
+    A child in BACKOFF or FATAL is not running, so only its supervisor can report it; a one-shot
+    ``sync-orders`` child that finished is EXITED, not STALE; restart counts live in the supervisor.
+    A supervisor counts as authoritative while its own entry is fresh or says it stopped.
+    """
+    by_host: dict[str, list[StatusEntry]] = {}
+    for e in entries:
+        by_host.setdefault(e.host, []).append(e)
+    merged: list[StatusEntry] = []
+    for host, host_entries in by_host.items():
+        supervisors = [e for e in host_entries if e.role == "supervisor"]
+        for sup in supervisors:
+            if sup.stale and sup.data.get("state") == "stopped":
+                sup.stale = False  # stopped on purpose: an old entry is expected
+        authoritative = [s for s in supervisors if not s.stale]
+        known: dict[str, tuple[StatusEntry, dict[str, Any]]] = {}
+        for sup in authoritative:
+            snapshot = sup.data.get("snapshot")
+            children = snapshot.get("children") if isinstance(snapshot, dict) else None
+            for ch in children if isinstance(children, list) else []:
+                if isinstance(ch, dict) and isinstance(ch.get("key"), str):
+                    known[ch["key"]] = (sup, ch)
+        seen: set[str] = set()
+        for e in host_entries:
+            if e.role == "supervisor":
+                merged.append(e)
+                continue
+            seen.add(e.key)
+            info = known.get(e.key)
+            if info is None:
+                if authoritative and e.stale:
+                    # no supervisor on this host runs it any more (account removed, mark-price moved)
+                    e.data["state"] = "gone"
+                    e.stale = False
+                merged.append(e)
+                continue
+            _, ch = info
+            if "restarts" not in e.data and ch.get("restarts") is not None:
+                e.data["restarts"] = ch["restarts"]
+            sup_state = str(ch.get("state") or "").upper()
+            if sup_state in _NOT_RUNNING_STATES or (ch.get("pid") is not None and ch.get("pid") != e.data.get("pid")):
+                # the entry is the last word of a process that is gone: the supervisor knows better
+                if sup_state in _NOT_RUNNING_STATES:
+                    e.data["state"] = sup_state.lower()
+                    e.data["pid"] = ch.get("pid")
+                    e.stale = False
+                reason = ch.get("fatal_reason") or (f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None)
+                if reason and sup_state in ("BACKOFF", "FATAL"):
+                    e.data["error"] = reason
+            merged.append(e)
+        for key, (sup, ch) in known.items():
+            if key in seen:
+                continue
+            sup_state = str(ch.get("state") or "?")
+            merged.append(StatusEntry(
+                host=host,
+                key=key,
+                data={
+                    "role": ch.get("role"),
+                    "account_id": ch.get("account_id"),
+                    "account_name": ch.get("account_name"),
+                    "pid": ch.get("pid"),
+                    "state": sup_state.lower(),
+                    "restarts": ch.get("restarts"),
+                    "error": ch.get("fatal_reason") or (f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None),
+                    "source": "supervisor",
+                },
+                age_s=sup.age_s,
+                stale=False,
+            ))
+    return merged
+
+
 def _sort_key(e: StatusEntry) -> tuple[Any, ...]:
     account = e.data.get("account_id")
-    return (e.host, e.key != SUPERVISOR_KEY, e.role != "mark-price", account if isinstance(account, int) else -1, e.key)
+    return (e.host, e.role != "supervisor", e.role != "mark-price", e.role != "sync-orders",
+            account if isinstance(account, int) else -1, e.key)
 
 
 def _duration(seconds: Any) -> str:

@@ -279,3 +279,58 @@ def test_format_durations_and_payload() -> None:
     payload: dict[str, Any] = status.supervisor_payload({"pid": 1, "children": {"a": {}, "b": {}}, "accounts": 1})
     assert payload["fields"] == {"accounts": 1, "children": 2}
     assert payload["role"] == "supervisor"
+
+
+@pytest.mark.unit
+def test_supervisor_view_reports_children_that_cannot_report_themselves() -> None:
+    now = time.time()
+
+    def entry(key: str, data: dict[str, Any], age: float) -> status.StatusEntry:
+        return status.StatusEntry(host="h", key=key, data=data, age_s=age, stale=age > 30)
+
+    snapshot = {"pid": 100, "state": "running", "children": [
+        {"key": "mark-price", "role": "mark-price", "pid": 101, "state": "RUNNING", "restarts": 0},
+        {"key": "user-data-1", "role": "user-data", "account_id": 1, "pid": None, "state": "BACKOFF",
+         "restarts": 3, "last_exit": "code 1 (error)"},
+        {"key": "user-data-2", "role": "user-data", "account_id": 2, "pid": None, "state": "FATAL", "restarts": 1,
+         "fatal_reason": "invalid API key (-2015)"},
+        {"key": "sync-orders", "role": "sync-orders", "pid": None, "state": "EXITED", "restarts": 4},
+    ]}
+    entries = [
+        entry("supervisor", status.supervisor_payload(snapshot), 1),
+        entry("mark-price", {"role": "mark-price", "pid": 101, "state": "streaming", "ts": now}, 1),
+        # its last words before the crash; the supervisor has it in FATAL now
+        entry("user-data-2", {"role": "user-data", "account_id": 2, "pid": 55, "state": "fatal"}, 200),
+        entry("sync-orders", {"role": "sync-orders", "pid": 77, "state": "syncing"}, 200),
+        # an account removed an hour ago: nobody runs it any more
+        entry("user-data-9", {"role": "user-data", "account_id": 9, "pid": 66, "state": "streaming"}, 500),
+    ]
+    merged = {e.key: e for e in status.merge_supervisor_view(entries)}
+    assert merged["mark-price"].data["state"] == "streaming" and merged["mark-price"].data["restarts"] == 0
+    assert merged["user-data-1"].data["state"] == "backoff"
+    assert merged["user-data-1"].data["restarts"] == 3
+    assert "code 1" in merged["user-data-1"].data["error"]
+    assert merged["user-data-2"].data["state"] == "fatal" and not merged["user-data-2"].stale
+    assert merged["user-data-2"].data["error"] == "invalid API key (-2015)"
+    assert merged["sync-orders"].data["state"] == "exited" and not merged["sync-orders"].stale
+    assert merged["user-data-9"].data["state"] == "gone" and not merged["user-data-9"].stale
+
+    # a supervisor that is itself stale vouches for nothing: its children stay STALE
+    stale_sup = [entry("supervisor", status.supervisor_payload(snapshot), 400),
+                 entry("sync-orders", {"role": "sync-orders", "pid": 77, "state": "syncing"}, 400)]
+    merged2 = {e.key: e for e in status.merge_supervisor_view(stale_sup)}
+    assert merged2["supervisor"].stale and merged2["sync-orders"].stale
+    assert "user-data-1" not in merged2
+    # ... unless it stopped on purpose
+    stopped = status.supervisor_payload({**snapshot, "state": "stopped"})
+    merged3 = {e.key: e for e in status.merge_supervisor_view([entry("supervisor", stopped, 400)])}
+    assert not merged3["supervisor"].stale
+
+
+@pytest.mark.unit
+def test_supervisor_key_per_shard() -> None:
+    s = Settings()
+    assert status.supervisor_key(s) == "supervisor"
+    s.supervisor.shard = "1/4"
+    assert status.supervisor_key(s) == "supervisor-1-of-4"
+    assert status.supervisor_payload({"pid": 1}, key="supervisor-1-of-4", shard="1/4")["fields"]["shard"] == "1/4"
