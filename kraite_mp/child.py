@@ -9,6 +9,14 @@ state changes).
 Heartbeat file (``<run_dir>/heartbeats/<key>.json``, replaced atomically): ``{"key", "role",
 "account_id", "pid", "state", "ts", "started", "fields", "error"}``. The parent kills a child whose
 ``ts`` is older than ``supervisor.heartbeat_timeout_s`` and reads ``error`` after a FATAL exit.
+The parent judges liveness by the file's mtime, so a child must call ``beat()`` from its main loop
+at least every few seconds even when idle (never from a helper thread: a stuck loop must look stuck).
+
+Signals: SIGTERM/SIGINT set ``ctx.stop``, SIGHUP sets ``ctx.reload``. The Python-level handlers do
+nothing; the C-level handler writes the signal number to a wakeup pipe (``signal.set_wakeup_fd``)
+and a tiny relay thread sets the events. Setting a ``threading.Event`` from inside a signal
+handler can deadlock (the handler may interrupt ``Event.wait`` while it holds the event's lock),
+and the relay also wakes other threads at once when the main thread is blocked in a C call.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ log = logging.getLogger(__name__)
 #: At most one heartbeat-file write and one title update per second.
 BEAT_INTERVAL_S = 1.0
 _PR_SET_PDEATHSIG = 1
+
+#: The signals a child handles. The supervisor blocks them around ``fork()`` so that none is
+#: delivered to the parent's handlers inside the child; ``after_fork`` unblocks them.
+CHILD_SIGNALS: frozenset[int] = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
 
 StatusHook = Callable[["ChildContext"], None]
 
@@ -89,17 +101,33 @@ class ChildContext:
             os._exit(exitcodes.EXIT_OK)
         random.seed()  # or every child draws the same jitter
         self.started = time.time()
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self._install_signal_relay()
         self.beat("starting", force=True)
 
-    def _on_stop(self, signum: int, frame: object) -> None:
-        self.stop.set()
+    def _install_signal_relay(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(read_fd, True)
+        # the wakeup fd must be non-blocking: a full pipe would block the C handler otherwise
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _ignore_in_python)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        threading.Thread(target=self._relay_signals, args=(read_fd,), name="signal-relay", daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
 
-    def _on_reload(self, signum: int, frame: object) -> None:
-        self.reload.set()
+    def _relay_signals(self, read_fd: int) -> None:
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+                continue
+            if not data:  # pragma: no cover - the write end lives as long as the process
+                return
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.stop.set()
+                elif signum == signal.SIGHUP:
+                    self.reload.set()
 
     def beat(self, state: str | None = None, *, force: bool = False, **fields: Any) -> None:
         """Record liveness and counters; writes the heartbeat file and title at most once a second."""
@@ -160,6 +188,10 @@ class ChildContext:
         self.beat("fatal", force=True)
         log.error("fatal: %s", self.error)
         return code
+
+
+def _ignore_in_python(signum: int, frame: object) -> None:
+    """Installed so the default action (terminate) does not apply; the relay thread does the work."""
 
 
 def read_heartbeat(path: str) -> dict[str, Any] | None:

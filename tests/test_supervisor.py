@@ -1,0 +1,394 @@
+"""The supervisor (issue 3): its state machine in isolation, then real forked processes.
+
+The e2e tests run a real ``Arbiter`` (tests/scripts/run_arbiter.py, controllable children chosen by
+account name) or the real ``kraite-mp run`` against the simulator, send real signals, and observe
+the processes through /proc (their titles), the heartbeat files, the supervisor's log and its
+``supervisor.json`` snapshot. Time is scaled through settings (backoff base 0.05 s, short
+timeouts); assertions are on order and lower bounds, never on how fast something happened, except
+where the issue itself sets the bound (children gone within 2 s of the parent's SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, ProcessGroup, wait_for
+
+from kraite_mp import exitcodes
+from kraite_mp.accounts import add_account, set_active
+from kraite_mp.child import read_heartbeat
+from kraite_mp.config import Settings
+from kraite_mp.supervisor import (
+    AFTER_REMOVE,
+    Arbiter,
+    Child,
+    ChildState,
+    TokenBucket,
+    describe_status,
+    read_status,
+)
+
+SCRIPT = str(ROOT / "tests" / "scripts" / "run_arbiter.py")
+
+#: Scaled time for the e2e runs: backoff 0.05 s * 2^n, no jitter so the sequence is exact.
+FAST_ENV = {
+    "KRAITE__supervisor__backoff_base_s": "0.05",
+    "KRAITE__supervisor__backoff_jitter_ratio": "0",
+    "KRAITE__supervisor__heartbeat_timeout_s": "30",
+    "KRAITE__supervisor__graceful_timeout_s": "5",
+    "KRAITE__supervisor__accounts_refresh_s": "60",
+    "KRAITE__supervisor__healthy_after_s": "60",
+    "KRAITE__supervisor__sync_interval_s": "0",
+    "KRAITE__supervisor__spawn_rate_per_s": "100",
+    "KRAITE__supervisor__spawn_burst": "100",
+}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def proc_state(pid: int) -> str | None:
+    """The /proc state letter, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def title_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except FileNotFoundError:
+        return ""
+
+
+def children_of(ppid: int) -> dict[int, str]:
+    """Live children of ``ppid`` -> their process titles."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
+            found[int(entry)] = title_of(int(entry))
+    return found
+
+
+def by_role(ppid: int) -> dict[str, int]:
+    """Children keyed the way the supervisor keys them: "mark-price", "user-data-<id>", ..."""
+    keys = {}
+    for pid, title in children_of(ppid).items():
+        m = re.match(r"kraite-mp: (user-data) account=(\d+) ", title)
+        if m:
+            keys[f"user-data-{m.group(2)}"] = pid
+        elif title.startswith("kraite-mp: mark-price"):
+            keys["mark-price"] = pid
+        elif title.startswith("kraite-mp: sync-orders"):
+            keys["sync-orders"] = pid
+    return keys
+
+
+def heartbeat(run_dir: str, key: str) -> dict[str, Any]:
+    return read_heartbeat(os.path.join(run_dir, "heartbeats", f"{key}.json")) or {}
+
+
+def frames(run_dir: str, key: str) -> int:
+    return int(heartbeat(run_dir, key).get("fields", {}).get("frames", 0))
+
+
+def child_status(run_dir: str, key: str) -> dict[str, Any]:
+    status = read_status(run_dir) or {}
+    return next((c for c in status.get("children", []) if c["key"] == key), {})
+
+
+class Supervisor:
+    """A supervisor subprocess whose stderr goes to a file we can read while it runs."""
+
+    def __init__(self, processes: ProcessGroup, env: dict[str, str], args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = processes.start(args, env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self, pattern: str) -> list[re.Match[str]]:
+        return [m for m in (re.search(pattern, line) for line in self.log().splitlines()) if m]
+
+    def wait_children(self, keys: set[str], timeout: float = 30.0) -> dict[str, int]:
+        def ready() -> dict[str, int] | None:
+            found = by_role(self.pid)
+            return found if set(found) == keys else None
+
+        return wait_for(ready, timeout, message=f"children {sorted(keys)}; log:\n{self.log()[-3000:]}")  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def start_fake(processes: ProcessGroup, env: dict[str, str], run_dir: str, **extra: str) -> Supervisor:
+    env = {**env, **FAST_ENV, **extra}
+    return Supervisor(processes, env, [sys.executable, SCRIPT], Path(run_dir) / "supervisor.log")
+
+
+def add(db: Any, secret_key: str, name: str) -> int:
+    return add_account(db, secret_key, name=name, api_key=f"key-{name}-0123456789", api_secret=f"secret-{name}-xyz").id
+
+
+# -- unit: the state machine without processes ---------------------------------------------------
+def _exit_status(code: int) -> int:
+    return code << 8
+
+
+@pytest.mark.unit
+def test_describe_status_names_codes_and_signals() -> None:
+    assert describe_status(_exit_status(0)) == ("code 0 (ok)", 0)
+    assert describe_status(_exit_status(77)) == ("code 77 (fatal-credentials)", 77)
+    assert describe_status(signal.SIGKILL) == ("signal SIGKILL", None)
+
+
+@pytest.mark.unit
+def test_token_bucket_paces_spawns() -> None:
+    bucket = TokenBucket(rate_per_s=2.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.wait_s(0.0) == pytest.approx(0.5)
+    assert not bucket.take(0.25)
+    assert bucket.take(0.5)
+    # never saves more than the burst, however long it idles
+    assert sum(bucket.take(1000.0) for _ in range(10)) == 3
+
+
+@pytest.mark.unit
+def test_restart_policy_backoff_sequence_reset_and_fatal(tmp_path: Path) -> None:
+    settings = Settings(run_dir=str(tmp_path))
+    settings.supervisor.backoff_jitter_ratio = 0.0
+    arbiter = Arbiter(settings, targets={})
+    child = Child(key="user-data-1", role="user-data")
+    arbiter.children[child.key] = child
+    delays = []
+    for pid in range(100, 107):
+        child.pid, child.spawned_at, child.state = pid, time.monotonic(), ChildState.RUNNING
+        arbiter.child_exited(child, pid, _exit_status(exitcodes.EXIT_ERROR))
+        assert child.state == ChildState.BACKOFF and child.pid is None
+        delays.append(child.backoff_s)
+    assert delays == [1, 2, 4, 8, 16, 32, 32]
+    # a run longer than healthy_after_s starts the sequence again
+    child.pid, child.spawned_at = 200, time.monotonic() - settings.supervisor.healthy_after_s - 1
+    arbiter.child_exited(child, 200, signal.SIGKILL)
+    assert child.backoff_s == 1 and child.last_exit == "signal SIGKILL"
+    # the credentials exit code is FATAL, retried after fatal_retry_s, never on the backoff ladder
+    child.pid, child.spawned_at = 201, time.monotonic()
+    before = time.monotonic()
+    arbiter.child_exited(child, 201, _exit_status(exitcodes.EXIT_FATAL_CREDENTIALS))
+    assert child.state == ChildState.FATAL
+    assert child.due_at >= before + settings.supervisor.fatal_retry_s
+    assert "fatal-credentials" in (child.fatal_reason or "")
+    # a stop we asked for (account removed) forgets the child instead of restarting it
+    child.pid, child.after_stop, child.stop_reason = 202, AFTER_REMOVE, "account removed"
+    arbiter.child_exited(child, 202, _exit_status(0))
+    assert "user-data-1" not in arbiter.children
+
+
+# -- e2e: real forked processes, controllable children -------------------------------------------
+@pytest.mark.e2e
+def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite_env, run_dir, processes) -> None:
+    ids = {name: add(db, secret_key, name) for name in ("alice", "bob", "carol")}
+    rd = kraite_env["KRAITE_RUN_DIR"]
+    sup = start_fake(processes, kraite_env, run_dir)
+    try:
+        keys = {"mark-price", *(f"user-data-{i}" for i in ids.values())}
+        pids = sup.wait_children(keys)
+        # 1 supervisor + 4 children, with their titles (what `ps` shows)
+        ps = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "--ppid", str(sup.pid), "-p", str(sup.pid)],
+                            capture_output=True, text=True, check=True).stdout
+        assert len(ps.strip().splitlines()) == 5, ps
+        wait_for(lambda: title_of(sup.pid) == "kraite-mp: supervisor accounts=3 children=4 restarts=0", 10,
+                 message="supervisor title")
+        for name, account_id in ids.items():
+            wait_for(lambda a=account_id, n=name: re.fullmatch(
+                rf"kraite-mp: user-data account={a} name={n} state=streaming frames=\d+ reloads=0",
+                title_of(pids[f"user-data-{a}"])), 10, message=f"title of {name}")
+        assert re.fullmatch(r"kraite-mp: mark-price state=streaming frames=\d+ reloads=0", title_of(pids["mark-price"]))
+        for pid in pids.values():
+            assert "secret" not in title_of(pid)
+
+        # kill -9 bob: restarted after the first backoff delay; the others are never touched
+        bob = f"user-data-{ids['bob']}"
+        others = {k: v for k, v in pids.items() if k != bob}
+        before = {k: frames(rd, k) for k in others}
+        os.kill(pids[bob], signal.SIGKILL)
+        new_bob = wait_for(lambda: (p := by_role(sup.pid).get(bob)) not in (None, pids[bob]) and p, 20,
+                           message="bob restarted")
+        wait_for(lambda: heartbeat(rd, bob).get("pid") == new_bob and frames(rd, bob) > 0, 10, message="bob streams")
+        (m,) = sup.lines(rf"{bob} account={ids['bob']} pid={pids[bob]} exited with signal SIGKILL .*restarting in "
+                         r"([\d.]+)s \(backoff attempt 1\)")
+        assert float(m.group(1)) == pytest.approx(0.05)
+        assert {k: v for k, v in by_role(sup.pid).items() if k != bob} == others
+        wait_for(lambda: all(frames(rd, k) > before[k] for k in others), 10, message="other counters rising")
+        wait_for(lambda: child_status(rd, bob).get("restarts") == 1, 10, message="status counts bob's restart")
+        wait_for(lambda: title_of(sup.pid).endswith("children=4 restarts=1"), 10, message="title counts restart")
+
+        # insert dave, deactivate carol, SIGHUP: one child appears, one goes, the rest stay
+        dave = add(db, secret_key, "dave")
+        set_active(db, ids["carol"], False)
+        carol = f"user-data-{ids['carol']}"
+        os.kill(sup.pid, signal.SIGHUP)
+        expected = {k: v for k, v in by_role(sup.pid).items() if k != carol}
+        after = sup.wait_children({*expected, f"user-data-{dave}"})
+        assert {k: after[k] for k in expected} == expected
+        assert not alive(pids[carol])
+        assert not os.path.exists(os.path.join(rd, "heartbeats", f"{carol}.json"))
+        # SIGHUP is forwarded to the mark-price child (it reloads its symbol map, no reconnect)
+        wait_for(lambda: heartbeat(rd, "mark-price").get("fields", {}).get("reloads", 0) >= 1, 10,
+                 message="mark-price reloaded")
+        assert heartbeat(rd, "mark-price")["pid"] == pids["mark-price"]
+        assert sup.lines(r"accounts \(SIGHUP\): 3 owned, 1 new, 1 removed, 0 changed")
+        wait_for(lambda: (st := read_status(rd)) and st["accounts"] == 3
+                 and {c["key"] for c in st["children"]} == set(after), 10, message="status shows the new set")
+
+        # SIGTERM: every child stops, the supervisor exits 0
+        final = by_role(sup.pid)
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.proc.wait(timeout=30) == 0
+        for pid in final.values():
+            wait_for(lambda p=pid: not alive(p), 5, message=f"child {pid} gone")
+        assert read_status(rd)["state"] == "stopped"  # type: ignore[index]
+        assert sup.lines(r"supervisor stopped")
+    finally:
+        sup.close()
+
+
+@pytest.mark.e2e
+def test_parent_sigkill_takes_every_child_down(db, secret_key, kraite_env, run_dir, processes) -> None:
+    ids = [add(db, secret_key, name) for name in ("alice", "bob")]
+    sup = start_fake(processes, kraite_env, run_dir)
+    try:
+        pids = sup.wait_children({"mark-price", *(f"user-data-{i}" for i in ids)})
+        os.kill(sup.pid, signal.SIGKILL)
+        sup.proc.wait(timeout=10)
+        # the issue's bound: PR_SET_PDEATHSIG ends every child within 2 s
+        wait_for(lambda: not any(alive(p) for p in pids.values()), 2.0, interval=0.02,
+                 message=f"children {pids} gone after the parent's SIGKILL")
+    finally:
+        sup.close()
+
+
+@pytest.mark.e2e
+def test_crash_loop_backoff_fatal_and_stale_heartbeat(db, secret_key, kraite_env, run_dir, processes) -> None:
+    crash = add(db, secret_key, "crash-1")
+    bad = add(db, secret_key, "bad-1")
+    hang = add(db, secret_key, "hang-1")
+    fatal_retry_s = 1.5
+    rd = kraite_env["KRAITE_RUN_DIR"]
+    sup = start_fake(processes, kraite_env, run_dir, KRAITE__supervisor__mark_price="false",
+                     KRAITE__supervisor__fatal_retry_s=str(fatal_retry_s),
+                     KRAITE__supervisor__heartbeat_timeout_s="3")
+    try:
+        pattern = rf"user-data-{crash} account={crash} pid=\d+ exited with code 1 .*restarting in ([\d.]+)s"
+        wait_for(lambda: len(sup.lines(pattern)) >= 7, 40, message=f"7 crash restarts; log:\n{sup.log()[-3000:]}")
+        delays = [float(m.group(1)) for m in sup.lines(pattern)[:7]]
+        assert delays == pytest.approx([0.05 * f for f in (1, 2, 4, 8, 16, 32, 32)])
+        wait_for(lambda: child_status(rd, f"user-data-{crash}").get("attempt", 0) >= 7, 10, message="status attempt")
+
+        # the invalid-key account: FATAL with its reason, never retried sooner than fatal_retry_s
+        fatal = child_status(rd, f"user-data-{bad}")
+        assert fatal["state"] == "FATAL" and "-2015" in fatal["fatal_reason"]
+        assert "secret-bad" not in sup.log()
+        spawns = sup.lines(rf"^(\S+ \S+) INFO .* spawned user-data-{bad} account={bad} pid=")
+        stamps = [time.mktime(time.strptime(m.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S"))
+                  + int(m.group(1).split(",")[1]) / 1000 for m in spawns]
+        assert stamps and all(b - a >= fatal_retry_s - 0.01 for a, b in zip(stamps, stamps[1:], strict=False)), stamps
+        fatal_exits = sup.lines(rf"user-data-{bad} account={bad} pid=\d+ exited with code 77 .*: FATAL \(.*-2015")
+        assert 1 <= len(fatal_exits) <= len(spawns)
+
+        # the child that stopped beating is killed and restarted
+        wait_for(lambda: sup.lines(rf"user-data-{hang} account={hang} pid=\d+ heartbeat stale"), 30,
+                 message="stale heartbeat detected")
+        wait_for(lambda: sup.lines(rf"user-data-{hang} .*\(heartbeat stale\); restarting in"), 30,
+                 message="stale child restarted")
+    finally:
+        sup.proc.send_signal(signal.SIGTERM)
+        sup.proc.wait(timeout=30)
+        sup.close()
+
+
+@pytest.mark.e2e
+def test_stubborn_child_is_killed_and_sync_runs_one_at_a_time(db, secret_key, kraite_env, run_dir,
+                                                               processes) -> None:
+    stubborn = add(db, secret_key, "stubborn-1")
+    rd = kraite_env["KRAITE_RUN_DIR"]
+    sup = start_fake(processes, kraite_env, run_dir, KRAITE__supervisor__mark_price="false",
+                     KRAITE__supervisor__graceful_timeout_s="1", KRAITE__supervisor__sync_interval_s="0.5",
+                     KRAITE__supervisor__sync_timeout_s="1.2", KRAITE_TEST_SYNC_SLEEP_S="0.8")
+    try:
+        wait_for(lambda: f"user-data-{stubborn}" in by_role(sup.pid), 30, message="stubborn child")
+        pid = by_role(sup.pid)[f"user-data-{stubborn}"]
+        # deactivating it stops it: SIGTERM is ignored, so SIGKILL after graceful_timeout_s
+        set_active(db, stubborn, False)
+        os.kill(sup.pid, signal.SIGHUP)
+        wait_for(lambda: sup.lines(rf"user-data-{stubborn} account={stubborn} pid={pid} did not stop within"), 20,
+                 message="SIGKILL escalation")
+        wait_for(lambda: not alive(pid), 10, message="stubborn child gone")
+        assert sup.lines(rf"pid={pid} exited with signal SIGKILL .*stopped \(account removed or deactivated\)")
+
+        # periodic sync: one-shot children, never two at once
+        wait_for(lambda: len(sup.lines(r"spawned sync-orders pid=")) >= 3, 30, message=f"three sync runs; log:\n{sup.log()[-3000:]}")
+        wait_for(lambda: sup.lines(r"sync-orders pid=\d+ from the previous interval is still running"), 10,
+                 message=f"overlap refused; log:\n{sup.log()[-3000:]}")
+        events = sup.lines(r"(spawned sync-orders pid=|sync-orders pid=\d+ exited with)")
+        running = 0
+        for m in events:
+            running += 1 if m.group(1).startswith("spawned") else -1
+            assert running in (0, 1), [e.group(0) for e in events]
+        assert open(os.path.join(rd, "sync-runs.log")).read().count("\n") >= 1
+        assert child_status(rd, "sync-orders")["state"] in ("STARTING", "RUNNING", "EXITED")
+    finally:
+        sup.proc.send_signal(signal.SIGTERM)
+        sup.proc.wait(timeout=30)
+        sup.close()
+
+
+@pytest.mark.e2e
+def test_run_command_refuses_clearly(kraite_env, run_dir, processes, tmp_path) -> None:
+    from kraite_mp.embedded import free_port
+
+    # PostgreSQL unreachable: a clear message and EXIT_TEMPFAIL, no traceback
+    env = {**kraite_env, "KRAITE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"}
+    proc = processes.kraite("run", env=env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == exitcodes.EXIT_TEMPFAIL, err
+    assert b"PostgreSQL unavailable" in err and b"Traceback" not in err
+    # no secret key: a configuration error
+    proc = processes.kraite("run", env={**kraite_env, "KRAITE_SECRET_KEY": ""})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == exitcodes.EXIT_FATAL_CONFIG, err
+    assert b"secret_key" in err
+    # a second supervisor on the same run_dir would stream every account twice: refused
+    sup = start_fake(processes, kraite_env, run_dir, KRAITE__supervisor__mark_price="false")
+    try:
+        wait_for(lambda: read_status(kraite_env["KRAITE_RUN_DIR"]), 30, message="first supervisor up")
+        proc = processes.kraite("run", env=kraite_env)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == exitcodes.EXIT_TEMPFAIL, err
+        assert b"another supervisor is running" in err
+    finally:
+        sup.proc.send_signal(signal.SIGTERM)
+        sup.proc.wait(timeout=30)
+        sup.close()
