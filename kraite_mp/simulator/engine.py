@@ -46,6 +46,7 @@ SCENARIO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT",
 
 OPEN_STATUSES = frozenset({"NEW", "PARTIALLY_FILLED"})
 OPEN_ALGO_STATUSES = frozenset({"NEW", "TRIGGERING"})
+_LIVE_ALGO = frozenset({"NEW", "TRIGGERING", "TRIGGERED"})
 ALGO_ORDER_TYPES = frozenset(
     {"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"}
 )
@@ -309,8 +310,10 @@ class _Account:
     seq: int = 0
     wallet: Decimal = START_WALLET
     orders: dict[int, Order] = field(default_factory=dict)
+    open_orders: dict[int, Order] = field(default_factory=dict)  #: index of the NEW/PARTIALLY_FILLED ones
     orders_by_client_id: dict[str, int] = field(default_factory=dict)
     algos: dict[int, AlgoOrder] = field(default_factory=dict)
+    open_algos: dict[int, AlgoOrder] = field(default_factory=dict)  #: index of the NEW/TRIGGERING ones
     algos_by_client_id: dict[str, int] = field(default_factory=dict)
     positions: dict[str, Position] = field(default_factory=dict)
     prices: dict[str, Decimal] = field(default_factory=dict)
@@ -510,11 +513,7 @@ class Engine:
     def open_orders(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
         with self.lock:
             acct = self._accounts[api_key]
-            return [
-                o.to_rest()
-                for o in acct.orders.values()
-                if o.is_open and (symbol is None or o.symbol == symbol)
-            ]
+            return [o.to_rest() for o in acct.open_orders.values() if symbol is None or o.symbol == symbol]
 
     def all_orders(
         self,
@@ -552,11 +551,7 @@ class Engine:
     def open_algos(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
         with self.lock:
             acct = self._accounts[api_key]
-            return [
-                a.to_rest()
-                for a in acct.algos.values()
-                if a.is_open and (symbol is None or a.symbol == symbol)
-            ]
+            return [a.to_rest() for a in acct.open_algos.values() if symbol is None or a.symbol == symbol]
 
     def truth(self, api_key: str) -> dict[str, Any]:
         with self.lock:
@@ -589,16 +584,16 @@ class Engine:
         bids = sum(
             (
                 o.remaining * o.price
-                for o in acct.orders.values()
-                if o.is_open and o.symbol == order.symbol and o.side == "BUY"
+                for o in acct.open_orders.values()
+                if o.symbol == order.symbol and o.side == "BUY"
             ),
             _ZERO,
         )
         asks = sum(
             (
                 o.remaining * o.price
-                for o in acct.orders.values()
-                if o.is_open and o.symbol == order.symbol and o.side == "SELL"
+                for o in acct.open_orders.values()
+                if o.symbol == order.symbol and o.side == "SELL"
             ),
             _ZERO,
         )
@@ -727,18 +722,42 @@ class Engine:
             algo_id=algo_id,
         )
         acct.orders[order.order_id] = order
+        acct.open_orders[order.order_id] = order
         acct.orders_by_client_id[client_order_id] = order.order_id
         self._prune(acct)
         return order
 
+    @staticmethod
+    def _set_status(acct: _Account, order: Order, status: str) -> None:
+        order.status = status
+        if order.is_open:
+            acct.open_orders[order.order_id] = order
+        else:
+            acct.open_orders.pop(order.order_id, None)
+
+    @staticmethod
+    def _set_algo_status(acct: _Account, algo: AlgoOrder, status: str) -> None:
+        algo.status = status
+        if algo.is_open:
+            acct.open_algos[algo.algo_id] = algo
+        else:
+            acct.open_algos.pop(algo.algo_id, None)
+
     def _prune(self, acct: _Account) -> None:
-        excess = len(acct.orders) - self.max_kept_orders
-        if excess <= 0:
-            return
-        for oid in [oid for oid, o in acct.orders.items() if not o.is_open][:excess]:
-            order = acct.orders.pop(oid)
-            if acct.orders_by_client_id.get(order.client_order_id) == oid:
-                del acct.orders_by_client_id[order.client_order_id]
+        """Forget the oldest terminal orders and algo orders beyond the cap (in batches of 10%)."""
+        cap = self.max_kept_orders
+        if len(acct.orders) > cap + cap // 10:
+            for oid in [oid for oid, o in acct.orders.items() if not o.is_open][: len(acct.orders) - cap]:
+                order = acct.orders.pop(oid)
+                if acct.orders_by_client_id.get(order.client_order_id) == oid:
+                    del acct.orders_by_client_id[order.client_order_id]
+        if len(acct.algos) > cap + cap // 10:
+            for aid in [aid for aid, a in acct.algos.items() if a.status not in _LIVE_ALGO][
+                : len(acct.algos) - cap
+            ]:
+                algo = acct.algos.pop(aid)
+                if acct.algos_by_client_id.get(algo.client_algo_id) == aid:
+                    del acct.algos_by_client_id[algo.client_algo_id]
 
     def _open_order(self, acct: _Account, order_id: int) -> Order:
         order = acct.orders.get(order_id)
@@ -759,7 +778,9 @@ class Engine:
         trade_id = acct.next_trade_id
         order.executed_qty += qty
         order.cum_quote += qty * price
-        order.status = "FILLED" if order.executed_qty == order.orig_qty else "PARTIALLY_FILLED"
+        self._set_status(
+            acct, order, "FILLED" if order.executed_qty == order.orig_qty else "PARTIALLY_FILLED"
+        )
         order.update_time = ts
         commission = (qty * price * (MAKER_FEE if maker else TAKER_FEE)).quantize(_EIGHT_DP)
         realized = self._apply_position(acct, order.symbol, qty if order.side == "BUY" else -qty, price)
@@ -842,7 +863,7 @@ class Engine:
         algo = acct.algos.get(order.algo_id)
         if algo is None or algo.status != "TRIGGERED":
             return []
-        algo.status = "FINISHED"
+        self._set_algo_status(acct, algo, "FINISHED")
         algo.executed_qty = order.executed_qty
         algo.cum_quote = order.cum_quote
         return [self._algo_event(acct, algo)]
@@ -868,7 +889,7 @@ class Engine:
             acct = self._acct(api_key)
             order = self._open_order(acct, order_id)
             ts = self._tick(acct)
-            order.status = status
+            self._set_status(acct, order, status)
             order.update_time = ts
             events = [self._order_event(acct, order, status, ts)]
             events += self._finish_algo_of(acct, order)
@@ -938,6 +959,7 @@ class Engine:
                 reduce_only=reduce_only,
             )
             acct.algos[algo.algo_id] = algo
+            acct.open_algos[algo.algo_id] = algo
             acct.algos_by_client_id[algo.client_algo_id] = algo.algo_id
             self._emit(acct, [self._algo_event(acct, algo)])
             return algo.algo_id
@@ -957,7 +979,7 @@ class Engine:
         with self.lock:
             acct = self._acct(api_key)
             algo = self._new_algo(acct, algo_id)
-            algo.status = "TRIGGERING"
+            self._set_algo_status(acct, algo, "TRIGGERING")
             events: EventBatch = [self._algo_event(acct, algo)]
             algo.trigger_time = algo.update_time
             market = algo.order_type.endswith("MARKET")
@@ -976,7 +998,7 @@ class Engine:
                 algo_id=algo.algo_id,
             )
             events.append(self._order_event(acct, order, "NEW", order.time))
-            algo.status = "TRIGGERED"
+            self._set_algo_status(acct, algo, "TRIGGERED")
             algo.actual_order_id = order.order_id
             events.append(self._algo_event(acct, algo))
             if fill:
@@ -991,10 +1013,10 @@ class Engine:
             algo = self._new_algo(acct, algo_id)
             events: EventBatch = []
             if status == "REJECTED":  # the matching engine refuses it at trigger time
-                algo.status = "TRIGGERING"
+                self._set_algo_status(acct, algo, "TRIGGERING")
                 algo.trigger_time = self._tick(acct)
                 events.append(self._algo_event(acct, algo))
-            algo.status = status
+            self._set_algo_status(acct, algo, status)
             algo.reason = reason
             events.append(self._algo_event(acct, algo))
             self._emit(acct, events)
@@ -1033,8 +1055,8 @@ class Engine:
         rng = acct.rng
         key = acct.creds.api_key
         acct.steps += 1
-        open_orders = [o for o in acct.orders.values() if o.is_open]
-        open_algos = [a for a in acct.algos.values() if a.status == "NEW"]
+        open_orders = list(acct.open_orders.values())
+        open_algos = [a for a in acct.open_algos.values() if a.status == "NEW"]
         room = len(open_orders) < self.max_open_orders
         roll = rng.random()
         if roll < 0.30 and room:

@@ -221,6 +221,7 @@ class Simulator:
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
             self.port = int(runner.addresses[0][1])
+            self._rate_since, self._rate_done = time.monotonic(), 0
             tasks = [
                 asyncio.create_task(self._mark_price_loop(), name="sim-mark-price"),
                 asyncio.create_task(self._housekeeping_loop(), name="sim-housekeeping"),
