@@ -95,6 +95,8 @@ HISTORY_OVERLAP_MS = 120_000
 MIN_EVERY_S = 1.0
 #: Role (and heartbeat key prefix) of the user-data stream child (issue 4).
 USER_DATA_ROLE = "user-data"
+#: The heartbeat state of a user-data child whose connection is up and delivering.
+STREAMING_STATE = "streaming"
 
 _OPEN_ORDERS_SQL = (
     "SELECT kind, exchange_order_id, symbol, status, actual_order_id FROM orders WHERE account_id = %s"
@@ -213,8 +215,10 @@ def _remember_full_sweep(settings: Settings, account_id: int, started_ms: int) -
 def stream_continuous_since(settings: Settings, account_id: int, since_ms: int) -> bool:
     """Has this host's user-data child for the account been alive since ``since_ms``?
 
-    False when its heartbeat is missing, stale (older than ``supervisor.heartbeat_timeout_s``) or
-    the child started after ``since_ms`` (it reconnected: frames may be lost in between).
+    False when its heartbeat is missing, stale (older than ``supervisor.heartbeat_timeout_s``), not
+    ``streaming`` (connecting, in backoff, fatal: frames are being lost right now), or the child
+    started -- or, when it reports ``connected_since`` (epoch s), its connection opened -- after
+    ``since_ms``: it reconnected, so frames may be lost in between.
     """
     hb = read_heartbeat(os.path.join(heartbeat_dir(settings), f"{USER_DATA_ROLE}-{account_id}.json"))
     if not hb:
@@ -225,8 +229,12 @@ def stream_continuous_since(settings: Settings, account_id: int, since_ms: int) 
         return False
     if time.time() - ts > settings.supervisor.heartbeat_timeout_s:
         return False
-    if hb.get("state") in ("fatal", "crashed", "starting"):
+    if hb.get("state") != STREAMING_STATE:
         return False
+    fields = hb.get("fields")
+    connected = fields.get("connected_since") if isinstance(fields, dict) else None
+    if isinstance(connected, int | float) and not isinstance(connected, bool):
+        started = max(started, float(connected))
     return started * 1000 <= since_ms
 
 

@@ -111,11 +111,14 @@ def audit_rows(db: Any, account_id: int) -> list[tuple[str, str, str, dict[str, 
     return rows
 
 
-def write_heartbeat(settings: Settings, account_id: int, started: float, state: str = "streaming") -> None:
+def write_heartbeat(settings: Settings, account_id: int, started: float, state: str = "streaming",
+                    **fields: Any) -> None:
+    """A user-data child's heartbeat file, as kraite_mp.child.ChildContext writes it."""
     path = os.path.join(settings.run_dir, "heartbeats", f"user-data-{account_id}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"key": f"user-data-{account_id}", "state": state, "ts": time.time(), "started": started}, f)
+        json.dump({"key": f"user-data-{account_id}", "state": state, "ts": time.time(), "started": started,
+                   "fields": fields}, f)
 
 
 @pytest.mark.integration
@@ -285,8 +288,11 @@ def test_auto_mode_is_full_unless_a_recent_full_sweep_and_a_healthy_stream(env: 
     assert reconcile_account(db, settings, account, mode="auto")["mode"] == "targeted"
     write_heartbeat(settings, account.id, started=time.time())  # the stream restarted: frames may be lost
     assert choose_mode(settings, account.id) == "full"
-    write_heartbeat(settings, account.id, started=time.time() - 100, state="fatal")
-    assert choose_mode(settings, account.id) == "full"
+    for state in ("fatal", "backoff", "connecting"):
+        write_heartbeat(settings, account.id, started=time.time() - 100, state=state)
+        assert choose_mode(settings, account.id) == "full", state
+    write_heartbeat(settings, account.id, started=time.time() - 100, connected_since=time.time())
+    assert choose_mode(settings, account.id) == "full"  # reconnected inside the same child
     write_heartbeat(settings, account.id, started=time.time() - 100)
     assert choose_mode(settings, account.id) == "targeted"
     later = int(time.time() * 1000 + settings.supervisor.sync_full_interval_s * 1000 + 1)
