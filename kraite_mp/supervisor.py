@@ -253,6 +253,8 @@ class Arbiter:
         self._last_status_at = 0.0
         self._status_dirty = True
         self._warned_threads = False
+        #: kraite_mp.status (issue 7) when importable: Redis status for `kraite-mp status`, best effort.
+        self._redis_status: Any = None
 
     # -- paths ------------------------------------------------------------------------------------
     @property
@@ -277,6 +279,7 @@ class Arbiter:
         os.makedirs(heartbeat_dir(self.settings), exist_ok=True)
         self._acquire_lock()
         self.targets = self._targets_given if self._targets_given is not None else load_targets(DEFAULT_TARGETS)
+        self._install_status_publisher()
         self._init_signals()
         log.info(
             "supervisor starting pid=%s shard=%s mark_price=%s spawn_rate=%.2f/s burst=%d",
@@ -287,8 +290,29 @@ class Arbiter:
         self.refresh_accounts("start")
         self.update_title(force=True)
 
+    def _install_status_publisher(self) -> None:
+        try:
+            from kraite_mp import status
+        except ImportError:  # pragma: no cover - status is optional to the supervisor
+            return
+        try:
+            status.install(self.settings)  # registers the child hook; connects nothing before the fork
+        except Exception:  # noqa: BLE001 - status reporting never stops the supervisor
+            log.warning("status publisher unavailable", exc_info=True)
+            return
+        self._redis_status = status
+
+    def _redis_status_call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        if self._redis_status is None:
+            return
+        try:
+            getattr(self._redis_status, name)(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.debug("status %s failed", name, exc_info=True)
+
     def cleanup(self) -> None:
         self.write_status(force=True)
+        self._redis_status_call("close_connection")
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         if self.pipe:
@@ -527,6 +551,7 @@ class Arbiter:
         if threading.active_count() > 1 and not self._warned_threads:
             self._warned_threads = True  # a thread's locks would be copied held into every child
             log.error("the supervisor has %d threads; forking is unsafe", threading.active_count())
+        self._redis_status_call("close_connection")  # no socket crosses the fork
         gc.collect()
         gc.freeze()  # objects allocated so far are never touched by the collector: pages stay shared
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
@@ -609,8 +634,7 @@ class Arbiter:
             log.info("%s pid=%s exited with %s after %.1fs", child.label, pid, text, uptime)
             return
         if after == AFTER_REMOVE:
-            del self.children[child.key]
-            self._remove_heartbeat(child)
+            self._forget(child)
             log.info("%s pid=%s exited with %s after %.1fs; stopped (%s)", child.label, pid, text, uptime, reason)
             return
         if after == AFTER_RESTART:
@@ -654,11 +678,14 @@ class Arbiter:
         log.error("%s pid=%s exited with %s: FATAL (%s); next try in %.0fs", child.label, pid, text,
                   child.fatal_reason, self.settings.supervisor.fatal_retry_s)
 
-    def _remove_heartbeat(self, child: Child) -> None:
+    def _forget(self, child: Child) -> None:
+        """A child stopped on purpose: drop it, its heartbeat file and its Redis status entry."""
+        del self.children[child.key]
         try:
             os.unlink(self.heartbeat_path(child))
         except FileNotFoundError:
             pass
+        self._redis_status_call("remove_status", self.settings, child.key)
 
     # -- stopping ---------------------------------------------------------------------------------
     def _kill(self, child: Child, sig: int) -> None:
@@ -674,8 +701,7 @@ class Arbiter:
         """SIGTERM now, SIGKILL after graceful_timeout_s; then ``after`` decides what comes next."""
         if child.pid is None:
             if after == AFTER_REMOVE:
-                del self.children[child.key]
-                self._remove_heartbeat(child)
+                self._forget(child)
                 log.info("%s stopped (%s)", child.label, reason)
             elif after == AFTER_RESTART:
                 self._set_pending(child, time.monotonic())
@@ -851,6 +877,7 @@ class Arbiter:
         data = self.status()
         if force and not self.pids and self.stopping:
             data["state"] = "stopped"
+        self._redis_status_call("publish_supervisor", self.settings, data, force=force)
         tmp = f"{self.status_path}.{self.pid}.tmp"
         try:
             with open(tmp, "w") as f:

@@ -392,3 +392,106 @@ def test_run_command_refuses_clearly(kraite_env, run_dir, processes, tmp_path) -
         sup.proc.send_signal(signal.SIGTERM)
         sup.proc.wait(timeout=30)
         sup.close()
+
+
+# -- e2e: the real `kraite-mp run` against the simulator ------------------------------------------
+def _write_config(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.mark.e2e
+def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite_env, run_dir, processes,
+                                                          simulator, tmp_path) -> None:
+    from kraite_mp.seed import seed_symbols
+
+    sim = simulator
+    seed_symbols(db, [s for s, _ in sim.mark_symbols], coverage=1.0)
+    names = ("alice", "bob", "carol")
+    ids = {}
+    for name, acct in zip(names, sim.accounts, strict=True):
+        ids[name] = add_account(db, secret_key, name=name, api_key=acct.api_key, api_secret=acct.api_secret).id
+    api_key = {f"user-data-{ids[n]}": a.api_key for n, a in zip(names, sim.accounts, strict=True)}
+    rd = kraite_env["KRAITE_RUN_DIR"]
+    config = tmp_path / "kraite-mp.toml"
+    _write_config(config, "[supervisor]\nsync_interval_s = 0\n")
+    env = {**kraite_env, **{k: v for k, v in FAST_ENV.items() if "sync_interval" not in k},
+           "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE_BINANCE_WS_URL": sim.ws_url}
+    sim.set_rate(4.0)  # scenario events on every account, so frame counters move
+    sup = Supervisor(processes, env, [sys.executable, "-m", "kraite_mp", "--config", str(config), "run"],
+                     Path(run_dir) / "supervisor.log")
+    try:
+        keys = {"mark-price", *api_key}
+        pids = sup.wait_children(keys, timeout=60)
+        for key, pid in pids.items():
+            if key == "mark-price":
+                pattern = r"kraite-mp: mark-price state=streaming symbols=\d+ rows=\d+ ticks=\d+ .*"
+            else:
+                account_id = int(key.rsplit("-", 1)[1])
+                name = next(n for n, i in ids.items() if i == account_id)
+                pattern = rf"kraite-mp: user-data account={account_id} name={name} state=streaming frames=\d+ last=\S+ .*"
+            wait_for(lambda p=pid, pat=pattern: re.fullmatch(pat, title_of(p)), 60,
+                     message=f"{key} title; log:\n{sup.log()[-3000:]}")
+        wait_for(lambda: title_of(sup.pid) == "kraite-mp: supervisor accounts=3 children=4 restarts=0", 10,
+                 message="supervisor title")
+        for key in api_key.values():
+            assert sim.wait_for_connections(key, 1, timeout=30)
+        assert sim.wait_for_connections("market", 1, timeout=30)
+
+        # kill -9 bob's stream: one new connection for bob, none for anyone else, counters keep rising
+        bob = f"user-data-{ids['bob']}"
+        opened = dict(sim.stats()["ws_opened"])
+        before = {k: frames(rd, k) for k in api_key if k != bob}
+        os.kill(pids[bob], signal.SIGKILL)
+        wait_for(lambda: sim.stats()["ws_opened"].get(api_key[bob], 0) == opened[api_key[bob]] + 1, 60,
+                 message=f"bob reconnected; log:\n{sup.log()[-3000:]}")
+        assert by_role(sup.pid)[bob] != pids[bob]
+        assert sup.lines(rf"{bob} account={ids['bob']} pid={pids[bob]} exited with signal SIGKILL .*restarting in "
+                         r"0\.050s \(backoff attempt 1\)")
+        wait_for(lambda: all(frames(rd, k) > before[k] for k in before), 30, message="other streams' frames rising")
+        after = sim.stats()["ws_opened"]
+        for key in before:
+            assert after[api_key[key]] == opened[api_key[key]], key
+            assert by_role(sup.pid)[key] == pids[key]
+        assert after["market"] == opened["market"]
+
+        # a broken config on SIGHUP is refused and changes nothing
+        _write_config(config, "[supervisor]\nsync_interval_s = \"often\"\n")
+        os.kill(sup.pid, signal.SIGHUP)
+        wait_for(lambda: sup.lines(r"reload: configuration error, keeping the previous settings: "
+                                   r"supervisor\.sync_interval_s"), 20, message="bad config refused")
+        # a good one turns the periodic sync on: the real sync child runs and exits 0
+        _write_config(config, "[supervisor]\nsync_interval_s = 1.0\n")
+        os.kill(sup.pid, signal.SIGHUP)
+        wait_for(lambda: sup.lines(r"sync-orders pid=\d+ exited with code 0 \(ok\)"), 60,
+                 message=f"one sync pass; log:\n{sup.log()[-3000:]}")
+        _write_config(config, "[supervisor]\nsync_interval_s = 0\n")
+
+        # deactivate carol + SIGHUP: her stream closes, the others are not touched
+        carol = f"user-data-{ids['carol']}"
+        set_active(db, ids["carol"], False)
+        os.kill(sup.pid, signal.SIGHUP)
+        wait_for(lambda: sim.stats()["current_connections"].get(api_key[carol], 0) == 0, 30,
+                 message="carol's connection closed")
+        wait_for(lambda: carol not in by_role(sup.pid), 30, message="carol's child gone")
+        now = sim.stats()["ws_opened"]
+        assert now[api_key[f"user-data-{ids['alice']}"]] == opened[api_key[f"user-data-{ids['alice']}"]]
+        assert now["market"] == opened["market"]
+
+        # secrets never in titles or logs
+        text = sup.log() + "".join(title_of(p) for p in by_role(sup.pid).values())
+        for acct in sim.accounts:
+            assert acct.api_secret not in text
+            listen_key = sim.truth(acct.api_key).get("listen_key")
+            assert not listen_key or listen_key not in text
+
+        # SIGTERM: everything exits within the graceful timeout, code 0, connections closed
+        final = by_role(sup.pid)
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.proc.wait(timeout=30) == 0
+        for pid in final.values():
+            wait_for(lambda p=pid: not alive(p), 5, message=f"child {pid} gone")
+        wait_for(lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left")
+    finally:
+        sup.close()
