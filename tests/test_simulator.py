@@ -476,6 +476,19 @@ def test_unsolicited_pongs_do_not_keep_a_connection_alive(
     assert not sim.stats()["current_connections"].get("market")
 
 
+def test_stalled_market_reader_is_dropped(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    """A client that stops reading a busy stream fills the buffers; it must still be dropped."""
+    sim = make_sim(symbols=570, mark_price_interval_s=0.02, ping_interval_s=0.2, pong_timeout_s=0.5)
+    connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    assert sim.wait_for_connections("market")
+    deadline = time.monotonic() + 5
+    while sim.stats()["current_connections"].get("market"):
+        assert time.monotonic() < deadline, sim.stats()
+        time.sleep(0.05)
+
+
 def test_client_pings_are_answered(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
     ws = connect(sockets, f"{sim.ws_url}/ws/whatever")
     ws.ping(b"hello")

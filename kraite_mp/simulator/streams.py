@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 #: At most this many incoming frames (data, ping, pong) per second per connection.
 MAX_INCOMING_PER_SEC = 10
 #: A connection whose outbox holds more than this many frames is too slow and gets closed.
-MAX_OUTBOX_FRAMES = 100_000
+#: A connection with more than this many bytes waiting to be written is too slow: closed.
+MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 #: Events buffered per account while nobody listens, when loss is switched off.
 MAX_BACKLOG_EVENTS = 100_000
 #: How long a close handshake may take before the transport is just dropped.
 CLOSE_TIMEOUT_SECS = 1.0
+#: An ordered close (after the queued frames) aborts the transport if not done by then.
+ORDERED_CLOSE_DEADLINE_SECS = 5.0
 MARK_PRICE_STREAMS = frozenset({"!markPrice@arr@1s", "!markPrice@arr"})
 
 try:  # orjson is much faster for the 570-element mark-price frames; stdlib json works too
@@ -75,6 +78,7 @@ class Conn:
     incoming: deque[float] = field(default_factory=deque)
     closing: bool = False
     close_request: tuple[str, int, str] | None = None
+    queued_bytes: int = 0
 
     @property
     def target(self) -> str:
@@ -149,10 +153,12 @@ class StreamHub:
     def _enqueue(self, conn: Conn, kind: str, data: Any) -> None:
         if conn.closing:
             return
-        if conn.outbox.qsize() >= MAX_OUTBOX_FRAMES:
+        if conn.queued_bytes > MAX_OUTBOX_BYTES:
             log.warning("conn=%d %s: outbox full, closing slow consumer", conn.conn_id, conn.target)
-            self.close(conn, 1008, "slow consumer")
+            self.close(conn, 1008, "slow consumer", now=True)
             return
+        if kind == "text":
+            conn.queued_bytes += len(data)
         conn.outbox.put_nowait((kind, data))
 
     def publish_market(self, frame: list[dict[str, Any]]) -> None:
@@ -186,6 +192,12 @@ class StreamHub:
             conn.outbox.put_nowait(("wake", None))
         else:
             conn.outbox.put_nowait(("close", request))
+        if abrupt:
+            _abort(conn)
+        elif self.loop is not None:
+            # a writer stuck on a client that stopped reading would never get to the close
+            delay = ORDERED_CLOSE_DEADLINE_SECS if not now else CLOSE_TIMEOUT_SECS + 0.5
+            self.loop.call_later(delay, _abort, conn)
 
     def select(self, target: str | None) -> list[Conn]:
         """Connections of an api_key, "market", "retired", or all (None)."""
@@ -263,7 +275,7 @@ class StreamHub:
 
     async def close_all(self) -> None:
         for conn in list(self.conns):
-            self.close(conn, 1001, "simulator stopping")
+            self.close(conn, 1001, "simulator stopping", now=True)
         deadline = time.monotonic() + CLOSE_TIMEOUT_SECS + 1.0
         while self.conns and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -410,6 +422,8 @@ class StreamHub:
                 if kind == "silence":
                     write_silent_until = data
                     continue
+                if kind == "text":
+                    conn.queued_bytes -= len(data)
                 if time.monotonic() < write_silent_until:
                     if kind == "text" and conn.kind == "private" and conn.api_key:
                         self.lost[conn.api_key] = self.lost.get(conn.api_key, 0) + 1
