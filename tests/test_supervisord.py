@@ -1,0 +1,351 @@
+"""The shipped supervisord program files, run by real supervisord against the simulator.
+
+The test includes ``etc/supervisord.d/*.conf`` unchanged; only ``KRAITE_MP_HOME`` (a temporary
+directory whose ``.venv`` links to this virtualenv) and the KRAITE_* environment are the test's.
+Every process the test causes carries a unique marker in its environment, so that leftovers
+(orphans) are found by scanning /proc, and killed at teardown whatever happened.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, wait_for
+
+from kraite_mp.accounts import add_account
+from kraite_mp.config import Settings
+
+SUPERVISORD_D = ROOT / "etc" / "supervisord.d"
+PROGRAMS = ("kraite-mp", "kraite-mp-worker")
+VENV_BIN = Path(sys.executable).parent
+#: Environment variable whose (unique) value marks every process of one test.
+MARKER_VAR = "KRAITE_E2E_MARKER"
+
+
+def _bin(name: str) -> str:
+    path = VENV_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} not installed (pip install '.[test]')")
+    return found
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment holds ``MARKER_VAR=marker`` (zombies excluded)."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and needle in environ.split(b"\0"):
+            found.append(int(entry))
+    return found
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Supervisord:
+    """One supervisord with its own unix socket, logs and marker, started in ``workdir``."""
+
+    workdir: Path
+    home: Path
+    env: dict[str, str]
+    marker: str
+    proc: subprocess.Popen[bytes] | None = None
+    conf: Path = field(init=False)
+    ctl_conf: Path = field(init=False)
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        sock = self.workdir / "supervisor.sock"
+        self.log = self.workdir / "supervisord.log"
+        self.conf = self.workdir / "supervisord.conf"
+        self.conf.write_text(
+            f"[unix_http_server]\nfile={sock}\nchmod=0700\n\n"
+            f"[supervisord]\nlogfile={self.log}\npidfile={self.workdir / 'supervisord.pid'}\n"
+            f"childlogdir={self.workdir}\nnodaemon=true\nloglevel=info\n\n"
+            "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
+            f"[supervisorctl]\nserverurl=unix://{sock}\n\n"
+            f"[include]\nfiles = {SUPERVISORD_D}/kraite-mp.conf {SUPERVISORD_D}/kraite-mp-worker.conf\n"
+        )
+        # supervisorctl gets a config without [include]: it must not depend on the programs' environment
+        self.ctl_conf = self.workdir / "supervisorctl.conf"
+        self.ctl_conf.write_text(f"[supervisorctl]\nserverurl=unix://{sock}\n")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [_bin("supervisord"), "-n", "-c", str(self.conf)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            cwd=str(self.workdir),
+        )
+
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != MARKER_VAR}
+        return subprocess.run([_bin("supervisorctl"), "-c", str(self.ctl_conf), *args], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict[str, tuple[str, int | None]]:
+        """program -> (state, pid) from ``supervisorctl status``."""
+        out = self.ctl("status").stdout
+        result: dict[str, tuple[str, int | None]] = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in PROGRAMS:
+                m = re.search(r"pid (\d+)", line)
+                result[parts[0]] = (parts[1], int(m.group(1)) if m else None)
+        return result
+
+    def all_running(self) -> dict[str, tuple[str, int | None]] | None:
+        st = self.status()
+        return st if all(st.get(p, ("?",))[0] == "RUNNING" for p in PROGRAMS) else None
+
+    def program_log(self, program: str) -> str:
+        path = self.home / "var" / "log" / f"{program}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def diagnostics(self) -> str:
+        parts = [f"--- supervisorctl status\n{self.ctl('status').stdout}"] if self.running else []
+        if self.log.exists():
+            parts.append(f"--- supervisord.log\n{self.log.read_text(errors='replace')[-3000:]}")
+        for p in PROGRAMS:
+            parts.append(f"--- {p}.log\n{self.program_log(p)[-4000:]}")
+        return "\n".join(parts)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def shutdown(self) -> None:
+        """Stop supervisord (gracefully, then by force) and kill anything still carrying the marker."""
+        if self.running:
+            try:
+                self.ctl("shutdown", timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+            assert self.proc is not None
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        for _ in range(3):
+            leftovers = marked_pids(self.marker)
+            if not leftovers:
+                break
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+
+
+def _make_home(base: Path) -> Path:
+    """A KRAITE_MP_HOME like a real install: .venv (linked to ours), var/log; no etc/kraite-mp.toml."""
+    home = base / "home"
+    (home / "var" / "log").mkdir(parents=True)
+    (home / ".venv").symlink_to(VENV_BIN.parent, target_is_directory=True)
+    return home
+
+
+@pytest.fixture()
+def supervisord_factory(kraite_env: dict[str, str]) -> Iterator[Any]:
+    started: list[Supervisord] = []
+    # a short path: unix socket paths are limited to 108 bytes
+    workdir = Path(tempfile.mkdtemp(prefix="ksv-"))
+
+    def make(extra_env: dict[str, str]) -> Supervisord:
+        marker = uuid.uuid4().hex
+        home = _make_home(workdir)
+        env = dict(kraite_env, KRAITE_MP_HOME=str(home), **extra_env)
+        env[MARKER_VAR] = marker
+        sup = Supervisord(workdir=workdir, home=home, env=env, marker=marker)
+        started.append(sup)
+        return sup
+
+    try:
+        yield make
+    finally:
+        for sup in started:
+            sup.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _program_section(path: Path, name: str) -> configparser.SectionProxy:
+    parser = configparser.RawConfigParser(inline_comment_prefixes=None)
+    parser.read(path)
+    return parser[f"program:{name}"]
+
+
+@pytest.mark.unit
+def test_program_files_are_consistent_with_graceful_timeouts() -> None:
+    settings = Settings()
+    main = _program_section(SUPERVISORD_D / "kraite-mp.conf", "kraite-mp")
+    worker = _program_section(SUPERVISORD_D / "kraite-mp-worker.conf", "kraite-mp-worker")
+    for section in (main, worker):
+        assert section["stopsignal"] == "TERM"
+        assert section["autostart"] == "true" and section["autorestart"] == "true"
+        # only the main process gets TERM (it forwards it); the group is SIGKILLed only as a last resort
+        assert section["stopasgroup"] == "false"
+        assert section["killasgroup"] == "true"
+        assert section["redirect_stderr"] == "true"
+        assert "%(ENV_KRAITE_MP_HOME)s" in section["command"]
+    # supervisord must outwait kraite-mp's own SIGTERM -> SIGKILL timeout, with a margin
+    assert int(main["stopwaitsecs"]) >= settings.supervisor.graceful_timeout_s + 10
+    assert main["command"].endswith("kraite-mp run")
+    m = re.search(r"--worker-shutdown-timeout (\d+)", worker["command"])
+    assert m, "the worker must set dramatiq's shutdown timeout explicitly (its default is 10 minutes)"
+    assert int(worker["stopwaitsecs"]) >= int(m.group(1)) / 1000 + 5
+    assert "--queues user-data-stream reconcile" in worker["command"]
+    assert "dramatiq kraite_mp.jobs" in worker["command"]
+    # supervisord starts the worker before the supervisor (lower priority number)
+    assert int(worker["priority"]) < int(main["priority"])
+
+
+@pytest.mark.unit
+def test_supervisord_parses_the_program_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """supervisord's own config parser accepts the files and expands KRAITE_MP_HOME."""
+    from supervisor.options import ServerOptions
+
+    home = tmp_path / "opt" / "kraite-mp"
+    (home / "var" / "log").mkdir(parents=True)  # supervisord refuses a log path in a missing directory
+    monkeypatch.setenv("KRAITE_MP_HOME", str(home))
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(
+        f"[supervisord]\nlogfile={tmp_path / 'x.log'}\npidfile={tmp_path / 'x.pid'}\n"
+        f"[include]\nfiles = {SUPERVISORD_D}/*.conf\n"
+    )
+    options = ServerOptions()
+    options.realize(args=["-c", str(conf)])
+    programs = {g.name: g.process_configs[0] for g in options.process_group_configs}
+    assert set(programs) == set(PROGRAMS)
+    main = programs["kraite-mp"]
+    assert main.command == f"{home}/.venv/bin/kraite-mp run"
+    assert main.directory == str(home)
+    assert main.stopsignal == signal.SIGTERM
+    assert main.stopasgroup is False and main.killasgroup is True
+    assert main.stdout_logfile == f"{home}/var/log/kraite-mp.log"
+    assert main.environment == {"PYTHONUNBUFFERED": "1"}
+    worker = programs["kraite-mp-worker"]
+    assert worker.command.startswith(f"{home}/.venv/bin/dramatiq kraite_mp.jobs ")
+
+
+def _count(db: Any, sql: str) -> int:
+    with db.cursor() as cur:
+        cur.execute(sql)
+        row = cur.fetchone()
+    db.commit()
+    return int(row[0])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_supervisord_runs_stops_and_restarts_kraite_mp(
+    supervisord_factory: Any, simulator: Any, db: Any, secret_key: str
+) -> None:
+    pytest.importorskip("kraite_mp.userdata", reason="the user-data child (issue 4) has not landed")
+    pytest.importorskip("kraite_mp.jobs", reason="the dramatiq jobs module (issue 4) has not landed")
+    from kraite_mp.seed import seed_symbols
+
+    for i, acc in enumerate(simulator.accounts):
+        add_account(db, secret_key, name=f"sim-{i}", api_key=acc.api_key, api_secret=acc.api_secret)
+    seed_symbols(db, [s for s, _ in simulator.mark_symbols])
+    sup = supervisord_factory({
+        "KRAITE_BINANCE_REST_URL": simulator.rest_url,
+        "KRAITE_BINANCE_WS_URL": simulator.ws_url,
+    })
+    sup.start()
+    try:
+        running = wait_for(sup.all_running, timeout=120, message="both programs RUNNING")
+        simulator.set_rate(2.0)
+
+        # frames flow: user-data frames audited, mark prices written
+        wait_for(lambda: _count(db, "SELECT count(*) FROM api_data_stream") >= 3, timeout=120,
+                 message="frames in api_data_stream")
+        wait_for(lambda: _count(db, "SELECT count(*) FROM exchange_symbols WHERE mark_price IS NOT NULL") > 0,
+                 timeout=60, message="mark prices written")
+
+        # kill -9 kraite-mp's parent: its children follow it (PDEATHSIG), supervisord starts a new one
+        old_pid = running["kraite-mp"][1]
+        assert old_pid is not None
+        old_children = wait_for(lambda: child_pids(old_pid) if len(child_pids(old_pid)) >= 4 else None,
+                                timeout=60, message="3 user-data children + mark-price forked")
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda: not set(old_children) & set(marked_pids(sup.marker)), timeout=30,
+                 message="the killed parent's children exit")
+        restarted = wait_for(
+            lambda: (st := sup.all_running()) and st["kraite-mp"][1] not in (None, old_pid) and st,
+            timeout=120, message="supervisord restarts kraite-mp",
+        )
+        assert restarted["kraite-mp-worker"][1] == running["kraite-mp-worker"][1], "the worker was not touched"
+        before = _count(db, "SELECT count(*) FROM api_data_stream")
+        wait_for(lambda: _count(db, "SELECT count(*) FROM api_data_stream") > before, timeout=120,
+                 message="frames flow again after the restart")
+
+        # graceful stop of everything: exit status 0, nothing left behind
+        simulator.set_rate(0.0)
+        log_offset = sup.log.stat().st_size
+        stopped = sup.ctl("stop", "all", timeout=180)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        for program in PROGRAMS:
+            assert f"{program}: stopped" in stopped.stdout
+        with open(sup.log) as f:
+            f.seek(log_offset)
+            stop_log = f.read()
+        for program in PROGRAMS:
+            assert f"stopped: {program} (exit status 0)" in stop_log, stop_log
+        assert "SIGKILL" not in stop_log, "supervisord had to kill something: the stop was not graceful"
+        main_log = sup.program_log("kraite-mp")
+        assert "SIGTERM: stopping" in main_log and "supervisor stopped" in main_log
+        assert "did not stop within" not in main_log
+        assert "Killing worker process" not in sup.program_log("kraite-mp-worker")
+        # nothing but supervisord itself carries the marker any more
+        assert sup.proc is not None
+        supervisord_pid = sup.proc.pid
+        wait_for(lambda: not [p for p in marked_pids(sup.marker) if p != supervisord_pid] or None, timeout=30,
+                 message="no process but supervisord left after stop all")
+        assert all(state == "STOPPED" for state, _ in sup.status().values())
+    except BaseException:
+        sys.stderr.write(sup.diagnostics())
+        raise
+    finally:
+        sup.shutdown()
+    assert marked_pids(sup.marker) == []
