@@ -762,6 +762,12 @@ def test_control_api(sim: Simulator) -> None:
     assert signed(sim, acct, "/fapi/v1/openOrders").status_code == 401
     stats = requests.get(f"{sim.control_url}/stats", timeout=5).json()
     assert stats["requests"]["/fapi/v1/openOrders"] == 1 and stats["control_requests"]["step"] == 1
+    requests.post(f"{sim.control_url}/set_symbols", json={"symbols": ["BTCUSDT", "BTCUSD_PERP"]}, timeout=5)
+    assert sim.mark_symbols == [("BTCUSDT", 1), ("BTCUSD_PERP", 2)]
+    silent = requests.post(
+        f"{sim.control_url}/go_silent", json={"target": "market", "seconds": 0.1}, timeout=5
+    )
+    assert silent.json() == {"result": 0}
     accounts = requests.get(f"{sim.control_url}/accounts", timeout=5).json()
     assert accounts[0] == {"api_key": acct.api_key, "api_secret": acct.api_secret}
 
@@ -777,6 +783,8 @@ def test_simulator_refuses_non_loopback_and_stops_idempotently() -> None:
     sim.stop()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/fapi/v1/ping", timeout=2)
+    with pytest.raises(RuntimeError):
+        sim.start()
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:

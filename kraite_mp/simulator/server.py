@@ -147,6 +147,8 @@ class Simulator:
 
     def start(self) -> Simulator:
         """Bind and serve in a background thread; return once listening."""
+        if self._stopped.is_set():
+            raise RuntimeError("a stopped simulator cannot be restarted; make a new one")
         if self._thread is not None:
             return self
         self._thread = threading.Thread(target=self._run, name="kraite-mp-simulator", daemon=True)
