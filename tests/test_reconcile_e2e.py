@@ -1,0 +1,108 @@
+"""End to end: `kraite-mp run` (real user-data child) + a real `dramatiq kraite_mp.jobs` worker.
+
+The simulator loses the account's frames while the stream is gone (silent connection, listenKey
+expiry); after the reconnect the child requests a reconciliation, the worker runs it, and the
+orders table equals the simulator's truth within seconds -- with the gap closed by REST.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from test_reconcile import assert_equals_truth, db_orders
+
+from kraite_mp.accounts import add_account
+
+
+def matches_truth(db: Any, account_id: int, truth: dict[str, Any]) -> bool:
+    try:
+        assert_equals_truth(db, account_id, truth)
+    except AssertionError:
+        return False
+    return True
+
+
+def rest_transitions(db: Any, account_id: int) -> int:
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'", (account_id,))
+        (count,) = cur.fetchone()
+    db.commit()
+    return int(count)
+
+
+@pytest.fixture()
+def daemon(simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any) -> dict[str, Any]:
+    sim = simulator
+    account = add_account(db, settings.secret_key, name="e2e", api_key=sim.accounts[0].api_key,
+                          api_secret=sim.accounts[0].api_secret)
+    env = dict(
+        kraite_env,
+        KRAITE_BINANCE_REST_URL=sim.rest_url,
+        KRAITE_BINANCE_WS_URL=sim.ws_url,
+        # only the on-reconnect reconciliation may close the gap: no periodic sync, no mark prices
+        KRAITE__supervisor__sync_interval_s="0",
+        KRAITE__supervisor__mark_price="false",
+        # notice a silent connection within a few seconds
+        KRAITE__user_data_stream__ping_interval_s="1",
+        KRAITE__user_data_stream__pong_timeout_s="2",
+    )
+    processes.kraite("run", env=env)
+    processes.start([sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"], env)
+    key = sim.accounts[0].api_key
+    assert sim.wait_for_connections(key, 1, timeout=60), "the user-data child never connected"
+    return {"sim": sim, "db": db, "account": account, "key": key}
+
+
+def streamed_until_equal(d: dict[str, Any], message: str) -> None:
+    sim, db, account, key = d["sim"], d["db"], d["account"], d["key"]
+    wait_for(lambda: matches_truth(db, account.id, sim.truth(key)), timeout=60, message=message)
+
+
+@pytest.mark.e2e
+def test_orders_changed_while_the_stream_was_silent_equal_truth_after_reconnect(daemon: dict[str, Any]) -> None:
+    sim, db, account, key = daemon["sim"], daemon["db"], daemon["account"], daemon["key"]
+    ids = [sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price=f"4000{i}.0")
+           for i in range(4)]
+    algo = sim.place_algo(key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5",
+                          trigger_price="1000.00")
+    streamed_until_equal(daemon, "the stream to deliver the first orders")
+    before_rest = rest_transitions(db, account.id)
+    lost_before = sim.stats()["events_lost"].get(key, 0)
+
+    sim.go_silent(key, 4.0)  # TCP stays open, nothing is delivered: every event now is lost
+    sim.fill(key, ids[0])
+    sim.fill(key, ids[1], qty="0.004")
+    sim.cancel(key, ids[2])
+    sim.trigger_algo(key, algo)  # the regular order it creates fills at once
+    new = sim.place_order(key, symbol="SOLUSDT", side="SELL", type="LIMIT", quantity="3", price="300.000")
+    assert sim.stats()["events_lost"].get(key, 0) > lost_before
+
+    streamed_until_equal(daemon, "reconciliation after the reconnect to make the orders table equal the truth")
+    stored = db_orders(db, account.id)
+    assert stored[("regular", ids[0])]["status"] == "FILLED" and stored[("regular", new)]["status"] == "NEW"
+    assert rest_transitions(db, account.id) > before_rest  # the gap was closed by REST, not by frames
+
+
+@pytest.mark.e2e
+def test_orders_changed_around_a_listen_key_expiry_equal_truth(daemon: dict[str, Any]) -> None:
+    sim, db, account, key = daemon["sim"], daemon["db"], daemon["account"], daemon["key"]
+    ids = [sim.place_order(key, symbol="ETHUSDT", side="SELL", type="LIMIT", quantity="1", price=f"500{i}.00")
+           for i in range(3)]
+    streamed_until_equal(daemon, "the stream to deliver the first orders")
+    lost_before = sim.stats()["events_lost"].get(key, 0)
+    opened_before = sim.stats()["ws_opened"].get(key, 0)
+
+    sim.expire_listen_key(key)  # listenKeyExpired, then that connection gets nothing more
+    sim.fill(key, ids[0])
+    sim.cancel(key, ids[1])
+    sim.amend(key, ids[2], price="5100.00")
+    lost_now = sim.stats()["events_lost"].get(key, 0)
+    assert lost_now > lost_before  # the changes fell into the gap: only REST can bring them
+
+    wait_for(lambda: sim.stats()["ws_opened"].get(key, 0) > opened_before, timeout=60,
+             message="a new connection with a new listenKey")
+    streamed_until_equal(daemon, "the orders table to equal the truth after the listenKey expiry")
+    assert rest_transitions(db, account.id) > 0
