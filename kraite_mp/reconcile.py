@@ -62,6 +62,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+import psycopg2
 import requests
 
 from kraite_mp import exitcodes, orders
@@ -430,7 +431,8 @@ def _write(conn: Any, settings: Settings, account: Account, sweep: _Sweep, resul
     transitions: list[orders.Transition] = []
     try:
         with conn.cursor() as cur:
-            for (kind, _), fetched in sorted(sweep.fetched.items(), key=lambda kv: _update_time(kv[1].data)):
+            # rows are locked in (kind, id) order: two reconciliations of one account never deadlock
+            for (kind, _), fetched in sorted(sweep.fetched.items(), key=lambda kv: kv[0]):
                 result.checked += 1
                 error = None
                 state: orders.OrderState | None = None
@@ -468,6 +470,7 @@ def _write(conn: Any, settings: Settings, account: Account, sweep: _Sweep, resul
     except BaseException:
         conn.rollback()
         raise
+    transitions.sort(key=lambda t: (t.new.get("last_transaction_time_ms") or 0, t.new.get("id") or 0))
     result.transitions = len(transitions)
     result.transition_list = transitions
     if transitions:
@@ -562,7 +565,15 @@ def reconcile_accounts(
                 log.warning("Binance refuses calls for %.0fs more (429/418): %d account(s) left for the next pass",
                             left, len(accounts) - index)
                 break
-            result = _reconcile(conn, settings, account, rest=client, mode=mode)
+            try:
+                result = _reconcile(conn, settings, account, rest=client, mode=mode)
+            except psycopg2.Error as e:
+                if conn.closed:
+                    raise  # the connection is gone: the caller decides (the child exits TEMPFAIL)
+                conn.rollback()
+                log.error("account %s: database error, its results are dropped for this pass: %s",
+                          account.id, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                result = SyncResult(account.id, account.name, status="error", error=f"database: {type(e).__name__}")
             results.append(result)
             if on_result is not None:
                 on_result(index, result)
@@ -590,7 +601,12 @@ def run_sync_child(ctx: ChildContext) -> int:
             ctx.beat("syncing", accounts=f"{index + 1}/{total}", weight=result.weight)
             log.info("%s", result.summary())
 
-        results = reconcile_accounts(conn, settings, accounts, mode="auto", stop=ctx.stop, on_result=progress)
+        try:
+            results = reconcile_accounts(conn, settings, accounts, mode="auto", stop=ctx.stop, on_result=progress)
+        except psycopg2.OperationalError as e:
+            ctx.fail(f"PostgreSQL connection lost: {type(e).__name__}")
+            log.error("PostgreSQL connection lost during the sync pass: %s", e)
+            return exitcodes.EXIT_TEMPFAIL
         failed = [r for r in results if r.status != "ok"]
         ctx.beat(
             "done", force=True, accounts=f"{len(results)}/{total}", failed=len(failed),

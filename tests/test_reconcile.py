@@ -444,3 +444,60 @@ def test_sync_orders_cli_one_pass_and_every_until_sigterm(env: dict[str, Any], k
     except subprocess.TimeoutExpired:
         pytest.fail("sync-orders --every did not stop on SIGTERM")
     assert code == 0
+
+
+@pytest.mark.integration
+def test_concurrent_reconciliations_of_one_account_record_each_change_once(env: dict[str, Any],
+                                                                            database_url: str) -> None:
+    from kraite_mp import db as kdb
+
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    account, key = env["accounts"][0], sim.accounts[0].api_key
+    sim.step(key, n=40)
+    snapshot = sim.truth(key)
+    stream_saw(db, account, snapshot)
+    sim.step(key, n=120)
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        conn = kdb.connect(database_url)
+        try:
+            results.append(reconcile_account(conn, settings, account))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and [r["status"] for r in results] == ["ok"] * 3
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT o.exchange_order_id, t.to_status, count(*) FROM order_transitions t JOIN orders o ON o.id = t.order_id"
+            " WHERE t.account_id = %s AND t.source = 'rest' GROUP BY 1, 2 HAVING count(*) > 1",
+            (account.id,),
+        )
+        assert cur.fetchall() == []  # no status change recorded twice
+        cur.execute("SELECT frame_id, count(*) FROM api_data_stream GROUP BY 1 HAVING count(*) > 1")
+        assert cur.fetchall() == []
+    db.commit()
+    seen = {int(a["algoId"]) for a in snapshot["algo_orders"]}
+    truth = sim.truth(key)
+    unreachable = frozenset(int(a["algoId"]) for a in truth["algo_orders"]
+                            if int(a["algoId"]) not in seen and orders.is_terminal("algo", a["algoStatus"]))
+    assert_equals_truth(db, account.id, truth, unreachable)
+    assert sum(r["transitions"] for r in results) == rest_transition_count(db, account.id)
+
+
+def rest_transition_count(db: Any, account_id: int) -> int:
+    with db.cursor() as cur:
+        # stream_saw() writes with frame_id NULL; reconciliation with its rest:... frame id
+        cur.execute("SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'"
+                    " AND frame_id LIKE 'rest:%%'", (account_id,))
+        (count,) = cur.fetchone()
+    db.commit()
+    return int(count)
