@@ -165,6 +165,8 @@ class SyncResult:
     requests: int = 0
     weight: int = 0
     error: str | None = None
+    #: After a 429/418: seconds until Binance may be called again.
+    retry_after_s: float | None = None
     transition_list: list[orders.Transition] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class SyncResult:
             "requests": self.requests,
             "weight": self.weight,
             "error": self.error,
+            "retry_after_s": self.retry_after_s,
         }
 
     def summary(self) -> str:
@@ -527,7 +530,7 @@ def _reconcile(conn: Any, settings: Settings, account: Account, *, rest: Binance
             mark_credentials_invalid(conn, account.id, str(e))
             return result
         except RateLimited as e:
-            result.status, result.error = "rate_limited", str(e)
+            result.status, result.error, result.retry_after_s = "rate_limited", str(e), e.retry_after_s
             log.warning("account %s: %s: no more calls for it this cycle", account.id, e)
         except TransientError as e:
             result.status, result.error = "transient", str(e)

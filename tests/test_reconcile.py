@@ -337,6 +337,7 @@ def test_rate_limit_stops_the_pass_without_a_request_storm(env: dict[str, Any], 
     sim.rate_limit(status=status, count=1, retry_after_s=300)
     results = reconcile_accounts(db, settings, env["accounts"], mode="full", stop=threading.Event())
     assert len(results) == 1 and results[0].status == "rate_limited" and results[0].requests == 1
+    assert results[0].retry_after_s is not None and results[0].retry_after_s >= 299
     assert sum(n for p, n in sim.stats()["requests"].items() if p.startswith("/fapi/")) == 1
     # a second pass (the next cycle, same process) sends nothing at all while the block lasts
     assert reconcile_accounts(db, settings, env["accounts"], mode="full", stop=threading.Event()) == []
