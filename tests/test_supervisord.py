@@ -9,6 +9,7 @@ Every process the test causes carries a unique marker in its environment, so tha
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import shutil
@@ -46,21 +47,27 @@ def _bin(name: str) -> str:
     return found
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment holds ``MARKER_VAR=marker`` (zombies excluded)."""
+def marked_pids(marker: str, root: Path) -> list[int]:
+    """Live processes (zombies excluded) with ``MARKER_VAR=marker`` in their environment or their
+    working directory under ``root``. Both, because setproctitle (kraite-mp, redis-server, postgres)
+    overwrites the memory /proc/PID/environ reads, while the working directory survives it."""
     needle = f"{MARKER_VAR}={marker}".encode()
+    prefix = str(root.resolve())
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
             with open(f"/proc/{entry}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if state != b"Z" and needle in environ.split(b"\0"):
+        if state == b"Z":
+            continue
+        if needle in environ.split(b"\0") or cwd == prefix or cwd.startswith(prefix + os.sep):
             found.append(int(entry))
     return found
 
@@ -167,7 +174,7 @@ class Supervisord:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         for _ in range(3):
-            leftovers = marked_pids(self.marker)
+            leftovers = marked_pids(self.marker, self.workdir)
             if not leftovers:
                 break
             for pid in leftovers:
@@ -303,13 +310,31 @@ def test_supervisord_runs_stops_and_restarts_kraite_mp(
         wait_for(lambda: _count(db, "SELECT count(*) FROM exchange_symbols WHERE mark_price IS NOT NULL") > 0,
                  timeout=60, message="mark prices written")
 
+        # the scan that later proves "nothing left" sees the whole tree now: supervisord, kraite-mp and
+        # its 4 children, dramatiq's main process and its 2 worker processes
+        assert len(marked_pids(sup.marker, sup.workdir)) >= 9
+
+        # `kraite-mp status` (from Redis) lists the supervisor and its children, all fresh
+        def status_rows() -> dict[str, Any] | None:
+            result = subprocess.run([sys.executable, "-m", "kraite_mp", "status", "--json"], env=sup.env,
+                                    capture_output=True, text=True, timeout=60)
+            rows = {r["key"]: r for r in json.loads(result.stdout or "[]")} if result.returncode == 0 else {}
+            wanted = {"supervisor", "mark-price", *(f"user-data-{i}" for i in (1, 2, 3))}
+            ok = wanted <= set(rows) and all(rows[k]["state"] in ("running", "streaming") for k in wanted)
+            return rows if ok else None
+
+        rows = wait_for(status_rows, timeout=60, interval=1, message="kraite-mp status shows every process")
+        assert not any(r["stale"] for r in rows.values())
+        assert rows["supervisor"]["pid"] == running["kraite-mp"][1]
+        assert rows["user-data-1"]["fields"]["frames"] >= 0
+
         # kill -9 kraite-mp's parent: its children follow it (PDEATHSIG), supervisord starts a new one
         old_pid = running["kraite-mp"][1]
         assert old_pid is not None
         old_children = wait_for(lambda: child_pids(old_pid) if len(child_pids(old_pid)) >= 4 else None,
                                 timeout=60, message="3 user-data children + mark-price forked")
         os.kill(old_pid, signal.SIGKILL)
-        wait_for(lambda: not set(old_children) & set(marked_pids(sup.marker)), timeout=30,
+        wait_for(lambda: not set(old_children) & set(marked_pids(sup.marker, sup.workdir)), timeout=30,
                  message="the killed parent's children exit")
         restarted = wait_for(
             lambda: (st := sup.all_running()) and st["kraite-mp"][1] not in (None, old_pid) and st,
@@ -340,7 +365,7 @@ def test_supervisord_runs_stops_and_restarts_kraite_mp(
         # nothing but supervisord itself carries the marker any more
         assert sup.proc is not None
         supervisord_pid = sup.proc.pid
-        wait_for(lambda: not [p for p in marked_pids(sup.marker) if p != supervisord_pid] or None, timeout=30,
+        wait_for(lambda: not [p for p in marked_pids(sup.marker, sup.workdir) if p != supervisord_pid] or None, timeout=30,
                  message="no process but supervisord left after stop all")
         assert all(state == "STOPPED" for state, _ in sup.status().values())
     except BaseException:
@@ -348,4 +373,4 @@ def test_supervisord_runs_stops_and_restarts_kraite_mp(
         raise
     finally:
         sup.shutdown()
-    assert marked_pids(sup.marker) == []
+    assert marked_pids(sup.marker, sup.workdir) == []

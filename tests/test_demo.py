@@ -1,0 +1,155 @@
+"""``kraite-mp demo`` smoke tests: no configuration at all (embedded PostgreSQL and Redis), a few
+seconds of streaming, a summary with processed frames, and nothing left running afterwards.
+
+Every process the demo starts inherits a unique marker in its environment (the demo passes the
+environment on, minus KRAITE_* settings), so leftovers are found by scanning /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, wait_for
+
+pytestmark = pytest.mark.e2e
+
+MARKER_VAR = "DEMO_TEST_MARKER"
+
+
+def marked_pids(marker: str, root: Path) -> list[int]:
+    """Live processes (zombies excluded) with ``MARKER_VAR=marker`` in their environment or their
+    working directory under ``root``. Both, because setproctitle (kraite-mp, redis-server, postgres)
+    overwrites the memory /proc/PID/environ reads, while the working directory survives it."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    prefix = str(root.resolve())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if state == b"Z":
+            continue
+        if needle in environ.split(b"\0") or cwd == prefix or cwd.startswith(prefix + os.sep):
+            found.append(int(entry))
+    return found
+
+
+def describe(pids: list[int]) -> str:
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode(errors="replace")
+            out.append(f"{pid}: {args}")
+        except OSError:
+            pass
+    return "\n".join(out)
+
+
+@pytest.fixture()
+def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of someone who configured nothing; every descendant is marked."""
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRAITE")}
+    env[MARKER_VAR] = marker
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    try:
+        yield env
+    finally:
+        for _ in range(3):  # whatever happened, nothing of ours survives the test
+            pids = marked_pids(marker, tmp_path)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+
+
+def _demo_args(workdir: Path, duration: float) -> list[str]:
+    return [sys.executable, "-m", "kraite_mp", "demo", "--duration", str(duration), "--accounts", "2",
+            "--symbols", "40", "--rate", "3", "--refresh", "1", "--workdir", str(workdir)]
+
+
+def _frames_processed(output: str) -> int:
+    m = re.search(r"frames processed \(audited in api_data_stream\): (\d+)", output)
+    assert m, f"no summary line in the output:\n{output}"
+    return int(m.group(1))
+
+
+def _assert_clean_stop(output: str, marker: str, root: Path) -> None:
+    for name in ("kraite-mp-run", "worker", "simulator"):
+        assert re.search(rf"stopped {name} \(pid \d+\): stopped, exit code 0", output), output[-3000:]
+    assert "stopped embedded Redis" in output and "stopped embedded PostgreSQL" in output
+    # the embedded servers, the simulator, the supervisor, its children, the dramatiq processes: all gone
+    deadline = time.monotonic() + 20
+    while marked_pids(marker, root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = marked_pids(marker, root)
+    assert not left, f"left behind:\n{describe(left)}"
+
+
+@pytest.mark.timeout(400)
+def test_demo_runs_with_no_configuration(tmp_path: Path, demo_env: dict[str, str]) -> None:
+    result = subprocess.run(_demo_args(tmp_path / "demo", 8), env=demo_env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=360)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    for step in range(1, 9):
+        assert f"[{step}/8]" in output
+    assert "embedded PostgreSQL started" in output and "embedded Redis started" in output
+    assert "2/3 streaming" in output or "3/3 streaming" in output
+    assert "ACCOUNT" in output and "demo-1" in output and "demo-2" in output
+    assert _frames_processed(output) > 0
+    assert "mark prices: " in output and "across 4 exchanges" in output
+    assert re.search(r"mark prices: [1-9]\d*/", output), "no mark price was written"
+    assert "=== inspect the data ===" in output and "psql " in output
+    _assert_clean_stop(output, demo_env[MARKER_VAR], tmp_path)
+    # logs stay for the curious; nothing else
+    assert (tmp_path / "demo" / "logs" / "kraite-mp-run.log").exists()
+    assert not (tmp_path / "demo" / "pg").exists()
+
+
+@pytest.mark.timeout(400)
+def test_demo_ctrl_c_stops_cleanly_with_a_summary(tmp_path: Path, demo_env: dict[str, str]) -> None:
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(_demo_args(tmp_path / "demo", 300), env=demo_env, cwd=str(tmp_path), stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        # wait for the live table with processed frames, then press Ctrl-C
+        wait_for(lambda: re.search(r"demo-1 +streaming +\d+ +[1-9]", out_path.read_text()), timeout=240,
+                 interval=0.5, message="the live table shows frames")
+        # the scan that proves "nothing left" sees the tree: PostgreSQL, Redis, the simulator, the
+        # worker (2 processes), kraite-mp run and its 3 children
+        assert len(marked_pids(demo_env[MARKER_VAR], tmp_path)) >= 9
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    output = out_path.read_text()
+    assert proc.returncode == 0, output[-5000:]
+    assert "Ctrl-C: stopping the market and writing the summary" in output
+    assert _frames_processed(output) > 0
+    _assert_clean_stop(output, demo_env[MARKER_VAR], tmp_path)
