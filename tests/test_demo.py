@@ -153,3 +153,46 @@ def test_demo_ctrl_c_stops_cleanly_with_a_summary(tmp_path: Path, demo_env: dict
     assert "Ctrl-C: stopping the market and writing the summary" in output
     assert _frames_processed(output) > 0
     _assert_clean_stop(output, demo_env[MARKER_VAR], tmp_path)
+
+
+# -- `make bench`: bench/run_all.py, the other operator-facing make target --------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(120)
+def test_bench_run_all_collects_sections_and_survives_failures(tmp_path: Path) -> None:
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "a_ok.py").write_text(
+        "import sys\nprint('progress', file=sys.stderr)\nprint('## A works\\n\\n| rows | p50 |\\n|---|---|\\n| 10 | 1 ms |')\n"
+    )
+    (bench / "b_fail.py").write_text(
+        "import sys\nprint('## B partial')\nprint('boom: database gone', file=sys.stderr)\nsys.exit(3)\n"
+    )
+    pid_file = tmp_path / "slow.pid"
+    (bench / "c_slow.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(300)\n"
+    )
+    (bench / "_helper.py").write_text("raise SystemExit('helpers are not benchmarks')\n")
+    out = tmp_path / "BENCHMARKS.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--bench-dir", str(bench), "--timeout", "5",
+         "--output", str(out), "--args", "a_ok=--flag x"],
+        capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 1, result.stderr
+    doc = out.read_text()
+    assert "## Machine" in doc and "CPUs (nproc)" in doc and "CPU model" in doc and "RAM" in doc
+    assert "| Python |" in doc and "| PostgreSQL |" in doc and "| Redis |" in doc and "| date |" in doc
+    assert "## A works" in doc and "| 10 | 1 ms |" in doc
+    assert "`bench/a_ok.py` | ok in" in doc
+    assert "bench/b_fail.py: failed: exit code 3" in doc and "## B partial" in doc and "boom: database gone" in doc
+    assert "bench/c_slow.py: timed out" in doc
+    assert "_helper" not in doc
+    assert "2 of 3 benchmark(s) did not complete" in doc
+    assert "progress" in result.stderr  # live progress passes through
+    slow_pid = int(pid_file.read_text())
+    assert not os.path.exists(f"/proc/{slow_pid}"), "the timed-out script was not stopped"
+    listed = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--bench-dir", str(bench), "--list"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.stdout.split() == ["a_ok", "b_fail", "c_slow"]
