@@ -9,6 +9,7 @@ Every process the test causes carries a unique marker in its environment, so tha
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import pytest
 from conftest import ROOT, wait_for
 
 from kraite_mp.accounts import add_account
-from kraite_mp.config import Settings
+from kraite_mp.config import Settings, load_settings
 
 SUPERVISORD_D = ROOT / "etc" / "supervisord.d"
 PROGRAMS = ("kraite-mp", "kraite-mp-worker")
@@ -273,6 +275,58 @@ def test_supervisord_parses_the_program_files(tmp_path: Path, monkeypatch: pytes
     assert main.environment == {"PYTHONUNBUFFERED": "1"}
     worker = programs["kraite-mp-worker"]
     assert worker.command.startswith(f"{home}/.venv/bin/dramatiq kraite_mp.jobs ")
+
+
+def _uncommented(example: str) -> str:
+    """The example with its settings switched on: "## " lines are prose, "# " lines are settings."""
+    out = []
+    for line in example.splitlines():
+        if line.startswith("##"):
+            continue
+        out.append(line[2:] if line.startswith("# ") else line)
+    return "\n".join(out)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _all_settings() -> dict[str, Any]:
+    data = dataclasses.asdict(Settings())
+    data.pop("source")
+    return _flatten(data)
+
+
+@pytest.mark.unit
+def test_example_config_lists_every_setting_with_its_default(tmp_path: Path) -> None:
+    example = ROOT / "etc" / "kraite-mp.toml.example"
+    text = example.read_text()
+    # as shipped (everything commented out) it is valid and means "defaults"
+    assert load_settings(example, environ={}).redacted() == dict(Settings().redacted(), source=f"defaults + {example}")
+    # switched on, it holds every setting of config.py at its default, and nothing else
+    switched_on = _uncommented(text)
+    documented = _flatten(tomllib.loads(switched_on))
+    expected = _all_settings()
+    assert sorted(set(expected) - set(documented)) == [], "settings missing from etc/kraite-mp.toml.example"
+    assert sorted(set(documented) - set(expected)) == [], "the example documents settings that do not exist"
+    wrong = {k: (documented[k], v) for k, v in expected.items() if documented[k] != v}
+    assert wrong == {}, "example value != default (documented, real)"
+    path = tmp_path / "kraite-mp.toml"
+    path.write_text(switched_on)
+    load_settings(path, environ={})
+
+
+@pytest.mark.unit
+def test_readme_configuration_reference_names_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in _all_settings() if f"`{k}`" not in readme]
+    assert missing == [], "README's configuration reference misses these settings"
 
 
 def _count(db: Any, sql: str) -> int:
