@@ -7,14 +7,34 @@ orders table equals the simulator's truth within seconds -- with the gap closed 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import wait_for
-from test_reconcile import assert_equals_truth, db_orders
+from test_reconcile import assert_equals_truth, db_orders, stream_saw
 
 from kraite_mp.accounts import add_account
+
+_log_files: list[Any] = []
+
+
+def log_to(run_dir: str, name: str) -> dict[str, Any]:
+    """Send a process's output to a file: an unread pipe fills up and blocks its logging (and its shutdown)."""
+    f = open(os.path.join(run_dir, f"{name}.log"), "ab")  # noqa: SIM115 - closed by _close_logs
+    _log_files.append(f)
+    return {"stdout": subprocess.DEVNULL, "stderr": f}
+
+
+@pytest.fixture(autouse=True)
+def _close_logs() -> Iterator[None]:
+    yield
+    while _log_files:
+        _log_files.pop().close()
 
 
 def matches_truth(db: Any, account_id: int, truth: dict[str, Any]) -> bool:
@@ -34,7 +54,8 @@ def rest_transitions(db: Any, account_id: int) -> int:
 
 
 @pytest.fixture()
-def daemon(simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any) -> dict[str, Any]:
+def daemon(simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any,
+           run_dir: str) -> dict[str, Any]:
     sim = simulator
     account = add_account(db, settings.secret_key, name="e2e", api_key=sim.accounts[0].api_key,
                           api_secret=sim.accounts[0].api_secret)
@@ -49,8 +70,9 @@ def daemon(simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], p
         KRAITE__user_data_stream__ping_interval_s="1",
         KRAITE__user_data_stream__pong_timeout_s="2",
     )
-    processes.kraite("run", env=env)
-    processes.start([sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"], env)
+    processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
+    processes.start([sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"], env,
+                    **log_to(run_dir, "dramatiq"))
     key = sim.accounts[0].api_key
     assert sim.wait_for_connections(key, 1, timeout=60), "the user-data child never connected"
     return {"sim": sim, "db": db, "account": account, "key": key}
@@ -106,3 +128,33 @@ def test_orders_changed_around_a_listen_key_expiry_equal_truth(daemon: dict[str,
              message="a new connection with a new listenKey")
     streamed_until_equal(daemon, "the orders table to equal the truth after the listenKey expiry")
     assert rest_transitions(db, account.id) > 0
+
+
+@pytest.mark.e2e
+def test_periodic_sync_child_closes_the_gap_without_any_worker(simulator: Any, db: Any, settings: Any,
+                                                              kraite_env: dict[str, str], processes: Any,
+                                                              run_dir: str) -> None:
+    """No dramatiq worker runs, so the on-demand reconcile never happens: the supervisor's periodic
+    sync child (mode auto -> full, nothing swept yet) must bring the orders table to the truth."""
+    sim = simulator
+    key = sim.accounts[1].api_key
+    account = add_account(db, settings.secret_key, name="periodic", api_key=key, api_secret=sim.accounts[1].api_secret)
+    ids = [sim.place_order(key, symbol="BNBUSDT", side="BUY", type="LIMIT", quantity="1", price=f"50{i}.00")
+           for i in range(3)]
+    stream_saw(db, account, sim.truth(key))  # what an earlier run of the daemon had streamed
+    sim.fill(key, ids[0])  # ... and what happened while no daemon ran at all: only REST knows it
+    sim.cancel(key, ids[1])
+    sim.place_order(key, symbol="BNBUSDT", side="SELL", type="MARKET", quantity="2")  # placed and filled
+    env = dict(
+        kraite_env,
+        KRAITE_BINANCE_REST_URL=sim.rest_url,
+        KRAITE_BINANCE_WS_URL=sim.ws_url,
+        KRAITE__supervisor__sync_interval_s="2",
+        KRAITE__supervisor__mark_price="false",
+    )
+    processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
+    wait_for(lambda: matches_truth(db, account.id, sim.truth(key)), timeout=90,
+             message="the periodic sync child to reconcile the account")
+    assert rest_transitions(db, account.id) >= 3 + 3  # 3 first sightings by stream_saw, then 3 changes
+    with open(os.path.join(env["KRAITE_RUN_DIR"], "reconcile", f"account-{account.id}.json")) as f:
+        assert json.load(f)["last_full_ms"] > 0  # the sync child ran a full sweep and remembered it
