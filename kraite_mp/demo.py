@@ -665,10 +665,8 @@ class Demo:
         return exitcodes.EXIT_OK
 
     def print_inspection(self) -> None:
-        from kraite_mp.config import redact_url
-
         c = self.console
-        url = redact_url(self.database_url)
+        url = display_url(self.database_url)
         c.line("")
         c.line("=== inspect the data ===")
         queries = (
@@ -682,8 +680,8 @@ class Demo:
         )
         for q in queries:
             c.line(f'  psql "{url}" -c "{q}"')
-        c.line("  process status (Redis):")
-        c.line(f"  KRAITE_REDIS_URL={redact_url(self.redis_url)} KRAITE_REDIS_NAMESPACE={self.namespace} "
+        c.line("  process status (while the demo runs, or with --hold):")
+        c.line(f"  KRAITE_REDIS_URL={display_url(self.redis_url)} KRAITE_REDIS_NAMESPACE={self.namespace} "
                "kraite-mp status")
         c.line(f"  logs: {self.workdir / 'logs'}")
         if self.embedded_pg or self.embedded_redis:
@@ -740,6 +738,16 @@ class Demo:
             signal.signal(signal.SIGINT, previous)
 
 
+def display_url(url: str) -> str:
+    """The URL to print: a password is masked, an empty one (embedded PostgreSQL) is left out."""
+    from kraite_mp.config import redact_url
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.password == "":
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(":@", "@", 1)))
+    return redact_url(url)
+
+
 def _ms(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, int | float) else "-"
 
@@ -774,9 +782,12 @@ def demo_command(ctx: click.Context, duration: float, accounts: int, rate: float
     options = DemoOptions(duration_s=duration, accounts=accounts, rate=rate, symbols=symbols, refresh_s=refresh,
                           workdir=workdir, hold=hold, worker_processes=worker_processes,
                           worker_threads=worker_threads)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    # SIGTERM cleans up like Ctrl-C; SIGINT is set explicitly because a shell starts background jobs
+    # with it ignored, and Python then installs no KeyboardInterrupt handler
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = Demo(options).run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     ctx.exit(code)
