@@ -202,8 +202,9 @@ class ProcessGroup:
         deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+                # communicate() drains unread pipes: a chatty child blocked on a full pipe cannot exit
+                proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except (subprocess.TimeoutExpired, ValueError, OSError):
                 pass
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
