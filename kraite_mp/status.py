@@ -117,11 +117,15 @@ class StatusPublisher:
         # a client inherited through fork() shares the parent's socket: make our own
         if self._client is None or self._client_pid != os.getpid():
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
             self._client = redis.Redis.from_url(
                 self.redis_url,
                 socket_connect_timeout=self.socket_timeout_s,
                 socket_timeout=self.socket_timeout_s,
+                # one attempt: redis-py's default retries (with backoff) would multiply the worst case
+                retry=Retry(NoBackoff(), 0),
                 retry_on_timeout=False,
                 health_check_interval=0,
             )
