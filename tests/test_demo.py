@@ -155,6 +155,24 @@ def test_demo_ctrl_c_stops_cleanly_with_a_summary(tmp_path: Path, demo_env: dict
     _assert_clean_stop(output, demo_env[MARKER_VAR], tmp_path)
 
 
+@pytest.mark.timeout(200)
+def test_demo_failure_midway_still_stops_what_it_started(tmp_path: Path, demo_env: dict[str, str]) -> None:
+    """Embedded PostgreSQL is up when the (given, dead) Redis turns out unreachable: it must be stopped."""
+    from kraite_mp.embedded import free_port
+
+    env = dict(demo_env, KRAITE_REDIS_URL=f"redis://:s3cretpw@127.0.0.1:{free_port()}/0")
+    result = subprocess.run(_demo_args(tmp_path / "demo", 5), env=env, cwd=str(tmp_path), capture_output=True,
+                            text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "embedded PostgreSQL started" in output
+    assert "demo failed: KRAITE_REDIS_URL" in output and "is not reachable" in output
+    assert "s3cretpw" not in output
+    assert "Traceback" not in output
+    assert "stopped embedded PostgreSQL" in output
+    assert marked_pids(demo_env[MARKER_VAR], tmp_path) == []
+
+
 # -- `make bench`: bench/run_all.py, the other operator-facing make target --------------------------
 
 
