@@ -48,8 +48,12 @@ log = logging.getLogger(__name__)
 MARK_PRICE_ROUTE = "/market/ws/!markPrice@arr@1s"
 #: Socket read timeout: how quickly the stream loop notices ``ctx.stop``, the watchdog and pings.
 RECV_TIMEOUT_S = 0.5
-#: TCP connect + WebSocket handshake timeout.
-CONNECT_TIMEOUT_S = 10.0
+#: TCP connect + WebSocket handshake timeout (short: ``ctx.stop`` is not checked while connecting).
+CONNECT_TIMEOUT_S = 5.0
+#: The reconnect backoff starts over only after a connection delivered ticks for this long
+#: (supervisor's startsecs): a server that accepts and drops us at once must not get a 1 Hz
+#: reconnect loop (Binance allows 300 new connections per 5 minutes per IP).
+STREAM_HEALTHY_AFTER_S = 30.0
 #: Payload of our client pings (the server echoes it in the pong).
 PING_PAYLOAD = b"kraite-mp"
 #: A write that takes longer than this is cancelled by PostgreSQL (a lock held elsewhere, say):
@@ -59,8 +63,8 @@ STATEMENT_TIMEOUT_MS = 10_000
 WRITER_WAIT_S = 0.5
 #: Counters of bad input are logged at most this often (a broken feed must not flood the log).
 BAD_INPUT_LOG_INTERVAL_S = 60.0
-#: How long ``shutdown`` waits for an in-flight write to finish.
-WRITER_JOIN_TIMEOUT_S = 15.0
+#: How long ``shutdown`` waits for an in-flight write to finish (under the supervisor's graceful timeout).
+WRITER_JOIN_TIMEOUT_S = 5.0
 #: Longest accepted symbol name (Binance's are < 20 characters).
 MAX_SYMBOL_LEN = 64
 
@@ -414,7 +418,8 @@ class PriceWriter:
         self._retry_at = 0.0
         self._attempt = 0
         self._outage_since: float | None = None
-        self._last_unknown_logged = -1
+        self._last_unknown_logged = 0
+        self._last_unknown_log_at = -BAD_INPUT_LOG_INTERVAL_S
 
     # lifecycle
     def start(self) -> None:
@@ -522,10 +527,10 @@ class PriceWriter:
         st.last_write_ms = round(elapsed_ms)
         st.unknown_last = unknown
         st.unknown_total += unknown
-        if unknown != self._last_unknown_logged:
+        if unknown != self._last_unknown_logged and time.monotonic() - self._last_unknown_log_at >= BAD_INPUT_LOG_INTERVAL_S:
             self._last_unknown_logged = unknown
-            if unknown:
-                log.info("%d symbols in the mark-price stream have no exchange_symbols row", unknown)
+            self._last_unknown_log_at = time.monotonic()
+            log.info("%d symbols in the mark-price stream have no exchange_symbols row", unknown)
         self._db_ok()
         del rows
         gc.collect()  # cycles from parsing/psycopg2 would otherwise pile up between generations: memory stays flat
@@ -602,6 +607,8 @@ class MarkPriceStreamer:
         self.ws: websocket.WebSocket | None = None
         self._attempt = 0
         self._next_connect_at = 0.0
+        self._connected_at = 0.0
+        self._connection_ticks = 0
         self._last_tick_at = 0.0
         self._last_ping_at = 0.0
         self._ping_sent_at: float | None = None
@@ -665,6 +672,8 @@ class MarkPriceStreamer:
         self.ws = ws
         now = time.monotonic()
         self._last_tick_at = now  # the watchdog runs from the handshake
+        self._connected_at = now
+        self._connection_ticks = 0
         self._last_ping_at = now
         self._ping_sent_at = None
         self.stats.connections += 1
@@ -722,7 +731,9 @@ class MarkPriceStreamer:
         now = time.monotonic()
         st.ticks += 1
         st.last_tick_at = self._last_tick_at = now
-        self._attempt = 0  # a tick arrived: the connection is healthy again
+        self._connection_ticks += 1
+        if self._attempt and now - self._connected_at >= STREAM_HEALTHY_AFTER_S:
+            self._attempt = 0
         st.coin_m_ignored += parsed.coin_m
         if parsed.bad_entries:
             st.bad_entries += parsed.bad_entries
@@ -764,7 +775,7 @@ class MarkPriceStreamer:
     def _beat(self, state: str | None = None) -> None:
         w = self.writer.stats
         if state is None:
-            state = "db-down" if w.db_down else ("streaming" if self.stats.ticks else "connecting")
+            state = "db-down" if w.db_down else ("streaming" if self._connection_ticks else "connecting")
         self.ctx.beat(
             state,
             symbols=w.symbols,

@@ -575,3 +575,55 @@ def test_writer_step_retries_after_connect_failure(settings: Settings, db: Any) 
     assert writer.step(timeout=0) is None
     assert writer.stats.write_errors == 2
     assert writer.mailbox.take(0) == {"BTCUSDT": "1.5"}  # kept for the retry, not lost or queued twice
+
+
+CHILD_SCRIPT = """
+import os, sys
+from kraite_mp.child import ChildContext, run_child
+from kraite_mp.config import load_settings
+from kraite_mp.logs import setup_logging
+from kraite_mp.markprice import run_mark_price_child
+
+settings = load_settings()
+setup_logging(settings.log_level)
+os.makedirs(settings.run_dir, exist_ok=True)
+ctx = ChildContext(settings, "mark-price")
+ctx.parent_pid = os.getppid()  # as if the supervisor (here: the test) had forked us
+sys.exit(run_child(ctx, run_mark_price_child))
+"""
+
+
+def proc_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.integration
+def test_child_process_title_sighup_and_sigterm(db: Any, sim: Any, kraite_env: dict[str, str], processes: Any) -> None:
+    """The real entry point in its own process: title, SIGHUP reload on the same connection, clean SIGTERM."""
+    import signal
+    import sys
+
+    symbols = stream_symbols(sim)
+    late = "TOK107USDT"
+    seeded = seed_symbols(db, [s for s in symbols if s != late], coverage=1.0)
+    sim.set_mark_price_override("ETHUSDT", "3200.25000000")
+    sim.set_mark_price_override(late, "1.75000000")
+    env = dict(kraite_env, KRAITE_BINANCE_WS_URL=sim.ws_url, KRAITE__mark_price__reload_s="3600")
+    proc = processes.start([sys.executable, "-c", CHILD_SCRIPT], env=env)
+    pattern = re.compile(
+        r"kraite-mp: mark-price state=streaming symbols=\d+ rows=\d+ ticks=\d+ last_write_ms=\d+ skipped=\d+"
+    )
+    wait_for(lambda: pattern.fullmatch(proc_title(proc.pid)) and "rows=0 " not in proc_title(proc.pid), 60,
+             message="streaming title")
+    wait_for(lambda: all(prices_by_id(db)[i][0] == "3200.25000000" for i in seeded.targets["ETHUSDT"]), 30)
+    added = seed_symbols(db, [late], coverage=1.0)
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: all(prices_by_id(db)[i][0] == "1.75000000" for i in added.targets[late]), 30,
+             message="SIGHUP reloaded the symbol map")
+    assert sim.stats()["ws_opened"]["market"] == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
