@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit lint format demo bench clean
+.PHONY: venv check-install test test-unit lint format demo bench clean
 
 venv: $(STAMP)
 
@@ -16,10 +16,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,embedded,lint]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# A stamp alone cannot tell that the editable install was broken later: check the import each time.
+check-install: $(STAMP)
+	@$(VENV)/bin/kraite-mp --version >/dev/null 2>&1 || { echo "repairing the editable install"; \
+	  $(PY) -m pip install --quiet --no-deps -e . && $(VENV)/bin/kraite-mp --version; }
+
+test: check-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: check-install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -30,10 +35,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format kraite_mp tests bench
 	$(VENV)/bin/ruff check --fix kraite_mp tests bench
 
-demo: $(STAMP)
+demo: check-install
 	$(VENV)/bin/kraite-mp demo $(DEMO_ARGS)
 
-bench: $(STAMP)
+bench: check-install
 	$(PY) bench/run_all.py
 
 clean:
