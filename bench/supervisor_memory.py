@@ -299,7 +299,7 @@ def main() -> int:
     print("## Supervisor memory and idle CPU (`bench/supervisor_memory.py`)\n")
     print(f"`{' '.join(['bench/supervisor_memory.py', *sys.argv[1:]])}` on {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, Linux {platform.release()}. Idle streams: no user-data events, "
-          f"{args.symbols} mark prices per second. Memory from `/proc/PID/smaps_rollup` after all children "
+          f"{args.symbols} simulated symbols ticking mark prices every second. Memory from `/proc/PID/smaps_rollup` after all children "
           f"stream and {args.settle_s:.0f} s settle; CPU over {args.cpu_window_s:.0f} s. MB = MiB.\n")
     print("| accounts | children | user-data PSS mean | user-data PSS max | user-data USS mean | user-data RSS mean "
           "| mark-price PSS / USS | parent PSS / USS | all processes PSS | parent CPU idle | user-data CPU mean "

@@ -495,3 +495,28 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
         wait_for(lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left")
     finally:
         sup.close()
+
+
+@pytest.mark.e2e
+def test_kraite_mp_run_parent_sigkill_closes_every_stream(db, secret_key, kraite_env, run_dir, processes,
+                                                          simulator) -> None:
+    from kraite_mp.seed import seed_symbols
+
+    sim = simulator
+    seed_symbols(db, [s for s, _ in sim.mark_symbols], coverage=1.0)
+    ids = [add_account(db, secret_key, name=f"acct{i}", api_key=a.api_key, api_secret=a.api_secret).id
+           for i, a in enumerate(sim.accounts)]
+    env = {**kraite_env, **FAST_ENV, "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE_BINANCE_WS_URL": sim.ws_url}
+    sup = Supervisor(processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log")
+    try:
+        pids = sup.wait_children({"mark-price", *(f"user-data-{i}" for i in ids)}, timeout=60)
+        for acct in sim.accounts:
+            assert sim.wait_for_connections(acct.api_key, 1, timeout=30)
+        os.kill(sup.pid, signal.SIGKILL)
+        sup.proc.wait(timeout=10)
+        # the bound: no orphan keeps streaming; every child is gone within 2 s
+        wait_for(lambda: not any(alive(p) for p in pids.values()), 2.0, interval=0.02,
+                 message=f"real children {pids} gone after the parent's SIGKILL")
+        wait_for(lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left")
+    finally:
+        sup.close()
