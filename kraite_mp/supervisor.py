@@ -250,6 +250,7 @@ class Arbiter:
         self.next_heartbeat_check_at = now
         self.stop_deadline: float | None = None
         self._last_title: str | None = None
+        self._title_at = 0.0
         self._last_status_at = 0.0
         self._status_dirty = True
         self._warned_threads = False
@@ -266,14 +267,22 @@ class Arbiter:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def run(self) -> int:
+        """Start, loop until SIGTERM/SIGINT, stop the children; EXIT_OK, or EXIT_ERROR after a bug."""
+        code = exitcodes.EXIT_OK
         self.start()
         try:
-            while not self.stopping:
-                self.tick()
+            try:
+                while not self.stopping:
+                    self.tick()
+            except Exception:  # a bug here must not leave the children to PR_SET_PDEATHSIG alone
+                log.exception("supervisor error: stopping the children")
+                code = exitcodes.EXIT_ERROR
+                if not self.stopping:
+                    self.begin_shutdown("error")
             self.shutdown()
         finally:
             self.cleanup()
-        return exitcodes.EXIT_OK
+        return code
 
     def start(self) -> None:
         os.makedirs(heartbeat_dir(self.settings), exist_ok=True)
@@ -824,7 +833,7 @@ class Arbiter:
         title = self.title()
         if force or title != self._last_title:
             now = time.monotonic()
-            if force or now - getattr(self, "_title_at", 0.0) >= STATUS_INTERVAL_S:
+            if force or now - self._title_at >= STATUS_INTERVAL_S:
                 self._title_at = now
                 self._last_title = title
                 set_process_title(title)
@@ -907,12 +916,17 @@ def run_command(ctx: click.Context) -> None:
     from kraite_mp.accounts import SecretKeyError, encrypt_secret
     from kraite_mp.cli import get_settings
     from kraite_mp.db import DatabaseUnavailable, connect
+    from kraite_mp.ownership import parse_shard
 
     settings = get_settings(ctx)
     try:
         encrypt_secret(settings.secret_key, "probe")  # checks the key's shape; no real secret is touched
+        parse_shard(settings.supervisor.shard)
     except SecretKeyError as e:
         click.echo(f"kraite-mp: configuration error: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+    except ValueError as e:
+        click.echo(f"kraite-mp: configuration error: supervisor.shard: {e}", err=True)
         ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
     try:
         connect(settings.database_url, application_name="kraite-mp supervisor").close()

@@ -206,6 +206,40 @@ def test_restart_policy_backoff_sequence_reset_and_fatal(tmp_path: Path) -> None
     assert "user-data-1" not in arbiter.children
 
 
+@pytest.mark.unit
+def test_account_refresh_converges_and_keeps_children_when_db_is_down(tmp_path: Path) -> None:
+    from kraite_mp.accounts import Account
+
+    def account(i: int, key: str = "k") -> Account:
+        return Account(id=i, name=f"a{i}", exchange="binance", api_key=f"{key}{i}", api_secret_token="t")
+
+    settings = Settings(run_dir=str(tmp_path))
+    arbiter = Arbiter(settings, targets={})
+    owned: list[Account] | None = [account(1), account(2), account(3)]
+    arbiter._read_accounts = lambda: owned  # type: ignore[method-assign]  # the DB side is tested e2e
+    arbiter.refresh_accounts("start")
+    assert {k: c.state for k, c in arbiter.children.items()} == {
+        "user-data-1": ChildState.PENDING, "user-data-2": ChildState.PENDING, "user-data-3": ChildState.PENDING}
+    # 1 and 2 went FATAL (no process); 2 then gets new credentials, 3 is deactivated, 4 is new
+    for key in ("user-data-1", "user-data-2"):
+        c = arbiter.children[key]
+        c.state, c.fatal_reason, c.due_at = ChildState.FATAL, "-2015", time.monotonic() + 300
+    owned = [account(1), account(2, key="new"), account(4)]
+    arbiter.refresh_accounts("SIGHUP")
+    children = arbiter.children
+    assert set(children) == {"user-data-1", "user-data-2", "user-data-4"}
+    assert children["user-data-1"].state == ChildState.FATAL  # unchanged: still waits for fatal_retry_s
+    assert children["user-data-2"].state == ChildState.PENDING and children["user-data-2"].fatal_reason is None
+    assert children["user-data-2"].due_at <= time.monotonic()  # new credentials deserve a try now
+    assert children["user-data-2"].account is not None and children["user-data-2"].account.api_key == "new2"
+    assert arbiter.accounts_count == 3
+    # PostgreSQL down: keep everything as it is
+    owned = None
+    before = {k: (c.state, c.account) for k, c in children.items()}
+    arbiter.refresh_accounts("periodic")
+    assert {k: (c.state, c.account) for k, c in arbiter.children.items()} == before
+
+
 # -- e2e: real forked processes, controllable children -------------------------------------------
 @pytest.mark.e2e
 def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite_env, run_dir, processes) -> None:
@@ -262,6 +296,21 @@ def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite
         assert sup.lines(r"accounts \(SIGHUP\): 3 owned, 1 new, 1 removed, 0 changed")
         wait_for(lambda: (st := read_status(rd)) and st["accounts"] == 3
                  and {c["key"] for c in st["children"]} == set(after), 10, message="status shows the new set")
+
+        # renaming alice changes her fingerprint: only her child restarts (no backoff), under the new name
+        alice = f"user-data-{ids['alice']}"
+        with db.cursor() as cur:
+            cur.execute("UPDATE accounts SET name = %s WHERE id = %s", ("alice2", ids["alice"]))
+        db.commit()
+        os.kill(sup.pid, signal.SIGHUP)
+        new_alice = wait_for(lambda: (p := by_role(sup.pid).get(alice)) not in (None, after[alice]) and p, 20,
+                             message="alice restarted")
+        wait_for(lambda: title_of(new_alice).startswith(f"kraite-mp: user-data account={ids['alice']} name=alice2 "),
+                 10, message="alice's new title")
+        assert sup.lines(rf"{alice} account={ids['alice']} pid={after[alice]} exited with .*restarting "
+                         r"\(account changed\)")
+        assert {k: v for k, v in by_role(sup.pid).items() if k != alice} == {k: v for k, v in after.items()
+                                                                              if k != alice}
 
         # SIGTERM: every child stops, the supervisor exits 0
         final = by_role(sup.pid)
@@ -375,6 +424,11 @@ def test_run_command_refuses_clearly(kraite_env, run_dir, processes, tmp_path) -
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == exitcodes.EXIT_TEMPFAIL, err
     assert b"PostgreSQL unavailable" in err and b"Traceback" not in err
+    # a bad shard spec: a configuration error naming the key
+    proc = processes.kraite("run", env={**kraite_env, "KRAITE__supervisor__shard": "3/2"})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == exitcodes.EXIT_FATAL_CONFIG, err
+    assert b"supervisor.shard" in err
     # no secret key: a configuration error
     proc = processes.kraite("run", env={**kraite_env, "KRAITE_SECRET_KEY": ""})
     out, err = proc.communicate(timeout=60)
