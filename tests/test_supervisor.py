@@ -560,12 +560,20 @@ def test_kraite_mp_run_parent_sigkill_closes_every_stream(db, secret_key, kraite
     seed_symbols(db, [s for s, _ in sim.mark_symbols], coverage=1.0)
     ids = [add_account(db, secret_key, name=f"acct{i}", api_key=a.api_key, api_secret=a.api_secret).id
            for i, a in enumerate(sim.accounts)]
+    # a key the exchange does not know: the real child exits FATAL (-2015), the supervisor keeps it FATAL
+    bogus = add_account(db, secret_key, name="bogus", api_key="unknown-key-0123456789", api_secret="nope-nope").id
     env = {**kraite_env, **FAST_ENV, "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE_BINANCE_WS_URL": sim.ws_url}
+    rd = kraite_env["KRAITE_RUN_DIR"]
     sup = Supervisor(processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log")
     try:
         pids = sup.wait_children({"mark-price", *(f"user-data-{i}" for i in ids)}, timeout=60)
         for acct in sim.accounts:
             assert sim.wait_for_connections(acct.api_key, 1, timeout=30)
+        fatal = wait_for(lambda: (c := child_status(rd, f"user-data-{bogus}")).get("state") == "FATAL" and c, 30,
+                         message=f"bogus account FATAL; log:\n{sup.log()[-3000:]}")
+        assert "invalid" in (fatal["fatal_reason"] or "").lower(), fatal
+        assert fatal["last_exit_code"] == exitcodes.EXIT_FATAL_CREDENTIALS
+        assert fatal["spawns"] == 1  # fatal_retry_s (300 s) has not passed: no hot loop
         os.kill(sup.pid, signal.SIGKILL)
         sup.proc.wait(timeout=10)
         # the bound: no orphan keeps streaming; every child is gone within 2 s
