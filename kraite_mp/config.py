@@ -170,7 +170,7 @@ class JobsSettings:
     retry_min_backoff_ms: int = 1000
     retry_max_backoff_ms: int = 300_000
     #: Longest idle sleep of the user-data-stream consumer between empty fetches (ms); see kraite_mp.jobs.
-    idle_poll_ms: int = 10
+    idle_poll_ms: int = 5
 
 
 @dataclass

@@ -130,7 +130,9 @@ def parse_frame(text: str) -> ParsedFrame:
     except orjson.JSONDecodeError as e:
         return ParsedFrame(kind="malformed", raw_text=scrub_text(text[:MAX_RAW_TEXT_CHARS]),
                            error=f"invalid JSON: {str(e)[:200]}")
-    payload, changed = scrub_payload(payload)
+    changed = False
+    if "listenKey" in text:  # the only secret a frame can carry; skip the walk for all other frames
+        payload, changed = scrub_payload(payload)
     # keep the exact text (numbers as sent) unless something had to be scrubbed out of it
     payload_text = scrub_text(orjson.dumps(payload).decode() if changed else text)
     if not isinstance(payload, dict) or not isinstance(payload.get("e"), str):

@@ -28,15 +28,31 @@ handler needs; ``error`` says what), ``error`` (PostgreSQL refused the data).
 
 Consumer latency (why ``KraiteRedisBroker.consume`` exists): Dramatiq's Redis consumer does not
 block on Redis; when a fetch comes back empty it sleeps ``compute_backoff(misses, factor=5 ms,
-max_backoff=timeout)``, growing to between half and all of ``timeout`` -- and the Worker passes its
-``worker_timeout`` (default 1000 ms, env ``dramatiq_worker_timeout``) as that timeout. At a few
-frames per second per process the consumer is almost always idle, so a frame waited 250-1000 ms
-(measured: bench/user_data_latency.py, p50 ~500 ms) before its job even started. The broker caps
-the idle sleep of the user-data queue at ``jobs.idle_poll_ms`` (default 10 ms: the consumer sleeps
-5-10 ms between empty fetches, ~100-200 cheap Lua calls per second per worker process while idle;
-the other queues keep the Worker's timeout). The worker threads' own ``worker_timeout`` only bounds
-their wait on the in-process work queue (they are woken at once when work arrives), so it does not
-add latency and is left alone.
+max_backoff=timeout)`` (dramatiq/brokers/redis.py ``_RedisConsumer.__next__``), which grows to between
+half and all of ``timeout`` -- and the Worker passes its ``worker_timeout`` (default 1000 ms, env
+``dramatiq_worker_timeout``; the ``dramatiq`` CLI has no flag for it) as that timeout. A user-data
+consumer is idle most of the time, so a frame waited up to a second before its job started: measured
+with bench/user_data_latency.py (10 accounts, 20 steps/s) received -> job started p50 17.6 ms / p99
+99.5 ms and -> order row committed p99 227 ms. ``KraiteRedisBroker`` caps the idle sleep of the
+user-data queue at ``jobs.idle_poll_ms`` (the other queues keep the Worker's timeout):
+
+============  ======================  =============================================
+cap (ms)      job started p50 / p99   idle cost per worker process (CPU; Redis CPU)
+============  ======================  =============================================
+1000          17.6 / 99.5 ms          0.2 %; 0.1 %
+10            6.1 / 13.4 ms           2.7 %; 0.7 %
+5 (default)   3.5 / 9.4 ms            5.2 %; 1.3 %
+2             2.8 / 9.8 ms            13 %; 3.2 %
+============  ======================  =============================================
+
+(one 2-CPU machine shared with the simulator, the children, PostgreSQL and Redis, so the numbers are
+noisy; below 5 ms the idle cost grows faster than the latency falls). The worker threads'
+``worker_timeout`` only bounds their wait on the in-process work queue (they wake at once when work
+arrives), so it adds no latency and is left alone.
+
+Deployment: run reconciliation on its own worker pool (``dramatiq kraite_mp.jobs --queues reconcile``
+next to ``dramatiq kraite_mp.jobs --queues user-data-stream``): a reconciliation may sleep out Binance's
+request-weight limit for up to a minute, and must not hold the threads that process frames.
 """
 
 from __future__ import annotations
@@ -81,7 +97,6 @@ _AUDIT_INSERT = (
     " received_at, outcome, error) VALUES (%s, %s, 'ws', %s, %s, %s::jsonb, %s, %s, %s, %s)"
     " ON CONFLICT (frame_id) DO NOTHING RETURNING id"
 )
-_AUDIT_OUTCOME = "UPDATE api_data_stream SET outcome = %s, error = %s, processed_at = clock_timestamp() WHERE id = %s"
 # monotonic by event time: an older ACCOUNT_UPDATE processed late changes nothing
 _BALANCE_UPSERT = (
     "INSERT INTO account_balances AS b (account_id, asset, wallet_balance, cross_wallet_balance, balance_change,"
@@ -120,15 +135,19 @@ class KraiteRedisBroker(RedisBroker):
 
 
 class Outcome:
-    """What the handler of one frame decided (before COMMIT)."""
+    """What the job decided for one frame: the audit outcome and the work to do in the transaction."""
 
-    __slots__ = ("outcome", "error", "transitions")
+    __slots__ = ("outcome", "error", "order", "balances", "positions", "transitions")
 
-    def __init__(self, outcome: str, error: str | None = None,
-                 transitions: list[orders.Transition] | None = None) -> None:
+    def __init__(self, outcome: str, error: str | None = None, *, order: orders.OrderState | None = None,
+                 balances: list[tuple[Any, ...]] | None = None, positions: list[tuple[Any, ...]] | None = None) -> None:
         self.outcome = outcome
         self.error = error
-        self.transitions = transitions or []
+        self.order = order
+        self.balances = balances or []
+        self.positions = positions or []
+        #: Filled by ``apply_outcome``: committed status changes for the observers.
+        self.transitions: list[orders.Transition] = []
 
 
 def _received_at(value: Any) -> datetime:
@@ -191,8 +210,8 @@ def account_update_rows(account_id: int, payload: Mapping[str, Any]) -> tuple[li
     return balances, positions
 
 
-def handle_event(cur: Any, settings: Settings, account_id: int, frame_id: str, parsed: events.ParsedFrame) -> Outcome:
-    """Everything after the audit insert, inside the same transaction."""
+def decide(settings: Settings, account_id: int, parsed: events.ParsedFrame) -> Outcome:
+    """The outcome of a frame and the rows it changes, decided before any SQL (pure)."""
     if parsed.kind != "event":
         return Outcome(parsed.kind, parsed.error)
     if not parsed.known:
@@ -215,8 +234,7 @@ def handle_event(cur: Any, settings: Settings, account_id: int, frame_id: str, p
                 state = orders.algo_from_ws(account_id, payload)
         except orders.FrameError as e:
             return Outcome("invalid", str(e))
-        transition = orders.apply_order_update(cur, state, frame_id=frame_id)
-        return Outcome("dispatched", None, [transition] if transition else [])
+        return Outcome("dispatched", order=state)
     if event_type == events.ACCOUNT_UPDATE:
         if not allowlist:
             return Outcome("shadow")
@@ -224,12 +242,21 @@ def handle_event(cur: Any, settings: Settings, account_id: int, frame_id: str, p
             balances, positions = account_update_rows(account_id, payload)
         except orders.FrameError as e:
             return Outcome("invalid", str(e))
-        if balances:
-            cur.executemany(_BALANCE_UPSERT, balances)
-        if positions:
-            cur.executemany(_POSITION_UPSERT, positions)
-        return Outcome("applied")
+        return Outcome("applied", balances=balances, positions=positions)
+    # TRADE_LITE (its fill is counted from ORDER_TRADE_UPDATE), MARGIN_CALL, listenKeyExpired, ...
     return Outcome("audited")
+
+
+def apply_outcome(cur: Any, outcome: Outcome, frame_id: str) -> None:
+    """The row changes of ``outcome``, inside the audit's transaction."""
+    if outcome.order is not None:
+        transition = orders.apply_order_update(cur, outcome.order, frame_id=frame_id)
+        if transition is not None:
+            outcome.transitions.append(transition)
+    if outcome.balances:
+        cur.executemany(_BALANCE_UPSERT, outcome.balances)
+    if outcome.positions:
+        cur.executemany(_POSITION_UPSERT, outcome.positions)
 
 
 class JobRunner:
@@ -307,18 +334,19 @@ class JobRunner:
 
     def _transaction(self, conn: Any, account_id: int, frame_id: str, parsed: events.ParsedFrame,
                      received: datetime) -> Outcome:
+        result = decide(self.settings, account_id, parsed)
         try:
             with conn.cursor() as cur:
+                # the audit row is the idempotency barrier: a second delivery of the frame stops here
+                # (a concurrent one waits on the unique index until the first commits)
                 cur.execute(_AUDIT_INSERT, (
                     frame_id, account_id, parsed.event_type, parsed.event_time_ms, parsed.payload_text,
-                    parsed.raw_text, received, "pending", None,
+                    parsed.raw_text, received, result.outcome, result.error,
                 ))
-                row = cur.fetchone()
-                if row is None:
+                if cur.fetchone() is None:
                     conn.rollback()
                     return Outcome("duplicate")
-                result = handle_event(cur, self.settings, account_id, frame_id, parsed)
-                cur.execute(_AUDIT_OUTCOME, (result.outcome, result.error, row[0]))
+                apply_outcome(cur, result, frame_id)
             conn.commit()
             return result
         except BaseException:

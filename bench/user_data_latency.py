@@ -1,0 +1,435 @@
+"""Benchmark: user-data latency, simulator frame -> child -> spool -> Redis -> Dramatiq worker -> PostgreSQL.
+
+Usage::
+
+    python bench/user_data_latency.py [--accounts 10,100,200] [--rate 100] [--duration 30]
+        [--idle-poll-ms 10] [--compare-idle-poll 1000] [--worker-threads 8] [--burst 3000]
+
+Services: PostgreSQL at ``KRAITE_BENCH_DATABASE_URL`` (admin URL; a scratch database is created and
+dropped), default ``postgresql://postgres@127.0.0.1:5432/postgres``; Redis at ``KRAITE_BENCH_REDIS_URL``,
+default ``redis://127.0.0.1:6379/0`` (a namespace of its own, deleted at the end). Embedded servers
+when those are unreachable.
+
+Each case runs in a fresh subprocess of this script: the simulator (``python -m kraite_mp.simulator``,
+its own process), N user-data children forked from that subprocess exactly as the supervisor forks
+them (``ChildContext`` + ``run_child`` + ``run_user_data_child``, so they share its imported code),
+and a Dramatiq ``Worker(broker, worker_threads=8)`` in the subprocess, started after the forks.
+Load: ``--rate`` scenario steps per second in total, spread evenly over the accounts (one
+``step`` control call at a time, round robin), for ``--duration`` seconds after every child is
+streaming; a step emits 1-4 frames. Default allowlist (production).
+
+Measured per frame received in the window:
+- received -> enqueued: ``message_timestamp`` (ms, stamped by the child's sender right before the
+  enqueue) minus the child's receive time (so a 1 ms resolution);
+- received -> job started (the worker's ``before_process_message``);
+- received -> committed: the worker's ``after_process_message`` (after COMMIT and the observers)
+  minus the receive time, for dispatched order frames (the order row) and for every frame (audit);
+- worker events/s at the offered load, and its capacity: frames per second while draining a backlog
+  of ``--burst`` scenario steps produced while the worker was paused.
+The idle-poll comparison repeats the smallest case with the consumer idle sleep capped at
+``--compare-idle-poll`` ms (1000 = Dramatiq's default ``worker_timeout`` behaviour) instead of
+``--idle-poll-ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: Longest wait for all children to stream, for the queue to drain, ...
+WAIT_TIMEOUT_S = 300.0
+
+
+def log(msg: str) -> None:
+    print(f"[user_data_latency] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(p / 100.0 * (len(s) - 1)))))
+    return s[k]
+
+
+def wait(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+# -- one case, in its own process ------------------------------------------------------------------------
+
+
+def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
+    import requests
+
+    from kraite_mp import db as kdb
+    from kraite_mp.accounts import add_account, generate_secret_key, list_accounts
+    from kraite_mp.child import ChildContext, heartbeat_dir, run_child
+    from kraite_mp.config import load_settings
+    from kraite_mp.logs import setup_logging
+    from kraite_mp.userdata import run_user_data_child
+
+    n = int(cfg["accounts"])
+    work = tempfile.mkdtemp(prefix="kraite-bench-ud-")
+    sim_proc = subprocess.Popen(
+        [sys.executable, "-m", "kraite_mp.simulator", "--port", "0", "--accounts", str(n), "--symbols", "50",
+         "--rate", "0", "--mark-price-interval", "60", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=str(ROOT), start_new_session=True,
+    )
+    children: list[int] = []
+    try:
+        line = sim_proc.stdout.readline() if sim_proc.stdout else b""
+        if not line:
+            raise RuntimeError("the simulator did not start")
+        sim = json.loads(line)
+        secret_key = generate_secret_key()
+        env = {
+            "KRAITE_DATABASE_URL": cfg["database_url"],
+            "KRAITE_REDIS_URL": cfg["redis_url"],
+            "KRAITE_REDIS_NAMESPACE": cfg["namespace"],
+            "KRAITE_SECRET_KEY": secret_key,
+            "KRAITE_RUN_DIR": os.path.join(work, "run"),
+            "KRAITE_BINANCE_REST_URL": sim["rest_url"],
+            "KRAITE_BINANCE_WS_URL": sim["ws_url"],
+            "KRAITE__user_data_stream__spool_dir": os.path.join(work, "spool"),
+            "KRAITE__jobs__idle_poll_ms": str(cfg["idle_poll_ms"]),
+            "KRAITE_LOG_LEVEL": "WARNING",
+        }
+        settings = load_settings(None, environ=env)
+        os.makedirs(heartbeat_dir(settings), exist_ok=True)
+        setup_logging("WARNING")
+        conn = kdb.connect(settings.database_url)
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE order_transitions, orders, api_data_stream, account_balances, account_positions,"
+                        " accounts RESTART IDENTITY CASCADE")
+        conn.commit()
+        for i, a in enumerate(sim["accounts"]):
+            add_account(conn, secret_key, name=f"bench{i}", api_key=a["api_key"], api_secret=a["api_secret"])
+        accounts = list_accounts(conn)
+        conn.close()
+
+        # fork the children before this process starts any thread (as the supervisor does)
+        contexts = [ChildContext(settings, "user-data", a) for a in accounts]
+        for ctx in contexts:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = run_child(ctx, run_user_data_child)
+                finally:
+                    os._exit(code)
+            children.append(pid)
+
+        import dramatiq
+        from dramatiq.middleware import Middleware
+
+        from kraite_mp import jobs
+        from kraite_mp.userdata import PROCESS_ACTOR
+
+        started: dict[str, tuple[float, int, float]] = {}
+        finished: dict[str, float] = {}
+
+        class Probe(Middleware):
+            def before_process_message(self, broker: Any, message: Any) -> None:
+                if message.actor_name == PROCESS_ACTOR:
+                    kw = message.kwargs
+                    started[kw["frame_id"]] = (kw["received_at"], message.message_timestamp, time.time() * 1000)
+
+            def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                                      exception: BaseException | None = None) -> None:
+                if message.actor_name == PROCESS_ACTOR and exception is None:
+                    finished[message.kwargs["frame_id"]] = time.time() * 1000
+
+        broker = jobs.build_broker(settings)
+        broker.add_middleware(Probe())
+        # frames and reconciliations on separate worker pools, as deployed (a reconciliation may sleep
+        # out Binance's weight limit for up to a minute: it must not hold the frames' threads)
+        worker = dramatiq.Worker(broker, worker_threads=int(cfg["worker_threads"]),
+                                 queues={settings.user_data_stream.queue_name})
+        worker.start()
+        reconcile_worker = dramatiq.Worker(broker, worker_threads=2, queues={"reconcile"})
+        reconcile_worker.start()
+        http = requests.Session()
+        try:
+            def stats() -> dict[str, Any]:
+                return http.get(sim["control_url"] + "/stats", timeout=10).json()  # type: ignore[no-any-return]
+
+            def frames_sent() -> int:
+                return sum(stats()["frames_sent"].values())
+
+            def audited() -> int:
+                c = kdb.connect(settings.database_url)
+                try:
+                    with c.cursor() as cur:
+                        cur.execute("SELECT count(*) FROM api_data_stream WHERE source = 'ws'")
+                        return int(cur.fetchone()[0])
+                finally:
+                    c.close()
+
+            t_spawn = time.monotonic()
+            wait(lambda: sum(stats()["current_connections"].get(a.api_key, 0) for a in accounts) >= n,
+                 WAIT_TIMEOUT_S, "every child connected")
+            connect_s = time.monotonic() - t_spawn
+            time.sleep(2.0)
+
+            # steady load
+            keys = [a.api_key for a in accounts]
+            rate = float(cfg["rate"])
+            duration = float(cfg["duration"])
+            t0_wall = time.time() * 1000
+            t0 = time.monotonic()
+            i = 0
+            while True:
+                due = t0 + i / rate
+                now = time.monotonic()
+                if due - t0 >= duration:
+                    break
+                if due > now:
+                    time.sleep(due - now)
+                http.post(sim["control_url"] + "/step", json={"api_key": keys[i % n], "n": 1}, timeout=10)
+                i += 1
+            t1_wall = time.time() * 1000
+            steps = i
+            sent = frames_sent()
+            wait(lambda: audited() >= sent, WAIT_TIMEOUT_S, "every frame processed")
+
+            # capacity: a backlog produced while the worker is paused, then drained
+            burst = int(cfg["burst"])
+            capacity = None
+            if burst:
+                worker.pause()
+                for j in range(burst):
+                    http.post(sim["control_url"] + "/step", json={"api_key": keys[j % n], "n": 1}, timeout=10)
+                burst_sent = frames_sent()
+                import redis as redis_lib
+
+                from kraite_mp.userdata import broker_namespace
+
+                rc = redis_lib.Redis.from_url(settings.redis_url)
+                qkey = f"{broker_namespace(settings)}:{settings.user_data_stream.queue_name}"
+                wait(lambda: rc.llen(qkey) >= burst_sent - sent - 50 or audited() >= burst_sent, WAIT_TIMEOUT_S,
+                     "the burst enqueued")
+                time.sleep(1.0)
+                queued_before = audited()
+                tb = time.monotonic()
+                worker.resume()
+                wait(lambda: audited() >= burst_sent, WAIT_TIMEOUT_S, "the burst drained", interval=0.02)
+                capacity = (burst_sent - queued_before) / (time.monotonic() - tb)
+                rc.close()
+        finally:
+            worker.stop(timeout=20_000)
+            reconcile_worker.stop(timeout=5_000)
+            broker.close()
+            http.close()
+
+        c = kdb.connect(settings.database_url)
+        try:
+            with c.cursor() as cur:
+                cur.execute("SELECT frame_id, outcome FROM api_data_stream WHERE source = 'ws'")
+                outcomes = dict(cur.fetchall())
+        finally:
+            c.close()
+        window = [f for f, (rx, _, _) in started.items() if t0_wall <= rx <= t1_wall and f in finished]
+        enq = [started[f][1] - started[f][0] for f in window]
+        start = [started[f][2] - started[f][0] for f in window]
+        e2e_all = [finished[f] - started[f][0] for f in window]
+        e2e_orders = [finished[f] - started[f][0] for f in window if outcomes.get(f) == "dispatched"]
+        done_times = [finished[f] for f in window]
+        span = (max(done_times) - min(done_times)) / 1000 if done_times else 0.0
+        rows = window
+        return {
+            "accounts": n,
+            "idle_poll_ms": cfg["idle_poll_ms"],
+            "steps": steps,
+            "frames": len(rows),
+            "frames_per_s": len(rows) / duration,
+            "connect_s": connect_s,
+            "enqueue_p50": pct(enq, 50), "enqueue_p99": pct(enq, 99),
+            "start_p50": pct(start, 50), "start_p99": pct(start, 99),
+            "order_p50": pct(e2e_orders, 50), "order_p99": pct(e2e_orders, 99), "order_n": len(e2e_orders),
+            "audit_p50": pct(e2e_all, 50), "audit_p99": pct(e2e_all, 99), "audit_max": max(e2e_all, default=0),
+            "worker_eps": len(rows) / span if span else 0.0,
+            "capacity_eps": capacity,
+            "total_frames_sent": sent,
+        }
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        for pid in children:
+            while True:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done or time.monotonic() > deadline:
+                    if not done:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                    break
+                time.sleep(0.05)
+        sim_proc.terminate()
+        try:
+            sim_proc.wait(20)
+        except subprocess.TimeoutExpired:
+            sim_proc.kill()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+
+
+def spawn_case(cfg: dict[str, Any]) -> dict[str, Any]:
+    log(f"case: {cfg['accounts']} accounts, idle poll {cfg['idle_poll_ms']} ms, {cfg['rate']} steps/s")
+    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(cfg)], cwd=str(ROOT),
+                          stdout=subprocess.PIPE, timeout=3600, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {cfg} failed with exit code {proc.returncode}")
+    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    log(f"  -> {json.dumps(result)}")
+    return result
+
+
+def services() -> tuple[str, str, list[Any]]:
+    from kraite_mp.embedded import PostgresServer, RedisServer, postgres_reachable, redis_reachable
+
+    started: list[Any] = []
+    admin = os.environ.get("KRAITE_BENCH_DATABASE_URL", DEFAULT_ADMIN_URL)
+    if not postgres_reachable(admin):
+        pg = PostgresServer().start()
+        started.append(pg)
+        admin = pg.url
+    redis_url = os.environ.get("KRAITE_BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    if not redis_reachable(redis_url):
+        rs = RedisServer().start()
+        started.append(rs)
+        redis_url = rs.url
+    return admin, redis_url, started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--accounts", default="10,100,200")
+    parser.add_argument("--rate", type=float, default=100.0, help="scenario steps per second, in total")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of steady load per case")
+    parser.add_argument("--idle-poll-ms", type=int, default=10)
+    parser.add_argument("--compare-idle-poll", default="1000,10,2",
+                        help="idle poll caps (ms) to compare with --idle-poll-ms on the smallest case ('' = skip)")
+    parser.add_argument("--compare-rate", type=float, default=20.0,
+                        help="steps/s of the idle-poll comparison (low: the consumer is mostly idle, as in production)")
+    parser.add_argument("--worker-threads", type=int, default=8)
+    parser.add_argument("--burst", type=int, default=3000, help="scenario steps in the capacity burst (0 = skip)")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))), flush=True)
+        return 0
+
+    from kraite_mp import db as kdb
+
+    admin, redis_url, started = services()
+    dbname = f"kraite_bench_ud_{uuid.uuid4().hex[:8]}"
+    namespace = f"kraite-bench-ud-{uuid.uuid4().hex[:8]}"
+    database_url = kdb.create_database(admin, dbname)
+    results: list[dict[str, Any]] = []
+    compare: list[dict[str, Any]] = []
+    try:
+        conn = kdb.connect(database_url)
+        kdb.migrate(conn)
+        conn.close()
+        base = {"database_url": database_url, "redis_url": redis_url, "rate": args.rate, "duration": args.duration,
+                "worker_threads": args.worker_threads, "burst": args.burst}
+        counts = [int(x) for x in args.accounts.split(",") if x.strip()]
+        for i, n in enumerate(counts):
+            cfg = dict(base, accounts=n, idle_poll_ms=args.idle_poll_ms, namespace=f"{namespace}-{i}")
+            results.append(spawn_case(cfg))
+        polls = sorted({int(x) for x in args.compare_idle_poll.split(",") if x.strip()} | {args.idle_poll_ms},
+                       reverse=True) if args.compare_idle_poll.strip() else []
+        for j, poll in enumerate(polls):
+            cfg = dict(base, accounts=counts[0], idle_poll_ms=poll, burst=0, rate=args.compare_rate,
+                       namespace=f"{namespace}-c{j}")
+            compare.append(spawn_case(cfg))
+    finally:
+        kdb.drop_database(admin, dbname)
+        try:
+            import redis
+
+            client = redis.Redis.from_url(redis_url)
+            keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+        except Exception as e:  # noqa: BLE001
+            log(f"cannot clean Redis: {e}")
+        for s in started:
+            s.cleanup()
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None or v != v else f"{v:.1f}"
+
+    out = ["## User-data stream latency (bench/user_data_latency.py)", ""]
+    out.append(f"Command: `python bench/user_data_latency.py --accounts {args.accounts} --rate {args.rate:g} "
+               f"--duration {args.duration:g} --idle-poll-ms {args.idle_poll_ms} --compare-idle-poll "
+               f"{args.compare_idle_poll} --compare-rate {args.compare_rate:g} --worker-threads {args.worker_threads} --burst {args.burst}`  ")
+    out.append(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+               "simulator, children, worker (1 process, "
+               f"{args.worker_threads} threads), PostgreSQL and Redis all on this machine.")
+    out.append("")
+    out.append(f"Steady load: {args.rate:g} scenario steps/s in total spread over the accounts, "
+               f"{args.duration:g} s per case; latencies in ms from the child receiving the frame.")
+    out.append("")
+    out.append("| accounts | frames/s | received->enqueued p50 / p99 | ->job started p50 / p99 |"
+               " ->order row committed p50 / p99 | ->audit committed p50 / p99 / max | worker events/s |"
+               " worker capacity events/s |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        out.append(f"| {r['accounts']} | {r['frames_per_s']:.0f} | {ms(r['enqueue_p50'])} / {ms(r['enqueue_p99'])} |"
+                   f" {ms(r['start_p50'])} / {ms(r['start_p99'])} | {ms(r['order_p50'])} / {ms(r['order_p99'])} |"
+                   f" {ms(r['audit_p50'])} / {ms(r['audit_p99'])} / {ms(r['audit_max'])} | {r['worker_eps']:.0f} |"
+                   f" {'-' if r['capacity_eps'] is None else format(r['capacity_eps'], '.0f')} |")
+    if compare:
+        out += ["", f"Consumer idle poll cap (`jobs.idle_poll_ms`), {counts[0]} accounts at {args.compare_rate:g} steps/s:",
+                "",
+                "| idle poll cap (ms) | ->job started p50 / p99 | ->order row committed p50 / p99 |",
+                "|---:|---:|---:|"]
+        for r in compare:
+            label = f"{r['idle_poll_ms']}" + (" (Dramatiq default worker_timeout)" if r["idle_poll_ms"] == 1000 else "")
+            out.append(f"| {label} | {ms(r['start_p50'])} / {ms(r['start_p99'])} |"
+                       f" {ms(r['order_p50'])} / {ms(r['order_p99'])} |")
+    goal = [r for r in results if r["accounts"] == max(counts)]
+    if goal:
+        g = goal[0]
+        verdict = "met" if g["order_p99"] <= 25 else "NOT met"
+        out += ["", f"Goal p99 <= 25 ms end to end at {g['accounts']} accounts: {verdict} "
+                    f"(order row p99 {ms(g['order_p99'])} ms)."]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
