@@ -4,7 +4,7 @@ Messages arrive out of order and more than once (several worker threads, retries
 racing stream frames). An observation replaces the stored order only when it is strictly newer by
 ``(transaction time T, cumulative filled quantity, status rank)``, and never when it would move a
 terminal order back to an open status or lower its filled quantity. Equal keys are a no-op, so a
-redelivered frame changes nothing. Prices and quantities stay ``Decimal`` end to end.
+redelivered frame changes nothing. ``last_trade_id`` is the highest trade id seen, whatever the order. Prices and quantities stay ``Decimal`` end to end.
 
 Every status change (and every first sighting) writes an ``order_transitions`` row inside the
 caller's transaction and returns a ``Transition``; after COMMIT the caller hands the transitions to
@@ -338,10 +338,11 @@ _UPDATE = (
     " price = COALESCE(%s, price), stop_price = COALESCE(%s, stop_price), quantity = COALESCE(%s, quantity),"
     " filled_quantity = %s, average_price = COALESCE(%s, average_price), reduce_only = COALESCE(%s, reduce_only),"
     " actual_order_id = COALESCE(%s, actual_order_id), last_execution_type = COALESCE(%s, last_execution_type),"
-    " last_trade_id = COALESCE(%s, last_trade_id), last_transaction_time_ms = %s,"
+    " last_trade_id = GREATEST(last_trade_id, %s), last_transaction_time_ms = %s,"
     " last_event_time_ms = COALESCE(%s, last_event_time_ms), last_source = %s, updated_at = now()"
     " WHERE id = %s RETURNING " + ", ".join(_ORDER_COLUMNS)
 )
+_RAISE_TRADE_ID = "UPDATE orders SET last_trade_id = GREATEST(last_trade_id, %s) WHERE id = %s"
 _INSERT_TRANSITION = (
     "INSERT INTO order_transitions (order_id, account_id, from_status, to_status, execution_type,"
     " transaction_time_ms, event_time_ms, source, frame_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -387,6 +388,10 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
         row = cur.fetchone()
     old = dict(zip(_ORDER_COLUMNS, row, strict=True))
     if not is_newer(old, state):
+        # A fill that arrives after a newer frame (say its order's CANCELED) changes no state, but its
+        # trade id is still the highest seen: last_trade_id must not depend on arrival order.
+        if state.trade_id is not None and (old["last_trade_id"] is None or state.trade_id > old["last_trade_id"]):
+            cur.execute(_RAISE_TRADE_ID, (state.trade_id, old["id"]))
         return None
     filled = old["filled_quantity"] if state.filled_quantity is None else state.filled_quantity
     cur.execute(
