@@ -382,12 +382,16 @@ class JobRunner:
 
     # -- reconcile_account_job -------------------------------------------------------------------
     def reconcile_account_job(self, account_id: int, reason: str = "") -> dict[str, Any] | None:
-        """REST reconciliation of one account after a (re)connect; see kraite_mp.reconcile."""
-        from kraite_mp.accounts import get_account, mark_credentials_invalid
+        """REST reconciliation of one account after a (re)connect (``reconcile.reconcile_account``).
+
+        It reports exchange trouble in its result instead of raising: a 429/418 retries the message
+        once Binance may be called again, a network error retries with the usual backoff, invalid
+        credentials (already recorded by it) and other errors end here. PostgreSQL down retries.
+        """
+        from kraite_mp.accounts import get_account
 
         try:
             from kraite_mp import reconcile
-            from kraite_mp.binance_rest import InvalidCredentials, RateLimited, TransientError
         except ImportError as e:
             log.error("reconcile of account %s (%s) skipped: %s", account_id, reason, e)
             return None
@@ -401,25 +405,22 @@ class JobRunner:
             return None
         try:
             result: dict[str, Any] = reconcile.reconcile_account(conn, self.settings, account)
-        except InvalidCredentials as e:
-            self._rollback(conn)
-            log.error("reconcile of account %s: the exchange rejected the API key: %s", account_id, e)
-            try:
-                mark_credentials_invalid(conn, account_id, str(e))
-            except TRANSIENT_DB_ERRORS:
-                self._drop_connection()
-            return None
-        except RateLimited as e:
-            self._rollback(conn)
-            log.warning("reconcile of account %s: rate limited, retrying in %.0fs", account_id, e.retry_after_s)
-            raise dramatiq.Retry("rate limited", delay=int(max(e.retry_after_s, 1.0) * 1000)) from None
-        except TransientError as e:
-            self._rollback(conn)
-            log.warning("reconcile of account %s: %s; will retry", account_id, e)
-            raise dramatiq.Retry("exchange unreachable") from None
         except TRANSIENT_DB_ERRORS as e:
             raise self._retry(f"reconcile of account {account_id}", e) from None
-        log.info("reconciled account %s (%s): %s", account_id, reason, result)
+        status = result.get("status")
+        if status == "rate_limited":
+            delay_s = max(float(result.get("retry_after_s") or 60.0), 1.0)
+            log.warning("reconcile of account %s (%s): rate limited, retrying in %.0fs", account_id, reason, delay_s)
+            raise dramatiq.Retry("rate limited", delay=int(delay_s * 1000))
+        if status == "transient":
+            log.warning("reconcile of account %s (%s): %s; will retry", account_id, reason, result.get("error"))
+            raise dramatiq.Retry("exchange unreachable")
+        if status != "ok":
+            log.error("reconcile of account %s (%s) ended with %s: %s", account_id, reason, status,
+                      result.get("error"))
+        else:
+            log.info("reconciled account %s (%s): checked %s, updated %s", account_id, reason,
+                     result.get("checked"), result.get("updated"))
         return result
 
 

@@ -28,6 +28,7 @@ from fixtures.userdata_helpers import (
     run_scenario,
     running_worker,
     settings_from,
+    sim_env,
     state_rows,
     truth_mismatches,
 )
@@ -38,7 +39,13 @@ from kraite_mp.config import Settings
 from kraite_mp.embedded import free_port
 from kraite_mp.events import FrameIds
 from kraite_mp.observers import transitions_channel
-from kraite_mp.userdata import PROCESS_ACTOR, build_producer_broker, frame_record, record_message
+from kraite_mp.userdata import (
+    PROCESS_ACTOR,
+    RECONCILE_ACTOR,
+    build_producer_broker,
+    frame_record,
+    record_message,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -513,3 +520,39 @@ def test_last_trade_id_does_not_depend_on_arrival_order(db: Any, account_id: int
         row = cur.fetchone()
     db.commit()
     assert row == ("EXPIRED", Decimal("4"), 555)
+
+
+def test_reconcile_job_reads_the_exchange_and_retries_after_a_429(db: Any, simulator: Any, secret_key: str,
+                                                                   job_env: dict[str, str],
+                                                                   harness_factory: Any) -> None:
+    (account,) = add_sim_accounts(db, secret_key, simulator, 1)
+    h = harness_factory(settings_from(sim_env(job_env, simulator)))
+    order_id = simulator.place_order(account.api_key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010",
+                                     price="86000.10")
+    simulator.rate_limit(status=429, count=1, retry_after_s=1.0)
+    h.broker.get_actor(RECONCILE_ACTOR).send(account_id=account.id, reason="reconnect:test")
+    with running_worker(h.broker, threads=2):
+        wait_for(lambda: any(exc is None for _, _, exc in h.recorder.done), 60, message="a successful reconcile")
+    attempts = [exc for actor, _, exc in h.recorder.done if actor == RECONCILE_ACTOR]
+    assert isinstance(attempts[0], dramatiq.Retry) and attempts[-1] is None  # 429 -> retried after Retry-After
+    with db.cursor() as cur:
+        cur.execute("SELECT exchange_order_id, status, last_source FROM orders WHERE account_id = %s", (account.id,))
+        assert cur.fetchall() == [(order_id, "NEW", "rest")]
+    db.commit()
+
+
+def test_reconcile_job_with_rejected_key_marks_the_account_and_ends(db: Any, simulator: Any, secret_key: str,
+                                                                     job_env: dict[str, str],
+                                                                     harness_factory: Any) -> None:
+    (account,) = add_sim_accounts(db, secret_key, simulator, 1)
+    h = harness_factory(settings_from(sim_env(job_env, simulator)))
+    simulator.invalidate_api_key(account.api_key)
+    h.broker.get_actor(RECONCILE_ACTOR).send(account_id=account.id, reason="connect")
+    with running_worker(h.broker, threads=2):
+        wait_for(lambda: h.recorder.actors(RECONCILE_ACTOR), 60, message="the reconcile job ran")
+        time.sleep(0.5)
+    assert [exc for _, _, exc in h.recorder.done] == [None]  # not retried
+    with db.cursor() as cur:
+        cur.execute("SELECT credentials_error FROM accounts WHERE id = %s", (account.id,))
+        assert "-2015" in cur.fetchone()[0]
+    db.commit()
