@@ -27,6 +27,7 @@ What it measures (prints one markdown section):
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -163,11 +164,14 @@ def rotate(items: list[Variant], k: int) -> Iterator[Variant]:
 # -- 1. interleaved latency ------------------------------------------------------------------------
 
 
-def latency_run(url: str, admin: Any, n_symbols: int, rounds: int, variants: list[Variant]) -> tuple[int, list[Variant]]:
+def latency_run(
+    url: str, admin: Any, n_symbols: int, rounds: int, variants: list[Variant], pace_s: float = 0.0
+) -> tuple[int, list[Variant]]:
     smap, names = reseed(admin, n_symbols)
     walk = PriceWalk(names, seed=n_symbols)
     conns = {v.name: connect_writer(url, v) for v in variants}
     rows = 0
+    gc.freeze()  # as the child does (run_mark_price_child)
     try:
         for r in range(WARMUP_ROUNDS + rounds):
             for v in rotate(variants, r):
@@ -175,7 +179,11 @@ def latency_run(url: str, admin: Any, n_symbols: int, rounds: int, variants: lis
                 ms, rows = timed_write(conn, writer, smap, walk.tick())
                 if r >= WARMUP_ROUNDS:
                     v.timings_ms.append(ms)
+                gc.collect()  # the writer collects after every batch, outside the write
+                if pace_s:
+                    time.sleep(max(0.0, pace_s - ms / 1000.0))
     finally:
+        gc.unfreeze()
         for conn, _ in conns.values():
             conn.close()
     return rows, variants
@@ -394,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=600, help="interleaved rounds at ~2,300 rows")
     parser.add_argument("--large-rounds", type=int, default=60, help="interleaved rounds at ~23,000 rows")
+    parser.add_argument("--alone-ticks", type=int, default=600, help="shipped path alone, paced, at ~2,300 rows")
+    parser.add_argument("--alone-pace-s", type=float, default=0.1, help="tick interval of the paced run")
     parser.add_argument("--hot-ticks", type=int, default=600)
     parser.add_argument("--reader-ticks", type=int, default=300, help="paced ticks per fillfactor with a snapshot holder")
     parser.add_argument("--reader-pace-s", type=float, default=0.1, help="tick interval in the snapshot-holder runs")
@@ -448,6 +458,13 @@ def run(url: str, admin: Any, args: argparse.Namespace) -> tuple[Any, ...]:
     small_rows, small = latency_run(url, admin, SMALL_SYMBOLS, args.rounds, make_variants())
     print(f"(latency at {small_rows} rows: {time.monotonic() - t0:.0f}s)", file=sys.stderr)
     t0 = time.monotonic()
+    _, alone = latency_run(
+        url, admin, SMALL_SYMBOLS, args.alone_ticks, [Variant("unnest (shipped), alone, paced", "unnest", 0)],
+        pace_s=args.alone_pace_s,
+    )
+    small.append(alone[0])
+    print(f"(shipped path alone: {time.monotonic() - t0:.0f}s)", file=sys.stderr)
+    t0 = time.monotonic()
     large_rows, large = latency_run(url, admin, LARGE_SYMBOLS, args.large_rounds, make_variants()[:3])
     print(f"(latency at {large_rows} rows: {time.monotonic() - t0:.0f}s)", file=sys.stderr)
     t0 = time.monotonic()
@@ -483,7 +500,10 @@ def print_report(
     p()
     p("One tick = symbol map lookup + SQL + COMMIT, all rows in one transaction. Variants interleaved round by")
     p("round in one run (same table, same prices walk). Writer session: `jit = off`, `synchronous_commit = off`,")
-    p("except *as deployed* (server defaults, as the seed ran).")
+    p("except *as deployed* (server defaults, as the seed ran). The writer's gc.collect() after each batch runs")
+    p("outside the timing, as in the child. *alone, paced*: the shipped path by itself, one tick every")
+    p(f"{args.alone_pace_s} s ({args.alone_ticks} ticks, production writes one per second), for the duty cycle")
+    p("of production rather than four writers back to back.")
     for rows, variants, rounds in ((small_rows, small, args.rounds), (large_rows, large, args.large_rounds)):
         p()
         p(f"### {rows:,} rows, {rounds} rounds")
@@ -552,7 +572,11 @@ def print_report(
     p()
     p("### Goals")
     p()
-    p(f"- shipped p99 <= 15 ms at {small_rows:,} rows: {s99:.2f} ms -> {'met' if s99 <= 15 else 'NOT met'}")
+    a99 = percentile(small[-1].timings_ms, 0.99)
+    p(
+        f"- shipped p99 <= 15 ms at {small_rows:,} rows: interleaved {s99:.2f} ms -> {'met' if s99 <= 15 else 'NOT met'};"
+        f" alone, paced {a99:.2f} ms -> {'met' if a99 <= 15 else 'NOT met'}"
+    )
     p(
         f"- >= 3x faster than CASE/WHEN-500 in the same run: p50 {c50 / s50:.2f}x, p99 {c99 / s99:.2f}x ->"
         f" {'met' if c50 / s50 >= 3 and c99 / s99 >= 3 else 'NOT met'}"
