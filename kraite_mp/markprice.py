@@ -679,16 +679,20 @@ class MarkPriceStreamer:
         self.stats.connections += 1
         log.info("connected to %s", self.url)
 
-    def _close(self) -> None:
+    def _close(self, graceful: bool = True) -> None:
+        """Close handshake on a healthy connection; just drop the socket of a dead or silent one."""
         if self.ws is not None:
             try:
-                self.ws.close(timeout=1.0)
+                if graceful:
+                    self.ws.close(timeout=1.0)
+                else:
+                    self.ws.shutdown()
             except Exception:  # noqa: BLE001 - closing a broken socket may fail any way it likes
                 pass
             self.ws = None
 
     def _reconnect_later(self, reason: str) -> None:
-        self._close()
+        self._close(graceful=False)
         delay = backoff_delay(
             self._attempt,
             base_s=self.settings.supervisor.backoff_base_s,
