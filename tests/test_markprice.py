@@ -473,7 +473,10 @@ def test_database_outage_keeps_stream_and_recovers(db: Any, mp_settings: Setting
     """The session database refuses connections for a while (the server itself stays up for the others)."""
     seeded = seed_symbols(db, stream_symbols(sim), coverage=1.0)
     eth = seeded.targets["ETHUSDT"]
-    dbname = database_url.rsplit("/", 1)[-1].split("?", 1)[0]
+    with db.cursor() as cur:
+        cur.execute("SELECT current_database()")
+        (dbname,) = cur.fetchone()
+    db.commit()
     admin = kdb.connect(pg_admin_url, autocommit=True)
     caplog.set_level("INFO", logger="kraite_mp.markprice")
     try:
