@@ -176,6 +176,35 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
     pytest.fail(f"timed out after {timeout}s waiting for {message or predicate!r} (last={last!r})")
 
 
+#: Environment variable that tags the processes a test starts (see ``marked_pids``).
+MARKER_VAR = "KRAITE_TEST_MARKER"
+
+
+def marked_pids(marker: str, root: Path) -> list[int]:
+    """Live processes (zombies excluded) with ``MARKER_VAR=marker`` in their environment or their
+    working directory under ``root``. Both, because setproctitle (kraite-mp, redis-server, postgres)
+    overwrites the memory /proc/PID/environ reads, while the working directory survives it."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    prefix = str(root.resolve())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if state == b"Z":
+            continue
+        if needle in environ.split(b"\0") or cwd == prefix or cwd.startswith(prefix + os.sep):
+            found.append(int(entry))
+    return found
+
+
 class ProcessGroup:
     """Subprocesses a test starts; all are killed (with their process groups) at teardown."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, wait_for
+from conftest import MARKER_VAR, ROOT, marked_pids, wait_for
 
 from kraite_mp.accounts import add_account
 from kraite_mp.config import Settings, load_settings
@@ -36,7 +36,6 @@ SUPERVISORD_D = ROOT / "etc" / "supervisord.d"
 PROGRAMS = ("kraite-mp", "kraite-mp-worker")
 VENV_BIN = Path(sys.executable).parent
 #: Environment variable whose (unique) value marks every process of one test.
-MARKER_VAR = "KRAITE_E2E_MARKER"
 
 
 def _bin(name: str) -> str:
@@ -49,29 +48,6 @@ def _bin(name: str) -> str:
     return found
 
 
-def marked_pids(marker: str, root: Path) -> list[int]:
-    """Live processes (zombies excluded) with ``MARKER_VAR=marker`` in their environment or their
-    working directory under ``root``. Both, because setproctitle (kraite-mp, redis-server, postgres)
-    overwrites the memory /proc/PID/environ reads, while the working directory survives it."""
-    needle = f"{MARKER_VAR}={marker}".encode()
-    prefix = str(root.resolve())
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if state == b"Z":
-            continue
-        if needle in environ.split(b"\0") or cwd == prefix or cwd.startswith(prefix + os.sep):
-            found.append(int(entry))
-    return found
 
 
 def child_pids(pid: int) -> list[int]:
