@@ -21,6 +21,7 @@ Title: ``kraite-mp: mark-price state=streaming symbols=568 rows=2272 ticks=86400
 
 from __future__ import annotations
 
+import decimal
 import gc
 import io
 import logging
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, NewType
 
 import orjson
@@ -153,7 +155,7 @@ def parse_mark_price_frame(raw: bytes | str, *, include_coin_m: bool = False) ->
 #: so that its cost is linear whatever the planner thinks of a freshly seeded, never-analyzed table
 #: (a SQL version of this join ran 1 s on 2,000 unanalyzed rows via a nested loop).
 SYMBOL_ROWS_SQL = "SELECT id, exchange, symbol, token, quote FROM exchange_symbols WHERE is_active ORDER BY id"
-TOKEN_MAPPERS_SQL = "SELECT exchange, token, exchange_token FROM token_mappers"
+TOKEN_MAPPERS_SQL = "SELECT exchange, token, exchange_token, price_multiplier FROM token_mappers"
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class SymbolMap:
 
     targets: Mapping[str, tuple[int, ...]]
     loaded_at: float
+    #: Row id -> price multiplier, only for rows whose token_mapper says the lot differs (10000SATS).
+    scales: Mapping[int, Decimal] = field(default_factory=dict)
 
     @property
     def row_count(self) -> int:
@@ -169,7 +173,7 @@ class SymbolMap:
 
 
 def build_symbol_map(
-    rows: Sequence[tuple[int, str, str, str, str]], mappers: Sequence[tuple[str, str, str]]
+    rows: Sequence[tuple[int, str, str, str, str]], mappers: Sequence[tuple[Any, ...]]
 ) -> dict[str, tuple[int, ...]]:
     """Map from ``(id, exchange, symbol, token, quote)`` rows and ``(exchange, token, exchange_token)``.
 
@@ -178,7 +182,7 @@ def build_symbol_map(
     source: the Binance symbol spelled token||quote (the perpetual) wins, then the oldest row, so a
     quarterly ``BTCUSDT_250328`` never fights ``BTCUSDT`` over Bybit's BTCUSDT.
     """
-    remap = {(exchange, token): exchange_token for exchange, token, exchange_token in mappers}
+    remap = {(m[0], m[1]): m[2] for m in mappers}
     binance: list[tuple[int, str, str, str]] = []
     others: dict[tuple[str, str, str], list[int]] = {}
     exchanges: dict[str, None] = {}
@@ -202,6 +206,15 @@ def build_symbol_map(
     return {symbol: tuple(ids) for symbol, ids in targets.items()}
 
 
+def build_scales(
+    rows: Sequence[tuple[int, str, str, str, str]], mappers: Sequence[tuple[Any, ...]]
+) -> dict[int, Decimal]:
+    """Row id -> multiplier for rows listed under a mapped token whose mapper has a multiplier != 1."""
+    multipliers = {(m[0], m[2]): Decimal(m[3]) for m in mappers if len(m) > 3 and Decimal(m[3]) != 1}
+    return {row_id: multipliers[(exchange, token)] for row_id, exchange, _symbol, token, _quote in rows
+            if (exchange, token) in multipliers}
+
+
 def load_symbol_map(conn: Any) -> SymbolMap:
     """Read the rows and mappings in one short transaction and build the map."""
     with conn.cursor() as cur:
@@ -210,14 +223,23 @@ def load_symbol_map(conn: Any) -> SymbolMap:
         cur.execute(TOKEN_MAPPERS_SQL)
         mappers = cur.fetchall()
     conn.commit()
-    return SymbolMap(build_symbol_map(rows, mappers), time.monotonic())
+    return SymbolMap(build_symbol_map(rows, mappers), time.monotonic(), build_scales(rows, mappers))
+
+
+#: Enough digits for any validated price (<= 40 + 40) times any multiplier: scaling stays exact.
+_SCALE_CONTEXT = decimal.Context(prec=120)
+
+
+def scale_price(price: PriceText, multiplier: Decimal) -> PriceText:
+    """``price * multiplier`` exactly, as plain decimal text (never float, never an exponent)."""
+    return PriceText(format(_SCALE_CONTEXT.multiply(Decimal(price), multiplier), "f"))
 
 
 def resolve_rows(prices: Mapping[str, PriceText], symbol_map: SymbolMap) -> tuple[list[tuple[int, PriceText]], int, int]:
     """(sorted (row id, price) pairs, symbols matched, symbols unknown). Sorted ids: a stable lock order."""
     by_row: dict[int, PriceText] = {}
     matched = unknown = 0
-    targets = symbol_map.targets
+    targets, scales = symbol_map.targets, symbol_map.scales
     for symbol, price in prices.items():
         ids = targets.get(symbol)
         if ids is None:
@@ -225,7 +247,8 @@ def resolve_rows(prices: Mapping[str, PriceText], symbol_map: SymbolMap) -> tupl
             continue
         matched += 1
         for row_id in ids:
-            by_row[row_id] = price
+            multiplier = scales.get(row_id)
+            by_row[row_id] = price if multiplier is None else scale_price(price, multiplier)
     return sorted(by_row.items()), matched, unknown
 
 

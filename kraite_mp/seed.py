@@ -9,7 +9,7 @@ the mark-price array carries), it inserts:
   exchange's naming (KuCoin ``XBTUSDTM``) -- not every exchange lists every token: coverage is a
   deterministic draw per (exchange, symbol), the majors are always listed;
 - the ``token_mappers`` rows for the tokens another exchange spells differently (KuCoin BTC -> XBT,
-  KuCoin/Bybit 1000SATS -> 10000SATS).
+  KuCoin/Bybit 1000SATS -> 10000SATS, price x10).
 
 Seeding is idempotent (``ON CONFLICT (exchange, symbol) DO UPDATE``): running it twice returns the
 same row ids. All SQL is parametrized.
@@ -39,10 +39,11 @@ DEFAULT_COVERAGE: Mapping[str, float] = {"bybit": 0.92, "bitget": 0.85, "kucoin"
 ALWAYS_LISTED: frozenset[str] = frozenset({"BTC", "ETH", "SOL", "XRP", "BNB", "DOGE", "1000SATS"})
 
 #: (exchange, Binance token, that exchange's token).
-DEFAULT_TOKEN_MAPPERS: tuple[tuple[str, str, str], ...] = (
-    ("kucoin", "BTC", "XBT"),
-    ("kucoin", "1000SATS", "10000SATS"),
-    ("bybit", "1000SATS", "10000SATS"),
+#: (exchange, Binance token, that exchange's token, price multiplier): 10000SATS is ten of Binance's 1000SATS lots.
+DEFAULT_TOKEN_MAPPERS: tuple[tuple[str, str, str, str], ...] = (
+    ("kucoin", "BTC", "XBT", "1"),
+    ("kucoin", "1000SATS", "10000SATS", "10"),
+    ("bybit", "1000SATS", "10000SATS", "10"),
 )
 
 #: Binance's minimum order notional on USD-M (USDT) contracts.
@@ -115,7 +116,7 @@ def seed_symbols(
     exchanges: Iterable[str] = EXCHANGES,
     *,
     coverage: Mapping[str, float] | float | None = None,
-    token_mappers: Iterable[tuple[str, str, str]] = DEFAULT_TOKEN_MAPPERS,
+    token_mappers: Iterable[tuple[str, ...]] = DEFAULT_TOKEN_MAPPERS,
     seed: int = 1,
     commit: bool = True,
 ) -> SeedResult:
@@ -131,8 +132,9 @@ def seed_symbols(
     if coverage is None:
         coverage = DEFAULT_COVERAGE
     parsed = [parse_binance_symbol(s) for s in dict.fromkeys(binance_symbols)]
-    mappers = [m for m in token_mappers if m[0] in exchanges]
-    remap = {(ex, token): ex_token for ex, token, ex_token in mappers}
+    # (exchange, token, exchange_token, multiplier); a 3-tuple is a plain rename (multiplier 1)
+    mappers = [(m[0], m[1], m[2], m[3] if len(m) > 3 else "1") for m in token_mappers if m[0] in exchanges]
+    remap = {(ex, token): ex_token for ex, token, ex_token, _ in mappers}
 
     # (exchange, symbol, token, quote, contract_type, price_precision, quantity_precision, tick, step, min_notional)
     values: list[tuple[Any, ...]] = []
@@ -168,8 +170,9 @@ def seed_symbols(
         if mappers:
             psycopg2.extras.execute_values(
                 cur,
-                "INSERT INTO token_mappers (exchange, token, exchange_token) VALUES %s"
-                " ON CONFLICT (exchange, token) DO UPDATE SET exchange_token = EXCLUDED.exchange_token",
+                "INSERT INTO token_mappers (exchange, token, exchange_token, price_multiplier) VALUES %s"
+                " ON CONFLICT (exchange, token) DO UPDATE SET exchange_token = EXCLUDED.exchange_token,"
+                " price_multiplier = EXCLUDED.price_multiplier",
                 mappers,
             )
         if values:

@@ -29,12 +29,14 @@ from kraite_mp.markprice import (
     MarkPriceStreamer,
     PriceText,
     PriceWriter,
+    build_scales,
     build_symbol_map,
     case_sql,
     load_symbol_map,
     parse_mark_price_frame,
     parse_price,
     resolve_rows,
+    scale_price,
 )
 from kraite_mp.seed import parse_binance_symbol, seed_symbols
 
@@ -144,6 +146,7 @@ def test_build_symbol_map_remaps_and_gives_each_row_one_source() -> None:
         (10, "binance", "ETHUSDT", "ETH", "USDT"),
     ]
     mappers = [("kucoin", "BTC", "XBT"), ("bybit", "1000SATS", "10000SATS"), ("kucoin", "1000SATS", "10000SATS")]
+    assert build_scales(rows, [(*m, "10" if "SATS" in m[1] else "1") for m in mappers]) == {7: Decimal(10)}
     targets = build_symbol_map(rows, mappers)
     assert targets == {
         "BTCUSDT": (2, 4, 5),
@@ -151,6 +154,14 @@ def test_build_symbol_map_remaps_and_gives_each_row_one_source() -> None:
         "1000SATSUSDT": (3, 7, 8),
         "ETHUSDT": (10,),
     }
+
+
+@pytest.mark.unit
+def test_scale_price_is_exact_decimal_text() -> None:
+    assert scale_price(PriceText("0.00003120"), Decimal(10)) == "0.00031200"
+    assert scale_price(PriceText("123456789012345678901234567890.123456789"), Decimal("1000")) == (
+        "123456789012345678901234567890123.456789000"
+    )
 
 
 @pytest.mark.unit
@@ -308,10 +319,12 @@ def test_strategies_write_identical_exact_prices(db: Any, settings: Settings, st
     finally:
         conn.close()
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in reference.items()}
+    ten_lots = {seeded.rows["kucoin"]["10000SATSUSDTM"], seeded.rows["bybit"]["10000SATSUSDT"]}
     for symbol, ids in seeded.targets.items():
         for row_id in ids:
             text, synced_at = after[row_id]
-            assert text == prices[symbol]  # the exact decimal text, trailing zeros included
+            want = scale_price(prices[symbol], Decimal(10)) if row_id in ten_lots else prices[symbol]
+            assert text == want  # the exact decimal text, trailing zeros included
             assert synced_at is not None and synced_at >= before
 
 
@@ -332,8 +345,10 @@ def test_tick_writes_exact_prices_to_all_exchanges(db: Any, mp_settings: Setting
     pinned = pin_prices(sim, usdm, 1)
     start = db_now(db)
 
+    ten_lots = {seeded.rows["kucoin"].get("10000SATSUSDTM"), seeded.rows["bybit"].get("10000SATSUSDT")}
     expected = {
-        row_id: pinned[symbol] for symbol, ids in seeded.targets.items() if symbol in pinned for row_id in ids
+        row_id: scale_price(pinned[symbol], Decimal(10)) if row_id in ten_lots else pinned[symbol]
+        for symbol, ids in seeded.targets.items() if symbol in pinned for row_id in ids
     }
 
     def all_written() -> bool:
@@ -354,8 +369,10 @@ def test_tick_writes_exact_prices_to_all_exchanges(db: Any, mp_settings: Setting
         assert synced_at >= start
     # remapped tokens got BTC's and 1000SATS's prices
     assert rows[seeded.rows["kucoin"]["XBTUSDTM"]][0] == pinned["BTCUSDT"]
-    assert rows[seeded.rows["kucoin"]["10000SATSUSDTM"]][0] == pinned["1000SATSUSDT"]
-    assert rows[seeded.rows["bybit"]["10000SATSUSDT"]][0] == pinned["1000SATSUSDT"]
+    # 10000SATS is ten 1000SATS lots: exactly ten times the price, still an exact decimal
+    ten_lots = Decimal(pinned["1000SATSUSDT"]) * 10
+    assert Decimal(rows[seeded.rows["kucoin"]["10000SATSUSDTM"]][0]) == ten_lots
+    assert Decimal(rows[seeded.rows["bybit"]["10000SATSUSDT"]][0]) == ten_lots
     # untouched: a symbol not in the stream, an orphan row, COIN-M (st=2) rows
     for row_id in seeded.targets["ZZZUSDT"] + [orphan_id, seeded.rows["binance"]["BTCUSD_PERP"]]:
         assert rows[row_id] == (None, None)
