@@ -15,8 +15,10 @@ its own process), N user-data children forked from that subprocess exactly as th
 them (``ChildContext`` + ``run_child`` + ``run_user_data_child``, so they share its imported code),
 and a Dramatiq ``Worker(broker, worker_threads=8)`` in the subprocess, started after the forks.
 Load: ``--rate`` scenario steps per second in total, spread evenly over the accounts (one
-``step`` control call at a time, round robin), for ``--duration`` seconds after every child is
-streaming; a step emits 1-4 frames. Default allowlist (production).
+``step`` control call at a time, round robin, from a process of its own), for ``--duration`` seconds
+after every child is streaming; a step emits 1-4 frames. Default allowlist (production). The
+reconciliations requested by every connect run meanwhile on their own worker pool (a ``dramatiq
+kraite_mp.jobs --queues reconcile`` process), as deployed.
 
 Measured per frame received in the window:
 - received -> enqueued: ``message_timestamp`` (ms, stamped by the child's sender right before the
@@ -26,9 +28,10 @@ Measured per frame received in the window:
   minus the receive time, for dispatched order frames (the order row) and for every frame (audit);
 - worker events/s at the offered load, and its capacity: frames per second while draining a backlog
   of ``--burst`` scenario steps produced while the worker was paused.
-The idle-poll comparison repeats the smallest case with the consumer idle sleep capped at
-``--compare-idle-poll`` ms (1000 = Dramatiq's default ``worker_timeout`` behaviour) instead of
-``--idle-poll-ms``.
+The idle-poll comparison repeats the smallest case at ``--compare-rate`` with the consumer idle sleep
+capped at each of ``--compare-idle-poll`` ms (1000 = Dramatiq's default ``worker_timeout`` behaviour)
+and ``--idle-poll-ms``, and measures what the cap costs when nothing happens: the CPU of an idle
+worker process (8 threads) and of Redis over 10 s.
 """
 
 from __future__ import annotations
@@ -163,12 +166,17 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         broker = jobs.build_broker(settings)
         broker.add_middleware(Probe())
         # frames and reconciliations on separate worker pools, as deployed (a reconciliation may sleep
-        # out Binance's weight limit for up to a minute: it must not hold the frames' threads)
+        # out Binance's weight limit for up to a minute: it must not hold the frames' threads); the
+        # reconciliations of a fleet start (200 x 80 request weight, 2400 per minute) go on for minutes
+        reconcile_worker = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--queues", "reconcile", "--processes", "1",
+             "--threads", "2"],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
         worker = dramatiq.Worker(broker, worker_threads=int(cfg["worker_threads"]),
                                  queues={settings.user_data_stream.queue_name})
         worker.start()
-        reconcile_worker = dramatiq.Worker(broker, worker_threads=2, queues={"reconcile"})
-        reconcile_worker.start()
         http = requests.Session()
         try:
             def stats() -> dict[str, Any]:
@@ -192,24 +200,11 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             connect_s = time.monotonic() - t_spawn
             time.sleep(2.0)
 
-            # steady load
+            # steady load, from a process of its own (it must not compete with the worker for the GIL)
             keys = [a.api_key for a in accounts]
-            rate = float(cfg["rate"])
+            load = run_stepper(sim["control_url"], keys, float(cfg["rate"]), float(cfg["duration"]))
+            t0_wall, t1_wall, steps = load["t0_wall"], load["t1_wall"], load["steps"]
             duration = float(cfg["duration"])
-            t0_wall = time.time() * 1000
-            t0 = time.monotonic()
-            i = 0
-            while True:
-                due = t0 + i / rate
-                now = time.monotonic()
-                if due - t0 >= duration:
-                    break
-                if due > now:
-                    time.sleep(due - now)
-                http.post(sim["control_url"] + "/step", json={"api_key": keys[i % n], "n": 1}, timeout=10)
-                i += 1
-            t1_wall = time.time() * 1000
-            steps = i
             sent = frames_sent()
             wait(lambda: audited() >= sent, WAIT_TIMEOUT_S, "every frame processed")
 
@@ -218,8 +213,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             capacity = None
             if burst:
                 worker.pause()
-                for j in range(burst):
-                    http.post(sim["control_url"] + "/step", json={"api_key": keys[j % n], "n": 1}, timeout=10)
+                run_stepper(sim["control_url"], keys, 0.0, 0.0, steps=burst)
                 burst_sent = frames_sent()
                 import redis as redis_lib
 
@@ -238,7 +232,12 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
                 rc.close()
         finally:
             worker.stop(timeout=20_000)
-            reconcile_worker.stop(timeout=5_000)
+            reconcile_worker.terminate()
+            try:
+                reconcile_worker.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(reconcile_worker.pid, signal.SIGKILL)
+                reconcile_worker.wait(10)
             broker.close()
             http.close()
 
@@ -250,7 +249,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         finally:
             c.close()
         window = [f for f, (rx, _, _) in started.items() if t0_wall <= rx <= t1_wall and f in finished]
-        enq = [started[f][1] - started[f][0] for f in window]
+        enq = [max(0.0, started[f][1] - started[f][0]) for f in window]  # message_timestamp is whole ms
         start = [started[f][2] - started[f][0] for f in window]
         e2e_all = [finished[f] - started[f][0] for f in window]
         e2e_orders = [finished[f] - started[f][0] for f in window if outcomes.get(f) == "dispatched"]
@@ -301,11 +300,83 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def stepper(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The load: ``step`` control calls round robin over the accounts at ``rate`` per second in total."""
+    import requests
+
+    keys, rate, duration, steps = cfg["keys"], float(cfg["rate"]), float(cfg["duration"]), cfg.get("steps")
+    http = requests.Session()
+    t0_wall = time.time() * 1000
+    t0 = time.monotonic()
+    i = 0
+    while True:
+        if steps is not None:
+            if i >= steps:
+                break
+        else:
+            due = t0 + i / rate
+            if due - t0 >= duration:
+                break
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+        http.post(cfg["control_url"] + "/step", json={"api_key": keys[i % len(keys)], "n": 1}, timeout=10)
+        i += 1
+    http.close()
+    return {"t0_wall": t0_wall, "t1_wall": time.time() * 1000, "steps": i}
+
+
+def run_stepper(control_url: str, keys: list[str], rate: float, duration: float,
+                steps: int | None = None) -> dict[str, Any]:
+    cfg = {"stepper": True, "control_url": control_url, "keys": keys, "rate": rate, "duration": duration,
+           "steps": steps}
+    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(cfg)], cwd=str(ROOT),
+                          stdout=subprocess.PIPE, timeout=3600, check=True)
+    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def run_idle_case(cfg: dict[str, Any]) -> dict[str, Any]:
+    """CPU of an idle worker process (and of Redis) with the consumer idle sleep capped at ``idle_poll_ms``."""
+    import dramatiq
+    import redis as redis_lib
+
+    from kraite_mp import jobs
+    from kraite_mp.config import load_settings
+
+    settings = load_settings(None, environ={"KRAITE_REDIS_URL": cfg["redis_url"],
+                                            "KRAITE_REDIS_NAMESPACE": cfg["namespace"],
+                                            "KRAITE__jobs__idle_poll_ms": str(cfg["idle_poll_ms"])})
+    broker = jobs.build_broker(settings)
+    worker = dramatiq.Worker(broker, worker_threads=int(cfg["worker_threads"]))
+    client = redis_lib.Redis.from_url(cfg["redis_url"])
+
+    def redis_cpu() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    worker.start()
+    try:
+        time.sleep(1.0)
+        c0, r0, t0 = time.process_time(), redis_cpu(), time.monotonic()
+        time.sleep(float(cfg["seconds"]))
+        dt = time.monotonic() - t0
+        return {"idle_poll_ms": cfg["idle_poll_ms"], "worker_cpu_pct": 100 * (time.process_time() - c0) / dt,
+                "redis_cpu_pct": 100 * (redis_cpu() - r0) / dt}
+    finally:
+        worker.stop()
+        broker.close()
+        client.close()
+
+
 # -- the driver ------------------------------------------------------------------------------------------
 
 
 def spawn_case(cfg: dict[str, Any]) -> dict[str, Any]:
-    log(f"case: {cfg['accounts']} accounts, idle poll {cfg['idle_poll_ms']} ms, {cfg['rate']} steps/s")
+    if cfg.get("idle"):
+        log(f"idle cost: idle poll {cfg['idle_poll_ms']} ms")
+    else:
+        log(f"case: {cfg['accounts']} accounts, idle poll {cfg['idle_poll_ms']} ms, {cfg['rate']} steps/s")
     proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(cfg)], cwd=str(ROOT),
                           stdout=subprocess.PIPE, timeout=3600, check=False)
     if proc.returncode != 0:
@@ -347,7 +418,9 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=3000, help="scenario steps in the capacity burst (0 = skip)")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))), flush=True)
+        case = json.loads(args.case)
+        runner = stepper if case.get("stepper") else run_idle_case if case.get("idle") else run_case
+        print(json.dumps(runner(case)), flush=True)
         return 0
 
     from kraite_mp import db as kdb
@@ -374,6 +447,9 @@ def main() -> int:
             cfg = dict(base, accounts=counts[0], idle_poll_ms=poll, burst=0, rate=args.compare_rate,
                        namespace=f"{namespace}-c{j}")
             compare.append(spawn_case(cfg))
+            idle_cfg = {"idle": True, "redis_url": redis_url, "namespace": f"{namespace}-i{j}", "idle_poll_ms": poll,
+                        "worker_threads": args.worker_threads, "seconds": 10}
+            compare[-1].update(spawn_case(idle_cfg))
     finally:
         kdb.drop_database(admin, dbname)
         try:
@@ -403,7 +479,7 @@ def main() -> int:
     out.append(f"Steady load: {args.rate:g} scenario steps/s in total spread over the accounts, "
                f"{args.duration:g} s per case; latencies in ms from the child receiving the frame.")
     out.append("")
-    out.append("| accounts | frames/s | received->enqueued p50 / p99 | ->job started p50 / p99 |"
+    out.append("| accounts | frames/s | received->enqueued p50 / p99 (1 ms resolution) | ->job started p50 / p99 |"
                " ->order row committed p50 / p99 | ->audit committed p50 / p99 / max | worker events/s |"
                " worker capacity events/s |")
     out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -415,12 +491,14 @@ def main() -> int:
     if compare:
         out += ["", f"Consumer idle poll cap (`jobs.idle_poll_ms`), {counts[0]} accounts at {args.compare_rate:g} steps/s:",
                 "",
-                "| idle poll cap (ms) | ->job started p50 / p99 | ->order row committed p50 / p99 |",
-                "|---:|---:|---:|"]
+                "| idle poll cap (ms) | ->job started p50 / p99 | ->order row committed p50 / p99 |"
+                " idle worker process CPU | idle Redis CPU |",
+                "|---:|---:|---:|---:|---:|"]
         for r in compare:
             label = f"{r['idle_poll_ms']}" + (" (Dramatiq default worker_timeout)" if r["idle_poll_ms"] == 1000 else "")
             out.append(f"| {label} | {ms(r['start_p50'])} / {ms(r['start_p99'])} |"
-                       f" {ms(r['order_p50'])} / {ms(r['order_p99'])} |")
+                       f" {ms(r['order_p50'])} / {ms(r['order_p99'])} | {r['worker_cpu_pct']:.1f} % |"
+                       f" {r['redis_cpu_pct']:.1f} % |")
     goal = [r for r in results if r["accounts"] == max(counts)]
     if goal:
         g = goal[0]

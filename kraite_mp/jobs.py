@@ -32,21 +32,21 @@ max_backoff=timeout)`` (dramatiq/brokers/redis.py ``_RedisConsumer.__next__``), 
 half and all of ``timeout`` -- and the Worker passes its ``worker_timeout`` (default 1000 ms, env
 ``dramatiq_worker_timeout``; the ``dramatiq`` CLI has no flag for it) as that timeout. A user-data
 consumer is idle most of the time, so a frame waited up to a second before its job started: measured
-with bench/user_data_latency.py (10 accounts, 20 steps/s) received -> job started p50 17.6 ms / p99
-99.5 ms and -> order row committed p99 227 ms. ``KraiteRedisBroker`` caps the idle sleep of the
+with bench/user_data_latency.py (10 accounts, 20 steps/s) received -> job started p50 14.4 ms / p99
+64 ms (and up to a second on a quieter stream). ``KraiteRedisBroker`` caps the idle sleep of the
 user-data queue at ``jobs.idle_poll_ms`` (the other queues keep the Worker's timeout):
 
-============  ======================  =============================================
-cap (ms)      job started p50 / p99   idle cost per worker process (CPU; Redis CPU)
-============  ======================  =============================================
-1000          17.6 / 99.5 ms          0.2 %; 0.1 %
-10            6.1 / 13.4 ms           2.7 %; 0.7 %
-5 (default)   3.5 / 9.4 ms            5.2 %; 1.3 %
-2             2.8 / 9.8 ms            13 %; 3.2 %
-============  ======================  =============================================
+============  ======================  ==============  =============================================
+cap (ms)      job started p50 / p99   order row p99   idle cost per worker process (CPU; Redis CPU)
+============  ======================  ==============  =============================================
+1000          14.4 / 64.1 ms          67.3 ms         0.2 %; 0.1 %
+10            4.9 / 10.3 ms           15.2 ms         4.5 %; 1.1 %
+5 (default)   3.1 / 6.9 ms            11.7 ms         5.5 %; 1.3 %
+2             1.7 / 4.7 ms            9.1 ms          13.0 %; 3.1 %
+============  ======================  ==============  =============================================
 
-(one 2-CPU machine shared with the simulator, the children, PostgreSQL and Redis, so the numbers are
-noisy; below 5 ms the idle cost grows faster than the latency falls). The worker threads'
+(one 2-CPU machine shared with the simulator, the children, PostgreSQL and Redis; below 5 ms the
+idle cost grows faster than the end-to-end latency falls). The worker threads'
 ``worker_timeout`` only bounds their wait on the in-process work queue (they wake at once when work
 arrives), so it adds no latency and is left alone.
 
