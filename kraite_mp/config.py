@@ -164,7 +164,7 @@ class MarkPriceSettings:
 class JobsSettings:
     #: Dotted paths of observers called with (old, new) after each committed status change.
     observers: list[str] = field(default_factory=lambda: ["kraite_mp.observers.publish_transition"])
-    transitions_channel: str = "kraite:order-transitions"
+    transitions_channel: str = "order-transitions"
     max_retries: int = 20
     #: Retry backoff of failed jobs (PostgreSQL down): min, max (ms).
     retry_min_backoff_ms: int = 1000

@@ -33,7 +33,7 @@ from kraite_mp.accounts import add_account
 from kraite_mp.config import Settings, load_settings
 
 SUPERVISORD_D = ROOT / "etc" / "supervisord.d"
-PROGRAMS = ("kraite-mp", "kraite-mp-worker")
+PROGRAMS = ("kraite-mp", "kraite-mp-worker", "kraite-mp-reconcile-worker")
 VENV_BIN = Path(sys.executable).parent
 #: Environment variable whose (unique) value marks every process of one test.
 
@@ -205,7 +205,8 @@ def test_program_files_are_consistent_with_graceful_timeouts() -> None:
     settings = Settings()
     main = _program_section(SUPERVISORD_D / "kraite-mp.conf", "kraite-mp")
     worker = _program_section(SUPERVISORD_D / "kraite-mp-worker.conf", "kraite-mp-worker")
-    for section in (main, worker):
+    reconciler = _program_section(SUPERVISORD_D / "kraite-mp-worker.conf", "kraite-mp-reconcile-worker")
+    for section in (main, worker, reconciler):
         assert section["stopsignal"] == "TERM"
         assert section["autostart"] == "true" and section["autorestart"] == "true"
         # only the main process gets TERM (it forwards it); the group is SIGKILLed only as a last resort
@@ -216,13 +217,16 @@ def test_program_files_are_consistent_with_graceful_timeouts() -> None:
     # supervisord must outwait kraite-mp's own SIGTERM -> SIGKILL timeout, with a margin
     assert int(main["stopwaitsecs"]) >= settings.supervisor.graceful_timeout_s + 10
     assert main["command"].endswith("kraite-mp run")
-    m = re.search(r"--worker-shutdown-timeout (\d+)", worker["command"])
-    assert m, "the worker must set dramatiq's shutdown timeout explicitly (its default is 10 minutes)"
-    assert int(worker["stopwaitsecs"]) >= int(m.group(1)) / 1000 + 5
-    assert "--queues user-data-stream reconcile" in worker["command"]
-    assert "dramatiq kraite_mp.jobs" in worker["command"]
-    # supervisord starts the worker before the supervisor (lower priority number)
-    assert int(worker["priority"]) < int(main["priority"])
+    for section in (worker, reconciler):
+        m = re.search(r"--worker-shutdown-timeout (\d+)", section["command"])
+        assert m, "the workers must set dramatiq's shutdown timeout explicitly (its default is 10 minutes)"
+        assert int(section["stopwaitsecs"]) >= int(m.group(1)) / 1000 + 5
+        assert "dramatiq kraite_mp.jobs" in section["command"]
+        # supervisord starts the workers before the supervisor (lower priority number)
+        assert int(section["priority"]) < int(main["priority"])
+    # frames and reconciliations in separate pools: a rate-limited REST sweep never holds frame threads
+    assert "--queues user-data-stream --" in worker["command"]
+    assert "--queues reconcile --" in reconciler["command"]
 
 
 @pytest.mark.unit
