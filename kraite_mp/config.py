@@ -122,7 +122,7 @@ class UserDataStreamSettings:
     pong_timeout_s: float = 10.0
     #: Reconnect proactively before Binance's 24 h connection limit.
     max_connection_age_s: float = 23.5 * 3600
-    #: Where frames go while Redis is unreachable (one subdirectory per account).
+    #: Write-ahead spool of every frame (one subdirectory per account), drained to Redis in order.
     spool_dir: str = "var/spool"
     #: fsync the spool after every frame: survives power loss, not just a child crash (costs latency).
     spool_fsync: bool = False
