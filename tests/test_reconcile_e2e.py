@@ -156,5 +156,8 @@ def test_periodic_sync_child_closes_the_gap_without_any_worker(simulator: Any, d
     wait_for(lambda: matches_truth(db, account.id, sim.truth(key)), timeout=90,
              message="the periodic sync child to reconcile the account")
     assert rest_transitions(db, account.id) >= 3 + 3  # 3 first sightings by stream_saw, then 3 changes
-    with open(os.path.join(env["KRAITE_RUN_DIR"], "reconcile", f"account-{account.id}.json")) as f:
+    # the sync child remembers its full sweep right after committing it: wait for the file, don't race it
+    state_path = os.path.join(env["KRAITE_RUN_DIR"], "reconcile", f"account-{account.id}.json")
+    wait_for(lambda: os.path.exists(state_path), timeout=30, message="the sync child's sweep state")
+    with open(state_path) as f:
         assert json.load(f)["last_full_ms"] > 0  # the sync child ran a full sweep and remembered it
