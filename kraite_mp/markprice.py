@@ -277,9 +277,10 @@ def case_sql(n: int) -> str:
     """The seed's statement for ``n`` rows: placeholders only, values always go as parameters."""
     whens = " ".join(["WHEN %s THEN %s::numeric"] * n)
     ids = ", ".join(["%s"] * n)
+    # only %s placeholders are joined in: every id and price is bound as a parameter
     return (
-        f"UPDATE exchange_symbols SET mark_price = CASE id {whens} END,"  # noqa: S608 - placeholders, no values
-        f" mark_price_synced_at = now() WHERE id IN ({ids})"
+        "UPDATE exchange_symbols SET mark_price = CASE id " + whens + " END,"  # noqa: S608
+        " mark_price_synced_at = now() WHERE id IN (" + ids + ")"
     )
 
 
