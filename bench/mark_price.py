@@ -7,7 +7,7 @@ Usage::
 
 PostgreSQL: ``KRAITE_BENCH_DATABASE_URL`` (an admin URL on a server where we may CREATE DATABASE),
 default ``postgresql://postgres@127.0.0.1:5432/postgres``; if that is unreachable, an embedded
-server (``kraite_mp.embedded.PostgresServer``). The script works in its own scratch database,
+server (``kraite_mp.ops.embedded.PostgresServer``). The script works in its own scratch database,
 dropped at the end.
 
 What it measures (prints one markdown section):
@@ -48,9 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg2  # noqa: E402
 from psycopg2 import sql  # noqa: E402
 
-from kraite_mp import db as kdb  # noqa: E402
-from kraite_mp.embedded import PostgresServer, postgres_reachable  # noqa: E402
-from kraite_mp.markprice import (  # noqa: E402
+from kraite_mp.ops.embedded import PostgresServer, postgres_reachable  # noqa: E402
+from kraite_mp.ops.seed import seed_symbols  # noqa: E402
+from kraite_mp.store import db as kdb  # noqa: E402
+from kraite_mp.streams.markprice import (  # noqa: E402
     COPY_SQL,
     COPY_UPDATE_SQL,
     UNNEST_SQL,
@@ -61,7 +62,6 @@ from kraite_mp.markprice import (  # noqa: E402
     load_symbol_map,
     resolve_rows,
 )
-from kraite_mp.seed import seed_symbols  # noqa: E402
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: 575 and 5,750 Binance symbols, each listed on all four exchanges.

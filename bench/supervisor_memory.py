@@ -39,9 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kraite_mp import db as kdb  # noqa: E402
-from kraite_mp.accounts import add_account, generate_secret_key  # noqa: E402
-from kraite_mp.seed import seed_symbols  # noqa: E402
+from kraite_mp.ops.seed import seed_symbols  # noqa: E402
+from kraite_mp.store import db as kdb  # noqa: E402
+from kraite_mp.store.accounts import add_account, generate_secret_key  # noqa: E402
 
 #: Per-idle-child PSS target from the issue.
 TARGET_PSS_MB = 12.0

@@ -85,12 +85,12 @@ def wait(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
 def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     import requests
 
-    from kraite_mp import db as kdb
-    from kraite_mp.accounts import add_account, generate_secret_key, list_accounts
-    from kraite_mp.child import ChildContext, heartbeat_dir, run_child
     from kraite_mp.config import load_settings
     from kraite_mp.logs import setup_logging
-    from kraite_mp.userdata import run_user_data_child
+    from kraite_mp.store import db as kdb
+    from kraite_mp.store.accounts import add_account, generate_secret_key, list_accounts
+    from kraite_mp.streams.userdata import run_user_data_child
+    from kraite_mp.supervisor.context import ChildContext, heartbeat_dir, run_child
 
     n = int(cfg["accounts"])
     work = tempfile.mkdtemp(prefix="kraite-bench-ud-")
@@ -147,7 +147,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         from dramatiq.middleware import Middleware
 
         from kraite_mp import jobs
-        from kraite_mp.userdata import PROCESS_ACTOR
+        from kraite_mp.messages import PROCESS_ACTOR
 
         started: dict[str, tuple[float, int, float]] = {}
         finished: dict[str, float] = {}
@@ -217,7 +217,7 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
                 burst_sent = frames_sent()
                 import redis as redis_lib
 
-                from kraite_mp.userdata import broker_namespace
+                from kraite_mp.messages import broker_namespace
 
                 rc = redis_lib.Redis.from_url(settings.redis_url)
                 qkey = f"{broker_namespace(settings)}:{settings.user_data_stream.queue_name}"
@@ -387,7 +387,7 @@ def spawn_case(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def services() -> tuple[str, str, list[Any]]:
-    from kraite_mp.embedded import PostgresServer, RedisServer, postgres_reachable, redis_reachable
+    from kraite_mp.ops.embedded import PostgresServer, RedisServer, postgres_reachable, redis_reachable
 
     started: list[Any] = []
     admin = os.environ.get("KRAITE_BENCH_DATABASE_URL", DEFAULT_ADMIN_URL)
@@ -423,7 +423,7 @@ def main() -> int:
         print(json.dumps(runner(case)), flush=True)
         return 0
 
-    from kraite_mp import db as kdb
+    from kraite_mp.store import db as kdb
 
     admin, redis_url, started = services()
     dbname = f"kraite_bench_ud_{uuid.uuid4().hex[:8]}"

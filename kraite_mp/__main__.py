@@ -1,5 +1,5 @@
 import sys
 
-from kraite_mp.cli import main
+from kraite_mp.ops.cli import main
 
 sys.exit(main())

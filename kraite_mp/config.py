@@ -286,6 +286,20 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return data
 
 
+def parse_shard(spec: str) -> tuple[int, int] | None:
+    """``"all"`` -> None; ``"I/N"`` -> (I, N) with 0 <= I < N."""
+    if spec == "all":
+        return None
+    try:
+        index_s, count_s = spec.split("/")
+        index, count = int(index_s), int(count_s)
+    except ValueError:
+        raise ValueError(f"expected 'all' or 'I/N', got {spec!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"expected 0 <= I < N, got {spec!r}")
+    return index, count
+
+
 def validate(settings: Settings) -> None:
     """Cross-field checks that the type coercion cannot do."""
     for key in ("database_url",):
@@ -317,8 +331,6 @@ def validate(settings: Settings) -> None:
         raise ConfigError("supervisor.backoff_cap_exponent: must be >= 0")
     if settings.supervisor.spawn_rate_per_s <= 0 or settings.supervisor.spawn_burst < 1:
         raise ConfigError("supervisor.spawn_rate_per_s/spawn_burst: must be positive")
-    from kraite_mp.ownership import parse_shard  # local: ownership imports config
-
     try:
         parse_shard(settings.supervisor.shard)
     except ValueError as e:

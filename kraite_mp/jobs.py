@@ -69,17 +69,18 @@ import psycopg2
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries, default_middleware
 
-from kraite_mp import events, orders
+from kraite_mp.binance import user as events
 from kraite_mp.config import Settings, load_settings
-from kraite_mp.db import DatabaseUnavailable, connect
 from kraite_mp.logs import redact
-from kraite_mp.userdata import (
+from kraite_mp.messages import (
     PROCESS_ACTOR,
     RECONCILE_ACTOR,
     RECONCILE_QUEUE,
     broker_namespace,
     redis_client,
 )
+from kraite_mp.store import orders
+from kraite_mp.store.db import DatabaseUnavailable, connect
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class JobRunner:
         once Binance may be called again, a network error retries with the usual backoff, invalid
         credentials (already recorded by it) and other errors end here. PostgreSQL down retries.
         """
-        from kraite_mp.accounts import get_account
+        from kraite_mp.store.accounts import get_account
 
         try:
             from kraite_mp import reconcile

@@ -1,6 +1,6 @@
 """Built-in order observers (``settings.jobs.observers`` holds dotted paths to functions like these).
 
-An observer is called by ``kraite_mp.orders.run_observers`` with ``(old, new)`` (the order row
+An observer is called by ``kraite_mp.store.orders.run_observers`` with ``(old, new)`` (the order row
 before and after a committed status change, as column dicts; ``old`` is None for a first
 sighting), plus ``settings=`` when it accepts it. It runs after COMMIT, in the worker thread: keep
 it quick, and let it raise freely (the caller logs the failure with the order id).

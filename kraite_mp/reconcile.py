@@ -3,7 +3,7 @@
 Frames lost while a stream reconnects (or after a listenKey expiry) are gone for good; only REST can
 tell what happened meanwhile. ``reconcile_account`` asks Binance about the account's orders and writes
 every answer through the same ordered, idempotent update as the stream
-(``kraite_mp.orders.apply_order_update``), so the newer state always wins and a stale REST answer
+(``kraite_mp.store.orders.apply_order_update``), so the newer state always wins and a stale REST answer
 never overwrites a newer streamed one. Every REST result is audited once into ``api_data_stream``
 (source ``rest``, frame id ``rest:<account>:<kind>:<id>:<updateTime>:<status>``, so an unchanged order
 is not audited again), and observers run after COMMIT for the transitions found, as for streamed ones.
@@ -79,9 +79,8 @@ import click
 import psycopg2
 import requests
 
-from kraite_mp import exitcodes, orders
-from kraite_mp.accounts import Account, SecretKeyError, mark_credentials_invalid
-from kraite_mp.binance_rest import (
+from kraite_mp import exitcodes
+from kraite_mp.binance.rest import (
     BinanceError,
     BinanceRest,
     InvalidCredentials,
@@ -89,11 +88,13 @@ from kraite_mp.binance_rest import (
     RateLimited,
     TransientError,
 )
-from kraite_mp.child import heartbeat_dir, read_heartbeat
+from kraite_mp.store import orders
+from kraite_mp.store.accounts import Account, SecretKeyError, mark_credentials_invalid
+from kraite_mp.supervisor.context import heartbeat_dir, read_heartbeat
 
 if TYPE_CHECKING:
-    from kraite_mp.child import ChildContext
     from kraite_mp.config import Settings
+    from kraite_mp.supervisor.context import ChildContext
 
 log = logging.getLogger(__name__)
 
@@ -599,8 +600,8 @@ def reconcile_accounts(
 
 def run_sync_child(ctx: ChildContext) -> int:
     """One reconciliation pass (mode auto) over the accounts this supervisor owns; exit 0."""
-    from kraite_mp.db import DatabaseUnavailable, connect
-    from kraite_mp.ownership import owned_accounts
+    from kraite_mp.store.db import DatabaseUnavailable, connect
+    from kraite_mp.supervisor.ownership import owned_accounts
 
     settings = ctx.settings
     try:
@@ -645,9 +646,9 @@ def run_sync_child(ctx: ChildContext) -> int:
 @click.pass_context
 def sync_orders_command(ctx: click.Context, account_id: int | None, every_s: float | None, mode: str | None) -> None:
     """Reconcile orders with Binance over REST (the safety net for frames lost by the stream)."""
-    from kraite_mp.accounts import get_account
-    from kraite_mp.cli import get_settings, open_db
-    from kraite_mp.ownership import owned_accounts
+    from kraite_mp.ops.cli import get_settings, open_db
+    from kraite_mp.store.accounts import get_account
+    from kraite_mp.supervisor.ownership import owned_accounts
 
     settings = get_settings(ctx)
     if every_s is not None and every_s < MIN_EVERY_S:

@@ -25,10 +25,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kraite_mp import db as kdb  # noqa: E402
-from kraite_mp.accounts import generate_secret_key  # noqa: E402
 from kraite_mp.config import Settings, load_settings  # noqa: E402
-from kraite_mp.embedded import PostgresServer, RedisServer  # noqa: E402
+from kraite_mp.ops.embedded import PostgresServer, RedisServer  # noqa: E402
+from kraite_mp.store import db as kdb  # noqa: E402
+from kraite_mp.store.accounts import generate_secret_key  # noqa: E402
 
 SESSION_ID = uuid.uuid4().hex[:10]
 

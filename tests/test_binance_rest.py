@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kraite_mp.binance_rest import (
+from kraite_mp.binance.rest import (
     BinanceRest,
     InvalidCredentials,
     ListenKeyNotFound,

@@ -132,7 +132,7 @@ def test_demo_ctrl_c_stops_cleanly_with_a_summary(tmp_path: Path, demo_env: dict
 @pytest.mark.timeout(200)
 def test_demo_failure_midway_still_stops_what_it_started(tmp_path: Path, demo_env: dict[str, str]) -> None:
     """Embedded PostgreSQL is up when the (given, dead) Redis turns out unreachable: it must be stopped."""
-    from kraite_mp.embedded import free_port
+    from kraite_mp.ops.embedded import free_port
 
     env = dict(demo_env, KRAITE_REDIS_URL=f"redis://:s3cretpw@127.0.0.1:{free_port()}/0")
     result = subprocess.run(_demo_args(tmp_path / "demo", 5), env=env, cwd=str(tmp_path), capture_output=True,

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from kraite_mp import db as kdb
-from kraite_mp.accounts import add_account, decrypt_secret, list_accounts, set_active
 from kraite_mp.backoff import backoff_delay
-from kraite_mp.config import ConfigError, load_settings
+from kraite_mp.config import ConfigError, load_settings, parse_shard
 from kraite_mp.logs import redact, register_secret
-from kraite_mp.ownership import ModuloShard, parse_shard
+from kraite_mp.store import db as kdb
+from kraite_mp.store.accounts import add_account, decrypt_secret, list_accounts, set_active
+from kraite_mp.supervisor.ownership import ModuloShard
 
 
 @pytest.mark.unit

@@ -34,18 +34,18 @@ from fixtures.userdata_helpers import (
 )
 
 from kraite_mp import jobs
-from kraite_mp.accounts import add_account
 from kraite_mp.config import Settings
-from kraite_mp.embedded import free_port
-from kraite_mp.events import FrameIds
-from kraite_mp.observers import transitions_channel
-from kraite_mp.userdata import (
+from kraite_mp.messages import (
     PROCESS_ACTOR,
     RECONCILE_ACTOR,
+    FrameIds,
     build_producer_broker,
     frame_record,
     record_message,
 )
+from kraite_mp.observers import transitions_channel
+from kraite_mp.ops.embedded import free_port
+from kraite_mp.store.accounts import add_account
 
 pytestmark = pytest.mark.integration
 

@@ -18,10 +18,10 @@ import orjson
 import pytest
 from conftest import wait_for
 
-from kraite_mp import db as kdb
-from kraite_mp.child import ChildContext
 from kraite_mp.config import Settings
-from kraite_mp.markprice import (
+from kraite_mp.ops.seed import parse_binance_symbol, seed_symbols
+from kraite_mp.store import db as kdb
+from kraite_mp.streams.markprice import (
     STRATEGIES,
     BulkWriter,
     FrameError,
@@ -38,7 +38,7 @@ from kraite_mp.markprice import (
     resolve_rows,
     scale_price,
 )
-from kraite_mp.seed import parse_binance_symbol, seed_symbols
+from kraite_mp.supervisor.context import ChildContext
 
 # -- units ----------------------------------------------------------------------------------------------
 
@@ -495,7 +495,7 @@ def test_database_outage_keeps_stream_and_recovers(db: Any, mp_settings: Setting
         (dbname,) = cur.fetchone()
     db.commit()
     admin = kdb.connect(pg_admin_url, autocommit=True)
-    caplog.set_level("INFO", logger="kraite_mp.markprice")
+    caplog.set_level("INFO", logger="kraite_mp.streams.markprice")
     try:
         with streaming(mp_settings) as streamer:
             wait_for(lambda: streamer.writer.stats.writes >= 2, 30)
@@ -561,7 +561,7 @@ def test_slow_writes_coalesce_ticks(db: Any, mp_settings: Settings, sim: Any) ->
 def test_title_and_heartbeat(db: Any, mp_settings: Settings, sim: Any) -> None:
     import setproctitle
 
-    from kraite_mp.child import read_heartbeat
+    from kraite_mp.supervisor.context import read_heartbeat
 
     seed_symbols(db, stream_symbols(sim))
     original = setproctitle.getproctitle()
@@ -583,7 +583,7 @@ def test_title_and_heartbeat(db: Any, mp_settings: Settings, sim: Any) -> None:
 @pytest.mark.integration
 def test_writer_step_retries_after_connect_failure(settings: Settings, db: Any) -> None:
     """PostgreSQL unreachable from the start: no exception escapes, the tick stays pending."""
-    from kraite_mp.embedded import free_port
+    from kraite_mp.ops.embedded import free_port
 
     settings.database_url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     settings.supervisor.backoff_base_s = 0.05
@@ -599,10 +599,10 @@ def test_writer_step_retries_after_connect_failure(settings: Settings, db: Any) 
 
 CHILD_SCRIPT = """
 import os, sys
-from kraite_mp.child import ChildContext, run_child
+from kraite_mp.supervisor.context import ChildContext, run_child
 from kraite_mp.config import load_settings
 from kraite_mp.logs import setup_logging
-from kraite_mp.markprice import run_mark_price_child
+from kraite_mp.streams.markprice import run_mark_price_child
 
 settings = load_settings()
 setup_logging(settings.log_level)

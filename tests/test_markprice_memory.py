@@ -11,11 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
-from kraite_mp.child import ChildContext
 from kraite_mp.config import Settings
-from kraite_mp.markprice import MarkPriceStreamer
-from kraite_mp.seed import seed_symbols
+from kraite_mp.ops.seed import seed_symbols
 from kraite_mp.simulator.market import Market
+from kraite_mp.streams.markprice import MarkPriceStreamer
+from kraite_mp.supervisor.context import ChildContext
 
 #: Ticks measured after warm-up (the issue asks for 3,000).
 TICKS = 3000

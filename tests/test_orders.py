@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from kraite_mp import db as kdb
-from kraite_mp.accounts import add_account
-from kraite_mp.orders import (
+from kraite_mp.store import db as kdb
+from kraite_mp.store.accounts import add_account
+from kraite_mp.store.orders import (
     FrameError,
     algo_from_rest,
     algo_from_ws,

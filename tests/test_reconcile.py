@@ -14,10 +14,7 @@ from typing import Any
 
 import pytest
 
-from kraite_mp import orders
-from kraite_mp.accounts import Account, add_account, get_account
-from kraite_mp.binance_rest import BinanceRest, reset_host_state
-from kraite_mp.child import ChildContext
+from kraite_mp.binance.rest import BinanceRest, reset_host_state
 from kraite_mp.config import Settings
 from kraite_mp.reconcile import (
     choose_mode,
@@ -26,6 +23,9 @@ from kraite_mp.reconcile import (
     reconcile_accounts,
     run_sync_child,
 )
+from kraite_mp.store import orders
+from kraite_mp.store.accounts import Account, add_account, get_account
+from kraite_mp.supervisor.context import ChildContext
 
 #: What the test observer saw: (old status, new status, exchange order id).
 OBSERVED: list[tuple[str | None, str, int]] = []
@@ -113,7 +113,7 @@ def audit_rows(db: Any, account_id: int) -> list[tuple[str, str, str, dict[str, 
 
 def write_heartbeat(settings: Settings, account_id: int, started: float, state: str = "streaming",
                     **fields: Any) -> None:
-    """A user-data child's heartbeat file, as kraite_mp.child.ChildContext writes it."""
+    """A user-data child's heartbeat file, as kraite_mp.supervisor.context.ChildContext writes it."""
     path = os.path.join(settings.run_dir, "heartbeats", f"user-data-{account_id}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -450,7 +450,7 @@ def test_sync_orders_cli_one_pass_and_every_until_sigterm(env: dict[str, Any], k
 @pytest.mark.integration
 def test_concurrent_reconciliations_of_one_account_record_each_change_once(env: dict[str, Any],
                                                                             database_url: str) -> None:
-    from kraite_mp import db as kdb
+    from kraite_mp.store import db as kdb
 
     sim, db, settings = env["sim"], env["db"], env["settings"]
     account, key = env["accounts"][0], sim.accounts[0].api_key

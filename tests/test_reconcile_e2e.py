@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_for
 from test_reconcile import assert_equals_truth, db_orders, stream_saw
 
-from kraite_mp.accounts import add_account
+from kraite_mp.store.accounts import add_account
 
 _log_files: list[Any] = []
 

@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 import redis
 
-from kraite_mp import child, exitcodes, status
-from kraite_mp.accounts import Account
-from kraite_mp.child import ChildContext
+from kraite_mp import exitcodes
 from kraite_mp.config import Settings
-from kraite_mp.embedded import free_port
 from kraite_mp.logs import forget_secret, register_secret
+from kraite_mp.ops import status
+from kraite_mp.ops.embedded import free_port
+from kraite_mp.store.accounts import Account
+from kraite_mp.supervisor import context as child
+from kraite_mp.supervisor.context import ChildContext
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +113,7 @@ def test_dead_redis_never_raises_and_backs_off(status_settings: Settings, caplog
     s = dataclasses.replace(status_settings, redis_url=dead_url)
     status.install(s)
     ctx = ChildContext(s, "mark-price")
-    with caplog.at_level("WARNING", logger="kraite_mp.status"):
+    with caplog.at_level("WARNING", logger="kraite_mp.ops.status"):
         for i in range(5):
             ctx.beat("streaming", force=True, ticks=i)  # must not raise
     pub = status.get_publisher(s)

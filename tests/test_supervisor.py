@@ -23,10 +23,9 @@ import pytest
 from conftest import ROOT, ProcessGroup, wait_for
 
 from kraite_mp import exitcodes
-from kraite_mp.accounts import add_account, set_active
-from kraite_mp.child import read_heartbeat
 from kraite_mp.config import Settings
-from kraite_mp.supervisor import (
+from kraite_mp.store.accounts import add_account, set_active
+from kraite_mp.supervisor.arbiter import (
     AFTER_REMOVE,
     Arbiter,
     Child,
@@ -35,6 +34,7 @@ from kraite_mp.supervisor import (
     describe_status,
     read_status,
 )
+from kraite_mp.supervisor.context import read_heartbeat
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "run_arbiter.py")
 
@@ -208,7 +208,7 @@ def test_restart_policy_backoff_sequence_reset_and_fatal(tmp_path: Path) -> None
 
 @pytest.mark.unit
 def test_account_refresh_converges_and_keeps_children_when_db_is_down(tmp_path: Path) -> None:
-    from kraite_mp.accounts import Account
+    from kraite_mp.store.accounts import Account
 
     def account(i: int, key: str = "k") -> Account:
         return Account(id=i, name=f"a{i}", exchange="binance", api_key=f"{key}{i}", api_secret_token="t")
@@ -418,7 +418,7 @@ def test_stubborn_child_is_killed_and_sync_runs_one_at_a_time(db, secret_key, kr
 
 @pytest.mark.e2e
 def test_run_command_refuses_clearly(kraite_env, run_dir, processes, tmp_path) -> None:
-    from kraite_mp.embedded import free_port
+    from kraite_mp.ops.embedded import free_port
 
     # PostgreSQL unreachable: a clear message and EXIT_TEMPFAIL, no traceback
     env = {**kraite_env, "KRAITE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"}
@@ -460,7 +460,7 @@ def _write_config(path: Path, text: str) -> None:
 @pytest.mark.e2e
 def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite_env, run_dir, processes,
                                                           simulator, tmp_path) -> None:
-    from kraite_mp.seed import seed_symbols
+    from kraite_mp.ops.seed import seed_symbols
 
     sim = simulator
     seed_symbols(db, [s for s, _ in sim.mark_symbols], coverage=1.0)
@@ -556,7 +556,7 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
 @pytest.mark.e2e
 def test_kraite_mp_run_parent_sigkill_closes_every_stream(db, secret_key, kraite_env, run_dir, processes,
                                                           simulator) -> None:
-    from kraite_mp.seed import seed_symbols
+    from kraite_mp.ops.seed import seed_symbols
 
     sim = simulator
     seed_symbols(db, [s for s, _ in sim.mark_symbols], coverage=1.0)

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 from conftest import MARKER_VAR, ROOT, marked_pids, wait_for
 
-from kraite_mp.accounts import add_account
 from kraite_mp.config import Settings, load_settings
+from kraite_mp.store.accounts import add_account
 
 SUPERVISORD_D = ROOT / "etc" / "supervisord.d"
 PROGRAMS = ("kraite-mp", "kraite-mp-worker", "kraite-mp-reconcile-worker")
@@ -322,9 +322,9 @@ def _count(db: Any, sql: str) -> int:
 def test_supervisord_runs_stops_and_restarts_kraite_mp(
     supervisord_factory: Any, simulator: Any, db: Any, secret_key: str
 ) -> None:
-    pytest.importorskip("kraite_mp.userdata", reason="the user-data child (issue 4) has not landed")
+    pytest.importorskip("kraite_mp.streams.userdata", reason="the user-data child (issue 4) has not landed")
     pytest.importorskip("kraite_mp.jobs", reason="the dramatiq jobs module (issue 4) has not landed")
-    from kraite_mp.seed import seed_symbols
+    from kraite_mp.ops.seed import seed_symbols
 
     for i, acc in enumerate(simulator.accounts):
         add_account(db, secret_key, name=f"sim-{i}", api_key=acc.api_key, api_secret=acc.api_secret)

@@ -29,10 +29,10 @@ from fixtures.userdata_helpers import (
 )
 
 from kraite_mp import exitcodes, jobs
-from kraite_mp.accounts import get_account
 from kraite_mp.config import Settings
-from kraite_mp.embedded import RedisServer
-from kraite_mp.userdata import PROCESS_ACTOR, RECONCILE_ACTOR, broker_namespace
+from kraite_mp.messages import PROCESS_ACTOR, RECONCILE_ACTOR, broker_namespace
+from kraite_mp.ops.embedded import RedisServer
+from kraite_mp.store.accounts import get_account
 
 pytestmark = pytest.mark.integration
 

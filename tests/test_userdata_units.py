@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, parse_frame, scrub_text
 from kraite_mp.config import load_settings
-from kraite_mp.events import MAX_FRAME_CHARS, FrameIds, is_listen_key_expired, parse_frame, scrub_text
 from kraite_mp.logs import register_secret
-from kraite_mp.spool import Spool, segment_name
-from kraite_mp.userdata import frame_record, reconcile_record, record_message, stream_url
+from kraite_mp.messages import FrameIds, frame_record, reconcile_record, record_message
+from kraite_mp.streams.spool import Spool, segment_name
+from kraite_mp.streams.userdata import stream_url
 
 pytestmark = pytest.mark.unit
 

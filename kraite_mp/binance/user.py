@@ -15,10 +15,7 @@ whose ``kind`` says what the job can do with it:
 
 from __future__ import annotations
 
-import os
 import re
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -160,23 +157,3 @@ def is_listen_key_expired(text: str) -> bool:
     return isinstance(payload, Mapping) and payload.get("e") == LISTEN_KEY_EXPIRED
 
 
-class FrameIds:
-    """Unique, time-ordered frame ids: ``<account>-<receive µs, 16 digits>-<run>-<seq>``.
-
-    ``run`` is random per process, so two incarnations of a child (or two processes, by mistake)
-    never mint the same id even if the clock steps back; ``seq`` orders frames within one run.
-    """
-
-    def __init__(self, account_id: int) -> None:
-        self.account_id = account_id
-        self.run = os.urandom(4).hex()
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def next(self, received_us: int | None = None) -> str:
-        if received_us is None:
-            received_us = time.time_ns() // 1000
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-        return f"{self.account_id}-{received_us:016d}-{self.run}-{seq:010d}"

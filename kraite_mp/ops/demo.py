@@ -3,7 +3,7 @@
 Steps (each one printed as it happens):
 
 1. PostgreSQL: ``KRAITE_DATABASE_URL`` if set (a database ``kraite_demo`` is (re)created on that
-   server, the given database is never touched), else an embedded server (``kraite_mp.embedded``).
+   server, the given database is never touched), else an embedded server (``kraite_mp.ops.embedded``).
 2. Redis: ``KRAITE_REDIS_URL`` if set (keys under a fresh ``kraite-demo-<id>`` namespace, deleted at
    the end), else an embedded ``redis-server``.
 3. Schema migrations, a new secret key (Fernet), the simulator's accounts and its symbols seeded on
@@ -296,8 +296,8 @@ class Demo:
         http_json(f"{self.sim['control_url']}/set_rate", {"events_per_s": self.options.rate})
 
     def _setup_postgres(self) -> None:
-        from kraite_mp import db as kdb
         from kraite_mp.config import redact_url
+        from kraite_mp.store import db as kdb
 
         url = self.environ.get("KRAITE_DATABASE_URL")
         if url:
@@ -311,7 +311,7 @@ class Demo:
                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
                                 "(unset KRAITE_DATABASE_URL to use an embedded PostgreSQL)") from None
             return
-        from kraite_mp.embedded import PostgresServer
+        from kraite_mp.ops.embedded import PostgresServer
 
         with timed(self.console, "embedded PostgreSQL started"):
             warnings.filterwarnings("ignore", module="platformdirs")
@@ -325,7 +325,7 @@ class Demo:
 
     def _setup_redis(self) -> None:
         from kraite_mp.config import redact_url
-        from kraite_mp.embedded import RedisServer, redis_reachable
+        from kraite_mp.ops.embedded import RedisServer, redis_reachable
 
         url = self.environ.get("KRAITE_REDIS_URL")
         if url:
@@ -358,8 +358,8 @@ class Demo:
             client.close()
 
     def _setup_database(self) -> None:
-        from kraite_mp import db as kdb
-        from kraite_mp.accounts import generate_secret_key
+        from kraite_mp.store import db as kdb
+        from kraite_mp.store.accounts import generate_secret_key
 
         conn = kdb.connect(self.database_url, application_name="kraite-mp demo")
         applied = kdb.migrate(conn)
@@ -368,7 +368,7 @@ class Demo:
         self.console.detail(f"migrations applied: {', '.join(applied) if applied else 'none needed'}")
         secret_key = generate_secret_key()
         self.console.detail("generated a secret key (encrypts the API secrets at rest; not printed)")
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {k: v for k, v in self.environ.items() if not k.startswith("KRAITE")}
         env.update({
             "KRAITE_DATABASE_URL": self.database_url,
@@ -402,7 +402,7 @@ class Demo:
         self.console.detail(f"pid {proc.pid}: REST {info['rest_url']}, WebSocket {info['ws_url']}")
 
     def _seed(self) -> None:
-        from kraite_mp.accounts import add_account
+        from kraite_mp.store.accounts import add_account
 
         symbols_info = http_json(f"{self.sim['rest_url']}/fapi/v1/exchangeInfo")
         symbols = [s["symbol"] for s in symbols_info.get("symbols", [])]
@@ -412,9 +412,9 @@ class Demo:
             self.accounts.append(AccountRow(account.id, account.name, acc["api_key"]))
         self.console.detail(f"{len(self.accounts)} accounts (secrets encrypted with the generated key)")
         try:
-            from kraite_mp.seed import seed_symbols
+            from kraite_mp.ops.seed import seed_symbols
         except ImportError:
-            self.console.detail("kraite_mp.seed is not available: no symbols seeded (mark prices have no rows)")
+            self.console.detail("kraite_mp.ops.seed is not available: no symbols seeded (mark prices have no rows)")
             return
         self.conn.autocommit = False
         result = seed_symbols(self.conn, symbols)
@@ -460,7 +460,7 @@ class Demo:
 
     # -- running -------------------------------------------------------------------------------
     def _heartbeat(self, key: str) -> dict[str, Any] | None:
-        from kraite_mp.child import read_heartbeat
+        from kraite_mp.supervisor.context import read_heartbeat
 
         return read_heartbeat(str(self.workdir / "run" / "heartbeats" / f"{key}.json"))
 

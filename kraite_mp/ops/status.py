@@ -11,7 +11,7 @@ failure the publisher stays quiet for a growing pause (a dead Redis costs a stre
 timeout per pause). Errors are swallowed and logged at most once per ``ERROR_LOG_INTERVAL_SECS``.
 
 Wiring: the supervisor calls ``install(settings)`` before forking (it appends ``publish_status`` to
-``kraite_mp.child.status_hooks``, which ``ChildContext.beat`` calls at most once a second), and calls
+``kraite_mp.supervisor.context.status_hooks``, which ``ChildContext.beat`` calls at most once a second), and calls
 ``publish_supervisor(settings, snapshot)`` from its main loop with its own snapshot.
 """
 
@@ -35,8 +35,8 @@ from kraite_mp.logs import redact
 if TYPE_CHECKING:
     import redis
 
-    from kraite_mp.child import ChildContext
     from kraite_mp.config import Settings
+    from kraite_mp.supervisor.context import ChildContext
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def install(settings: Settings) -> StatusPublisher:
 
     Creates the publisher object only (no connection), so nothing crosses the fork.
     """
-    from kraite_mp import child
+    from kraite_mp.supervisor import context as child
 
     publisher = get_publisher(settings)
     if publish_status not in child.status_hooks:
@@ -335,7 +335,7 @@ def install(settings: Settings) -> StatusPublisher:
 
 
 def uninstall() -> None:
-    from kraite_mp import child
+    from kraite_mp.supervisor import context as child
 
     while publish_status in child.status_hooks:
         child.status_hooks.remove(publish_status)
@@ -573,7 +573,7 @@ def format_table(entries: list[StatusEntry]) -> str:
 def status_command(ctx: click.Context, as_json: bool, stale_after: float, hosts: tuple[str, ...],
                    check: bool) -> None:
     """Show every kraite-mp process on every host that publishes to this Redis."""
-    from kraite_mp.cli import get_settings
+    from kraite_mp.ops.cli import get_settings
 
     settings = get_settings(ctx)
     try:

@@ -46,7 +46,8 @@ import click
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import backoff_delay
-from kraite_mp.child import (
+from kraite_mp.config import ConfigError, Settings, load_settings
+from kraite_mp.supervisor.context import (
     CHILD_SIGNALS,
     ChildContext,
     heartbeat_dir,
@@ -54,10 +55,9 @@ from kraite_mp.child import (
     run_child,
     set_process_title,
 )
-from kraite_mp.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
-    from kraite_mp.accounts import Account
+    from kraite_mp.store.accounts import Account
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ ROLE_SYNC = "sync-orders"
 
 #: Where each role's entry point lives; imported in the parent before the first fork.
 DEFAULT_TARGETS: dict[str, str] = {
-    ROLE_USER_DATA: "kraite_mp.userdata:run_user_data_child",
-    ROLE_MARK_PRICE: "kraite_mp.markprice:run_mark_price_child",
+    ROLE_USER_DATA: "kraite_mp.streams.userdata:run_user_data_child",
+    ROLE_MARK_PRICE: "kraite_mp.streams.markprice:run_mark_price_child",
     ROLE_SYNC: "kraite_mp.reconcile:run_sync_child",
 }
 
@@ -254,7 +254,7 @@ class Arbiter:
         self._last_status_at = 0.0
         self._status_dirty = True
         self._warned_threads = False
-        #: kraite_mp.status (issue 7) when importable: Redis status for `kraite-mp status`, best effort.
+        #: kraite_mp.ops.status (issue 7) when importable: Redis status for `kraite-mp status`, best effort.
         self._redis_status: Any = None
 
     # -- paths ------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class Arbiter:
 
     def _install_status_publisher(self) -> None:
         try:
-            from kraite_mp import status
+            from kraite_mp.ops import status
         except ImportError:  # pragma: no cover - status is optional to the supervisor
             return
         try:
@@ -499,8 +499,8 @@ class Arbiter:
     def _read_accounts(self) -> list[Account] | None:
         import psycopg2
 
-        from kraite_mp.db import DatabaseUnavailable, connect
-        from kraite_mp.ownership import owned_accounts
+        from kraite_mp.store.db import DatabaseUnavailable, connect
+        from kraite_mp.supervisor.ownership import owned_accounts
 
         try:
             conn = connect(self.settings.database_url, application_name="kraite-mp supervisor")
@@ -913,10 +913,10 @@ def run_command(ctx: click.Context) -> None:
 
     SIGTERM/SIGINT stop gracefully; SIGHUP reloads the configuration and the account list.
     """
-    from kraite_mp.accounts import SecretKeyError, encrypt_secret
-    from kraite_mp.cli import get_settings
-    from kraite_mp.db import DatabaseUnavailable, connect
-    from kraite_mp.ownership import parse_shard
+    from kraite_mp.config import parse_shard
+    from kraite_mp.ops.cli import get_settings
+    from kraite_mp.store.accounts import SecretKeyError, encrypt_secret
+    from kraite_mp.store.db import DatabaseUnavailable, connect
 
     settings = get_settings(ctx)
     try:

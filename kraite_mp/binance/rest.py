@@ -47,8 +47,8 @@ import requests
 from kraite_mp.logs import redact, register_secret
 
 if TYPE_CHECKING:
-    from kraite_mp.accounts import Account
     from kraite_mp.config import Settings
+    from kraite_mp.store.accounts import Account
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from kraite_mp.logs import setup_logging
 #: Subcommands that live in their own modules: name -> "module:attribute".
 LAZY_COMMANDS: dict[str, str] = {
     "simulate": "kraite_mp.simulator.cli:simulate",
-    "run": "kraite_mp.supervisor:run_command",
+    "run": "kraite_mp.supervisor.arbiter:run_command",
     "sync-orders": "kraite_mp.reconcile:sync_orders_command",
-    "status": "kraite_mp.status:status_command",
-    "demo": "kraite_mp.demo:demo_command",
+    "status": "kraite_mp.ops.status:status_command",
+    "demo": "kraite_mp.ops.demo:demo_command",
 }
 
 
@@ -52,7 +52,7 @@ def get_settings(ctx: click.Context) -> Settings:
 
 
 def open_db(ctx: click.Context, settings: Settings) -> Any:
-    from kraite_mp.db import DatabaseUnavailable, connect
+    from kraite_mp.store.db import DatabaseUnavailable, connect
 
     try:
         return connect(settings.database_url, application_name="kraite-mp cli")
@@ -85,7 +85,7 @@ def check_config(ctx: click.Context) -> None:
 @cli.command("gen-secret-key")
 def gen_secret_key() -> None:
     """Print a new Fernet key for KRAITE_SECRET_KEY."""
-    from kraite_mp.accounts import generate_secret_key
+    from kraite_mp.store.accounts import generate_secret_key
 
     click.echo(generate_secret_key())
 
@@ -99,7 +99,7 @@ def db() -> None:
 @click.pass_context
 def db_migrate(ctx: click.Context) -> None:
     """Apply pending schema migrations (idempotent)."""
-    from kraite_mp.db import migrate
+    from kraite_mp.store.db import migrate
 
     settings = get_settings(ctx)
     conn = open_db(ctx, settings)
@@ -143,7 +143,7 @@ def accounts_add(ctx: click.Context, name: str, api_key: str, api_secret_file: s
     """Add an account; the secret never goes on the command line (ps would show it)."""
     import psycopg2
 
-    from kraite_mp.accounts import SecretKeyError, add_account, mask, set_active
+    from kraite_mp.store.accounts import SecretKeyError, add_account, mask, set_active
 
     settings = get_settings(ctx)
     secret = _read_secret(api_secret_file, api_secret_env, api_secret_stdin)
@@ -171,7 +171,7 @@ def accounts_add(ctx: click.Context, name: str, api_key: str, api_secret_file: s
 @click.pass_context
 def accounts_list(ctx: click.Context, as_json: bool) -> None:
     """List accounts (secrets never shown, API keys masked)."""
-    from kraite_mp.accounts import list_accounts, mask
+    from kraite_mp.store.accounts import list_accounts, mask
 
     settings = get_settings(ctx)
     conn = open_db(ctx, settings)
@@ -194,7 +194,7 @@ def accounts_list(ctx: click.Context, as_json: bool) -> None:
 
 
 def _set_active(ctx: click.Context, account_id: int, active: bool) -> None:
-    from kraite_mp.accounts import set_active
+    from kraite_mp.store.accounts import set_active
 
     settings = get_settings(ctx)
     conn = open_db(ctx, settings)

@@ -33,31 +33,23 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
-import orjson
 import redis
 import websocket
 from dramatiq.brokers.redis import RedisBroker
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import backoff_delay
-from kraite_mp.events import MAX_FRAME_CHARS, FrameIds, is_listen_key_expired, scrub_text
+from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, scrub_text
 from kraite_mp.logs import redact, register_secret
-from kraite_mp.spool import Spool, SpoolError, SpoolRecord
+from kraite_mp.messages import FrameIds, build_producer_broker, frame_record, reconcile_record, record_message
+from kraite_mp.streams.spool import Spool, SpoolError, SpoolRecord
 
 if TYPE_CHECKING:
-    from kraite_mp.accounts import Account
-    from kraite_mp.binance_rest import BinanceRest
-    from kraite_mp.child import ChildContext
+    from kraite_mp.binance.rest import BinanceRest
     from kraite_mp.config import Settings
+    from kraite_mp.store.accounts import Account
+    from kraite_mp.supervisor.context import ChildContext
 
-#: Actor and queue names shared with ``kraite_mp.jobs`` (the frame queue is ``user_data_stream.queue_name``).
-PROCESS_ACTOR = "process_user_data_event"
-RECONCILE_ACTOR = "reconcile_account_job"
-RECONCILE_QUEUE = "reconcile"
-
-#: Redis socket timeouts: a hung Redis must not hang the sender (or a worker) forever.
-REDIS_SOCKET_TIMEOUT_S = 5.0
-REDIS_CONNECT_TIMEOUT_S = 2.0
 #: WebSocket handshake timeout.
 WS_CONNECT_TIMEOUT_S = 10.0
 #: Longest blocking receive: how often the loop checks stop, pings and the watchdog.
@@ -75,53 +67,6 @@ KEEPALIVE_RETRY_S = 60.0
 
 #: Reconnect reasons that are part of normal life: reconnect at once (if the connection was healthy).
 PLANNED_RECONNECTS = frozenset({"max-connection-age", "listenKeyExpired", "listen-key-lost"})
-
-
-# -- producer side of the queue (also imported by kraite_mp.jobs) --------------------------------------
-
-
-def broker_namespace(settings: Settings) -> str:
-    """Redis key prefix of the Dramatiq queues: ``<redis_namespace>:dramatiq``."""
-    return f"{settings.redis_namespace}:dramatiq"
-
-
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        health_check_interval=30,
-    )
-
-
-def build_producer_broker(settings: Settings) -> RedisBroker:
-    """A bare RedisBroker (no middleware, no actors) for enqueueing only; build it after the fork."""
-    return RedisBroker(client=redis_client(settings.redis_url), namespace=broker_namespace(settings), middleware=[])
-
-
-def frame_record(queue_name: str, account_id: int, frame: str, frame_id: str, received_at_ms: float) -> bytes:
-    """One spool record: the message to enqueue for a received frame."""
-    return orjson.dumps(
-        {
-            "q": queue_name,
-            "a": PROCESS_ACTOR,
-            "k": {"account_id": account_id, "frame": frame, "frame_id": frame_id, "received_at": received_at_ms},
-        }
-    )
-
-
-def reconcile_record(account_id: int, reason: str) -> bytes:
-    return orjson.dumps({"q": RECONCILE_QUEUE, "a": RECONCILE_ACTOR, "k": {"account_id": account_id, "reason": reason}})
-
-
-def record_message(data: bytes) -> dramatiq.Message[Any]:
-    """The Dramatiq message of a spool record; ValueError when the record is not one."""
-    try:
-        rec = orjson.loads(data)
-        queue_name, actor_name, kwargs = rec["q"], rec["a"], rec["k"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        raise ValueError("not a spool record") from None
-    if not isinstance(queue_name, str) or not isinstance(actor_name, str) or not isinstance(kwargs, dict):
-        raise ValueError("not a spool record")
-    return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(), kwargs=kwargs, options={})
 
 
 def stream_url(settings: Settings, listen_key: str) -> str:
@@ -255,7 +200,7 @@ class UserDataStream:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
-        from kraite_mp.accounts import SecretKeyError
+        from kraite_mp.store.accounts import SecretKeyError
 
         try:
             self.spool = Spool(spool_directory(self.settings, self.account.id), fsync=self.cfg.spool_fsync).open()
@@ -288,7 +233,7 @@ class UserDataStream:
             self.spool.close()
 
     def _rest(self) -> BinanceRest:
-        from kraite_mp.binance_rest import BinanceRest
+        from kraite_mp.binance.rest import BinanceRest
 
         return BinanceRest.for_account(self.settings, self.account, stop=self.ctx.stop)
 
@@ -302,7 +247,7 @@ class UserDataStream:
 
     # -- connect / reconnect ---------------------------------------------------------------------
     def _connect_loop(self, rest: BinanceRest) -> int:
-        from kraite_mp.binance_rest import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
+        from kraite_mp.binance.rest import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
 
         sup = self.settings.supervisor
         attempt = 0
@@ -400,8 +345,8 @@ class UserDataStream:
         error = redact(error)
         self.log.error("the exchange rejected the API key: %s", error)
         try:
-            from kraite_mp.accounts import mark_credentials_invalid
-            from kraite_mp.db import connect
+            from kraite_mp.store.accounts import mark_credentials_invalid
+            from kraite_mp.store.db import connect
 
             conn = connect(self.settings.database_url, application_name=f"kraite-mp user-data {self.account.id}")
             try:
@@ -485,7 +430,7 @@ class UserDataStream:
 
     # -- keepalive -------------------------------------------------------------------------------
     def _keepalive_loop(self) -> None:
-        from kraite_mp.binance_rest import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
+        from kraite_mp.binance.rest import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
 
         interval = self.cfg.keepalive_interval_s
         next_at = time.monotonic() + interval

@@ -38,11 +38,11 @@ import orjson
 import psycopg2
 import websocket
 
-from kraite_mp import db as kdb
 from kraite_mp import exitcodes
 from kraite_mp.backoff import backoff_delay
-from kraite_mp.child import ChildContext, heartbeat_dir
 from kraite_mp.config import Settings
+from kraite_mp.store import db as kdb
+from kraite_mp.supervisor.context import ChildContext, heartbeat_dir
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from kraite_mp import exitcodes
-from kraite_mp.accounts import Account
 from kraite_mp.config import Settings
+from kraite_mp.store.accounts import Account
 
 log = logging.getLogger(__name__)
 

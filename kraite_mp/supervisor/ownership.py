@@ -9,23 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from kraite_mp.config import parse_shard
+
 if TYPE_CHECKING:
-    from kraite_mp.accounts import Account
     from kraite_mp.config import Settings
-
-
-def parse_shard(spec: str) -> tuple[int, int] | None:
-    """``"all"`` -> None; ``"I/N"`` -> (I, N) with 0 <= I < N."""
-    if spec == "all":
-        return None
-    try:
-        index_s, count_s = spec.split("/")
-        index, count = int(index_s), int(count_s)
-    except ValueError:
-        raise ValueError(f"expected 'all' or 'I/N', got {spec!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"expected 0 <= I < N, got {spec!r}")
-    return index, count
+    from kraite_mp.store.accounts import Account
 
 
 class AccountOwnership(Protocol):
@@ -60,7 +48,7 @@ def ownership_from_settings(settings: Settings) -> AccountOwnership:
 
 def owned_accounts(conn: object, settings: Settings) -> list[Account]:
     """The active Binance accounts this supervisor must stream, by id."""
-    from kraite_mp.accounts import list_accounts
+    from kraite_mp.store.accounts import list_accounts
 
     owner = ownership_from_settings(settings)
     return [a for a in list_accounts(conn, active_only=True, exchange="binance") if owner.owns(a)]

@@ -1,0 +1,1 @@
+"""Operator and developer commands; nothing in the data path imports this package."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: connections and migrations, and one module per table family."""

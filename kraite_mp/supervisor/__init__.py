@@ -1,0 +1,1 @@
+"""The parent process (`kraite-mp run`) and its contract with the children it forks."""
