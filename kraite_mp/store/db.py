@@ -30,6 +30,22 @@ class DatabaseUnavailable(RuntimeError):
     """PostgreSQL could not be reached; the message carries no password."""
 
 
+#: psycopg2 errors that mean "the server is gone (or the transaction lost a deadlock): try again later".
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    DatabaseUnavailable,
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """The one answer to "is the database down?": True for an outage, a dropped connection, a deadlock.
+
+    Anything else (a constraint, a missing table, bad SQL) is a bug or a schema problem, not an outage.
+    """
+    return isinstance(e, _TRANSIENT_ERRORS)
+
+
 def connect(url: str, *, application_name: str = "kraite-mp", autocommit: bool = False) -> Any:
     """A new connection; raises DatabaseUnavailable (password-free message) when it fails."""
     try:
@@ -44,7 +60,7 @@ def connect(url: str, *, application_name: str = "kraite-mp", autocommit: bool =
 def migrations() -> list[tuple[str, str]]:
     """(version, sql) for every bundled migration, in order."""
     found = []
-    for entry in resources.files("kraite_mp.migrations").iterdir():
+    for entry in resources.files("kraite_mp.store.migrations").iterdir():
         m = _MIGRATION_RE.match(entry.name)
         if m:
             found.append((entry.name[:-4], entry.read_text()))
