@@ -68,14 +68,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import click
 import psycopg2
 import requests
 
@@ -635,61 +633,6 @@ def run_sync_child(ctx: ChildContext) -> int:
         conn.close()
 
 
-@click.command("sync-orders")
-@click.option("--account", "account_id", type=int, default=None, help="Only this account id (default: all owned).")
-@click.option("--every", "every_s", type=float, default=None, metavar="SECONDS",
-              help="Repeat every SECONDS until SIGTERM/SIGINT (default: one pass).")
-@click.option("--mode", type=click.Choice(MODES), default=None,
-              help="full: complete (weight 80+ per account); targeted: per-symbol check of the open orders the "
-                   "database knows (~1 per symbol); auto: targeted with a periodic full sweep. "
-                   "Default: full for one pass, auto with --every.")
-@click.pass_context
-def sync_orders_command(ctx: click.Context, account_id: int | None, every_s: float | None, mode: str | None) -> None:
-    """Reconcile orders with Binance over REST (the safety net for frames lost by the stream)."""
-    from kraite_mp.ops.cli import get_settings, open_db
-    from kraite_mp.store.accounts import get_account
-    from kraite_mp.supervisor.ownership import owned_accounts
-
-    settings = get_settings(ctx)
-    if every_s is not None and every_s < MIN_EVERY_S:
-        raise click.BadParameter(f"must be at least {MIN_EVERY_S}", param_hint="--every")
-    mode = mode or ("auto" if every_s is not None else "full")
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    conn = open_db(ctx, settings)
-    worst = exitcodes.EXIT_OK
-    try:
-        while True:
-            if account_id is not None:
-                account = get_account(conn, account_id)
-                if account is None:
-                    click.echo(f"kraite-mp: no account with id {account_id}", err=True)
-                    ctx.exit(1)
-                accounts = [account]
-            else:
-                accounts = owned_accounts(conn, settings)
-            results = reconcile_accounts(
-                conn, settings, accounts, mode=mode, stop=stop,
-                on_result=lambda _i, r: click.echo(r.summary()),
-            )
-            if len(results) < len(accounts) and not stop.is_set():
-                click.echo(f"skipped {len(accounts) - len(results)} account(s): Binance rate limit", err=True)
-            if any(r.status != "ok" for r in results) or len(results) < len(accounts):
-                worst = exitcodes.EXIT_ERROR
-            if every_s is None or stop.wait(every_s):
-                break
-            worst = exitcodes.EXIT_OK
-    finally:
-        conn.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    ctx.exit(worst)
-
-
 __all__ = [
     "MODES",
     "SyncResult",
@@ -698,5 +641,4 @@ __all__ = [
     "reconcile_accounts",
     "run_sync_child",
     "stream_continuous_since",
-    "sync_orders_command",
 ]

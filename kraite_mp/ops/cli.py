@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -13,12 +15,11 @@ import click
 from kraite_mp import exitcodes
 from kraite_mp.config import ConfigError, Settings, load_settings
 from kraite_mp.logs import setup_logging
+from kraite_mp.reconcile import MODES as RECONCILE_MODES
 
 #: Subcommands that live in their own modules: name -> "module:attribute".
 LAZY_COMMANDS: dict[str, str] = {
     "simulate": "kraite_mp.simulator.cli:simulate",
-    "run": "kraite_mp.supervisor.arbiter:run_command",
-    "sync-orders": "kraite_mp.reconcile:sync_orders_command",
     "status": "kraite_mp.ops.status:status_command",
     "demo": "kraite_mp.ops.demo:demo_command",
 }
@@ -222,6 +223,107 @@ def accounts_disable(ctx: click.Context, account_id: int) -> None:
 def accounts_enable(ctx: click.Context, account_id: int) -> None:
     """Enable an account (and clear a remembered invalid-credentials error)."""
     _set_active(ctx, account_id, True)
+
+
+@cli.command("run")
+@click.pass_context
+def run_command(ctx: click.Context) -> None:
+    """Run the supervisor: one user-data child per owned account, one mark-price child, periodic sync.
+
+    SIGTERM/SIGINT stop gracefully; SIGHUP reloads the configuration and the account list.
+    """
+    from kraite_mp.config import parse_shard
+    from kraite_mp.store.accounts import SecretKeyError, encrypt_secret
+    from kraite_mp.store.db import DatabaseUnavailable, connect
+    from kraite_mp.supervisor.arbiter import AlreadyRunning, Arbiter
+    from kraite_mp.supervisor.context import heartbeat_dir
+
+    settings = get_settings(ctx)
+    try:
+        encrypt_secret(settings.secret_key, "probe")  # checks the key's shape; no real secret is touched
+        parse_shard(settings.supervisor.shard)
+    except SecretKeyError as e:
+        click.echo(f"kraite-mp: configuration error: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+    except ValueError as e:
+        click.echo(f"kraite-mp: configuration error: supervisor.shard: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+    try:
+        connect(settings.database_url, application_name="kraite-mp supervisor").close()
+    except DatabaseUnavailable as e:
+        click.echo(f"kraite-mp: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_TEMPFAIL)
+    try:
+        os.makedirs(heartbeat_dir(settings), exist_ok=True)
+    except OSError as e:
+        click.echo(f"kraite-mp: cannot create {heartbeat_dir(settings)}: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+    root = ctx.find_root().ensure_object(dict)
+    arbiter = Arbiter(settings, config_path=root.get("config_path"), log_level_override=root.get("log_level"))
+    try:
+        code = arbiter.run()
+    except AlreadyRunning as e:
+        click.echo(f"kraite-mp: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_TEMPFAIL)
+    except ImportError as e:
+        click.echo(f"kraite-mp: cannot load a child entry point: {e}", err=True)
+        ctx.exit(exitcodes.EXIT_ERROR)
+    ctx.exit(code)
+
+
+@cli.command("sync-orders")
+@click.option("--account", "account_id", type=int, default=None, help="Only this account id (default: all owned).")
+@click.option("--every", "every_s", type=float, default=None, metavar="SECONDS",
+              help="Repeat every SECONDS until SIGTERM/SIGINT (default: one pass).")
+@click.option("--mode", type=click.Choice(RECONCILE_MODES), default=None,
+              help="full: complete (weight 80+ per account); targeted: per-symbol check of the open orders the "
+                   "database knows (~1 per symbol); auto: targeted with a periodic full sweep. "
+                   "Default: full for one pass, auto with --every.")
+@click.pass_context
+def sync_orders_command(ctx: click.Context, account_id: int | None, every_s: float | None, mode: str | None) -> None:
+    """Reconcile orders with Binance over REST (the safety net for frames lost by the stream)."""
+    from kraite_mp.reconcile import MIN_EVERY_S, reconcile_accounts
+    from kraite_mp.store.accounts import get_account
+    from kraite_mp.supervisor.ownership import owned_accounts
+
+    settings = get_settings(ctx)
+    if every_s is not None and every_s < MIN_EVERY_S:
+        raise click.BadParameter(f"must be at least {MIN_EVERY_S}", param_hint="--every")
+    mode = mode or ("auto" if every_s is not None else "full")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    conn = open_db(ctx, settings)
+    worst = exitcodes.EXIT_OK
+    try:
+        while True:
+            if account_id is not None:
+                account = get_account(conn, account_id)
+                if account is None:
+                    click.echo(f"kraite-mp: no account with id {account_id}", err=True)
+                    ctx.exit(1)
+                accounts = [account]
+            else:
+                accounts = owned_accounts(conn, settings)
+            results = reconcile_accounts(
+                conn, settings, accounts, mode=mode, stop=stop,
+                on_result=lambda _i, r: click.echo(r.summary()),
+            )
+            if len(results) < len(accounts) and not stop.is_set():
+                click.echo(f"skipped {len(accounts) - len(results)} account(s): Binance rate limit", err=True)
+            if any(r.status != "ok" for r in results) or len(results) < len(accounts):
+                worst = exitcodes.EXIT_ERROR
+            if every_s is None or stop.wait(every_s):
+                break
+            worst = exitcodes.EXIT_OK
+    finally:
+        conn.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    ctx.exit(worst)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from kraite_mp import exitcodes
 from kraite_mp.backoff import backoff_delay
 from kraite_mp.config import ConfigError, Settings, load_settings
@@ -906,46 +904,3 @@ def read_status(run_dir: str) -> dict[str, Any] | None:
         return None
 
 
-@click.command("run")
-@click.pass_context
-def run_command(ctx: click.Context) -> None:
-    """Run the supervisor: one user-data child per owned account, one mark-price child, periodic sync.
-
-    SIGTERM/SIGINT stop gracefully; SIGHUP reloads the configuration and the account list.
-    """
-    from kraite_mp.config import parse_shard
-    from kraite_mp.ops.cli import get_settings
-    from kraite_mp.store.accounts import SecretKeyError, encrypt_secret
-    from kraite_mp.store.db import DatabaseUnavailable, connect
-
-    settings = get_settings(ctx)
-    try:
-        encrypt_secret(settings.secret_key, "probe")  # checks the key's shape; no real secret is touched
-        parse_shard(settings.supervisor.shard)
-    except SecretKeyError as e:
-        click.echo(f"kraite-mp: configuration error: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
-    except ValueError as e:
-        click.echo(f"kraite-mp: configuration error: supervisor.shard: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
-    try:
-        connect(settings.database_url, application_name="kraite-mp supervisor").close()
-    except DatabaseUnavailable as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_TEMPFAIL)
-    try:
-        os.makedirs(heartbeat_dir(settings), exist_ok=True)
-    except OSError as e:
-        click.echo(f"kraite-mp: cannot create {heartbeat_dir(settings)}: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
-    root = ctx.find_root().ensure_object(dict)
-    arbiter = Arbiter(settings, config_path=root.get("config_path"), log_level_override=root.get("log_level"))
-    try:
-        code = arbiter.run()
-    except AlreadyRunning as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_TEMPFAIL)
-    except ImportError as e:
-        click.echo(f"kraite-mp: cannot load a child entry point: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_ERROR)
-    ctx.exit(code)
