@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv check-install test test-unit lint format demo bench clean
+.PHONY: venv check-install test test-unit test-integration test-e2e lint format demo bench clean
 
 venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,embedded,lint]'
+	$(PY) -m pip install --quiet -e '.[test,embedded,lint,sim]'
 	touch $(STAMP)
 
 # A stamp alone cannot tell that the editable install was broken later: check the import each time.
@@ -24,12 +24,20 @@ check-install: $(STAMP)
 test: check-install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The three tiers (every test carries exactly one marker; tests/conftest.py checks).
 test-unit: check-install
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
+test-integration: check-install
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: check-install
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kraite_mp tests bench
-	$(VENV)/bin/mypy kraite_mp
+	$(VENV)/bin/ruff format --check kraite_mp tests bench
+	$(VENV)/bin/mypy --strict kraite_mp
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format kraite_mp tests bench

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,22 +48,108 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg2  # noqa: E402
 from psycopg2 import sql  # noqa: E402
 
+from kraite_mp.binance.market import PriceText  # noqa: E402
 from kraite_mp.ops.embedded import PostgresServer, postgres_reachable  # noqa: E402
 from kraite_mp.ops.seed import seed_symbols  # noqa: E402
 from kraite_mp.store import db as kdb  # noqa: E402
-from kraite_mp.streams.markprice import (  # noqa: E402
-    COPY_SQL,
-    COPY_UPDATE_SQL,
+from kraite_mp.store.symbols import (  # noqa: E402
     UNNEST_SQL,
     BulkWriter,
-    PriceText,
     SymbolMap,
-    case_sql,
+    chunks,
     load_symbol_map,
     resolve_rows,
 )
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# -- the alternatives to the shipped UNNEST writer -------------------------------------------------
+
+COPY_CREATE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS kraite_mark_price_tick (id bigint NOT NULL, price numeric NOT NULL)"
+    " ON COMMIT DELETE ROWS"
+)
+COPY_SQL = "COPY kraite_mark_price_tick (id, price) FROM STDIN"
+COPY_UPDATE_SQL = (
+    "UPDATE exchange_symbols AS s SET mark_price = v.price, mark_price_synced_at = now()"
+    " FROM kraite_mark_price_tick AS v WHERE s.id = v.id"
+)
+COPY_CLEAR_SQL = "DELETE FROM kraite_mark_price_tick"
+#: The seed system's chunk size for CASE/WHEN.
+CASE_CHUNK_SIZE = 500
+
+
+def case_sql(n: int) -> str:
+    """The seed's statement for ``n`` rows: placeholders only, values always go as parameters."""
+    whens = " ".join(["WHEN %s THEN %s::numeric"] * n)
+    ids = ", ".join(["%s"] * n)
+    # only %s placeholders are joined in: every id and price is bound as a parameter
+    return (
+        "UPDATE exchange_symbols SET mark_price = CASE id " + whens + " END,"  # noqa: S608
+        " mark_price_synced_at = now() WHERE id IN (" + ids + ")"
+    )
+
+
+class CaseWriter(BulkWriter):
+    """The seed system's write: one CASE/WHEN UPDATE per chunk."""
+
+    strategy = "case"
+
+    def __init__(self, chunk_size: int = 0) -> None:
+        super().__init__(chunk_size)
+        self._case_sql: dict[int, str] = {}
+
+    def execute(self, cur: Any, rows: Sequence[tuple[int, PriceText]]) -> int:
+        updated = 0
+        for chunk in chunks(rows, self.chunk_size):
+            n = len(chunk)
+            statement = self._case_sql.get(n)
+            if statement is None:
+                statement = self._case_sql[n] = case_sql(n)
+            params: list[object] = [v for pair in chunk for v in pair]
+            params.extend(i for i, _ in chunk)
+            cur.execute(statement, params)
+            updated += cur.rowcount
+        return updated
+
+
+class CopyWriter(BulkWriter):
+    """COPY the tick into a session temp table, then one UPDATE ... FROM it."""
+
+    strategy = "copy"
+
+    def setup(self, conn: Any, *, synchronous_commit: bool = False) -> None:
+        super().setup(conn, synchronous_commit=synchronous_commit)
+        with conn.cursor() as cur:
+            cur.execute(COPY_CREATE_SQL)
+        conn.commit()
+
+    def execute(self, cur: Any, rows: Sequence[tuple[int, PriceText]]) -> int:
+        updated = 0
+        first = True
+        for chunk in chunks(rows, self.chunk_size):
+            if not first:
+                cur.execute(COPY_CLEAR_SQL)
+            first = False
+            text = "".join(f"{i}\t{p}\n" for i, p in chunk)
+            cur.copy_expert(COPY_SQL, io.StringIO(text))
+            cur.execute(COPY_UPDATE_SQL)
+            updated += cur.rowcount
+        return updated
+
+
+#: Every strategy the benchmark compares; "unnest" is the product's writer.
+WRITERS: dict[str, type[BulkWriter]] = {"unnest": BulkWriter, "case": CaseWriter, "copy": CopyWriter}
+STRATEGIES: tuple[str, ...] = tuple(WRITERS)
+
+
+def make_writer(strategy: str, chunk_size: int = 0) -> BulkWriter:
+    writer = WRITERS.get(strategy)
+    if writer is None:
+        raise ValueError(f"unknown mark-price write strategy {strategy!r}; expected one of {STRATEGIES}")
+    return writer(chunk_size)
+
+
 #: 575 and 5,750 Binance symbols, each listed on all four exchanges.
 SMALL_SYMBOLS = 575
 LARGE_SYMBOLS = 5750
@@ -120,7 +206,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def connect_writer(url: str, variant: Variant) -> tuple[Any, BulkWriter]:
     conn = kdb.connect(url, application_name=f"kraite-bench {variant.name}")
-    writer = BulkWriter(variant.strategy, variant.chunk_size)
+    writer = make_writer(variant.strategy, variant.chunk_size)
     writer.setup(conn)
     if variant.session == "server":
         with conn.cursor() as cur:
@@ -149,7 +235,9 @@ def vacuum_analyze(conn: Any) -> None:
         conn.autocommit = False
 
 
-def timed_write(conn: Any, writer: BulkWriter, smap: SymbolMap, prices: dict[str, PriceText]) -> tuple[float, int]:
+def timed_write(
+    conn: Any, writer: BulkWriter, smap: SymbolMap, prices: dict[str, PriceText]
+) -> tuple[float, int]:
     started = time.perf_counter()
     rows, _, _ = resolve_rows(prices, smap)
     n = writer.write(conn, rows)
@@ -241,16 +329,24 @@ def hot_run(url: str, admin: Any, ticks: int, variant: Variant, pace_s: float = 
     upd = after["upd"] - before["upd"]
     hot = after["hot"] - before["hot"]
     return {
-        "variant": variant.name, "rows": rows, "ticks": ticks, "upd": upd, "hot": hot,
+        "variant": variant.name,
+        "rows": rows,
+        "ticks": ticks,
+        "upd": upd,
+        "hot": hot,
         "hot_share": hot / upd if upd else float("nan"),
-        "size_before": before["size"], "size_after": after["size"],
-        "total_before": before["total"], "total_after": after["total"],
+        "size_before": before["size"],
+        "size_after": after["size"],
+        "total_before": before["total"],
+        "total_after": after["total"],
     }
 
 
 def set_fillfactor(conn: Any, fillfactor: int) -> None:
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("ALTER TABLE exchange_symbols SET (fillfactor = {})").format(sql.Literal(int(fillfactor))))
+        cur.execute(
+            sql.SQL("ALTER TABLE exchange_symbols SET (fillfactor = {})").format(sql.Literal(int(fillfactor)))
+        )
     conn.commit()
 
 
@@ -290,7 +386,9 @@ def reader_runs(url: str, admin: Any, ticks: int, pace_s: float, hold_ticks: flo
         for fillfactor in dict.fromkeys((50, shipped)):
             set_fillfactor(admin, fillfactor)
             stop = threading.Event()
-            holder = threading.Thread(target=snapshot_holder, args=(url, stop, hold_ticks * pace_s, 2 * pace_s))
+            holder = threading.Thread(
+                target=snapshot_holder, args=(url, stop, hold_ticks * pace_s, 2 * pace_s)
+            )
             holder.start()
             try:
                 result = hot_run(url, admin, ticks, Variant("unnest (shipped)", "unnest", 0), pace_s=pace_s)
@@ -307,7 +405,9 @@ def reader_runs(url: str, admin: Any, ticks: int, pace_s: float, hold_ticks: flo
 # -- 3. JIT at 23,000 rows ---------------------------------------------------------------------------
 
 
-def explain_jit(conn: Any, writer: BulkWriter, rows: list[tuple[int, PriceText]], *, analyze: bool) -> dict[str, Any]:
+def explain_jit(
+    conn: Any, writer: BulkWriter, rows: list[tuple[int, PriceText]], *, analyze: bool
+) -> dict[str, Any]:
     """EXPLAIN the strategy's biggest statement with jit on (ANALYZE runs it; rolled back either way).
 
     Plain EXPLAIN already shows a "JIT" section when the plan's cost crosses jit_above_cost.
@@ -355,7 +455,9 @@ def jit_run(url: str, admin: Any, variants: list[Variant], reps: int, cliff: boo
         one_statement_case = v.strategy == "case" and v.chunk_size == 0
         try:
             with conn.cursor() as cur:
-                cur.execute("SET statement_timeout = 0")  # the one-statement CASE runs for seconds (minutes with JIT)
+                cur.execute(
+                    "SET statement_timeout = 0"
+                )  # the one-statement CASE runs for seconds (minutes with JIT)
             conn.commit()
             result: dict[str, Any] = {"variant": v.name}
             for jit in ("off", "on"):
@@ -402,14 +504,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=600, help="interleaved rounds at ~2,300 rows")
     parser.add_argument("--large-rounds", type=int, default=60, help="interleaved rounds at ~23,000 rows")
-    parser.add_argument("--alone-ticks", type=int, default=600, help="shipped path alone, paced, at ~2,300 rows")
+    parser.add_argument(
+        "--alone-ticks", type=int, default=600, help="shipped path alone, paced, at ~2,300 rows"
+    )
     parser.add_argument("--alone-pace-s", type=float, default=0.1, help="tick interval of the paced run")
     parser.add_argument("--hot-ticks", type=int, default=600)
-    parser.add_argument("--reader-ticks", type=int, default=300, help="paced ticks per fillfactor with a snapshot holder")
-    parser.add_argument("--reader-pace-s", type=float, default=0.1, help="tick interval in the snapshot-holder runs")
+    parser.add_argument(
+        "--reader-ticks", type=int, default=300, help="paced ticks per fillfactor with a snapshot holder"
+    )
+    parser.add_argument(
+        "--reader-pace-s", type=float, default=0.1, help="tick interval in the snapshot-holder runs"
+    )
     parser.add_argument("--jit-reps", type=int, default=3)
     parser.add_argument(
-        "--jit-cliff", action="store_true",
+        "--jit-cliff",
+        action="store_true",
         help="also run the one-statement CASE at ~23,000 rows with jit on (minutes: LLVM compile cannot be cancelled)",
     )
     args = parser.parse_args(argv)
@@ -459,7 +568,11 @@ def run(url: str, admin: Any, args: argparse.Namespace) -> tuple[Any, ...]:
     print(f"(latency at {small_rows} rows: {time.monotonic() - t0:.0f}s)", file=sys.stderr)
     t0 = time.monotonic()
     _, alone = latency_run(
-        url, admin, SMALL_SYMBOLS, args.alone_ticks, [Variant("unnest (shipped), alone, paced", "unnest", 0)],
+        url,
+        admin,
+        SMALL_SYMBOLS,
+        args.alone_ticks,
+        [Variant("unnest (shipped), alone, paced", "unnest", 0)],
         pace_s=args.alone_pace_s,
     )
     small.append(alone[0])
@@ -481,8 +594,15 @@ def run(url: str, admin: Any, args: argparse.Namespace) -> tuple[Any, ...]:
 
 
 def print_report(
-    info: dict[str, str], args: argparse.Namespace, small_rows: int, small: list[Variant], large_rows: int,
-    large: list[Variant], hot: list[dict[str, Any]], readers: list[dict[str, Any]], jit: list[dict[str, Any]],
+    info: dict[str, str],
+    args: argparse.Namespace,
+    small_rows: int,
+    small: list[Variant],
+    large_rows: int,
+    large: list[Variant],
+    hot: list[dict[str, Any]],
+    readers: list[dict[str, Any]],
+    jit: list[dict[str, Any]],
 ) -> None:
     p = print
     p("## Mark-price bulk write (`bench/mark_price.py`)")
@@ -498,11 +618,19 @@ def print_report(
     p()
     p(f"Machine: {info['load']}.")
     p()
-    p("One tick = symbol map lookup + SQL + COMMIT, all rows in one transaction. Variants interleaved round by")
-    p("round in one run (same table, same prices walk). Writer session: `jit = off`, `synchronous_commit = off`,")
-    p("except *as deployed* (server defaults, as the seed ran). The writer's gc.collect() after each batch runs")
+    p(
+        "One tick = symbol map lookup + SQL + COMMIT, all rows in one transaction. Variants interleaved round by"
+    )
+    p(
+        "round in one run (same table, same prices walk). Writer session: `jit = off`, `synchronous_commit = off`,"
+    )
+    p(
+        "except *as deployed* (server defaults, as the seed ran). The writer's gc.collect() after each batch runs"
+    )
     p("outside the timing, as in the child. *alone, paced*: the shipped path by itself, one tick every")
-    p(f"{args.alone_pace_s} s ({args.alone_ticks} ticks, production writes one per second), for the duty cycle")
+    p(
+        f"{args.alone_pace_s} s ({args.alone_ticks} ticks, production writes one per second), for the duty cycle"
+    )
     p("of production rather than four writers back to back.")
     for rows, variants, rounds in ((small_rows, small, args.rounds), (large_rows, large, args.large_rounds)):
         p()
@@ -524,7 +652,9 @@ def print_report(
         f" fillfactor {info['fillfactor']})"
     )
     p()
-    p("| variant | rows/tick | n_tup_upd | n_tup_hot_upd | HOT share | heap before | heap after | total after |")
+    p(
+        "| variant | rows/tick | n_tup_upd | n_tup_hot_upd | HOT share | heap before | heap after | total after |"
+    )
     p("|---|---:|---:|---:|---:|---:|---:|---:|")
     for h in hot:
         p(
@@ -551,8 +681,10 @@ def print_report(
     p()
     p(f"### JIT at {large_rows:,} rows")
     p()
-    p("| variant | rows per statement | plan cost | full tick, jit=off ms | full tick, jit=on ms |"
-      " JIT functions | JIT options | JIT ms (EXPLAIN ANALYZE) |")
+    p(
+        "| variant | rows per statement | plan cost | full tick, jit=off ms | full tick, jit=on ms |"
+        " JIT functions | JIT options | JIT ms (EXPLAIN ANALYZE) |"
+    )
     p("|---|---:|---:|---:|---:|---:|---|---:|")
     for j in jit:
         on = "not run (--jit-cliff)" if j["jit_on_ms"] is None else f"{j['jit_on_ms']:,.1f}"
@@ -562,7 +694,9 @@ def print_report(
             f" {j['jit_functions']} | {j['jit_options']} | {jit_ms} |"
         )
     p()
-    p(f"(jit_above_cost = {info['jit_above_cost']}: a plan above it is JIT-compiled; LLVM compilation of a huge")
+    p(
+        f"(jit_above_cost = {info['jit_above_cost']}: a plan above it is JIT-compiled; LLVM compilation of a huge"
+    )
     p("CASE expression is not interruptible, so statement_timeout does not bound it.)")
     shipped = small[1]
     s99 = percentile(shipped.timings_ms, 0.99)

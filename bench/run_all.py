@@ -61,7 +61,9 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and not self.timed_out and self.returncode == 0 and bool(self.stdout.strip())
+        return (
+            self.error is None and not self.timed_out and self.returncode == 0 and bool(self.stdout.strip())
+        )
 
     def status(self) -> str:
         if self.error:
@@ -76,13 +78,17 @@ class Result:
 
 
 def discover(bench_dir: Path, only: list[str]) -> list[Path]:
-    scripts = sorted(p for p in bench_dir.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
+    scripts = sorted(
+        p for p in bench_dir.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+    )
     if only:
         wanted = {o.removesuffix(".py") for o in only}
         unknown = wanted - {p.stem for p in scripts}
         if unknown:
-            raise SystemExit(f"run_all: no such benchmark(s): {', '.join(sorted(unknown))} "
-                             f"(have: {', '.join(p.stem for p in scripts)})")
+            raise SystemExit(
+                f"run_all: no such benchmark(s): {', '.join(sorted(unknown))} "
+                f"(have: {', '.join(p.stem for p in scripts)})"
+            )
         scripts = [p for p in scripts if p.stem in wanted]
     return scripts
 
@@ -105,8 +111,14 @@ def run_script(script: Path, extra_args: list[str], timeout_s: float, python: st
     sys.stderr.flush()
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(command, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     except OSError as e:
         result.error = str(e)
         return result
@@ -197,7 +209,9 @@ def redis_version(url: str) -> str:
     try:
         import redis
 
-        client = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_SECS, socket_connect_timeout=PROBE_TIMEOUT_SECS)
+        client = redis.Redis.from_url(
+            url, socket_timeout=PROBE_TIMEOUT_SECS, socket_connect_timeout=PROBE_TIMEOUT_SECS
+        )
         try:
             return f"Redis {client.info('server').get('redis_version', '?')}"
         finally:
@@ -208,10 +222,16 @@ def redis_version(url: str) -> str:
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=str(ROOT),
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=str(ROOT),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return (rev or "unknown") + (" (with uncommitted changes)" if dirty else "")
@@ -277,8 +297,11 @@ def render(results: list[Result], machine: list[tuple[str, str]], argv: list[str
         "",
     ]
     if failed:
-        lines += [f"**{len(failed)} of {len(results)} benchmark(s) did not complete**; their sections below "
-                  "show what they printed and the end of their error output.", ""]
+        lines += [
+            f"**{len(failed)} of {len(results)} benchmark(s) did not complete**; their sections below "
+            "show what they printed and the end of their error output.",
+            "",
+        ]
     for r in results:
         body = r.stdout.strip()
         if r.ok:
@@ -295,10 +318,20 @@ def render(results: list[Result], machine: list[tuple[str, str]], argv: list[str
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="Run only this benchmark (repeatable; name without .py).")
-    parser.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
-                        help='Extra arguments for one script, e.g. "supervisor_memory=--accounts 10,100".')
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Run only this benchmark (repeatable; name without .py).",
+    )
+    parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help='Extra arguments for one script, e.g. "supervisor_memory=--accounts 10,100".',
+    )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECS, help="Seconds per script.")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--bench-dir", type=Path, default=BENCH_DIR, help=argparse.SUPPRESS)
@@ -324,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"run_all: --args expects NAME=ARGS, got {spec!r}")
         extra[name.removesuffix(".py")] = shlex.split(rest)
-    machine = machine_info(os.environ.get("KRAITE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
-                           os.environ.get("KRAITE_BENCH_REDIS_URL", DEFAULT_REDIS_URL))
+    machine = machine_info(
+        os.environ.get("KRAITE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
+        os.environ.get("KRAITE_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
+    )
     results = []
     for script in scripts:
         results.append(run_script(script, extra.get(script.stem, []), args.timeout))
@@ -334,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(render(results, machine, argv))
     os.replace(tmp, args.output)
     failed = [r for r in results if not r.ok]
-    print(f"\nwrote {args.output}: {len(results) - len(failed)} of {len(results)} benchmark(s) ok", file=sys.stderr)
+    print(
+        f"\nwrote {args.output}: {len(results) - len(failed)} of {len(results)} benchmark(s) ok",
+        file=sys.stderr,
+    )
     for r in failed:
         print(f"  bench/{r.script}: {r.status()}", file=sys.stderr)
     return 1 if failed else 0

@@ -38,12 +38,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # tests/support.py, imported as the tests import it
+
+from support import children_of  # noqa: E402
 
 from kraite_mp.ops.seed import seed_symbols  # noqa: E402
 from kraite_mp.store import db as kdb  # noqa: E402
 from kraite_mp.store.accounts import add_account, generate_secret_key  # noqa: E402
 
-#: Per-idle-child PSS target from the issue.
+#: Per-idle-child PSS target (docs/BENCHMARKS.md reports against it).
 TARGET_PSS_MB = 12.0
 #: The simulator must print its JSON line within this long.
 SIM_START_TIMEOUT_S = 60.0
@@ -74,8 +77,11 @@ def smaps_rollup(pid: int) -> Mem:
             parts = line.split()
             if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
                 values[parts[0][:-1]] = int(parts[1])
-    return Mem(values.get("Rss", 0), values.get("Pss", 0),
-               values.get("Private_Clean", 0) + values.get("Private_Dirty", 0))
+    return Mem(
+        values.get("Rss", 0),
+        values.get("Pss", 0),
+        values.get("Private_Clean", 0) + values.get("Private_Dirty", 0),
+    )
 
 
 def private_by_mapping(pid: int, top: int = 12) -> list[tuple[str, int, int]]:
@@ -106,21 +112,6 @@ def cpu_ticks(pid: int) -> int:
 
 def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def children_of(ppid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == ppid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
@@ -159,8 +150,15 @@ def streaming(heartbeats: Path) -> tuple[int, bool]:
     return users, mark
 
 
-def run_one(n: int, admin_url: str, redis_url: str, symbols: int, settle_s: float, cpu_window_s: float,
-            detail: bool = False) -> dict[str, Any]:
+def run_one(
+    n: int,
+    admin_url: str,
+    redis_url: str,
+    symbols: int,
+    settle_s: float,
+    cpu_window_s: float,
+    detail: bool = False,
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"kraite-bench-{n}-"))
     dbname = f"kraite_bench_{uuid.uuid4().hex[:8]}"
     secret_key = generate_secret_key()
@@ -171,45 +169,81 @@ def run_one(n: int, admin_url: str, redis_url: str, symbols: int, settle_s: floa
     try:
         sim_log = open(work / "simulator.log", "wb")
         sim = subprocess.Popen(
-            [sys.executable, "-m", "kraite_mp", "simulate", "--port", "0", "--accounts", str(n), "--symbols",
-             str(symbols), "--rate", "0", "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, stderr=sim_log, env=env, cwd=str(ROOT), start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "kraite_mp",
+                "simulate",
+                "--port",
+                "0",
+                "--accounts",
+                str(n),
+                "--symbols",
+                str(symbols),
+                "--rate",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=sim_log,
+            env=env,
+            cwd=str(ROOT),
+            start_new_session=True,
         )
         info = read_json_line(sim, SIM_START_TIMEOUT_S)
         import requests
 
-        names = [s["symbol"] for s in requests.get(info["rest_url"] + "/fapi/v1/exchangeInfo", timeout=30)
-                 .json()["symbols"]]
+        names = [
+            s["symbol"]
+            for s in requests.get(info["rest_url"] + "/fapi/v1/exchangeInfo", timeout=30).json()["symbols"]
+        ]
         conn = kdb.connect(database_url)
         try:
             kdb.migrate(conn)
             seed_symbols(conn, names)
             for i, acct in enumerate(info["accounts"]):
-                add_account(conn, secret_key, name=f"bench{i}", api_key=acct["api_key"], api_secret=acct["api_secret"])
+                add_account(
+                    conn, secret_key, name=f"bench{i}", api_key=acct["api_key"], api_secret=acct["api_secret"]
+                )
         finally:
             conn.close()
         run_dir = work / "run"
         env.update(
-            KRAITE_DATABASE_URL=database_url, KRAITE_REDIS_URL=redis_url,
-            KRAITE_REDIS_NAMESPACE=f"kraite-bench-{uuid.uuid4().hex[:8]}", KRAITE_SECRET_KEY=secret_key,
-            KRAITE_RUN_DIR=str(run_dir), KRAITE__user_data_stream__spool_dir=str(work / "spool"),
-            KRAITE_BINANCE_REST_URL=info["rest_url"], KRAITE_BINANCE_WS_URL=info["ws_url"],
-            KRAITE_LOG_LEVEL="WARNING", KRAITE__supervisor__spawn_rate_per_s="1000",
-            KRAITE__supervisor__spawn_burst="1000", KRAITE__supervisor__sync_interval_s="0",
+            KRAITE_DATABASE_URL=database_url,
+            KRAITE_REDIS_URL=redis_url,
+            KRAITE_REDIS_NAMESPACE=f"kraite-bench-{uuid.uuid4().hex[:8]}",
+            KRAITE_SECRET_KEY=secret_key,
+            KRAITE_RUN_DIR=str(run_dir),
+            KRAITE__user_data_stream__spool_dir=str(work / "spool"),
+            KRAITE_BINANCE_REST_URL=info["rest_url"],
+            KRAITE_BINANCE_WS_URL=info["ws_url"],
+            KRAITE_LOG_LEVEL="WARNING",
+            KRAITE__supervisor__spawn_rate_per_s="1000",
+            KRAITE__supervisor__spawn_burst="1000",
+            KRAITE__supervisor__sync_interval_s="0",
         )
         log(f"N={n}: simulator up, {len(names)} symbols and {n} accounts seeded")
         sup_log = open(work / "supervisor.log", "wb")
         started = time.monotonic()
-        sup = subprocess.Popen([sys.executable, "-m", "kraite_mp", "run"], stdout=sup_log, stderr=subprocess.STDOUT,
-                               env=env, cwd=str(ROOT), start_new_session=True)
+        sup = subprocess.Popen(
+            [sys.executable, "-m", "kraite_mp", "run"],
+            stdout=sup_log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(ROOT),
+            start_new_session=True,
+        )
         deadline = started + STREAMING_TIMEOUT_BASE_S + STREAMING_TIMEOUT_PER_ACCOUNT_S * n
         while True:
             users, mark = streaming(run_dir / "heartbeats")
             if users == n and mark:
                 break
             if time.monotonic() > deadline or sup.poll() is not None:
-                raise RuntimeError(f"N={n}: only {users}/{n} user-data streaming, mark-price={mark}; "
-                                   f"see {work / 'supervisor.log'}")
+                raise RuntimeError(
+                    f"N={n}: only {users}/{n} user-data streaming, mark-price={mark}; "
+                    f"see {work / 'supervisor.log'}"
+                )
             time.sleep(0.5)
         to_streaming = time.monotonic() - started
         log(f"N={n}: all streaming after {to_streaming:.1f}s; settling {settle_s:.0f}s")
@@ -282,42 +316,63 @@ def _restarts(run_dir: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--accounts", default="10,100", help="comma-separated N values (default 10,100)")
-    parser.add_argument("--database-url", default=os.environ.get("KRAITE_TEST_DATABASE_URL")
-                        or "postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL (CREATE DATABASE)")
-    parser.add_argument("--redis-url", default=os.environ.get("KRAITE_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("KRAITE_TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres",
+        help="admin URL (CREATE DATABASE)",
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("KRAITE_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    )
     parser.add_argument("--symbols", type=int, default=570)
     parser.add_argument("--settle-s", type=float, default=10.0)
     parser.add_argument("--cpu-window-s", type=float, default=20.0)
-    parser.add_argument("--detail", action="store_true", help="print one child's private memory by mapping (stderr)")
+    parser.add_argument(
+        "--detail", action="store_true", help="print one child's private memory by mapping (stderr)"
+    )
     args = parser.parse_args()
     ns = [int(x) for x in args.accounts.split(",") if x.strip()]
-    results = [run_one(n, args.database_url, args.redis_url, args.symbols, args.settle_s, args.cpu_window_s,
-                       args.detail) for n in ns]
+    results = [
+        run_one(
+            n, args.database_url, args.redis_url, args.symbols, args.settle_s, args.cpu_window_s, args.detail
+        )
+        for n in ns
+    ]
 
     print("## Supervisor memory and idle CPU (`bench/supervisor_memory.py`)\n")
-    print(f"`{' '.join(['bench/supervisor_memory.py', *sys.argv[1:]])}` on {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, Linux {platform.release()}. Idle streams: no user-data events, "
-          f"{args.symbols} simulated symbols ticking mark prices every second. Memory from `/proc/PID/smaps_rollup` after all children "
-          f"stream and {args.settle_s:.0f} s settle; CPU over {args.cpu_window_s:.0f} s. MB = MiB.\n")
-    print("| accounts | children | user-data PSS mean | user-data PSS max | user-data USS mean | user-data RSS mean "
-          "| mark-price PSS / USS | parent PSS / USS | all processes PSS | parent CPU idle | user-data CPU mean "
-          "| mark-price CPU | start to all streaming | restarts |")
+    print(
+        f"`{' '.join(['bench/supervisor_memory.py', *sys.argv[1:]])}` on {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, Linux {platform.release()}. Idle streams: no user-data events, "
+        f"{args.symbols} simulated symbols ticking mark prices every second. Memory from `/proc/PID/smaps_rollup` after all children "
+        f"stream and {args.settle_s:.0f} s settle; CPU over {args.cpu_window_s:.0f} s. MB = MiB.\n"
+    )
+    print(
+        "| accounts | children | user-data PSS mean | user-data PSS max | user-data USS mean | user-data RSS mean "
+        "| mark-price PSS / USS | parent PSS / USS | all processes PSS | parent CPU idle | user-data CPU mean "
+        "| mark-price CPU | start to all streaming | restarts |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['n']} | {r['children']} | {r['user_pss_mean']:.1f} MB | {r['user_pss_max']:.1f} MB "
-              f"| {r['user_uss_mean']:.1f} MB | {r['user_rss_mean']:.1f} MB "
-              f"| {r['mark_pss']:.1f} / {r['mark_uss']:.1f} MB | {r['parent_pss']:.1f} / {r['parent_uss']:.1f} MB "
-              f"| {r['total_pss']:.0f} MB | {r['parent_cpu']:.2f} % | {r['user_cpu_mean']:.2f} % "
-              f"| {r['mark_cpu']:.1f} % | {r['to_streaming_s']:.1f} s | {r['restarts']} |")
+        print(
+            f"| {r['n']} | {r['children']} | {r['user_pss_mean']:.1f} MB | {r['user_pss_max']:.1f} MB "
+            f"| {r['user_uss_mean']:.1f} MB | {r['user_rss_mean']:.1f} MB "
+            f"| {r['mark_pss']:.1f} / {r['mark_uss']:.1f} MB | {r['parent_pss']:.1f} / {r['parent_uss']:.1f} MB "
+            f"| {r['total_pss']:.0f} MB | {r['parent_cpu']:.2f} % | {r['user_cpu_mean']:.2f} % "
+            f"| {r['mark_cpu']:.1f} % | {r['to_streaming_s']:.1f} s | {r['restarts']} |"
+        )
     at_scale = max(results, key=lambda r: r["n"])
     verdict = "met" if at_scale["user_pss_mean"] <= TARGET_PSS_MB else "NOT met"
-    print(f"\nTarget <= {TARGET_PSS_MB:.0f} MB PSS per idle user-data child at scale: {verdict} "
-          f"({at_scale['user_pss_mean']:.1f} MB at N={at_scale['n']}). USS is what one more child costs; PSS adds "
-          f"its share of the pages it still shares with the parent (the interpreter and every imported module, "
-          f"~{at_scale['user_rss_mean'] - at_scale['user_uss_mean']:.0f} MB), so PSS falls towards USS as N grows. "
-          f"Each user-data child runs {at_scale['user_threads']} threads.")
+    print(
+        f"\nTarget <= {TARGET_PSS_MB:.0f} MB PSS per idle user-data child at scale: {verdict} "
+        f"({at_scale['user_pss_mean']:.1f} MB at N={at_scale['n']}). USS is what one more child costs; PSS adds "
+        f"its share of the pages it still shares with the parent (the interpreter and every imported module, "
+        f"~{at_scale['user_rss_mean'] - at_scale['user_uss_mean']:.0f} MB), so PSS falls towards USS as N grows. "
+        f"Each user-data child runs {at_scale['user_threads']} threads."
+    )
     return 0
 
 

@@ -90,14 +90,33 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     from kraite_mp.store import db as kdb
     from kraite_mp.store.accounts import add_account, generate_secret_key, list_accounts
     from kraite_mp.streams.userdata import run_user_data_child
-    from kraite_mp.supervisor.context import ChildContext, heartbeat_dir, run_child
+    from kraite_mp.supervisor import runfiles
+    from kraite_mp.supervisor.context import ChildContext, run_child
 
     n = int(cfg["accounts"])
     work = tempfile.mkdtemp(prefix="kraite-bench-ud-")
     sim_proc = subprocess.Popen(
-        [sys.executable, "-m", "kraite_mp.simulator", "--port", "0", "--accounts", str(n), "--symbols", "50",
-         "--rate", "0", "--mark-price-interval", "60", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=str(ROOT), start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "kraite_mp.simulator",
+            "--port",
+            "0",
+            "--accounts",
+            str(n),
+            "--symbols",
+            "50",
+            "--rate",
+            "0",
+            "--mark-price-interval",
+            "60",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=str(ROOT),
+        start_new_session=True,
     )
     children: list[int] = []
     try:
@@ -119,12 +138,14 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             "KRAITE_LOG_LEVEL": "WARNING",
         }
         settings = load_settings(None, environ=env)
-        os.makedirs(heartbeat_dir(settings), exist_ok=True)
+        os.makedirs(runfiles.heartbeat_dir(settings.run_dir), exist_ok=True)
         setup_logging("WARNING")
         conn = kdb.connect(settings.database_url)
         with conn.cursor() as cur:
-            cur.execute("TRUNCATE order_transitions, orders, api_data_stream, account_balances, account_positions,"
-                        " accounts RESTART IDENTITY CASCADE")
+            cur.execute(
+                "TRUNCATE order_transitions, orders, api_data_stream, account_balances, account_positions,"
+                " accounts RESTART IDENTITY CASCADE"
+            )
         conn.commit()
         for i, a in enumerate(sim["accounts"]):
             add_account(conn, secret_key, name=f"bench{i}", api_key=a["api_key"], api_secret=a["api_secret"])
@@ -156,10 +177,15 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             def before_process_message(self, broker: Any, message: Any) -> None:
                 if message.actor_name == PROCESS_ACTOR:
                     kw = message.kwargs
-                    started[kw["frame_id"]] = (kw["received_at"], message.message_timestamp, time.time() * 1000)
+                    started[kw["frame_id"]] = (
+                        kw["received_at"],
+                        message.message_timestamp,
+                        time.time() * 1000,
+                    )
 
-            def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                                      exception: BaseException | None = None) -> None:
+            def after_process_message(
+                self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
+            ) -> None:
                 if message.actor_name == PROCESS_ACTOR and exception is None:
                     finished[message.kwargs["frame_id"]] = time.time() * 1000
 
@@ -169,16 +195,31 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
         # out Binance's weight limit for up to a minute: it must not hold the frames' threads); the
         # reconciliations of a fleet start (200 x 80 request weight, 2400 per minute) go on for minutes
         reconcile_worker = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--queues", "reconcile", "--processes", "1",
-             "--threads", "2"],
-            env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "dramatiq",
+                "kraite_mp.jobs",
+                "--queues",
+                "reconcile",
+                "--processes",
+                "1",
+                "--threads",
+                "2",
+            ],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            cwd=str(ROOT),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
-        worker = dramatiq.Worker(broker, worker_threads=int(cfg["worker_threads"]),
-                                 queues={settings.user_data_stream.queue_name})
+        worker = dramatiq.Worker(
+            broker, worker_threads=int(cfg["worker_threads"]), queues={settings.user_data_stream.queue_name}
+        )
         worker.start()
         http = requests.Session()
         try:
+
             def stats() -> dict[str, Any]:
                 return http.get(sim["control_url"] + "/stats", timeout=10).json()  # type: ignore[no-any-return]
 
@@ -195,8 +236,11 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
                     c.close()
 
             t_spawn = time.monotonic()
-            wait(lambda: sum(stats()["current_connections"].get(a.api_key, 0) for a in accounts) >= n,
-                 WAIT_TIMEOUT_S, "every child connected")
+            wait(
+                lambda: sum(stats()["current_connections"].get(a.api_key, 0) for a in accounts) >= n,
+                WAIT_TIMEOUT_S,
+                "every child connected",
+            )
             connect_s = time.monotonic() - t_spawn
             time.sleep(2.0)
 
@@ -221,8 +265,11 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
 
                 rc = redis_lib.Redis.from_url(settings.redis_url)
                 qkey = f"{broker_namespace(settings)}:{settings.user_data_stream.queue_name}"
-                wait(lambda: rc.llen(qkey) >= burst_sent - sent - 50 or audited() >= burst_sent, WAIT_TIMEOUT_S,
-                     "the burst enqueued")
+                wait(
+                    lambda: rc.llen(qkey) >= burst_sent - sent - 50 or audited() >= burst_sent,
+                    WAIT_TIMEOUT_S,
+                    "the burst enqueued",
+                )
                 time.sleep(1.0)
                 queued_before = audited()
                 tb = time.monotonic()
@@ -263,10 +310,16 @@ def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
             "frames": len(rows),
             "frames_per_s": len(rows) / duration,
             "connect_s": connect_s,
-            "enqueue_p50": pct(enq, 50), "enqueue_p99": pct(enq, 99),
-            "start_p50": pct(start, 50), "start_p99": pct(start, 99),
-            "order_p50": pct(e2e_orders, 50), "order_p99": pct(e2e_orders, 99), "order_n": len(e2e_orders),
-            "audit_p50": pct(e2e_all, 50), "audit_p99": pct(e2e_all, 99), "audit_max": max(e2e_all, default=0),
+            "enqueue_p50": pct(enq, 50),
+            "enqueue_p99": pct(enq, 99),
+            "start_p50": pct(start, 50),
+            "start_p99": pct(start, 99),
+            "order_p50": pct(e2e_orders, 50),
+            "order_p99": pct(e2e_orders, 99),
+            "order_n": len(e2e_orders),
+            "audit_p50": pct(e2e_all, 50),
+            "audit_p99": pct(e2e_all, 99),
+            "audit_max": max(e2e_all, default=0),
             "worker_eps": len(rows) / span if span else 0.0,
             "capacity_eps": capacity,
             "total_frames_sent": sent,
@@ -326,12 +379,24 @@ def stepper(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"t0_wall": t0_wall, "t1_wall": time.time() * 1000, "steps": i}
 
 
-def run_stepper(control_url: str, keys: list[str], rate: float, duration: float,
-                steps: int | None = None) -> dict[str, Any]:
-    cfg = {"stepper": True, "control_url": control_url, "keys": keys, "rate": rate, "duration": duration,
-           "steps": steps}
-    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(cfg)], cwd=str(ROOT),
-                          stdout=subprocess.PIPE, timeout=3600, check=True)
+def run_stepper(
+    control_url: str, keys: list[str], rate: float, duration: float, steps: int | None = None
+) -> dict[str, Any]:
+    cfg = {
+        "stepper": True,
+        "control_url": control_url,
+        "keys": keys,
+        "rate": rate,
+        "duration": duration,
+        "steps": steps,
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--case", json.dumps(cfg)],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        timeout=3600,
+        check=True,
+    )
     result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     return result
 
@@ -344,9 +409,14 @@ def run_idle_case(cfg: dict[str, Any]) -> dict[str, Any]:
     from kraite_mp import jobs
     from kraite_mp.config import load_settings
 
-    settings = load_settings(None, environ={"KRAITE_REDIS_URL": cfg["redis_url"],
-                                            "KRAITE_REDIS_NAMESPACE": cfg["namespace"],
-                                            "KRAITE__jobs__idle_poll_ms": str(cfg["idle_poll_ms"])})
+    settings = load_settings(
+        None,
+        environ={
+            "KRAITE_REDIS_URL": cfg["redis_url"],
+            "KRAITE_REDIS_NAMESPACE": cfg["namespace"],
+            "KRAITE__jobs__idle_poll_ms": str(cfg["idle_poll_ms"]),
+        },
+    )
     broker = jobs.build_broker(settings)
     worker = dramatiq.Worker(broker, worker_threads=int(cfg["worker_threads"]))
     client = redis_lib.Redis.from_url(cfg["redis_url"])
@@ -361,8 +431,11 @@ def run_idle_case(cfg: dict[str, Any]) -> dict[str, Any]:
         c0, r0, t0 = time.process_time(), redis_cpu(), time.monotonic()
         time.sleep(float(cfg["seconds"]))
         dt = time.monotonic() - t0
-        return {"idle_poll_ms": cfg["idle_poll_ms"], "worker_cpu_pct": 100 * (time.process_time() - c0) / dt,
-                "redis_cpu_pct": 100 * (redis_cpu() - r0) / dt}
+        return {
+            "idle_poll_ms": cfg["idle_poll_ms"],
+            "worker_cpu_pct": 100 * (time.process_time() - c0) / dt,
+            "redis_cpu_pct": 100 * (redis_cpu() - r0) / dt,
+        }
     finally:
         worker.stop()
         broker.close()
@@ -377,8 +450,13 @@ def spawn_case(cfg: dict[str, Any]) -> dict[str, Any]:
         log(f"idle cost: idle poll {cfg['idle_poll_ms']} ms")
     else:
         log(f"case: {cfg['accounts']} accounts, idle poll {cfg['idle_poll_ms']} ms, {cfg['rate']} steps/s")
-    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(cfg)], cwd=str(ROOT),
-                          stdout=subprocess.PIPE, timeout=3600, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--case", json.dumps(cfg)],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        timeout=3600,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"case {cfg} failed with exit code {proc.returncode}")
     result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -410,12 +488,21 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="scenario steps per second, in total")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of steady load per case")
     parser.add_argument("--idle-poll-ms", type=int, default=10)
-    parser.add_argument("--compare-idle-poll", default="1000,10,2",
-                        help="idle poll caps (ms) to compare with --idle-poll-ms on the smallest case ('' = skip)")
-    parser.add_argument("--compare-rate", type=float, default=20.0,
-                        help="steps/s of the idle-poll comparison (low: the consumer is mostly idle, as in production)")
+    parser.add_argument(
+        "--compare-idle-poll",
+        default="1000,10,2",
+        help="idle poll caps (ms) to compare with --idle-poll-ms on the smallest case ('' = skip)",
+    )
+    parser.add_argument(
+        "--compare-rate",
+        type=float,
+        default=20.0,
+        help="steps/s of the idle-poll comparison (low: the consumer is mostly idle, as in production)",
+    )
     parser.add_argument("--worker-threads", type=int, default=8)
-    parser.add_argument("--burst", type=int, default=3000, help="scenario steps in the capacity burst (0 = skip)")
+    parser.add_argument(
+        "--burst", type=int, default=3000, help="scenario steps in the capacity burst (0 = skip)"
+    )
     args = parser.parse_args()
     if args.case:
         case = json.loads(args.case)
@@ -435,20 +522,44 @@ def main() -> int:
         conn = kdb.connect(database_url)
         kdb.migrate(conn)
         conn.close()
-        base = {"database_url": database_url, "redis_url": redis_url, "rate": args.rate, "duration": args.duration,
-                "worker_threads": args.worker_threads, "burst": args.burst}
+        base = {
+            "database_url": database_url,
+            "redis_url": redis_url,
+            "rate": args.rate,
+            "duration": args.duration,
+            "worker_threads": args.worker_threads,
+            "burst": args.burst,
+        }
         counts = [int(x) for x in args.accounts.split(",") if x.strip()]
         for i, n in enumerate(counts):
             cfg = dict(base, accounts=n, idle_poll_ms=args.idle_poll_ms, namespace=f"{namespace}-{i}")
             results.append(spawn_case(cfg))
-        polls = sorted({int(x) for x in args.compare_idle_poll.split(",") if x.strip()} | {args.idle_poll_ms},
-                       reverse=True) if args.compare_idle_poll.strip() else []
+        polls = (
+            sorted(
+                {int(x) for x in args.compare_idle_poll.split(",") if x.strip()} | {args.idle_poll_ms},
+                reverse=True,
+            )
+            if args.compare_idle_poll.strip()
+            else []
+        )
         for j, poll in enumerate(polls):
-            cfg = dict(base, accounts=counts[0], idle_poll_ms=poll, burst=0, rate=args.compare_rate,
-                       namespace=f"{namespace}-c{j}")
+            cfg = dict(
+                base,
+                accounts=counts[0],
+                idle_poll_ms=poll,
+                burst=0,
+                rate=args.compare_rate,
+                namespace=f"{namespace}-c{j}",
+            )
             compare.append(spawn_case(cfg))
-            idle_cfg = {"idle": True, "redis_url": redis_url, "namespace": f"{namespace}-i{j}", "idle_poll_ms": poll,
-                        "worker_threads": args.worker_threads, "seconds": 10}
+            idle_cfg = {
+                "idle": True,
+                "redis_url": redis_url,
+                "namespace": f"{namespace}-i{j}",
+                "idle_poll_ms": poll,
+                "worker_threads": args.worker_threads,
+                "seconds": 10,
+            }
             compare[-1].update(spawn_case(idle_cfg))
     finally:
         kdb.drop_database(admin, dbname)
@@ -469,42 +580,62 @@ def main() -> int:
         return "-" if v is None or v != v else f"{v:.1f}"
 
     out = ["## User-data stream latency (bench/user_data_latency.py)", ""]
-    out.append(f"Command: `python bench/user_data_latency.py --accounts {args.accounts} --rate {args.rate:g} "
-               f"--duration {args.duration:g} --idle-poll-ms {args.idle_poll_ms} --compare-idle-poll "
-               f"{args.compare_idle_poll} --compare-rate {args.compare_rate:g} --worker-threads {args.worker_threads} --burst {args.burst}`  ")
-    out.append(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-               "simulator, children, worker (1 process, "
-               f"{args.worker_threads} threads), PostgreSQL and Redis all on this machine.")
+    out.append(
+        f"Command: `python bench/user_data_latency.py --accounts {args.accounts} --rate {args.rate:g} "
+        f"--duration {args.duration:g} --idle-poll-ms {args.idle_poll_ms} --compare-idle-poll "
+        f"{args.compare_idle_poll} --compare-rate {args.compare_rate:g} --worker-threads {args.worker_threads} --burst {args.burst}`  "
+    )
+    out.append(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        "simulator, children, worker (1 process, "
+        f"{args.worker_threads} threads), PostgreSQL and Redis all on this machine."
+    )
     out.append("")
-    out.append(f"Steady load: {args.rate:g} scenario steps/s in total spread over the accounts, "
-               f"{args.duration:g} s per case; latencies in ms from the child receiving the frame.")
+    out.append(
+        f"Steady load: {args.rate:g} scenario steps/s in total spread over the accounts, "
+        f"{args.duration:g} s per case; latencies in ms from the child receiving the frame."
+    )
     out.append("")
-    out.append("| accounts | frames/s | received->enqueued p50 / p99 (1 ms resolution) | ->job started p50 / p99 |"
-               " ->order row committed p50 / p99 | ->audit committed p50 / p99 / max | worker events/s |"
-               " worker capacity events/s |")
+    out.append(
+        "| accounts | frames/s | received->enqueued p50 / p99 (1 ms resolution) | ->job started p50 / p99 |"
+        " ->order row committed p50 / p99 | ->audit committed p50 / p99 / max | worker events/s |"
+        " worker capacity events/s |"
+    )
     out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        out.append(f"| {r['accounts']} | {r['frames_per_s']:.0f} | {ms(r['enqueue_p50'])} / {ms(r['enqueue_p99'])} |"
-                   f" {ms(r['start_p50'])} / {ms(r['start_p99'])} | {ms(r['order_p50'])} / {ms(r['order_p99'])} |"
-                   f" {ms(r['audit_p50'])} / {ms(r['audit_p99'])} / {ms(r['audit_max'])} | {r['worker_eps']:.0f} |"
-                   f" {'-' if r['capacity_eps'] is None else format(r['capacity_eps'], '.0f')} |")
+        out.append(
+            f"| {r['accounts']} | {r['frames_per_s']:.0f} | {ms(r['enqueue_p50'])} / {ms(r['enqueue_p99'])} |"
+            f" {ms(r['start_p50'])} / {ms(r['start_p99'])} | {ms(r['order_p50'])} / {ms(r['order_p99'])} |"
+            f" {ms(r['audit_p50'])} / {ms(r['audit_p99'])} / {ms(r['audit_max'])} | {r['worker_eps']:.0f} |"
+            f" {'-' if r['capacity_eps'] is None else format(r['capacity_eps'], '.0f')} |"
+        )
     if compare:
-        out += ["", f"Consumer idle poll cap (`jobs.idle_poll_ms`), {counts[0]} accounts at {args.compare_rate:g} steps/s:",
-                "",
-                "| idle poll cap (ms) | ->job started p50 / p99 | ->order row committed p50 / p99 |"
-                " idle worker process CPU | idle Redis CPU |",
-                "|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"Consumer idle poll cap (`jobs.idle_poll_ms`), {counts[0]} accounts at {args.compare_rate:g} steps/s:",
+            "",
+            "| idle poll cap (ms) | ->job started p50 / p99 | ->order row committed p50 / p99 |"
+            " idle worker process CPU | idle Redis CPU |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for r in compare:
-            label = f"{r['idle_poll_ms']}" + (" (Dramatiq default worker_timeout)" if r["idle_poll_ms"] == 1000 else "")
-            out.append(f"| {label} | {ms(r['start_p50'])} / {ms(r['start_p99'])} |"
-                       f" {ms(r['order_p50'])} / {ms(r['order_p99'])} | {r['worker_cpu_pct']:.1f} % |"
-                       f" {r['redis_cpu_pct']:.1f} % |")
+            label = f"{r['idle_poll_ms']}" + (
+                " (Dramatiq default worker_timeout)" if r["idle_poll_ms"] == 1000 else ""
+            )
+            out.append(
+                f"| {label} | {ms(r['start_p50'])} / {ms(r['start_p99'])} |"
+                f" {ms(r['order_p50'])} / {ms(r['order_p99'])} | {r['worker_cpu_pct']:.1f} % |"
+                f" {r['redis_cpu_pct']:.1f} % |"
+            )
     goal = [r for r in results if r["accounts"] == max(counts)]
     if goal:
         g = goal[0]
         verdict = "met" if g["order_p99"] <= 25 else "NOT met"
-        out += ["", f"Goal p99 <= 25 ms end to end at {g['accounts']} accounts: {verdict} "
-                    f"(order row p99 {ms(g['order_p99'])} ms)."]
+        out += [
+            "",
+            f"Goal p99 <= 25 ms end to end at {g['accounts']} accounts: {verdict} "
+            f"(order row p99 {ms(g['order_p99'])} ms).",
+        ]
     print("\n".join(out))
     return 0
 

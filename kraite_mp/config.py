@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+# the domain lists have one home, the Binance edge; config only validates against them
+from kraite_mp.binance.user import KNOWN_DISPATCH_KEYS, USER_DATA_EVENTS
+
 #: The config file used when ``--config`` is not given and this file exists.
 DEFAULT_CONFIG_PATH = "etc/kraite-mp.toml"
 
@@ -41,12 +44,6 @@ DEFAULT_DISPATCHED_EXECUTIONS: tuple[str, ...] = (
     "ALGO_CANCELED",
     "ALGO_EXPIRED",
     "ALGO_FILLED",
-)
-
-#: Every dispatch key the job knows; anything else in the allowlist is a config error.
-KNOWN_DISPATCH_KEYS: frozenset[str] = frozenset(
-    {"NEW", "CANCELED", "CALCULATED", "EXPIRED", "TRADE", "AMENDMENT", "REJECTED"}
-    | {f"ALGO_{s}" for s in ("NEW", "CANCELED", "TRIGGERING", "TRIGGERED", "FINISHED", "FILLED", "REJECTED", "EXPIRED")}
 )
 
 #: Named environment variables -> setting path.
@@ -127,20 +124,7 @@ class UserDataStreamSettings:
     #: fsync the spool after every frame: survives power loss, not just a child crash (costs latency).
     spool_fsync: bool = False
     queue_name: str = "user-data-stream"
-    events: list[str] = field(
-        default_factory=lambda: [
-            "ORDER_TRADE_UPDATE",
-            "TRADE_LITE",
-            "ACCOUNT_UPDATE",
-            "ALGO_UPDATE",
-            "MARGIN_CALL",
-            "ACCOUNT_CONFIG_UPDATE",
-            "STRATEGY_UPDATE",
-            "GRID_UPDATE",
-            "CONDITIONAL_ORDER_TRIGGER_REJECT",
-            "listenKeyExpired",
-        ]
-    )
+    events: list[str] = field(default_factory=lambda: list(USER_DATA_EVENTS))
     binance: BinanceUserDataSettings = field(default_factory=BinanceUserDataSettings)
 
 
@@ -315,16 +299,23 @@ def validate(settings: Settings) -> None:
         if parts.scheme not in schemes or not parts.netloc:
             raise ConfigError(f"{key}: expected a {'/'.join(schemes)} URL, got {url!r}")
         if parts.path not in ("", "/"):
-            raise ConfigError(f"{key}: give the base URL only (routes such as /private are added), got {url!r}")
+            raise ConfigError(
+                f"{key}: give the base URL only (routes such as /private are added), got {url!r}"
+            )
     unknown = set(settings.user_data_stream.binance.dispatched_executions) - KNOWN_DISPATCH_KEYS
     if unknown:
         raise ConfigError(
             f"user_data_stream.binance.dispatched_executions: unknown execution types {sorted(unknown)}"
         )
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"log_level: expected DEBUG/INFO/WARNING/ERROR/CRITICAL, got {settings.log_level!r}")
-    if settings.mark_price.strategy not in ("unnest", "case", "copy"):
-        raise ConfigError(f"mark_price.strategy: expected unnest, case or copy, got {settings.mark_price.strategy!r}")
+        raise ConfigError(
+            f"log_level: expected DEBUG/INFO/WARNING/ERROR/CRITICAL, got {settings.log_level!r}"
+        )
+    # kept so that existing config files still load; the writer has one strategy (bench/ compares others)
+    if settings.mark_price.strategy != "unnest":
+        raise ConfigError(
+            f"mark_price.strategy: only 'unnest' is supported, got {settings.mark_price.strategy!r}"
+        )
     if settings.mark_price.chunk_size < 0:
         raise ConfigError("mark_price.chunk_size: must be >= 0")
     if settings.supervisor.backoff_cap_exponent < 0:
@@ -337,7 +328,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"supervisor.shard: {e}") from None
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Load defaults < TOML file < environment; raise ConfigError naming the bad key."""
     environ = os.environ if environ is None else environ
     settings = Settings()

@@ -1,8 +1,8 @@
 """Logging to stderr (for supervisord) with a last-line-of-defence secret redactor.
 
-Code must not log secrets in the first place; this filter also scrubs every value registered with
-``register_secret`` (API secrets, listenKeys) and anything shaped like a listenKey parameter from
-every formatted record, including exception tracebacks.
+Code must not log secrets in the first place; the formatter (and ``RedactFilter``, for handlers we
+do not configure) also scrubs every value registered with ``register_secret`` (API secrets,
+listenKeys) and anything shaped like a listenKey parameter from every record, tracebacks included.
 """
 
 from __future__ import annotations
@@ -49,9 +49,38 @@ def redact(text: str) -> str:
     return text
 
 
+def describe_error(e: BaseException, fallback: str | None = None) -> str:
+    """The first line of ``str(e)``, redacted (``fallback``, else the class name, when empty): for log lines."""
+    text = str(e).strip()
+    if not text:
+        return fallback or type(e).__name__
+    return redact(text.splitlines()[0])
+
+
 class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+class RedactFilter(logging.Filter):
+    """Scrub secrets from records of any logger (Dramatiq logs failed messages with their arguments)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format is left to the handler
+            return True
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add ``RedactFilter`` to every root handler (the ``dramatiq`` CLI configures its own handlers)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
 
 
 def setup_logging(level: str = "INFO", stream: object = None) -> None:

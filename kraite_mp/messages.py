@@ -28,6 +28,7 @@ RECONCILE_QUEUE = "reconcile"
 REDIS_SOCKET_TIMEOUT_S = 5.0
 REDIS_CONNECT_TIMEOUT_S = 2.0
 
+
 def broker_namespace(settings: Settings) -> str:
     """Redis key prefix of the Dramatiq queues: ``<redis_namespace>:dramatiq``."""
     return f"{settings.redis_namespace}:dramatiq"
@@ -35,14 +36,18 @@ def broker_namespace(settings: Settings) -> str:
 
 def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(
-        url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
     )
 
 
 def build_producer_broker(settings: Settings) -> RedisBroker:
     """A bare RedisBroker (no middleware, no actors) for enqueueing only; build it after the fork."""
-    return RedisBroker(client=redis_client(settings.redis_url), namespace=broker_namespace(settings), middleware=[])
+    return RedisBroker(  # type: ignore[no-untyped-call]  # dramatiq's __init__ is unannotated
+        client=redis_client(settings.redis_url), namespace=broker_namespace(settings), middleware=[]
+    )
 
 
 def frame_record(queue_name: str, account_id: int, frame: str, frame_id: str, received_at_ms: float) -> bytes:
@@ -51,13 +56,20 @@ def frame_record(queue_name: str, account_id: int, frame: str, frame_id: str, re
         {
             "q": queue_name,
             "a": PROCESS_ACTOR,
-            "k": {"account_id": account_id, "frame": frame, "frame_id": frame_id, "received_at": received_at_ms},
+            "k": {
+                "account_id": account_id,
+                "frame": frame,
+                "frame_id": frame_id,
+                "received_at": received_at_ms,
+            },
         }
     )
 
 
 def reconcile_record(account_id: int, reason: str) -> bytes:
-    return orjson.dumps({"q": RECONCILE_QUEUE, "a": RECONCILE_ACTOR, "k": {"account_id": account_id, "reason": reason}})
+    return orjson.dumps(
+        {"q": RECONCILE_QUEUE, "a": RECONCILE_ACTOR, "k": {"account_id": account_id, "reason": reason}}
+    )
 
 
 def record_message(data: bytes) -> dramatiq.Message[Any]:
@@ -70,7 +82,6 @@ def record_message(data: bytes) -> dramatiq.Message[Any]:
     if not isinstance(queue_name, str) or not isinstance(actor_name, str) or not isinstance(kwargs, dict):
         raise ValueError("not a spool record")
     return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(), kwargs=kwargs, options={})
-
 
 
 class FrameIds:

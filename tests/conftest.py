@@ -1,5 +1,6 @@
 """Shared fixtures: real PostgreSQL and Redis (given by URL, or embedded), one fresh database and one
-Redis namespace per test session, the local simulator, and subprocess helpers.
+Redis namespace per test session, the local simulator, and the ``processes`` group. Helpers that
+tests import live in tests/support.py.
 
 - ``KRAITE_TEST_DATABASE_URL``: an admin URL (any database) on a server where we may CREATE DATABASE.
 - ``KRAITE_TEST_REDIS_URL``: a Redis URL.
@@ -10,19 +11,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import ROOT, ProcessGroup
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kraite_mp.config import Settings, load_settings  # noqa: E402
@@ -31,6 +28,23 @@ from kraite_mp.store import db as kdb  # noqa: E402
 from kraite_mp.store.accounts import generate_secret_key  # noqa: E402
 
 SESSION_ID = uuid.uuid4().hex[:10]
+
+#: Every test carries exactly one of these markers: ``make test-unit``, ``test-integration``, ``test-e2e``.
+TIERS = frozenset({"unit", "integration", "e2e"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects anything: every collected test is checked
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fail collection when a test has no tier marker or more than one."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
+    if wrong:
+        raise pytest.UsageError(
+            "each test needs exactly one of the markers unit, integration, e2e:\n  " + "\n  ".join(wrong)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +120,9 @@ def run_dir() -> Iterator[str]:
 
 
 @pytest.fixture()
-def kraite_env(database_url: str, redis_url: str, redis_namespace: str, secret_key: str, run_dir: str) -> dict[str, str]:
+def kraite_env(
+    database_url: str, redis_url: str, redis_namespace: str, secret_key: str, run_dir: str
+) -> dict[str, str]:
     """Environment for kraite-mp subprocesses (and for ``settings``): no config file, test services."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRAITE")}
     env.update(
@@ -132,8 +148,14 @@ def settings(kraite_env: dict[str, str]) -> Settings:
 
 #: Tables emptied before each test that asks for ``db``; order respects foreign keys via CASCADE.
 TABLES = (
-    "order_transitions", "orders", "api_data_stream", "account_balances", "account_positions",
-    "exchange_symbols", "token_mappers", "accounts",
+    "order_transitions",
+    "orders",
+    "api_data_stream",
+    "account_balances",
+    "account_positions",
+    "exchange_symbols",
+    "token_mappers",
+    "accounts",
 )
 
 
@@ -164,86 +186,6 @@ def simulator() -> Iterator[Any]:
         sim.stop()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, message: str = "") -> Any:
-    """Poll ``predicate`` until truthy (returned) or fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {message or predicate!r} (last={last!r})")
-
-
-#: Environment variable that tags the processes a test starts (see ``marked_pids``).
-MARKER_VAR = "KRAITE_TEST_MARKER"
-
-
-def marked_pids(marker: str, root: Path) -> list[int]:
-    """Live processes (zombies excluded) with ``MARKER_VAR=marker`` in their environment or their
-    working directory under ``root``. Both, because setproctitle (kraite-mp, redis-server, postgres)
-    overwrites the memory /proc/PID/environ reads, while the working directory survives it."""
-    needle = f"{MARKER_VAR}={marker}".encode()
-    prefix = str(root.resolve())
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if state == b"Z":
-            continue
-        if needle in environ.split(b"\0") or cwd == prefix or cwd.startswith(prefix + os.sep):
-            found.append(int(entry))
-    return found
-
-
-class ProcessGroup:
-    """Subprocesses a test starts; all are killed (with their process groups) at teardown."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[Any]] = []
-
-    def start(self, args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[Any]:
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(args, env=env, start_new_session=True, cwd=str(ROOT), **kw)
-        self.procs.append(proc)
-        return proc
-
-    def kraite(self, *args: str, env: dict[str, str], **kw: Any) -> subprocess.Popen[Any]:
-        return self.start([sys.executable, "-m", "kraite_mp", *args], env, **kw)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10
-        for proc in self.procs:
-            try:
-                # communicate() drains unread pipes: a chatty child blocked on a full pipe cannot exit
-                proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            except (subprocess.TimeoutExpired, ValueError, OSError):
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-
-
 @pytest.fixture()
 def processes() -> Iterator[ProcessGroup]:
     group = ProcessGroup()
@@ -251,3 +193,21 @@ def processes() -> Iterator[ProcessGroup]:
         yield group
     finally:
         group.stop_all()
+
+
+@pytest.fixture()
+def stub_broker() -> Iterator[Any]:
+    """An in-memory Dramatiq broker, the unit-tier twin of the Redis one (dramatiq's own conftest pattern).
+
+    Declare the actors on it (``kraite_mp.jobs.declare_actors``) to run the job logic without Redis. It is
+    not made the global broker: our actors always name theirs.
+    """
+    from dramatiq.brokers.stub import StubBroker
+
+    broker = StubBroker()
+    broker.emit_after("process_boot")
+    try:
+        yield broker
+    finally:
+        broker.flush_all()
+        broker.close()

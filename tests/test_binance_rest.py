@@ -59,9 +59,12 @@ def test_retry_after_parsing() -> None:
 def test_signed_queries_work_and_a_wrong_secret_is_a_clear_credentials_error(simulator: Any) -> None:
     sim = simulator
     key = sim.accounts[0].api_key
-    order_id = sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
-    algo_id = sim.place_algo(key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5",
-                             trigger_price="1000.00")
+    order_id = sim.place_order(
+        key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0"
+    )
+    algo_id = sim.place_algo(
+        key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5", trigger_price="1000.00"
+    )
     with client(sim) as rest:
         assert [o["orderId"] for o in rest.open_orders()] == [order_id]
         assert [o["orderId"] for o in rest.open_orders("BTCUSDT")] == [order_id]
@@ -100,7 +103,9 @@ def test_invalid_api_key_is_invalid_credentials_without_secrets(simulator: Any) 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("offset_ms", [30_000, -30_000])
-def test_timestamp_outside_recv_window_resyncs_the_clock_and_retries_once(simulator: Any, offset_ms: int) -> None:
+def test_timestamp_outside_recv_window_resyncs_the_clock_and_retries_once(
+    simulator: Any, offset_ms: int
+) -> None:
     sim = simulator
     sim.set_clock_offset(offset_ms)
     with client(sim) as rest:

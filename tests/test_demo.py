@@ -18,22 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MARKER_VAR, ROOT, marked_pids, wait_for
-
-pytestmark = pytest.mark.e2e
-
+from support import MARKER_VAR, ROOT, marked_pids, title_of, wait_for
 
 
 def describe(pids: list[int]) -> str:
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().replace(b"\0", b" ").decode(errors="replace")
-            out.append(f"{pid}: {args}")
-        except OSError:
-            pass
-    return "\n".join(out)
+    """One line per process still there: its pid and its title."""
+    return "\n".join(f"{pid}: {title}" for pid in pids if (title := title_of(pid)))
 
 
 @pytest.fixture()
@@ -60,8 +50,24 @@ def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def _demo_args(workdir: Path, duration: float) -> list[str]:
-    return [sys.executable, "-m", "kraite_mp", "demo", "--duration", str(duration), "--accounts", "2",
-            "--symbols", "40", "--rate", "3", "--refresh", "1", "--workdir", str(workdir)]
+    return [
+        sys.executable,
+        "-m",
+        "kraite_mp",
+        "demo",
+        "--duration",
+        str(duration),
+        "--accounts",
+        "2",
+        "--symbols",
+        "40",
+        "--rate",
+        "3",
+        "--refresh",
+        "1",
+        "--workdir",
+        str(workdir),
+    ]
 
 
 def _frames_processed(output: str) -> int:
@@ -82,10 +88,17 @@ def _assert_clean_stop(output: str, marker: str, root: Path) -> None:
     assert not left, f"left behind:\n{describe(left)}"
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_demo_runs_with_no_configuration(tmp_path: Path, demo_env: dict[str, str]) -> None:
-    result = subprocess.run(_demo_args(tmp_path / "demo", 8), env=demo_env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=360)
+    result = subprocess.run(
+        _demo_args(tmp_path / "demo", 8),
+        env=demo_env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     for step in range(1, 9):
@@ -103,16 +116,26 @@ def test_demo_runs_with_no_configuration(tmp_path: Path, demo_env: dict[str, str
     assert not (tmp_path / "demo" / "pg").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_demo_ctrl_c_stops_cleanly_with_a_summary(tmp_path: Path, demo_env: dict[str, str]) -> None:
     out_path = tmp_path / "out.txt"
     with open(out_path, "wb") as out:
-        proc = subprocess.Popen(_demo_args(tmp_path / "demo", 300), env=demo_env, cwd=str(tmp_path), stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _demo_args(tmp_path / "demo", 300),
+            env=demo_env,
+            cwd=str(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # wait for the live table with processed frames, then press Ctrl-C
-        wait_for(lambda: re.search(r"demo-1 +streaming +\d+ +[1-9]", out_path.read_text()), timeout=240,
-                 interval=0.5, message="the live table shows frames")
+        wait_for(
+            lambda: re.search(r"demo-1 +streaming +\d+ +[1-9]", out_path.read_text()),
+            timeout=240,
+            interval=0.5,
+            message="the live table shows frames",
+        )
         # the scan that proves "nothing left" sees the tree: PostgreSQL, Redis, the simulator, the
         # worker (2 processes), kraite-mp run and its 3 children
         assert len(marked_pids(demo_env[MARKER_VAR], tmp_path)) >= 9
@@ -129,14 +152,21 @@ def test_demo_ctrl_c_stops_cleanly_with_a_summary(tmp_path: Path, demo_env: dict
     _assert_clean_stop(output, demo_env[MARKER_VAR], tmp_path)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(200)
 def test_demo_failure_midway_still_stops_what_it_started(tmp_path: Path, demo_env: dict[str, str]) -> None:
     """Embedded PostgreSQL is up when the (given, dead) Redis turns out unreachable: it must be stopped."""
     from kraite_mp.ops.embedded import free_port
 
     env = dict(demo_env, KRAITE_REDIS_URL=f"redis://:s3cretpw@127.0.0.1:{free_port()}/0")
-    result = subprocess.run(_demo_args(tmp_path / "demo", 5), env=env, cwd=str(tmp_path), capture_output=True,
-                            text=True, timeout=180)
+    result = subprocess.run(
+        _demo_args(tmp_path / "demo", 5),
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "embedded PostgreSQL started" in output
@@ -168,9 +198,21 @@ def test_bench_run_all_collects_sections_and_survives_failures(tmp_path: Path) -
     (bench / "_helper.py").write_text("raise SystemExit('helpers are not benchmarks')\n")
     out = tmp_path / "BENCHMARKS.md"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--bench-dir", str(bench), "--timeout", "5",
-         "--output", str(out), "--args", "a_ok=--flag x"],
-        capture_output=True, text=True, timeout=100,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run_all.py"),
+            "--bench-dir",
+            str(bench),
+            "--timeout",
+            "5",
+            "--output",
+            str(out),
+            "--args",
+            "a_ok=--flag x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
     )
     assert result.returncode == 1, result.stderr
     doc = out.read_text()
@@ -178,13 +220,21 @@ def test_bench_run_all_collects_sections_and_survives_failures(tmp_path: Path) -
     assert "| Python |" in doc and "| PostgreSQL |" in doc and "| Redis |" in doc and "| date |" in doc
     assert "## A works" in doc and "| 10 | 1 ms |" in doc
     assert "`bench/a_ok.py` | ok in" in doc
-    assert "bench/b_fail.py: failed: exit code 3" in doc and "## B partial" in doc and "boom: database gone" in doc
+    assert (
+        "bench/b_fail.py: failed: exit code 3" in doc
+        and "## B partial" in doc
+        and "boom: database gone" in doc
+    )
     assert "bench/c_slow.py: timed out" in doc
     assert "_helper" not in doc
     assert "2 of 3 benchmark(s) did not complete" in doc
     assert "progress" in result.stderr  # live progress passes through
     slow_pid = int(pid_file.read_text())
     assert not os.path.exists(f"/proc/{slow_pid}"), "the timed-out script was not stopped"
-    listed = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--bench-dir", str(bench), "--list"],
-                            capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--bench-dir", str(bench), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert listed.stdout.split() == ["a_ok", "b_fail", "c_slow"]

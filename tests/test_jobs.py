@@ -1,4 +1,7 @@
-"""The Dramatiq job: audit, dispatch, ordered order updates, observers (real PostgreSQL, Redis, Worker)."""
+"""The Dramatiq job: audit, dispatch, ordered order updates, observers (real PostgreSQL, Redis, Worker).
+
+The unit tier at the end runs ``decide`` and the actors on a StubBroker, without any service.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any
 import dramatiq
 import pytest
 import redis
-from conftest import wait_for
+from dramatiq.brokers.stub import StubBroker
 from fixtures.userdata_helpers import (
     ALL_DISPATCH_KEYS,
     FIXTURES,
@@ -32,9 +35,13 @@ from fixtures.userdata_helpers import (
     state_rows,
     truth_mismatches,
 )
+from support import wait_for
 
 from kraite_mp import jobs
-from kraite_mp.config import Settings
+from kraite_mp.binance.user import FrameKind, parse_frame
+from kraite_mp.config import DEFAULT_DISPATCHED_EXECUTIONS, Settings, load_settings
+from kraite_mp.jobs import AuditOutcome, decide, finish_reconcile
+from kraite_mp.logs import RedactFilter, describe_error, register_secret
 from kraite_mp.messages import (
     PROCESS_ACTOR,
     RECONCILE_ACTOR,
@@ -45,9 +52,8 @@ from kraite_mp.messages import (
 )
 from kraite_mp.observers import transitions_channel
 from kraite_mp.ops.embedded import free_port
+from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus
 from kraite_mp.store.accounts import add_account
-
-pytestmark = pytest.mark.integration
 
 
 def load_jsonl(name: str) -> list[dict[str, Any]]:
@@ -85,7 +91,8 @@ class Harness:
         self.recorder = Recorder()
         self.broker = jobs.build_broker(settings)
         self.broker.add_middleware(self.recorder)
-        self.runner: jobs.JobRunner = self.broker.runner  # type: ignore[attr-defined]
+        assert self.broker.runner is not None
+        self.runner: jobs.JobRunner = self.broker.runner
         self.actor = self.broker.get_actor(PROCESS_ACTOR)
 
     def send(self, account_id: int, frame: str, frame_id: str) -> None:
@@ -130,8 +137,10 @@ def final_statuses(rows: dict[str, list[tuple[Any, ...]]]) -> dict[tuple[Any, ..
 
 def fetch_audit(conn: Any) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
-        cur.execute("SELECT frame_id, event_type, outcome, error, payload::text, raw_text FROM api_data_stream"
-                    " ORDER BY frame_id")
+        cur.execute(
+            "SELECT frame_id, event_type, outcome, error, payload::text, raw_text FROM api_data_stream"
+            " ORDER BY frame_id"
+        )
         rows = cur.fetchall()
     conn.commit()
     return rows
@@ -140,12 +149,16 @@ def fetch_audit(conn: Any) -> list[tuple[Any, ...]]:
 # -- recorded frames -----------------------------------------------------------------------------------
 
 
-def test_recorded_binance_samples_are_audited_with_their_outcome(db: Any, account_id: int, job_env: dict[str, str],
-                                                                  harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_recorded_binance_samples_are_audited_with_their_outcome(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     h = harness_factory(make_settings(job_env))
     samples = load_jsonl("binance_samples.jsonl")
     for i, sample in enumerate(samples):
-        outcome = h.runner.process_user_data_event(account_id, sample["frame"], f"sample-{i:03d}", time.time() * 1000)
+        outcome = h.runner.process_user_data_event(
+            account_id, sample["frame"], f"sample-{i:03d}", time.time() * 1000
+        )
         assert outcome == sample["outcome"], sample["note"]
     rows = {r[0]: r for r in fetch_audit(db)}
     assert len(rows) == len(samples)  # every frame audited exactly once, whatever it held
@@ -157,11 +170,17 @@ def test_recorded_binance_samples_are_audited_with_their_outcome(db: Any, accoun
     assert '"listenKey": "***"' in expired[4]
     assert all("WsCMN0a4KHUPTQuX6" not in (r[4] or "") + (r[5] or "") for r in rows.values())
     malformed = next(r for r in rows.values() if r[2] == "malformed")
-    assert malformed[4] is None and malformed[5].startswith('{"e":"ORDER_TRADE_UPDATE"') and "invalid JSON" in malformed[3]
+    assert (
+        malformed[4] is None
+        and malformed[5].startswith('{"e":"ORDER_TRADE_UPDATE"')
+        and "invalid JSON" in malformed[3]
+    )
     nul = next(r for r in rows.values() if r[2] == "error")
     assert nul[4] is None and "nul" in nul[5]
     with db.cursor() as cur:
-        cur.execute("SELECT kind, exchange_order_id, status, filled_quantity, average_price FROM orders ORDER BY 2")
+        cur.execute(
+            "SELECT kind, exchange_order_id, status, filled_quantity, average_price FROM orders ORDER BY 2"
+        )
         orders = cur.fetchall()
         cur.execute("SELECT asset, wallet_balance FROM account_balances ORDER BY 1")
         balances = cur.fetchall()
@@ -174,13 +193,19 @@ def test_recorded_binance_samples_are_audited_with_their_outcome(db: Any, accoun
         ("regular", 8886775, "PARTIALLY_FILLED", Decimal("0.250"), Decimal("2500.10")),
     ]
     assert balances == [("BUSD", Decimal("1.00000000")), ("USDT", Decimal("122624.12345678"))]
-    assert positions == [("BTCUSDT", "BOTH", Decimal("0"), Decimal("0.00000")),
-                         ("BTCUSDT", "LONG", Decimal("20"), Decimal("6563.66500"))]
+    assert positions == [
+        ("BTCUSDT", "BOTH", Decimal("0"), Decimal("0.00000")),
+        ("BTCUSDT", "LONG", Decimal("20"), Decimal("6563.66500")),
+    ]
 
 
-def test_recorded_simulator_session_replays_to_the_recorded_truth(db: Any, account_id: int, job_env: dict[str, str],
-                                                                   harness_factory: Any) -> None:
-    h = harness_factory(make_settings(job_env, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS))
+@pytest.mark.integration
+def test_recorded_simulator_session_replays_to_the_recorded_truth(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
+    h = harness_factory(
+        make_settings(job_env, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS)
+    )
     frames = [r["frame"] for r in load_jsonl("sim_session_frames.jsonl")]
     with open(FIXTURES / "sim_session_truth.json") as f:
         truth = json.load(f)
@@ -192,10 +217,14 @@ def test_recorded_simulator_session_replays_to_the_recorded_truth(db: Any, accou
         h.broker.join(h.settings.user_data_stream.queue_name, timeout=30_000)
     assert truth_mismatches(db, account_id, truth) == []
     with db.cursor() as cur:
-        cur.execute("SELECT wallet_balance FROM account_balances WHERE account_id = %s AND asset = 'USDT'",
-                    (account_id,))
+        cur.execute(
+            "SELECT wallet_balance FROM account_balances WHERE account_id = %s AND asset = 'USDT'",
+            (account_id,),
+        )
         assert cur.fetchone()[0] == Decimal(truth["wallet_balance"])
-        cur.execute("SELECT count(*) FROM api_data_stream WHERE outcome NOT IN ('dispatched', 'audited', 'applied')")
+        cur.execute(
+            "SELECT count(*) FROM api_data_stream WHERE outcome NOT IN ('dispatched', 'audited', 'applied')"
+        )
         assert cur.fetchone()[0] == 0
     db.commit()
 
@@ -203,11 +232,14 @@ def test_recorded_simulator_session_replays_to_the_recorded_truth(db: Any, accou
 # -- ordering and idempotency --------------------------------------------------------------------------
 
 
-def test_shuffled_duplicated_frames_on_8_threads_give_identical_rows(db: Any, simulator: Any, secret_key: str,
-                                                                      job_env: dict[str, str],
-                                                                      harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_shuffled_duplicated_frames_on_8_threads_give_identical_rows(
+    db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any
+) -> None:
     accounts = add_sim_accounts(db, secret_key, simulator, 2)
-    h = harness_factory(make_settings(job_env, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS))
+    h = harness_factory(
+        make_settings(job_env, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS)
+    )
     tagged: list[tuple[int, str, str]] = []
     for account in accounts:
         ids = FrameIds(account.id)
@@ -222,12 +254,16 @@ def test_shuffled_duplicated_frames_on_8_threads_give_identical_rows(db: Any, si
     assert len(reference["orders"]) > 20 and reference["transitions"]
 
     with db.cursor() as cur:
-        cur.execute("TRUNCATE order_transitions, orders, api_data_stream, account_balances, account_positions")
+        cur.execute(
+            "TRUNCATE order_transitions, orders, api_data_stream, account_balances, account_positions"
+        )
     db.commit()
 
     # the same frames shuffled, a third of them two or three times, on 8 worker threads
     rng = random.Random(4)
-    messages = list(tagged) + [t for t in tagged if rng.random() < 0.33] + [t for t in tagged if rng.random() < 0.1]
+    messages = (
+        list(tagged) + [t for t in tagged if rng.random() < 0.33] + [t for t in tagged if rng.random() < 0.1]
+    )
     rng.shuffle(messages)
     for account_id, frame_id, frame in messages:
         h.send(account_id, frame, frame_id)
@@ -245,8 +281,10 @@ def test_shuffled_duplicated_frames_on_8_threads_give_identical_rows(db: Any, si
         assert truth_mismatches(db, account.id, simulator.truth(account.api_key)) == []
 
 
-def test_redelivered_frame_does_nothing_twice(db: Any, account_id: int, job_env: dict[str, str],
-                                              harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_redelivered_frame_does_nothing_twice(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     h = harness_factory(make_settings(job_env))
     frame = load_jsonl("binance_samples.jsonl")[2]["frame"]  # a TRADE
     assert h.runner.process_user_data_event(account_id, frame, "f-1", 1.7e12) == "dispatched"
@@ -259,15 +297,36 @@ def test_redelivered_frame_does_nothing_twice(db: Any, account_id: int, job_env:
     db.commit()
 
 
-def test_account_update_is_monotonic_by_event_time(db: Any, account_id: int, job_env: dict[str, str],
-                                                    harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_account_update_is_monotonic_by_event_time(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     h = harness_factory(make_settings(job_env))
 
     def update(e: int, wb: str, pa: str) -> str:
-        return json.dumps({"e": "ACCOUNT_UPDATE", "E": e, "T": e - 1, "a": {"m": "ORDER",
-                           "B": [{"a": "USDT", "wb": wb, "cw": wb, "bc": "0"}],
-                           "P": [{"s": "BTCUSDT", "pa": pa, "ep": "1", "bep": "1", "up": "0", "mt": "cross",
-                                  "iw": "0", "ps": "BOTH"}]}})
+        return json.dumps(
+            {
+                "e": "ACCOUNT_UPDATE",
+                "E": e,
+                "T": e - 1,
+                "a": {
+                    "m": "ORDER",
+                    "B": [{"a": "USDT", "wb": wb, "cw": wb, "bc": "0"}],
+                    "P": [
+                        {
+                            "s": "BTCUSDT",
+                            "pa": pa,
+                            "ep": "1",
+                            "bep": "1",
+                            "up": "0",
+                            "mt": "cross",
+                            "iw": "0",
+                            "ps": "BOTH",
+                        }
+                    ],
+                },
+            }
+        )
 
     h.runner.process_user_data_event(account_id, update(2000, "20.00000001", "2"), "a-2", None)
     h.runner.process_user_data_event(account_id, update(1000, "10", "1"), "a-1", None)  # older, arrives late
@@ -287,8 +346,10 @@ def test_account_update_is_monotonic_by_event_time(db: Any, account_id: int, job
 # -- dispatch allowlist --------------------------------------------------------------------------------
 
 
-def test_shadow_mode_audits_and_touches_no_order(db: Any, simulator: Any, secret_key: str, job_env: dict[str, str],
-                                                 harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_shadow_mode_audits_and_touches_no_order(
+    db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any
+) -> None:
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     h = harness_factory(make_settings(job_env, user_data_stream__binance__dispatched_executions=""))
     assert h.settings.user_data_stream.binance.dispatched_executions == []
@@ -300,26 +361,35 @@ def test_shadow_mode_audits_and_touches_no_order(db: Any, simulator: Any, secret
         wait_for(lambda: audit_count(db) == len(frames), 60, message="all frames audited")
         h.broker.join(h.settings.user_data_stream.queue_name, timeout=30_000)
     rows = state_rows(db)
-    assert rows["orders"] == [] and rows["balances"] == [] and rows["positions"] == [] and rows["transitions"] == []
+    assert (
+        rows["orders"] == []
+        and rows["balances"] == []
+        and rows["positions"] == []
+        and rows["transitions"] == []
+    )
     with db.cursor() as cur:
         cur.execute("SELECT event_type, outcome, count(*) FROM api_data_stream GROUP BY 1, 2 ORDER BY 1, 2")
         counts = cur.fetchall()
     db.commit()
     assert ("ORDER_TRADE_UPDATE", "shadow") in [(e, o) for e, o, _ in counts]
-    assert {o for e, o, _ in counts if e in ("ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE")} == {"shadow"}
+    assert {o for e, o, _ in counts if e in ("ORDER_TRADE_UPDATE", "ALGO_UPDATE", "ACCOUNT_UPDATE")} == {
+        "shadow"
+    }
     assert {o for e, o, _ in counts if e == "TRADE_LITE"} == {"audited"}
 
 
-def test_default_allowlist_skips_new_and_never_counts_trade_lite(db: Any, simulator: Any, secret_key: str,
-                                                                  job_env: dict[str, str],
-                                                                  harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_default_allowlist_skips_new_and_never_counts_trade_lite(
+    db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any
+) -> None:
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     h = harness_factory(make_settings(job_env))
     api_key = account.api_key
     collector = FrameCollector(simulator, api_key)
     try:
-        o1 = simulator.place_order(api_key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010",
-                                   price="86000.10")
+        o1 = simulator.place_order(
+            api_key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="86000.10"
+        )
         simulator.place_order(api_key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1", price="3000")
         simulator.fill(api_key, o1, qty="0.004")
         frames = collector.collect(lambda f: len(f) >= simulator.stats()["frames_sent"][api_key])
@@ -341,8 +411,10 @@ def test_default_allowlist_skips_new_and_never_counts_trade_lite(db: Any, simula
 # -- bad input -----------------------------------------------------------------------------------------
 
 
-def test_malformed_unknown_oversized_frames_never_stop_the_worker(db: Any, account_id: int, job_env: dict[str, str],
-                                                                   harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_malformed_unknown_oversized_frames_never_stop_the_worker(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     h = harness_factory(make_settings(job_env))
     bad = [
         ("not json at all", "malformed"),
@@ -354,9 +426,14 @@ def test_malformed_unknown_oversized_frames_never_stop_the_worker(db: Any, accou
         ('{"e":"ORDER_TRADE_UPDATE","E":1,"o":"string"}', "invalid"),
         ('{"e":"ACCOUNT_UPDATE","E":1,"a":{"B":[{"a":"USDT","wb":"x"}]}}', "invalid"),
         ('{"e":"ACCOUNT_UPDATE","a":{"B":[]}}', "invalid"),
-        ('{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"BTCUSDT","x":"TRADE","X":"FILLED","i":99999999999999999999999}}',
-         "error"),  # bigint overflow: PostgreSQL refuses, audited with the error
-        ('{"e":"ORDER_TRADE_UPDATE","E":1,"o":' + '{"x":"TRADE","pad":"' + "x" * (1024 * 1024) + '"}}', "oversized"),
+        (
+            '{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"BTCUSDT","x":"TRADE","X":"FILLED","i":99999999999999999999999}}',
+            "error",
+        ),  # bigint overflow: PostgreSQL refuses, audited with the error
+        (
+            '{"e":"ORDER_TRADE_UPDATE","E":1,"o":' + '{"x":"TRADE","pad":"' + "x" * (1024 * 1024) + '"}}',
+            "oversized",
+        ),
     ]
     for i, (frame, _) in enumerate(bad):
         h.send(account_id, frame, f"bad-{i:02d}")
@@ -374,8 +451,10 @@ def test_malformed_unknown_oversized_frames_never_stop_the_worker(db: Any, accou
     assert len(h.recorder.done) == len(bad) + 1 and all(exc is None for _, _, exc in h.recorder.done)
 
 
-def test_database_down_retries_then_succeeds(db: Any, account_id: int, job_env: dict[str, str],
-                                             harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_database_down_retries_then_succeeds(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     settings = make_settings(job_env)
     real_url = settings.database_url
     settings.database_url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
@@ -397,9 +476,10 @@ def test_database_down_retries_then_succeeds(db: Any, account_id: int, job_env: 
 # -- observers -----------------------------------------------------------------------------------------
 
 
-def test_transitions_published_and_failing_observer_loses_nothing(db: Any, account_id: int, job_env: dict[str, str],
-                                                                   harness_factory: Any,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.integration
+def test_transitions_published_and_failing_observer_loses_nothing(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = make_settings(
         job_env,
         jobs__observers="kraite_mp.observers.publish_transition,no_such_module.observer",
@@ -424,7 +504,9 @@ def test_transitions_published_and_failing_observer_loses_nothing(db: Any, accou
         pubsub.close()
         client.close()
     assert [(g["from"], g["to"], g["exchange_order_id"]) for g in got] == [
-        (None, "NEW", 8886774), ("NEW", "CANCELED", 8886774)]
+        (None, "NEW", 8886774),
+        ("NEW", "CANCELED", 8886774),
+    ]
     assert got[1]["order"]["price"] == "0" and got[1]["account_id"] == account_id
     assert "observer no_such_module.observer failed" in caplog.text
     with db.cursor() as cur:
@@ -436,40 +518,59 @@ def test_transitions_published_and_failing_observer_loses_nothing(db: Any, accou
 # -- broker ----------------------------------------------------------------------------------------------
 
 
-def test_consumer_idle_poll_is_capped_only_for_the_frame_queue(job_env: dict[str, str], harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_consumer_idle_poll_is_capped_only_for_the_frame_queue(
+    job_env: dict[str, str], harness_factory: Any
+) -> None:
     h = harness_factory(make_settings(job_env, jobs__idle_poll_ms="7"))
     assert h.broker.consume("user-data-stream", prefetch=4, timeout=1000).timeout == 7
     assert h.broker.consume("reconcile", prefetch=4, timeout=1000).timeout == 1000
 
 
-def test_spool_record_round_trip_to_the_actor(db: Any, account_id: int, job_env: dict[str, str],
-                                              harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_spool_record_round_trip_to_the_actor(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     """What the child enqueues (a spool record -> Message on a bare producer broker) the worker runs."""
     settings = make_settings(job_env)
     h = harness_factory(settings)
     producer = build_producer_broker(settings)
     frame = load_jsonl("binance_samples.jsonl")[4]["frame"]
-    producer.enqueue(record_message(frame_record(settings.user_data_stream.queue_name, account_id, frame, "rt-1",
-                                                 time.time() * 1000)))
+    producer.enqueue(
+        record_message(
+            frame_record(settings.user_data_stream.queue_name, account_id, frame, "rt-1", time.time() * 1000)
+        )
+    )
     producer.close()
     with running_worker(h.broker, threads=2):
         wait_for(lambda: audit_count(db) == 1, 30, message="frame audited")
     assert h.recorder.actors(PROCESS_ACTOR)[0]["frame_id"] == "rt-1"
 
 
-def test_dramatiq_cli_runs_the_module_as_is(db: Any, account_id: int, job_env: dict[str, str], run_dir: str,
-                                            processes: Any) -> None:
+@pytest.mark.integration
+def test_dramatiq_cli_runs_the_module_as_is(
+    db: Any, account_id: int, job_env: dict[str, str], run_dir: str, processes: Any
+) -> None:
     """``dramatiq kraite_mp.jobs``: the module sets the broker from load_settings()."""
     settings = make_settings(job_env)
     log_path = os.path.join(run_dir, "dramatiq.log")
     with open(log_path, "wb") as out:
-        proc = processes.start([sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1",
-                                "--threads", "2"], job_env, stdout=out, stderr=subprocess.STDOUT)
+        proc = processes.start(
+            [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"],
+            job_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     producer = build_producer_broker(settings)
     try:
         frame = load_jsonl("binance_samples.jsonl")[2]["frame"]
-        producer.enqueue(record_message(frame_record(settings.user_data_stream.queue_name, account_id, frame,
-                                                     "cli-1", time.time() * 1000)))
+        producer.enqueue(
+            record_message(
+                frame_record(
+                    settings.user_data_stream.queue_name, account_id, frame, "cli-1", time.time() * 1000
+                )
+            )
+        )
         wait_for(lambda: audit_count(db) == 1, 60, message="the dramatiq CLI worker processed the frame")
     finally:
         producer.close()
@@ -480,8 +581,10 @@ def test_dramatiq_cli_runs_the_module_as_is(db: Any, account_id: int, job_env: d
     db.commit()
 
 
-def test_concurrent_duplicates_of_one_frame_audit_once(db: Any, account_id: int, job_env: dict[str, str],
-                                                       harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_concurrent_duplicates_of_one_frame_audit_once(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
     h = harness_factory(make_settings(job_env))
     frame = load_jsonl("binance_samples.jsonl")[5]["frame"]  # ACCOUNT_UPDATE
     results: list[str] = []
@@ -501,13 +604,49 @@ def test_concurrent_duplicates_of_one_frame_audit_once(db: Any, account_id: int,
     assert audit_count(db) == 1
 
 
-def test_last_trade_id_does_not_depend_on_arrival_order(db: Any, account_id: int, job_env: dict[str, str],
-                                                         harness_factory: Any) -> None:
-    h = harness_factory(make_settings(job_env, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS))
-    trade = {"e": "ORDER_TRADE_UPDATE", "E": 11, "T": 10, "o": {"s": "XRPUSDT", "i": 77, "x": "TRADE",
-             "X": "PARTIALLY_FILLED", "q": "10", "z": "4", "l": "4", "ap": "2", "p": "2", "T": 10, "t": 555}}
-    expired = {"e": "ORDER_TRADE_UPDATE", "E": 21, "T": 20, "o": {"s": "XRPUSDT", "i": 77, "x": "EXPIRED",
-               "X": "EXPIRED", "q": "10", "z": "4", "l": "0", "ap": "2", "p": "2", "T": 20, "t": 0}}
+@pytest.mark.integration
+def test_last_trade_id_does_not_depend_on_arrival_order(
+    db: Any, account_id: int, job_env: dict[str, str], harness_factory: Any
+) -> None:
+    h = harness_factory(
+        make_settings(job_env, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS)
+    )
+    trade = {
+        "e": "ORDER_TRADE_UPDATE",
+        "E": 11,
+        "T": 10,
+        "o": {
+            "s": "XRPUSDT",
+            "i": 77,
+            "x": "TRADE",
+            "X": "PARTIALLY_FILLED",
+            "q": "10",
+            "z": "4",
+            "l": "4",
+            "ap": "2",
+            "p": "2",
+            "T": 10,
+            "t": 555,
+        },
+    }
+    expired = {
+        "e": "ORDER_TRADE_UPDATE",
+        "E": 21,
+        "T": 20,
+        "o": {
+            "s": "XRPUSDT",
+            "i": 77,
+            "x": "EXPIRED",
+            "X": "EXPIRED",
+            "q": "10",
+            "z": "4",
+            "l": "0",
+            "ap": "2",
+            "p": "2",
+            "T": 20,
+            "t": 0,
+        },
+    }
     h.runner.process_user_data_event(account_id, json.dumps(expired), "late-2", None)
     h.runner.process_user_data_event(account_id, json.dumps(trade), "late-1", None)
     with db.cursor() as cur:
@@ -517,28 +656,37 @@ def test_last_trade_id_does_not_depend_on_arrival_order(db: Any, account_id: int
     assert row == ("EXPIRED", Decimal("4"), 555)
 
 
-def test_reconcile_job_reads_the_exchange_and_retries_after_a_429(db: Any, simulator: Any, secret_key: str,
-                                                                   job_env: dict[str, str],
-                                                                   harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_reconcile_job_reads_the_exchange_and_retries_after_a_429(
+    db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any
+) -> None:
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     h = harness_factory(settings_from(sim_env(job_env, simulator)))
-    order_id = simulator.place_order(account.api_key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010",
-                                     price="86000.10")
+    order_id = simulator.place_order(
+        account.api_key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="86000.10"
+    )
     simulator.rate_limit(status=429, count=1, retry_after_s=1.0)
     h.broker.get_actor(RECONCILE_ACTOR).send(account_id=account.id, reason="reconnect:test")
     with running_worker(h.broker, threads=2):
-        wait_for(lambda: any(exc is None for _, _, exc in h.recorder.done), 60, message="a successful reconcile")
+        wait_for(
+            lambda: any(exc is None for _, _, exc in h.recorder.done), 60, message="a successful reconcile"
+        )
     attempts = [exc for actor, _, exc in h.recorder.done if actor == RECONCILE_ACTOR]
-    assert isinstance(attempts[0], dramatiq.Retry) and attempts[-1] is None  # 429 -> retried after Retry-After
+    assert (
+        isinstance(attempts[0], dramatiq.Retry) and attempts[-1] is None
+    )  # 429 -> retried after Retry-After
     with db.cursor() as cur:
-        cur.execute("SELECT exchange_order_id, status, last_source FROM orders WHERE account_id = %s", (account.id,))
+        cur.execute(
+            "SELECT exchange_order_id, status, last_source FROM orders WHERE account_id = %s", (account.id,)
+        )
         assert cur.fetchall() == [(order_id, "NEW", "rest")]
     db.commit()
 
 
-def test_reconcile_job_with_rejected_key_marks_the_account_and_ends(db: Any, simulator: Any, secret_key: str,
-                                                                     job_env: dict[str, str],
-                                                                     harness_factory: Any) -> None:
+@pytest.mark.integration
+def test_reconcile_job_with_rejected_key_marks_the_account_and_ends(
+    db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any
+) -> None:
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     h = harness_factory(settings_from(sim_env(job_env, simulator)))
     simulator.invalidate_api_key(account.api_key)
@@ -551,3 +699,133 @@ def test_reconcile_job_with_rejected_key_marks_the_account_and_ends(db: Any, sim
         cur.execute("SELECT credentials_error FROM accounts WHERE id = %s", (account.id,))
         assert "-2015" in cur.fetchone()[0]
     db.commit()
+
+
+# -- unit tier: decide() and the actors on a StubBroker, no services --------------------------------------
+
+ALL_KEYS = ALL_DISPATCH_KEYS.split(",")
+
+
+def dead_db_settings(**environ: str) -> Settings:
+    """Settings whose PostgreSQL refuses connections (a closed port; the URL carries a password)."""
+    env = {
+        "KRAITE_DATABASE_URL": f"postgresql://postgres:hunter2hunter2@127.0.0.1:{free_port()}/nothing",
+        "KRAITE__jobs__retry_min_backoff_ms": "60000",
+        **environ,
+    }
+    return load_settings(None, environ=env)
+
+
+@pytest.mark.unit
+def test_decide_gives_every_recorded_sample_its_recorded_outcome() -> None:
+    for i, sample in enumerate(load_jsonl("binance_samples.jsonl")):
+        outcome = decide(parse_frame(1, sample["frame"]), DEFAULT_DISPATCHED_EXECUTIONS)
+        # "error" samples are refused by PostgreSQL itself: decide() audits them like their event type
+        expected = "audited" if sample["outcome"] == "error" else sample["outcome"]
+        assert outcome.outcome == expected, (i, sample["note"])
+        assert (outcome.order is not None) == (expected == "dispatched"), sample["note"]
+        assert (outcome.account is not None) == (expected == "applied"), sample["note"]
+
+
+@pytest.mark.unit
+def test_decide_checks_shadow_then_dispatch_key_then_allowlist_then_body() -> None:
+    broken_trade = parse_frame(
+        1, '{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"B","x":"TRADE","X":"FILLED"}}'
+    )
+    no_key = parse_frame(1, '{"e":"ORDER_TRADE_UPDATE","E":1,"o":"string"}')
+    broken_new = parse_frame(1, '{"e":"ORDER_TRADE_UPDATE","E":1,"T":1,"o":{"s":"B","x":"NEW","X":"NEW"}}')
+    broken_account = parse_frame(1, '{"e":"ACCOUNT_UPDATE","a":{"B":[]}}')
+    assert broken_trade.error == "o.i: missing"
+    for event in (broken_trade, no_key, broken_new, broken_account):
+        assert decide(event, []) == jobs.Outcome(AuditOutcome.SHADOW)  # shadow mode audits anything known
+    assert decide(no_key, ALL_KEYS) == jobs.Outcome(
+        AuditOutcome.INVALID, "no dispatch key (o.x / o.X missing)"
+    )
+    assert decide(broken_new, DEFAULT_DISPATCHED_EXECUTIONS) == jobs.Outcome(
+        AuditOutcome.SKIPPED, "NEW is not dispatched"
+    )
+    assert decide(broken_trade, ALL_KEYS) == jobs.Outcome(AuditOutcome.INVALID, "o.i: missing")
+    assert decide(broken_account, ALL_KEYS) == jobs.Outcome(AuditOutcome.INVALID, "E: missing event time")
+    unknown = decide(parse_frame(1, '{"e":"NEW_THING","E":1}'), ALL_KEYS)
+    assert unknown == jobs.Outcome(AuditOutcome.UNKNOWN, "unknown event type 'NEW_THING'")
+    malformed = decide(parse_frame(1, "{oops"), ALL_KEYS)
+    assert malformed.outcome == "malformed" and malformed.error and malformed.error.startswith("invalid JSON")
+    # the persisted strings are exactly the old ones
+    assert {o.value for o in AuditOutcome} == {
+        "dispatched",
+        "skipped",
+        "shadow",
+        "applied",
+        "audited",
+        "unknown",
+        "malformed",
+        "not_object",
+        "oversized",
+        "invalid",
+        "error",
+        "duplicate",
+    }
+    assert {k.value for k in FrameKind} - {"event"} <= {o.value for o in AuditOutcome}
+
+
+@pytest.mark.unit
+def test_finish_reconcile_retries_only_when_the_exchange_says_later() -> None:
+    def result(status: ReconcileStatus, **kw: Any) -> ReconcileResult:
+        return ReconcileResult(1, "alice", status=status, **kw)
+
+    with pytest.raises(dramatiq.Retry) as limited:
+        finish_reconcile(1, "connect", result(ReconcileStatus.RATE_LIMITED, retry_after_s=2.5))
+    assert limited.value.delay == 2500
+    with pytest.raises(dramatiq.Retry) as unknown_wait:
+        finish_reconcile(1, "connect", result(ReconcileStatus.RATE_LIMITED))
+    assert unknown_wait.value.delay == 60_000
+    with pytest.raises(dramatiq.Retry) as short:
+        finish_reconcile(1, "connect", result(ReconcileStatus.RATE_LIMITED, retry_after_s=0.01))
+    assert short.value.delay == 1000
+    with pytest.raises(dramatiq.Retry) as transient:
+        finish_reconcile(1, "connect", result(ReconcileStatus.TRANSIENT, error="timed out"))
+    assert transient.value.delay is None
+    for status in (ReconcileStatus.OK, ReconcileStatus.INVALID_CREDENTIALS, ReconcileStatus.ERROR):
+        finish_reconcile(1, "connect", result(status))  # ends here: no retry
+
+
+@pytest.mark.unit
+def test_actors_on_a_stub_broker_retry_while_postgres_is_down(
+    stub_broker: StubBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = dead_db_settings()
+    runner = jobs.declare_actors(stub_broker, settings)
+    assert runner.settings is settings
+    process = stub_broker.get_actor(PROCESS_ACTOR)
+    reconcile_job = stub_broker.get_actor(RECONCILE_ACTOR)
+    assert (process.queue_name, reconcile_job.queue_name) == ("user-data-stream", "reconcile")
+    recorder = Recorder()
+    stub_broker.add_middleware(recorder)
+    process.send(
+        account_id=5,
+        frame=load_jsonl("binance_samples.jsonl")[2]["frame"],
+        frame_id="stub-1",
+        received_at=1.7e12,
+    )
+    reconcile_job.send(account_id=5, reason="connect")
+    with caplog.at_level("WARNING", logger="kraite_mp.jobs"), running_worker(stub_broker, threads=2):
+        wait_for(lambda: len(recorder.done) >= 2, 10, message="both messages tried once")
+    assert sorted(actor for actor, _, _ in recorder.done) == [PROCESS_ACTOR, RECONCILE_ACTOR]
+    assert all(isinstance(exc, dramatiq.Retry) for _, _, exc in recorder.done)
+    assert "frame stub-1: PostgreSQL unavailable (" in caplog.text
+    assert "reconcile of account 5: PostgreSQL unavailable (" in caplog.text
+    assert "the message will be retried" in caplog.text and "hunter2hunter2" not in caplog.text
+
+
+@pytest.mark.unit
+def test_redact_filter_and_describe_error_keep_secrets_out_of_log_lines() -> None:
+    import logging
+
+    register_secret("S3CR3TS3CR3TS3CR3T")
+    record = logging.LogRecord(
+        "dramatiq", logging.ERROR, __file__, 1, "failed with %s", ("S3CR3TS3CR3TS3CR3T",), None
+    )
+    assert RedactFilter().filter(record) and record.getMessage() == "failed with ***"
+    assert describe_error(ValueError("bad S3CR3TS3CR3TS3CR3T\nsecond line")) == "bad ***"
+    assert describe_error(ValueError("  ")) == "ValueError"
+    assert describe_error(KeyError(), "lookup failed") == "lookup failed"

@@ -1,4 +1,4 @@
-"""Mark-price child: parsing, the symbol map, the bulk writers, and the stream against the simulator.
+"""Mark-price child: parsing, the symbol map, the bulk writer, and the stream against the simulator.
 
 Integration tests run ``MarkPriceStreamer`` in a thread of this process against the local
 simulator over a real socket and the session's PostgreSQL database; nothing is mocked.
@@ -16,28 +16,15 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import wait_for
+from support import title_of, wait_for
 
+from kraite_mp.binance.market import FrameError, PriceText, parse_mark_price_frame, parse_price
 from kraite_mp.config import Settings
 from kraite_mp.ops.seed import parse_binance_symbol, seed_symbols
 from kraite_mp.store import db as kdb
-from kraite_mp.streams.markprice import (
-    STRATEGIES,
-    BulkWriter,
-    FrameError,
-    Mailbox,
-    MarkPriceStreamer,
-    PriceText,
-    PriceWriter,
-    build_scales,
-    build_symbol_map,
-    case_sql,
-    load_symbol_map,
-    parse_mark_price_frame,
-    parse_price,
-    resolve_rows,
-    scale_price,
-)
+from kraite_mp.store.symbols import BulkWriter, build_scales, build_symbol_map, load_symbol_map, scale_price
+from kraite_mp.streams.connection import Reason
+from kraite_mp.streams.markprice import Mailbox, MarkPriceStreamer, PriceWriter
 from kraite_mp.supervisor.context import ChildContext
 
 # -- units ----------------------------------------------------------------------------------------------
@@ -52,8 +39,33 @@ def test_parse_price_accepts_positive_decimals(text: str) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize(
     "value",
-    ["NaN", "nan", "Infinity", "-inf", "-1.5", "+1.5", "0", "0.00000000", "", " 1.0", "1.0 ", "1e5", "1E-7",
-     "abc", "1.2.3", ".5", "5.", "1,5", 1.5, 15, None, True, ["1.0"], {"p": "1"}, "9" * 41],
+    [
+        "NaN",
+        "nan",
+        "Infinity",
+        "-inf",
+        "-1.5",
+        "+1.5",
+        "0",
+        "0.00000000",
+        "",
+        " 1.0",
+        "1.0 ",
+        "1e5",
+        "1E-7",
+        "abc",
+        "1.2.3",
+        ".5",
+        "5.",
+        "1,5",
+        1.5,
+        15,
+        None,
+        True,
+        ["1.0"],
+        {"p": "1"},
+        "9" * 41,
+    ],
 )
 def test_parse_price_rejects_everything_else(value: Any) -> None:
     assert parse_price(value) is None
@@ -88,8 +100,19 @@ def test_parse_frame_counts_bad_entries_and_coin_m() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("raw", [b'{"e":"markPriceUpdate","s":"BTCUSDT","p":"1"}', b"not json", b"\xff\xfe", b"", b"42",
-                                 b'"x"', b'{"stream":"!markPrice@arr@1s","data":{"s":"BTCUSDT"}}', b"[1,2"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"e":"markPriceUpdate","s":"BTCUSDT","p":"1"}',
+        b"not json",
+        b"\xff\xfe",
+        b"",
+        b"42",
+        b'"x"',
+        b'{"stream":"!markPrice@arr@1s","data":{"s":"BTCUSDT"}}',
+        b"[1,2",
+    ],
+)
 def test_parse_frame_rejects_non_arrays(raw: bytes) -> None:
     with pytest.raises(FrameError):
         parse_mark_price_frame(raw)
@@ -116,19 +139,9 @@ def test_mailbox_coalesces_instead_of_queueing() -> None:
 
 
 @pytest.mark.unit
-def test_case_sql_has_placeholders_only() -> None:
-    sql = case_sql(3)
-    assert sql.count("%s") == 9
-    assert sql.count("WHEN %s THEN %s::numeric") == 3
-    assert re.search(r"\d", sql.replace("%s", "")) is None  # no literal values in the statement
-
-
-@pytest.mark.unit
-def test_bulk_writer_rejects_unknown_strategy() -> None:
-    with pytest.raises(ValueError, match="strategy"):
-        BulkWriter("orm")
+def test_bulk_writer_rejects_a_negative_chunk_size() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
-        BulkWriter("unnest", -1)
+        BulkWriter(-1)
 
 
 @pytest.mark.unit
@@ -145,7 +158,11 @@ def test_build_symbol_map_remaps_and_gives_each_row_one_source() -> None:
         (9, "bitget", "BTCUSDC", "BTC", "USDC"),  # other quote
         (10, "binance", "ETHUSDT", "ETH", "USDT"),
     ]
-    mappers = [("kucoin", "BTC", "XBT"), ("bybit", "1000SATS", "10000SATS"), ("kucoin", "1000SATS", "10000SATS")]
+    mappers = [
+        ("kucoin", "BTC", "XBT"),
+        ("bybit", "1000SATS", "10000SATS"),
+        ("kucoin", "1000SATS", "10000SATS"),
+    ]
     assert build_scales(rows, [(*m, "10" if "SATS" in m[1] else "1") for m in mappers]) == {7: Decimal(10)}
     targets = build_symbol_map(rows, mappers)
     assert targets == {
@@ -261,10 +278,16 @@ def test_symbol_map_covers_every_exchange_and_remaps_tokens(db: Any) -> None:
     assert "1000SATSUSDT" in bitget  # Bitget spells it like Binance
     smap = load_symbol_map(db)
     assert set(smap.targets["BTCUSDT"]) == {
-        seeded.rows["binance"]["BTCUSDT"], bybit["BTCUSDT"], kucoin["XBTUSDTM"], bitget["BTCUSDT"]
+        seeded.rows["binance"]["BTCUSDT"],
+        bybit["BTCUSDT"],
+        kucoin["XBTUSDTM"],
+        bitget["BTCUSDT"],
     }
     assert set(smap.targets["1000SATSUSDT"]) == {
-        seeded.rows["binance"]["1000SATSUSDT"], bybit["10000SATSUSDT"], kucoin["10000SATSUSDTM"], bitget["1000SATSUSDT"]
+        seeded.rows["binance"]["1000SATSUSDT"],
+        bybit["10000SATSUSDT"],
+        kucoin["10000SATSUSDTM"],
+        bitget["1000SATSUSDT"],
     }
     # the quarterly contract shares token+quote with BTCUSDT but only sets its own row
     assert smap.targets["BTCUSDT_250328"] == (seeded.rows["binance"]["BTCUSDT_250328"],)
@@ -287,48 +310,6 @@ def exchange_symbol_name_in(rows: dict[str, int], token: str) -> bool:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("chunk_size", [0, 7])
-def test_strategies_write_identical_exact_prices(db: Any, settings: Settings, strategy: str, chunk_size: int) -> None:
-    symbols = ["BTCUSDT", "ETHUSDT", "1000SATSUSDT", "SOLUSDC"] + [f"TOK{n}USDT" for n in range(100, 130)]
-    seeded = seed_symbols(db, symbols, coverage=1.0)
-    prices = {s: PriceText(f"{i + 1}.{i:03d}00000") for i, s in enumerate(symbols)}
-    prices["BTCUSDT"] = PriceText("86141.00000000")
-    prices["1000SATSUSDT"] = PriceText("0.00003120")
-    prices["NOTLISTEDUSDT"] = PriceText("5.5")
-
-    # the reference: the seed's CASE/WHEN, chunked 500
-    reference_writer = BulkWriter("case", 500)
-    conn = kdb.connect(settings.database_url)
-    try:
-        reference_writer.setup(conn)
-        smap = load_symbol_map(conn)
-        rows, matched, unknown = resolve_rows(prices, smap)
-        assert (matched, unknown) == (len(symbols), 1)
-        assert reference_writer.write(conn, rows) == len(rows) == seeded.row_count
-        reference = prices_by_id(db)
-
-        with db.cursor() as cur:
-            cur.execute("UPDATE exchange_symbols SET mark_price = NULL, mark_price_synced_at = NULL")
-        db.commit()
-        before = db_now(db)
-        writer = BulkWriter(strategy, chunk_size)
-        writer.setup(conn)
-        assert writer.write(conn, rows) == len(rows)
-        after = prices_by_id(db)
-    finally:
-        conn.close()
-    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in reference.items()}
-    ten_lots = {seeded.rows["kucoin"]["10000SATSUSDTM"], seeded.rows["bybit"]["10000SATSUSDT"]}
-    for symbol, ids in seeded.targets.items():
-        for row_id in ids:
-            text, synced_at = after[row_id]
-            want = scale_price(prices[symbol], Decimal(10)) if row_id in ten_lots else prices[symbol]
-            assert text == want  # the exact decimal text, trailing zeros included
-            assert synced_at is not None and synced_at >= before
-
-
-@pytest.mark.integration
 def test_tick_writes_exact_prices_to_all_exchanges(db: Any, mp_settings: Settings, sim: Any) -> None:
     symbols = stream_symbols(sim)
     usdm = [s for s, st in sim.mark_symbols if st == 1]
@@ -348,7 +329,9 @@ def test_tick_writes_exact_prices_to_all_exchanges(db: Any, mp_settings: Setting
     ten_lots = {seeded.rows["kucoin"].get("10000SATSUSDTM"), seeded.rows["bybit"].get("10000SATSUSDT")}
     expected = {
         row_id: scale_price(pinned[symbol], Decimal(10)) if row_id in ten_lots else pinned[symbol]
-        for symbol, ids in seeded.targets.items() if symbol in pinned for row_id in ids
+        for symbol, ids in seeded.targets.items()
+        if symbol in pinned
+        for row_id in ids
     }
 
     def all_written() -> bool:
@@ -359,7 +342,9 @@ def test_tick_writes_exact_prices_to_all_exchanges(db: Any, mp_settings: Setting
         wait_for(all_written, 30, message="every matching row holds the pinned price")
         rows = prices_by_id(db)
         wait_for(lambda: streamer.stats.coin_m_ignored > 0 and streamer.writer.stats.unknown_total > 0, 10)
-        wait_for(lambda: streamer.ctx.fields.get("symbols") == len(usdm) - 1, 10, message="title fields updated")
+        wait_for(
+            lambda: streamer.ctx.fields.get("symbols") == len(usdm) - 1, 10, message="title fields updated"
+        )
         title_fields = dict(streamer.ctx.fields)
         state = streamer.ctx.state
 
@@ -393,7 +378,9 @@ def test_coin_m_written_when_configured(db: Any, mp_settings: Settings, sim: Any
 
 
 @pytest.mark.integration
-def test_bad_input_is_skipped_counted_and_the_stream_continues(db: Any, mp_settings: Settings, sim: Any) -> None:
+def test_bad_input_is_skipped_counted_and_the_stream_continues(
+    db: Any, mp_settings: Settings, sim: Any
+) -> None:
     seeded = seed_symbols(db, stream_symbols(sim), coverage=1.0)
     btc_ids = seeded.targets["BTCUSDT"]
     eth_ids = seeded.targets["ETHUSDT"]
@@ -406,8 +393,11 @@ def test_bad_input_is_skipped_counted_and_the_stream_continues(db: Any, mp_setti
             '[{"s":"BTCUSDT","p":"abc"},5,{"p":"1"},{"s":"ETHUSDT","p":"-1"},{"s":"ETHUSDT","p":"NaN"},'
             '{"s":"ETHUSDT","p":"1e5"},{"s":"ETHUSDT","p":0.5},null]'
         )
-        wait_for(lambda: streamer.stats.bad_frames >= 2 and streamer.stats.bad_entries >= 7, 15,
-                 message="bad frames and entries counted")
+        wait_for(
+            lambda: streamer.stats.bad_frames >= 2 and streamer.stats.bad_entries >= 7,
+            15,
+            message="bad frames and entries counted",
+        )
         # NaN / negative / zero from the feed itself, tick after tick
         for bad in ("NaN", "-86000.1", "0"):
             sim.set_mark_price_override("BTCUSDT", bad)
@@ -417,7 +407,9 @@ def test_bad_input_is_skipped_counted_and_the_stream_continues(db: Any, mp_setti
         assert all(rows[i][0] == "86000.10000000" for i in btc_ids)  # never overwritten by garbage
         eth_synced = max(rows[i][1] for i in eth_ids)
         # the other symbols keep streaming
-        wait_for(lambda: min(prices_by_id(db)[i][1] for i in eth_ids) > eth_synced, 15, message="ETH still updated")
+        wait_for(
+            lambda: min(prices_by_id(db)[i][1] for i in eth_ids) > eth_synced, 15, message="ETH still updated"
+        )
         sim.set_mark_price_override("BTCUSDT", "86001.20000000")
         wait_for(lambda: all(prices_by_id(db)[i][0] == "86001.20000000" for i in btc_ids), 15)
         assert streamer.stats.connections == 1 and streamer.stats.reconnects == 0
@@ -426,7 +418,9 @@ def test_bad_input_is_skipped_counted_and_the_stream_continues(db: Any, mp_setti
 
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["sighup", "timer"])
-def test_reload_picks_up_new_symbol_without_reconnecting(db: Any, mp_settings: Settings, sim: Any, how: str) -> None:
+def test_reload_picks_up_new_symbol_without_reconnecting(
+    db: Any, mp_settings: Settings, sim: Any, how: str
+) -> None:
     symbols = stream_symbols(sim)
     late = "TOK105USDT"
     seed_symbols(db, [s for s in symbols if s != late])
@@ -439,8 +433,11 @@ def test_reload_picks_up_new_symbol_without_reconnecting(db: Any, mp_settings: S
         seeded = seed_symbols(db, [late], coverage=1.0)
         if how == "sighup":
             streamer.ctx.reload.set()  # what the SIGHUP handler does
-        wait_for(lambda: all(prices_by_id(db)[i][0] == "7.25000000" for i in seeded.targets[late]), 30,
-                 message="newly inserted symbol written")
+        wait_for(
+            lambda: all(prices_by_id(db)[i][0] == "7.25000000" for i in seeded.targets[late]),
+            30,
+            message="newly inserted symbol written",
+        )
         assert streamer.stats.connections == 1
     assert sim.stats()["ws_opened"]["market"] == 1
 
@@ -455,8 +452,11 @@ def test_watchdog_reconnects_a_silent_stream(db: Any, mp_settings: Settings, sim
         wait_for(lambda: sim.stats()["ws_opened"].get("market", 0) >= 2, 30, message="reconnected")
         assert streamer.stats.watchdog_reconnects >= 1
         sim.set_mark_price_override("ETHUSDT", "3333.33000000")
-        wait_for(lambda: all(prices_by_id(db)[i][0] == "3333.33000000" for i in seeded.targets["ETHUSDT"]), 30,
-                 message="ticks flow again on the new connection")
+        wait_for(
+            lambda: all(prices_by_id(db)[i][0] == "3333.33000000" for i in seeded.targets["ETHUSDT"]),
+            30,
+            message="ticks flow again on the new connection",
+        )
 
 
 @pytest.mark.integration
@@ -480,13 +480,23 @@ def test_pong_timeout_reconnects(db: Any, mp_settings: Settings, sim: Any) -> No
     with streaming(mp_settings) as streamer:
         wait_for(lambda: streamer.stats.ticks >= 2, 30)
         sim.go_silent("market", 120)  # answers no ping (and sends nothing)
-        wait_for(lambda: streamer.stats.reasons.get("pong timeout", 0) >= 1, 30, message="pong timeout noticed")
+        wait_for(
+            lambda: streamer.stats.reasons.get(Reason.PONG_TIMEOUT, 0) >= 1,
+            30,
+            message="pong timeout noticed",
+        )
         wait_for(lambda: sim.stats()["ws_opened"].get("market", 0) >= 2, 30, message="reconnected")
 
 
 @pytest.mark.integration
-def test_database_outage_keeps_stream_and_recovers(db: Any, mp_settings: Settings, sim: Any, database_url: str,
-                                                   pg_admin_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_database_outage_keeps_stream_and_recovers(
+    db: Any,
+    mp_settings: Settings,
+    sim: Any,
+    database_url: str,
+    pg_admin_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The session database refuses connections for a while (the server itself stays up for the others)."""
     seeded = seed_symbols(db, stream_symbols(sim), coverage=1.0)
     eth = seeded.targets["ETHUSDT"]
@@ -508,13 +518,17 @@ def test_database_outage_keeps_stream_and_recovers(db: Any, mp_settings: Setting
                 )
             wait_for(lambda: streamer.writer.stats.db_down, 30, message="outage noticed")
             ticks = streamer.stats.ticks
-            wait_for(lambda: streamer.stats.ticks >= ticks + 8, 30, message="stream continues during the outage")
+            wait_for(
+                lambda: streamer.stats.ticks >= ticks + 8, 30, message="stream continues during the outage"
+            )
             assert streamer.writer.stats.write_errors >= 2  # retried with backoff
             assert streamer.ctx.state == "db-down"
             with admin.cursor() as cur:
                 cur.execute("ALTER DATABASE " + quote_ident(admin, dbname) + " ALLOW_CONNECTIONS true")
             sim.set_mark_price_override("ETHUSDT", "3100.00000000")
-            wait_for(lambda: all(prices_by_id(db)[i][0] == "3100.00000000" for i in eth), 30, message="recovered")
+            wait_for(
+                lambda: all(prices_by_id(db)[i][0] == "3100.00000000" for i in eth), 30, message="recovered"
+            )
             assert not streamer.writer.stats.db_down
             assert streamer.stats.connections == 1  # the WebSocket was never dropped
     finally:
@@ -549,8 +563,11 @@ def test_slow_writes_coalesce_ticks(db: Any, mp_settings: Settings, sim: Any) ->
             sim.set_mark_price_override("BTCUSDT", "90000.00000000")
             time.sleep(0.6)  # let a tick carrying the new price arrive while still blocked
             blocker.rollback()
-            wait_for(lambda: all(prices_by_id(db)[i][0] == "90000.00000000" for i in btc), 30,
-                     message="the newest price written after the lock is released")
+            wait_for(
+                lambda: all(prices_by_id(db)[i][0] == "90000.00000000" for i in btc),
+                30,
+                message="the newest price written after the lock is released",
+            )
             assert streamer.stats.connections == 1
     finally:
         blocker.rollback()
@@ -561,7 +578,7 @@ def test_slow_writes_coalesce_ticks(db: Any, mp_settings: Settings, sim: Any) ->
 def test_title_and_heartbeat(db: Any, mp_settings: Settings, sim: Any) -> None:
     import setproctitle
 
-    from kraite_mp.supervisor.context import read_heartbeat
+    from kraite_mp.supervisor.runfiles import read_heartbeat
 
     seed_symbols(db, stream_symbols(sim))
     original = setproctitle.getproctitle()
@@ -613,16 +630,10 @@ sys.exit(run_child(ctx, run_mark_price_child))
 """
 
 
-def proc_title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 @pytest.mark.integration
-def test_child_process_title_sighup_and_sigterm(db: Any, sim: Any, kraite_env: dict[str, str], processes: Any) -> None:
+def test_child_process_title_sighup_and_sigterm(
+    db: Any, sim: Any, kraite_env: dict[str, str], processes: Any
+) -> None:
     """The real entry point in its own process: title, SIGHUP reload on the same connection, clean SIGTERM."""
     import signal
     import sys
@@ -637,13 +648,19 @@ def test_child_process_title_sighup_and_sigterm(db: Any, sim: Any, kraite_env: d
     pattern = re.compile(
         r"kraite-mp: mark-price state=streaming symbols=\d+ rows=\d+ ticks=\d+ last_write_ms=\d+ skipped=\d+"
     )
-    wait_for(lambda: pattern.fullmatch(proc_title(proc.pid)) and "rows=0 " not in proc_title(proc.pid), 60,
-             message="streaming title")
+    wait_for(
+        lambda: pattern.fullmatch(title_of(proc.pid)) and "rows=0 " not in title_of(proc.pid),
+        60,
+        message="streaming title",
+    )
     wait_for(lambda: all(prices_by_id(db)[i][0] == "3200.25000000" for i in seeded.targets["ETHUSDT"]), 30)
     added = seed_symbols(db, [late], coverage=1.0)
     proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: all(prices_by_id(db)[i][0] == "1.75000000" for i in added.targets[late]), 30,
-             message="SIGHUP reloaded the symbol map")
+    wait_for(
+        lambda: all(prices_by_id(db)[i][0] == "1.75000000" for i in added.targets[late]),
+        30,
+        message="SIGHUP reloaded the symbol map",
+    )
     assert sim.stats()["ws_opened"]["market"] == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0

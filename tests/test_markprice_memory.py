@@ -45,7 +45,7 @@ def test_rss_flat_over_3000_ticks(db: Any, settings: Settings) -> None:
         streamer.handle_frame(frames[i % len(frames)])
         written = writer.step(timeout=0)
         assert written is not None and written > 0
-        streamer._beat()
+        streamer.beat()
 
     gc.freeze()  # as run_mark_price_child does: collect only what the ticks allocate
     try:

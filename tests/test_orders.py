@@ -9,33 +9,76 @@ from typing import Any
 
 import pytest
 
+from kraite_mp.binance.fields import FrameError
+from kraite_mp.binance.orders import algo_from_rest, algo_from_ws, order_from_rest, order_from_ws
+from kraite_mp.binance.user import dispatch_key
 from kraite_mp.store import db as kdb
 from kraite_mp.store.accounts import add_account
-from kraite_mp.store.orders import (
-    FrameError,
-    algo_from_rest,
-    algo_from_ws,
-    apply_order_update,
-    dispatch_key,
-    is_newer,
-    order_from_rest,
-    order_from_ws,
-)
+from kraite_mp.store.orders import apply_order_update, is_newer
 
 
-def otu(i: int, x: str, status: str, t: int, z: str = "0", ap: str = "0", p: str = "100.10", q: str = "1.000",
-        **extra: Any) -> dict[str, Any]:
-    o = {"s": "BTCUSDT", "c": f"c{i}", "S": "BUY", "o": "LIMIT", "f": "GTC", "q": q, "p": p, "ap": ap, "sp": "0",
-         "x": x, "X": status, "i": i, "l": "0", "z": z, "L": "0", "T": t, "t": 0, "R": False, "ps": "BOTH",
-         "future_field": 1, **extra}
+def otu(
+    i: int,
+    x: str,
+    status: str,
+    t: int,
+    z: str = "0",
+    ap: str = "0",
+    p: str = "100.10",
+    q: str = "1.000",
+    **extra: Any,
+) -> dict[str, Any]:
+    o = {
+        "s": "BTCUSDT",
+        "c": f"c{i}",
+        "S": "BUY",
+        "o": "LIMIT",
+        "f": "GTC",
+        "q": q,
+        "p": p,
+        "ap": ap,
+        "sp": "0",
+        "x": x,
+        "X": status,
+        "i": i,
+        "l": "0",
+        "z": z,
+        "L": "0",
+        "T": t,
+        "t": 0,
+        "R": False,
+        "ps": "BOTH",
+        "future_field": 1,
+        **extra,
+    }
     return {"e": "ORDER_TRADE_UPDATE", "E": t + 1, "T": t, "o": o}
 
 
 def algo(aid: int, status: str, t: int, aq: str = "0") -> dict[str, Any]:
-    return {"e": "ALGO_UPDATE", "T": t, "E": t + 2, "o": {
-        "caid": f"ca{aid}", "aid": aid, "at": "CONDITIONAL", "o": "STOP_MARKET", "s": "ETHUSDT", "S": "SELL",
-        "ps": "BOTH", "f": "GTC", "q": "0.50", "X": status, "ai": "" if status == "NEW" else "9001", "ap": "0",
-        "aq": aq, "act": "0", "tp": "3000.5", "p": "0", "R": True}}
+    return {
+        "e": "ALGO_UPDATE",
+        "T": t,
+        "E": t + 2,
+        "o": {
+            "caid": f"ca{aid}",
+            "aid": aid,
+            "at": "CONDITIONAL",
+            "o": "STOP_MARKET",
+            "s": "ETHUSDT",
+            "S": "SELL",
+            "ps": "BOTH",
+            "f": "GTC",
+            "q": "0.50",
+            "X": status,
+            "ai": "" if status == "NEW" else "9001",
+            "ap": "0",
+            "aq": aq,
+            "act": "0",
+            "tp": "3000.5",
+            "p": "0",
+            "R": True,
+        },
+    }
 
 
 @pytest.mark.unit
@@ -47,13 +90,16 @@ def test_parse_order_frame_keeps_exact_decimals_and_ignores_unknown_fields() -> 
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("frame", [
-    {"e": "ORDER_TRADE_UPDATE", "T": 1},
-    {"e": "ORDER_TRADE_UPDATE", "T": 1, "o": {"i": "x", "s": "B", "X": "NEW"}},
-    {"e": "ORDER_TRADE_UPDATE", "T": 1, "o": {"i": 1, "s": "B", "X": "NEW", "p": "abc"}},
-    {"e": "ORDER_TRADE_UPDATE", "T": 1, "o": {"i": 1, "s": "B", "X": "NEW", "p": 1.5}},
-    {"e": "ORDER_TRADE_UPDATE", "o": {"i": 1, "s": "B", "X": "NEW"}},
-])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"e": "ORDER_TRADE_UPDATE", "T": 1},
+        {"e": "ORDER_TRADE_UPDATE", "T": 1, "o": {"i": "x", "s": "B", "X": "NEW"}},
+        {"e": "ORDER_TRADE_UPDATE", "T": 1, "o": {"i": 1, "s": "B", "X": "NEW", "p": "abc"}},
+        {"e": "ORDER_TRADE_UPDATE", "T": 1, "o": {"i": 1, "s": "B", "X": "NEW", "p": 1.5}},
+        {"e": "ORDER_TRADE_UPDATE", "o": {"i": 1, "s": "B", "X": "NEW"}},
+    ],
+)
 def test_parse_rejects_broken_frames_with_frame_error(frame: dict[str, Any]) -> None:
     with pytest.raises(FrameError):
         order_from_ws(1, frame)
@@ -71,17 +117,30 @@ def test_dispatch_keys() -> None:
 
 @pytest.mark.unit
 def test_is_newer_rules() -> None:
-    stored = {"status": "PARTIALLY_FILLED", "filled_quantity": Decimal("0.5"), "last_transaction_time_ms": 100}
-    assert not is_newer(stored, order_from_ws(1, otu(1, "TRADE", "PARTIALLY_FILLED", 100, z="0.5")))  # duplicate
+    stored = {
+        "status": "PARTIALLY_FILLED",
+        "filled_quantity": Decimal("0.5"),
+        "last_transaction_time_ms": 100,
+    }
+    assert not is_newer(
+        stored, order_from_ws(1, otu(1, "TRADE", "PARTIALLY_FILLED", 100, z="0.5"))
+    )  # duplicate
     assert not is_newer(stored, order_from_ws(1, otu(1, "NEW", "NEW", 90)))  # older
-    assert not is_newer(stored, order_from_ws(1, otu(1, "TRADE", "PARTIALLY_FILLED", 200, z="0.4")))  # z never falls
+    assert not is_newer(
+        stored, order_from_ws(1, otu(1, "TRADE", "PARTIALLY_FILLED", 200, z="0.4"))
+    )  # z never falls
     assert is_newer(stored, order_from_ws(1, otu(1, "TRADE", "FILLED", 100, z="1.0")))  # same ms, more filled
     done = {"status": "FILLED", "filled_quantity": Decimal("1"), "last_transaction_time_ms": 100}
-    assert not is_newer(done, order_from_ws(1, otu(1, "AMENDMENT", "NEW", 500, z="1")))  # terminal stays terminal
-    rest_algo = algo_from_rest(1, {"algoId": 5, "symbol": "ETHUSDT", "algoStatus": "FINISHED", "updateTime": 300})
+    assert not is_newer(
+        done, order_from_ws(1, otu(1, "AMENDMENT", "NEW", 500, z="1"))
+    )  # terminal stays terminal
+    rest_algo = algo_from_rest(
+        1, {"algoId": 5, "symbol": "ETHUSDT", "algoStatus": "FINISHED", "updateTime": 300}
+    )
     assert rest_algo.filled_quantity is None
-    assert is_newer({"status": "TRIGGERED", "filled_quantity": Decimal("0.5"), "last_transaction_time_ms": 200},
-                    rest_algo)
+    assert is_newer(
+        {"status": "TRIGGERED", "filled_quantity": Decimal("0.5"), "last_transaction_time_ms": 200}, rest_algo
+    )
 
 
 def _lifecycle() -> list[dict[str, Any]]:
@@ -101,8 +160,12 @@ def _lifecycle() -> list[dict[str, Any]]:
             frames.append(otu(i, "TRADE", "PARTIALLY_FILLED", t + 10, z="0.250", ap="100.10"))
     for aid in range(500, 505):
         t = 2_000_000 + aid * 1000
-        frames += [algo(aid, "NEW", t), algo(aid, "TRIGGERING", t + 1), algo(aid, "TRIGGERED", t + 2),
-                   algo(aid, "FINISHED", t + 3, aq="0.50")]
+        frames += [
+            algo(aid, "NEW", t),
+            algo(aid, "TRIGGERING", t + 1),
+            algo(aid, "TRIGGERED", t + 2),
+            algo(aid, "FINISHED", t + 3, aq="0.50"),
+        ]
     return frames
 
 
@@ -114,7 +177,11 @@ def _apply_all(url: str, account_id: int, frames: list[dict[str, Any]], threads:
         conn = kdb.connect(url)
         try:
             for n, frame in enumerate(chunk):
-                state = algo_from_ws(account_id, frame) if frame["e"] == "ALGO_UPDATE" else order_from_ws(account_id, frame)
+                state = (
+                    algo_from_ws(account_id, frame)
+                    if frame["e"] == "ALGO_UPDATE"
+                    else order_from_ws(account_id, frame)
+                )
                 with conn.cursor() as cur:
                     apply_order_update(cur, state, frame_id=f"f{n}")
                 conn.commit()
@@ -162,8 +229,10 @@ def test_shuffled_duplicated_concurrent_updates_converge(db, database_url: str, 
     assert by_id[("algo", 500)][2] == "FINISHED" and by_id[("algo", 500)][5] == Decimal("0.50")
     with db.cursor() as cur:
         # in order: every status change recorded once per order
-        cur.execute("SELECT count(*) FROM order_transitions t JOIN orders o ON o.id = t.order_id WHERE o.account_id = %s",
-                    (a.id,))
+        cur.execute(
+            "SELECT count(*) FROM order_transitions t JOIN orders o ON o.id = t.order_id WHERE o.account_id = %s",
+            (a.id,),
+        )
         # 20 first sightings + 5 cancels + 5x2 fills + 5 expiries + 5 partials + 5 algo orders x 4 statuses
         assert cur.fetchone()[0] == 20 + 5 + 10 + 5 + 5 + 5 * 4
 
@@ -172,13 +241,32 @@ def test_shuffled_duplicated_concurrent_updates_converge(db, database_url: str, 
 def test_stale_rest_result_never_overwrites_newer_stream_state(db, secret_key: str) -> None:
     a = add_account(db, secret_key, name="rest", api_key="R" * 16, api_secret="S" * 16)
     with db.cursor() as cur:
-        apply_order_update(cur, order_from_ws(a.id, otu(1, "TRADE", "FILLED", 5000, z="1.000", ap="100.1")),
-                           frame_id="w1")
-        stale = order_from_rest(a.id, {"orderId": 1, "symbol": "BTCUSDT", "status": "NEW", "executedQty": "0",
-                                       "origQty": "1.000", "price": "100.10", "updateTime": 4000})
+        apply_order_update(
+            cur, order_from_ws(a.id, otu(1, "TRADE", "FILLED", 5000, z="1.000", ap="100.1")), frame_id="w1"
+        )
+        stale = order_from_rest(
+            a.id,
+            {
+                "orderId": 1,
+                "symbol": "BTCUSDT",
+                "status": "NEW",
+                "executedQty": "0",
+                "origQty": "1.000",
+                "price": "100.10",
+                "updateTime": 4000,
+            },
+        )
         assert apply_order_update(cur, stale, frame_id="r1") is None
-        same = order_from_rest(a.id, {"orderId": 1, "symbol": "BTCUSDT", "status": "FILLED", "executedQty": "1.000",
-                                      "updateTime": 5000})
+        same = order_from_rest(
+            a.id,
+            {
+                "orderId": 1,
+                "symbol": "BTCUSDT",
+                "status": "FILLED",
+                "executedQty": "1.000",
+                "updateTime": 5000,
+            },
+        )
         assert apply_order_update(cur, same, frame_id="r2") is None
         cur.execute("SELECT status, filled_quantity, last_source FROM orders WHERE account_id = %s", (a.id,))
         assert cur.fetchone() == ("FILLED", Decimal("1.000"), "ws")

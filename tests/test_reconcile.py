@@ -14,18 +14,15 @@ from typing import Any
 
 import pytest
 
+from kraite_mp.binance.orders import algo_from_rest, order_from_rest, order_from_ws
 from kraite_mp.binance.rest import BinanceRest, reset_host_state
 from kraite_mp.config import Settings
-from kraite_mp.reconcile import (
-    choose_mode,
-    last_full_sweep_ms,
-    reconcile_account,
-    reconcile_accounts,
-    run_sync_child,
-)
+from kraite_mp.reconcile.runner import reconcile_accounts, run_sync_child
+from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, choose_mode, reconcile_account
 from kraite_mp.store import orders
 from kraite_mp.store.accounts import Account, add_account, get_account
 from kraite_mp.supervisor.context import ChildContext
+from kraite_mp.supervisor.runfiles import last_full_sweep_ms
 
 #: What the test observer saw: (old status, new status, exchange order id).
 OBSERVED: list[tuple[str | None, str, int]] = []
@@ -60,9 +57,9 @@ def stream_saw(db: Any, account: Account, truth: dict[str, Any]) -> None:
     """Pretend the stream delivered everything up to this truth snapshot."""
     with db.cursor() as cur:
         for o in truth["orders"]:
-            orders.apply_order_update(cur, orders.order_from_rest(account.id, o), frame_id=None)
+            orders.apply_order_update(cur, order_from_rest(account.id, o), frame_id=None)
         for a in truth["algo_orders"]:
-            orders.apply_order_update(cur, orders.algo_from_rest(account.id, a), frame_id=None)
+            orders.apply_order_update(cur, algo_from_rest(account.id, a), frame_id=None)
     db.commit()
 
 
@@ -79,11 +76,14 @@ def db_orders(db: Any, account_id: int) -> dict[tuple[str, int], dict[str, Any]]
     return {(r[0], int(r[1])): dict(zip(names, r, strict=True)) for r in rows}
 
 
-def assert_equals_truth(db: Any, account_id: int, truth: dict[str, Any], unreachable_algos: frozenset[int] = frozenset()
-                        ) -> None:
+def assert_equals_truth(
+    db: Any, account_id: int, truth: dict[str, Any], unreachable_algos: frozenset[int] = frozenset()
+) -> None:
     """The orders table holds exactly the truth (minus algo orders no REST call can reach, if given)."""
     stored = db_orders(db, account_id)
-    truth = dict(truth, algo_orders=[a for a in truth["algo_orders"] if int(a["algoId"]) not in unreachable_algos])
+    truth = dict(
+        truth, algo_orders=[a for a in truth["algo_orders"] if int(a["algoId"]) not in unreachable_algos]
+    )
     expected = {("regular", int(o["orderId"])) for o in truth["orders"]}
     expected |= {("algo", int(a["algoId"])) for a in truth["algo_orders"]}
     assert set(stored) == expected, f"missing {expected - set(stored)}, extra {set(stored) - expected}"
@@ -111,14 +111,40 @@ def audit_rows(db: Any, account_id: int) -> list[tuple[str, str, str, dict[str, 
     return rows
 
 
-def write_heartbeat(settings: Settings, account_id: int, started: float, state: str = "streaming",
-                    **fields: Any) -> None:
+def write_heartbeat(
+    settings: Settings, account_id: int, started: float, state: str = "streaming", **fields: Any
+) -> None:
     """A user-data child's heartbeat file, as kraite_mp.supervisor.context.ChildContext writes it."""
     path = os.path.join(settings.run_dir, "heartbeats", f"user-data-{account_id}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"key": f"user-data-{account_id}", "state": state, "ts": time.time(), "started": started,
-                   "fields": fields}, f)
+        json.dump(
+            {
+                "key": f"user-data-{account_id}",
+                "state": state,
+                "ts": time.time(),
+                "started": started,
+                "fields": fields,
+            },
+            f,
+        )
+
+
+@pytest.mark.unit
+def test_result_is_typed_and_prints_the_strings_operators_see() -> None:
+    assert [s.value for s in ReconcileStatus] == [
+        "ok",
+        "invalid_credentials",
+        "rate_limited",
+        "transient",
+        "error",
+    ]
+    result = ReconcileResult(7, "alice", mode="targeted", status=ReconcileStatus.RATE_LIMITED, error="429")
+    assert result.summary() == (
+        "account=7 name=alice mode=targeted status=rate_limited checked=0 updated=0"
+        " transitions=0 not_found=0 requests=0 weight=0 error='429'"
+    )
+    assert ReconcileResult(1, "x").status is ReconcileStatus.OK
 
 
 @pytest.mark.integration
@@ -126,18 +152,31 @@ def test_oracle_orders_changed_while_disconnected_equal_truth_after_reconcile(en
     sim, db, settings = env["sim"], env["db"], env["settings"]
     account = env["accounts"][0]
     key = sim.accounts[0].api_key
-    o_fill = sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
-    o_part = sim.place_order(key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.030", price="90000.0")
-    o_cancel = sim.place_order(key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00")
+    o_fill = sim.place_order(
+        key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0"
+    )
+    o_part = sim.place_order(
+        key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.030", price="90000.0"
+    )
+    o_cancel = sim.place_order(
+        key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00"
+    )
     o_amend = sim.place_order(key, symbol="SOLUSDT", side="BUY", type="LIMIT", quantity="2", price="100.000")
-    o_expire = sim.place_order(key, symbol="SOLUSDT", side="SELL", type="LIMIT", quantity="3", price="300.000")
-    a_fill = sim.place_algo(key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5", trigger_price="1200.00")
-    a_cancel = sim.place_algo(key, symbol="BNBUSDT", side="BUY", type="TAKE_PROFIT_MARKET", quantity="1",
-                              trigger_price="500.00")
-    a_open = sim.place_algo(key, symbol="BNBUSDT", side="SELL", type="STOP", quantity="1", trigger_price="400.00",
-                            price="399.00")
-    a_reject = sim.place_algo(key, symbol="XRPUSDT", side="SELL", type="STOP_MARKET", quantity="10",
-                              trigger_price="0.5000")
+    o_expire = sim.place_order(
+        key, symbol="SOLUSDT", side="SELL", type="LIMIT", quantity="3", price="300.000"
+    )
+    a_fill = sim.place_algo(
+        key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5", trigger_price="1200.00"
+    )
+    a_cancel = sim.place_algo(
+        key, symbol="BNBUSDT", side="BUY", type="TAKE_PROFIT_MARKET", quantity="1", trigger_price="500.00"
+    )
+    a_open = sim.place_algo(
+        key, symbol="BNBUSDT", side="SELL", type="STOP", quantity="1", trigger_price="400.00", price="399.00"
+    )
+    a_reject = sim.place_algo(
+        key, symbol="XRPUSDT", side="SELL", type="STOP_MARKET", quantity="10", trigger_price="0.5000"
+    )
     stream_saw(db, account, sim.truth(key))
 
     # ---- the stream is gone: all of this is lost ----
@@ -149,29 +188,34 @@ def test_oracle_orders_changed_while_disconnected_equal_truth_after_reconcile(en
     sim.trigger_algo(key, a_fill)  # -> a regular order the database never heard of, filled at once
     sim.cancel_algo(key, a_cancel)
     sim.reject_algo(key, a_reject)
-    new_open = sim.place_order(key, symbol="DOGEUSDT", side="BUY", type="LIMIT", quantity="100", price="0.05000")
+    new_open = sim.place_order(
+        key, symbol="DOGEUSDT", side="BUY", type="LIMIT", quantity="100", price="0.05000"
+    )
     sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.005")  # placed and filled
     assert a_open
 
     result = reconcile_account(db, settings, account)
     truth = sim.truth(key)
     assert_equals_truth(db, account.id, truth)
-    assert result["status"] == "ok" and result["mode"] == "full"
-    assert result["transitions"] >= 9 and result["not_found"] == 0
+    assert result.status is ReconcileStatus.OK and result.status == "ok" and result.mode == "full"
+    assert result.transitions >= 9 and result.not_found == 0
     # transitions were recorded with source rest and the rest frame id
     with db.cursor() as cur:
-        cur.execute("SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'"
-                    " AND frame_id LIKE %s", (account.id, f"rest:{account.id}:%"))
+        cur.execute(
+            "SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'"
+            " AND frame_id LIKE %s",
+            (account.id, f"rest:{account.id}:%"),
+        )
         assert cur.fetchone()[0] >= 9
     db.commit()
     assert ("NEW", "FILLED", o_fill) in OBSERVED and (None, "NEW", new_open) in OBSERVED
-    assert last_full_sweep_ms(settings, account.id) is not None
+    assert last_full_sweep_ms(settings.run_dir, account.id) is not None
 
     # idempotent: a second pass changes nothing and audits nothing new
     audited = len(audit_rows(db, account.id))
     OBSERVED.clear()
     again = reconcile_account(db, settings, account)
-    assert again["transitions"] == 0 and again["updated"] == 0 and again["audited"] == 0
+    assert again.transitions == 0 and again.updated == 0 and again.audited == 0
     assert len(audit_rows(db, account.id)) == audited and OBSERVED == []
     assert_equals_truth(db, account.id, truth)
 
@@ -192,10 +236,11 @@ def test_oracle_random_scenario_gap_equals_truth(env: dict[str, Any]) -> None:
     for index in (0, 1):
         truth = sim.truth(sim.accounts[index].api_key)
         # Known limit: an algo order placed *and* ended inside the gap is reachable only through
-        # GET /fapi/v1/allAlgoOrders, which PROTOCOL.md and the simulator do not have (yet). Everything
+        # GET /fapi/v1/allAlgoOrders, which neither the client nor the simulator has (docs/PROTOCOL.md). Everything
         # else -- including the regular orders such algo orders created -- must equal the truth.
         unreachable = frozenset(
-            int(a["algoId"]) for a in truth["algo_orders"]
+            int(a["algoId"])
+            for a in truth["algo_orders"]
             if int(a["algoId"]) not in seen_algos[index] and orders.is_terminal("algo", a["algoStatus"])
         )
         assert_equals_truth(db, env["accounts"][index].id, truth, unreachable)
@@ -211,24 +256,62 @@ def test_a_stale_rest_result_never_overwrites_a_newer_streamed_state(env: dict[s
     b = sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.020", price="51000.0")
     truth = {o["orderId"]: o for o in sim.truth(key)["orders"]}
     # the stream is ahead of what REST will answer: a partial fill of a, b filled
-    frame_a = {"e": "ORDER_TRADE_UPDATE", "E": truth[a]["updateTime"] + 10_001, "T": truth[a]["updateTime"] + 10_000,
-               "o": {"s": "BTCUSDT", "c": "x", "S": "BUY", "o": "LIMIT", "f": "GTC", "q": "0.010", "p": "50000.0",
-                     "ap": "50000.0", "sp": "0", "x": "TRADE", "X": "PARTIALLY_FILLED", "i": a, "z": "0.004",
-                     "T": truth[a]["updateTime"] + 10_000, "t": 77}}
-    frame_b = {"e": "ORDER_TRADE_UPDATE", "E": truth[b]["updateTime"] + 5, "T": truth[b]["updateTime"] + 4,
-               "o": {"s": "BTCUSDT", "c": "y", "S": "BUY", "o": "LIMIT", "f": "GTC", "q": "0.020", "p": "51000.0",
-                     "ap": "51000.0", "sp": "0", "x": "TRADE", "X": "FILLED", "i": b, "z": "0.020",
-                     "T": truth[b]["updateTime"] + 4, "t": 78}}
+    frame_a = {
+        "e": "ORDER_TRADE_UPDATE",
+        "E": truth[a]["updateTime"] + 10_001,
+        "T": truth[a]["updateTime"] + 10_000,
+        "o": {
+            "s": "BTCUSDT",
+            "c": "x",
+            "S": "BUY",
+            "o": "LIMIT",
+            "f": "GTC",
+            "q": "0.010",
+            "p": "50000.0",
+            "ap": "50000.0",
+            "sp": "0",
+            "x": "TRADE",
+            "X": "PARTIALLY_FILLED",
+            "i": a,
+            "z": "0.004",
+            "T": truth[a]["updateTime"] + 10_000,
+            "t": 77,
+        },
+    }
+    frame_b = {
+        "e": "ORDER_TRADE_UPDATE",
+        "E": truth[b]["updateTime"] + 5,
+        "T": truth[b]["updateTime"] + 4,
+        "o": {
+            "s": "BTCUSDT",
+            "c": "y",
+            "S": "BUY",
+            "o": "LIMIT",
+            "f": "GTC",
+            "q": "0.020",
+            "p": "51000.0",
+            "ap": "51000.0",
+            "sp": "0",
+            "x": "TRADE",
+            "X": "FILLED",
+            "i": b,
+            "z": "0.020",
+            "T": truth[b]["updateTime"] + 4,
+            "t": 78,
+        },
+    }
     with db.cursor() as cur:
-        orders.apply_order_update(cur, orders.order_from_ws(account.id, frame_a), frame_id="ws:a")
-        orders.apply_order_update(cur, orders.order_from_ws(account.id, frame_b), frame_id="ws:b")
+        orders.apply_order_update(cur, order_from_ws(account.id, frame_a), frame_id="ws:a")
+        orders.apply_order_update(cur, order_from_ws(account.id, frame_b), frame_id="ws:b")
     db.commit()
     OBSERVED.clear()
     result = reconcile_account(db, settings, account)
     stored = db_orders(db, account.id)
-    assert stored[("regular", a)]["status"] == "PARTIALLY_FILLED" and stored[("regular", a)]["filled"] == Decimal("0.004")
+    assert stored[("regular", a)]["status"] == "PARTIALLY_FILLED" and stored[("regular", a)][
+        "filled"
+    ] == Decimal("0.004")
     assert stored[("regular", b)]["status"] == "FILLED" and stored[("regular", b)]["source"] == "ws"
-    assert result["transitions"] == 0 and result["updated"] == 0 and OBSERVED == []
+    assert result.transitions == 0 and result.updated == 0 and OBSERVED == []
     # the stale answers were still audited, once each
     frames = [r[0] for r in audit_rows(db, account.id)]
     assert any(f.startswith(f"rest:{account.id}:regular:{a}:") for f in frames)
@@ -239,22 +322,25 @@ def test_a_stale_rest_result_never_overwrites_a_newer_streamed_state(env: dict[s
 def test_nothing_missed_costs_at_most_two_weight_and_a_missed_fill_is_found(env: dict[str, Any]) -> None:
     sim, db, settings = env["sim"], env["db"], env["settings"]
     account, key = env["accounts"][0], sim.accounts[0].api_key
-    ids = [sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price=f"5000{i}.0")
-           for i in range(4)]
+    ids = [
+        sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price=f"5000{i}.0")
+        for i in range(4)
+    ]
     for i in range(3):
-        sim.place_algo(key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5",
-                       trigger_price=f"100{i}.00")
+        sim.place_algo(
+            key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5", trigger_price=f"100{i}.00"
+        )
     stream_saw(db, account, sim.truth(key))
     rest = BinanceRest.for_account(settings, account)
     try:
         full = reconcile_account(db, settings, account, rest=rest)
-        assert full["status"] == "ok" and full["weight"] >= 80
+        assert full.status == "ok" and full.weight >= 80
 
         before_header, before = rest.used_weight_1m, sim.stats()["requests"]
         targeted = reconcile_account(db, settings, account, rest=rest, mode="targeted")
         after = sim.stats()["requests"]
-        assert targeted["status"] == "ok" and targeted["transitions"] == 0
-        assert targeted["weight"] == 2 and targeted["requests"] == 2
+        assert targeted.status == "ok" and targeted.transitions == 0
+        assert targeted.weight == 2 and targeted.requests == 2
         assert rest.used_weight_1m - before_header == 2  # what the exchange counted
         assert after["/fapi/v1/openOrders"] - before["/fapi/v1/openOrders"] == 1
         assert after["/fapi/v1/openAlgoOrders"] - before["/fapi/v1/openAlgoOrders"] == 1
@@ -262,7 +348,7 @@ def test_nothing_missed_costs_at_most_two_weight_and_a_missed_fill_is_found(env:
 
         sim.fill(key, ids[1])  # a lost fill of a known order
         found = reconcile_account(db, settings, account, rest=rest, mode="targeted")
-        assert found["transitions"] == 1 and found["weight"] == 3  # 2 listings + 1 order lookup
+        assert found.transitions == 1 and found.weight == 3  # 2 listings + 1 order lookup
         assert db_orders(db, account.id)[("regular", ids[1])]["status"] == "FILLED"
         assert ("NEW", "FILLED", ids[1]) in OBSERVED
     finally:
@@ -274,7 +360,7 @@ def test_nothing_missed_costs_at_most_two_weight_and_a_missed_fill_is_found(env:
 def test_targeted_sweep_of_an_account_with_nothing_open_costs_nothing(env: dict[str, Any]) -> None:
     env["sim"].rate_limit(status=418, count=1, retry_after_s=60)  # any request at all would trip this
     result = reconcile_account(env["db"], env["settings"], env["accounts"][2], mode="targeted")
-    assert result["status"] == "ok" and result["requests"] == 0 and result["weight"] == 0
+    assert result.status == "ok" and result.requests == 0 and result.weight == 0
 
 
 @pytest.mark.integration
@@ -283,16 +369,14 @@ def test_auto_mode_is_full_unless_a_recent_full_sweep_and_a_healthy_stream(env: 
     assert choose_mode(settings, account.id) == "full"  # never swept on this host
     write_heartbeat(settings, account.id, started=time.time() - 100)
     result = reconcile_account(db, settings, account, mode="auto")
-    assert result["mode"] == "full" and result["status"] == "ok"
+    assert result.mode == "full" and result.status == "ok"
     assert choose_mode(settings, account.id) == "targeted"
-    assert reconcile_account(db, settings, account, mode="auto")["mode"] == "targeted"
+    assert reconcile_account(db, settings, account, mode="auto").mode == "targeted"
     write_heartbeat(settings, account.id, started=time.time())  # the stream restarted: frames may be lost
     assert choose_mode(settings, account.id) == "full"
     for state in ("fatal", "backoff", "connecting"):
         write_heartbeat(settings, account.id, started=time.time() - 100, state=state)
         assert choose_mode(settings, account.id) == "full", state
-    write_heartbeat(settings, account.id, started=time.time() - 100, connected_since=time.time())
-    assert choose_mode(settings, account.id) == "full"  # reconnected inside the same child
     write_heartbeat(settings, account.id, started=time.time() - 100)
     assert choose_mode(settings, account.id) == "targeted"
     later = int(time.time() * 1000 + settings.supervisor.sync_full_interval_s * 1000 + 1)
@@ -302,11 +386,17 @@ def test_auto_mode_is_full_unless_a_recent_full_sweep_and_a_healthy_stream(env: 
 
 
 @pytest.mark.integration
-def test_invalid_key_and_bad_secret_are_marked_and_other_accounts_still_reconciled(env: dict[str, Any]) -> None:
+def test_invalid_key_and_bad_secret_are_marked_and_other_accounts_still_reconciled(
+    env: dict[str, Any],
+) -> None:
     sim, db, settings = env["sim"], env["db"], env["settings"]
     keys = [a.api_key for a in sim.accounts]
-    placed = {i: sim.place_order(keys[i], symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010",
-                                 price="40000.0") for i in range(3)}
+    placed = {
+        i: sim.place_order(
+            keys[i], symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="40000.0"
+        )
+        for i in range(3)
+    }
     for i in range(3):
         stream_saw(db, env["accounts"][i], sim.truth(keys[i]))
         sim.cancel(keys[i], placed[i])
@@ -321,7 +411,10 @@ def test_invalid_key_and_bad_secret_are_marked_and_other_accounts_still_reconcil
         assert sim.accounts[1].api_secret not in r.error and "Z" * 64 not in r.error
     stored = get_account(db, env["accounts"][1].id)
     assert stored is not None and stored.credentials_error and "-2015" not in stored.name
-    assert "credentials rejected" in stored.credentials_error and sim.accounts[1].api_secret not in stored.credentials_error
+    assert (
+        "credentials rejected" in stored.credentials_error
+        and sim.accounts[1].api_secret not in stored.credentials_error
+    )
     wrong = get_account(db, bad.id)
     assert wrong is not None and wrong.credentials_error and "does not match" in wrong.credentials_error
     assert get_account(db, env["accounts"][0].id).credentials_error is None  # type: ignore[union-attr]
@@ -342,17 +435,26 @@ def test_rate_limit_stops_the_pass_without_a_request_storm(env: dict[str, Any], 
     # a second pass (the next cycle, same process) sends nothing at all while the block lasts
     assert reconcile_accounts(db, settings, env["accounts"], mode="full", stop=threading.Event()) == []
     assert sum(n for p, n in sim.stats()["requests"].items() if p.startswith("/fapi/")) == 1
-    assert last_full_sweep_ms(settings, env["accounts"][0].id) is None
+    assert last_full_sweep_ms(settings.run_dir, env["accounts"][0].id) is None
 
 
 @pytest.mark.integration
 def test_unknown_order_is_counted_and_left_alone(env: dict[str, Any]) -> None:
     db, settings, account = env["db"], env["settings"], env["accounts"][0]
-    ghost = {"orderId": 42, "symbol": "BTCUSDT", "status": "NEW", "clientOrderId": "ghost", "price": "1",
-             "origQty": "1", "executedQty": "0", "updateTime": int(time.time() * 1000), "side": "BUY"}
+    ghost = {
+        "orderId": 42,
+        "symbol": "BTCUSDT",
+        "status": "NEW",
+        "clientOrderId": "ghost",
+        "price": "1",
+        "origQty": "1",
+        "executedQty": "0",
+        "updateTime": int(time.time() * 1000),
+        "side": "BUY",
+    }
     stream_saw(db, account, {"orders": [ghost], "algo_orders": []})
     result = reconcile_account(db, settings, account)
-    assert result["not_found"] == 1 and result["status"] == "ok"
+    assert result.not_found == 1 and result.status == "ok"
     assert db_orders(db, account.id)[("regular", 42)]["status"] == "NEW"
 
 
@@ -366,7 +468,7 @@ def test_shadow_mode_audits_only(env: dict[str, Any]) -> None:
     sim.fill(key, oid)
     sim.place_order(key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1", price="1000.00")
     result = reconcile_account(db, settings, account)
-    assert result["shadow"] and result["transitions"] == 0 and result["audited"] >= 2
+    assert result.shadow and result.transitions == 0 and result.audited >= 2
     assert set(db_orders(db, account.id)) == {("regular", oid)}
     assert db_orders(db, account.id)[("regular", oid)]["status"] == "NEW"
     rows = audit_rows(db, account.id)
@@ -390,8 +492,10 @@ def test_audit_rows_hold_no_secrets(env: dict[str, Any]) -> None:
 def test_sync_child_reconciles_every_owned_account(env: dict[str, Any]) -> None:
     sim, db, settings = env["sim"], env["db"], env["settings"]
     keys = [a.api_key for a in sim.accounts]
-    placed = [sim.place_order(k, symbol="ETHUSDT", side="SELL", type="LIMIT", quantity="1", price="4000.00")
-              for k in keys]
+    placed = [
+        sim.place_order(k, symbol="ETHUSDT", side="SELL", type="LIMIT", quantity="1", price="4000.00")
+        for k in keys
+    ]
     for i in range(3):
         stream_saw(db, env["accounts"][i], sim.truth(keys[i]))
         sim.fill(keys[i], placed[i], qty="0.4")
@@ -412,8 +516,9 @@ def _read_lines(stream: Any, sink: list[str]) -> None:
 
 
 @pytest.mark.integration
-def test_sync_orders_cli_one_pass_and_every_until_sigterm(env: dict[str, Any], kraite_env: dict[str, str],
-                                                          processes: Any) -> None:
+def test_sync_orders_cli_one_pass_and_every_until_sigterm(
+    env: dict[str, Any], kraite_env: dict[str, str], processes: Any
+) -> None:
     sim, db = env["sim"], env["db"]
     key = sim.accounts[0].api_key
     oid = sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="40000.0")
@@ -448,8 +553,9 @@ def test_sync_orders_cli_one_pass_and_every_until_sigterm(env: dict[str, Any], k
 
 
 @pytest.mark.integration
-def test_concurrent_reconciliations_of_one_account_record_each_change_once(env: dict[str, Any],
-                                                                            database_url: str) -> None:
+def test_concurrent_reconciliations_of_one_account_record_each_change_once(
+    env: dict[str, Any], database_url: str
+) -> None:
     from kraite_mp.store import db as kdb
 
     sim, db, settings = env["sim"], env["db"], env["settings"]
@@ -458,7 +564,7 @@ def test_concurrent_reconciliations_of_one_account_record_each_change_once(env: 
     snapshot = sim.truth(key)
     stream_saw(db, account, snapshot)
     sim.step(key, n=120)
-    results: list[dict[str, Any]] = []
+    results: list[ReconcileResult] = []
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -475,7 +581,7 @@ def test_concurrent_reconciliations_of_one_account_record_each_change_once(env: 
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert not errors and [r["status"] for r in results] == ["ok"] * 3
+    assert not errors and [r.status for r in results] == ["ok"] * 3
     with db.cursor() as cur:
         cur.execute(
             "SELECT o.exchange_order_id, t.to_status, count(*) FROM order_transitions t JOIN orders o ON o.id = t.order_id"
@@ -488,17 +594,23 @@ def test_concurrent_reconciliations_of_one_account_record_each_change_once(env: 
     db.commit()
     seen = {int(a["algoId"]) for a in snapshot["algo_orders"]}
     truth = sim.truth(key)
-    unreachable = frozenset(int(a["algoId"]) for a in truth["algo_orders"]
-                            if int(a["algoId"]) not in seen and orders.is_terminal("algo", a["algoStatus"]))
+    unreachable = frozenset(
+        int(a["algoId"])
+        for a in truth["algo_orders"]
+        if int(a["algoId"]) not in seen and orders.is_terminal("algo", a["algoStatus"])
+    )
     assert_equals_truth(db, account.id, truth, unreachable)
-    assert sum(r["transitions"] for r in results) == rest_transition_count(db, account.id)
+    assert sum(r.transitions for r in results) == rest_transition_count(db, account.id)
 
 
 def rest_transition_count(db: Any, account_id: int) -> int:
     with db.cursor() as cur:
         # stream_saw() writes with frame_id NULL; reconciliation with its rest:... frame id
-        cur.execute("SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'"
-                    " AND frame_id LIKE 'rest:%%'", (account_id,))
+        cur.execute(
+            "SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'"
+            " AND frame_id LIKE 'rest:%%'",
+            (account_id,),
+        )
         (count,) = cur.fetchone()
     db.commit()
     return int(count)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from support import wait_for
 from test_reconcile import assert_equals_truth, db_orders, stream_saw
 
 from kraite_mp.store.accounts import add_account
@@ -47,18 +47,26 @@ def matches_truth(db: Any, account_id: int, truth: dict[str, Any]) -> bool:
 
 def rest_transitions(db: Any, account_id: int) -> int:
     with db.cursor() as cur:
-        cur.execute("SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'", (account_id,))
+        cur.execute(
+            "SELECT count(*) FROM order_transitions WHERE account_id = %s AND source = 'rest'", (account_id,)
+        )
         (count,) = cur.fetchone()
     db.commit()
     return int(count)
 
 
 @pytest.fixture()
-def daemon(simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any,
-           run_dir: str) -> dict[str, Any]:
+def daemon(
+    simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any, run_dir: str
+) -> dict[str, Any]:
     sim = simulator
-    account = add_account(db, settings.secret_key, name="e2e", api_key=sim.accounts[0].api_key,
-                          api_secret=sim.accounts[0].api_secret)
+    account = add_account(
+        db,
+        settings.secret_key,
+        name="e2e",
+        api_key=sim.accounts[0].api_key,
+        api_secret=sim.accounts[0].api_secret,
+    )
     env = dict(
         kraite_env,
         KRAITE_BINANCE_REST_URL=sim.rest_url,
@@ -71,8 +79,11 @@ def daemon(simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], p
         KRAITE__user_data_stream__pong_timeout_s="2",
     )
     processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
-    processes.start([sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"], env,
-                    **log_to(run_dir, "dramatiq"))
+    processes.start(
+        [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"],
+        env,
+        **log_to(run_dir, "dramatiq"),
+    )
     key = sim.accounts[0].api_key
     assert sim.wait_for_connections(key, 1, timeout=60), "the user-data child never connected"
     return {"sim": sim, "db": db, "account": account, "key": key}
@@ -84,12 +95,17 @@ def streamed_until_equal(d: dict[str, Any], message: str) -> None:
 
 
 @pytest.mark.e2e
-def test_orders_changed_while_the_stream_was_silent_equal_truth_after_reconnect(daemon: dict[str, Any]) -> None:
+def test_orders_changed_while_the_stream_was_silent_equal_truth_after_reconnect(
+    daemon: dict[str, Any],
+) -> None:
     sim, db, account, key = daemon["sim"], daemon["db"], daemon["account"], daemon["key"]
-    ids = [sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price=f"4000{i}.0")
-           for i in range(4)]
-    algo = sim.place_algo(key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5",
-                          trigger_price="1000.00")
+    ids = [
+        sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price=f"4000{i}.0")
+        for i in range(4)
+    ]
+    algo = sim.place_algo(
+        key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5", trigger_price="1000.00"
+    )
     streamed_until_equal(daemon, "the stream to deliver the first orders")
     before_rest = rest_transitions(db, account.id)
     lost_before = sim.stats()["events_lost"].get(key, 0)
@@ -102,7 +118,9 @@ def test_orders_changed_while_the_stream_was_silent_equal_truth_after_reconnect(
     new = sim.place_order(key, symbol="SOLUSDT", side="SELL", type="LIMIT", quantity="3", price="300.000")
     assert sim.stats()["events_lost"].get(key, 0) > lost_before
 
-    streamed_until_equal(daemon, "reconciliation after the reconnect to make the orders table equal the truth")
+    streamed_until_equal(
+        daemon, "reconciliation after the reconnect to make the orders table equal the truth"
+    )
     stored = db_orders(db, account.id)
     assert stored[("regular", ids[0])]["status"] == "FILLED" and stored[("regular", new)]["status"] == "NEW"
     assert rest_transitions(db, account.id) > before_rest  # the gap was closed by REST, not by frames
@@ -111,8 +129,10 @@ def test_orders_changed_while_the_stream_was_silent_equal_truth_after_reconnect(
 @pytest.mark.e2e
 def test_orders_changed_around_a_listen_key_expiry_equal_truth(daemon: dict[str, Any]) -> None:
     sim, db, account, key = daemon["sim"], daemon["db"], daemon["account"], daemon["key"]
-    ids = [sim.place_order(key, symbol="ETHUSDT", side="SELL", type="LIMIT", quantity="1", price=f"500{i}.00")
-           for i in range(3)]
+    ids = [
+        sim.place_order(key, symbol="ETHUSDT", side="SELL", type="LIMIT", quantity="1", price=f"500{i}.00")
+        for i in range(3)
+    ]
     streamed_until_equal(daemon, "the stream to deliver the first orders")
     lost_before = sim.stats()["events_lost"].get(key, 0)
     opened_before = sim.stats()["ws_opened"].get(key, 0)
@@ -124,23 +144,30 @@ def test_orders_changed_around_a_listen_key_expiry_equal_truth(daemon: dict[str,
     lost_now = sim.stats()["events_lost"].get(key, 0)
     assert lost_now > lost_before  # the changes fell into the gap: only REST can bring them
 
-    wait_for(lambda: sim.stats()["ws_opened"].get(key, 0) > opened_before, timeout=60,
-             message="a new connection with a new listenKey")
+    wait_for(
+        lambda: sim.stats()["ws_opened"].get(key, 0) > opened_before,
+        timeout=60,
+        message="a new connection with a new listenKey",
+    )
     streamed_until_equal(daemon, "the orders table to equal the truth after the listenKey expiry")
     assert rest_transitions(db, account.id) > 0
 
 
 @pytest.mark.e2e
-def test_periodic_sync_child_closes_the_gap_without_any_worker(simulator: Any, db: Any, settings: Any,
-                                                              kraite_env: dict[str, str], processes: Any,
-                                                              run_dir: str) -> None:
+def test_periodic_sync_child_closes_the_gap_without_any_worker(
+    simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any, run_dir: str
+) -> None:
     """No dramatiq worker runs, so the on-demand reconcile never happens: the supervisor's periodic
     sync child (mode auto -> full, nothing swept yet) must bring the orders table to the truth."""
     sim = simulator
     key = sim.accounts[1].api_key
-    account = add_account(db, settings.secret_key, name="periodic", api_key=key, api_secret=sim.accounts[1].api_secret)
-    ids = [sim.place_order(key, symbol="BNBUSDT", side="BUY", type="LIMIT", quantity="1", price=f"50{i}.00")
-           for i in range(3)]
+    account = add_account(
+        db, settings.secret_key, name="periodic", api_key=key, api_secret=sim.accounts[1].api_secret
+    )
+    ids = [
+        sim.place_order(key, symbol="BNBUSDT", side="BUY", type="LIMIT", quantity="1", price=f"50{i}.00")
+        for i in range(3)
+    ]
     stream_saw(db, account, sim.truth(key))  # what an earlier run of the daemon had streamed
     sim.fill(key, ids[0])  # ... and what happened while no daemon ran at all: only REST knows it
     sim.cancel(key, ids[1])
@@ -153,8 +180,11 @@ def test_periodic_sync_child_closes_the_gap_without_any_worker(simulator: Any, d
         KRAITE__supervisor__mark_price="false",
     )
     processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
-    wait_for(lambda: matches_truth(db, account.id, sim.truth(key)), timeout=90,
-             message="the periodic sync child to reconcile the account")
+    wait_for(
+        lambda: matches_truth(db, account.id, sim.truth(key)),
+        timeout=90,
+        message="the periodic sync child to reconcile the account",
+    )
     assert rest_transitions(db, account.id) >= 3 + 3  # 3 first sightings by stream_saw, then 3 changes
     # the sync child remembers its full sweep right after committing it: wait for the file, don't race it
     state_path = os.path.join(env["KRAITE_RUN_DIR"], "reconcile", f"account-{account.id}.json")

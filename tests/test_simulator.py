@@ -1,7 +1,7 @@
 """Protocol conformance of the exchange simulator over real loopback sockets.
 
 Plain ``requests`` and ``websocket-client`` on purpose: nothing of kraite-mp's own client code
-is involved, so these tests pin the simulator to PROTOCOL.md and not to our reading of it.
+is involved, so these tests pin the simulator to docs/PROTOCOL.md and not to our reading of it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import requests
 import websocket
 
-from kraite_mp.simulator import SimAccount, Simulator, SimulatorError
+from kraite_mp.simulator import MISSING_AIOHTTP, SimAccount, Simulator, SimulatorError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
@@ -835,3 +835,36 @@ def test_cli_refuses_non_loopback_host() -> None:
             proc.kill()
             proc.communicate(timeout=5)
     assert proc.returncode == 2 and out == "" and "loopback" in err
+
+
+#: Runs what follows as if the ``sim`` extra were not installed (a None entry makes ``import aiohttp`` fail).
+WITHOUT_AIOHTTP = "import sys\nsys.modules['aiohttp'] = None\n"
+
+
+def _without_aiohttp(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_AIOHTTP + code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def test_import_without_aiohttp_names_the_extra() -> None:
+    r = _without_aiohttp("import kraite_mp.simulator")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"kraite_mp.simulator.SimulatorUnavailable: {MISSING_AIOHTTP}"
+    assert "'sim'" in MISSING_AIOHTTP and "No module named" not in r.stderr
+    caught = _without_aiohttp(
+        "try:\n    import kraite_mp.simulator\nexcept ImportError as e:\n    print(e.name)"
+    )
+    assert caught.stdout.strip() == "aiohttp"  # an ImportError to code that imports the simulator
+
+
+def test_simulate_command_without_aiohttp_is_one_line() -> None:
+    r = _without_aiohttp("from kraite_mp.ops.cli import main\nsys.exit(main(['simulate']))")
+    assert r.returncode == 1
+    assert r.stdout == "" and r.stderr == f"Error: {MISSING_AIOHTTP}\n"

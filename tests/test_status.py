@@ -1,4 +1,4 @@
-"""Status in Redis: the child hook, the supervisor snapshot, and ``kraite-mp status`` (real Redis)."""
+"""Status in Redis: the child and supervisor hooks, and ``kraite-mp status`` (real Redis)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ from kraite_mp.logs import forget_secret, register_secret
 from kraite_mp.ops import status
 from kraite_mp.ops.embedded import free_port
 from kraite_mp.store.accounts import Account
-from kraite_mp.supervisor import context as child
+from kraite_mp.supervisor import publish
 from kraite_mp.supervisor.context import ChildContext
-
-pytestmark = pytest.mark.integration
+from kraite_mp.supervisor.publish import RedisStatus, Reporters
 
 
 @pytest.fixture()
@@ -36,16 +35,23 @@ def namespace(redis_namespace: str) -> str:
 
 
 @pytest.fixture()
-def status_settings(settings: Settings, namespace: str) -> Iterator[Settings]:
+def status_settings(settings: Settings, namespace: str) -> Settings:
     s = dataclasses.replace(settings, redis_namespace=namespace)
     os.makedirs(os.path.join(s.run_dir, "heartbeats"), exist_ok=True)
+    return s
+
+
+@pytest.fixture()
+def reporter() -> Iterator[RedisStatus]:
+    r = RedisStatus()
     try:
-        yield s
+        yield r
     finally:
-        status.uninstall()
-        if status._publisher is not None:
-            status._publisher.close()
-        status._publisher = None
+        r.on_shutdown()
+
+
+def _ctx(s: Settings, reporter: RedisStatus, role: str, account: Account | None = None) -> ChildContext:
+    return ChildContext(s, role, account, reporters=Reporters([reporter]))
 
 
 @pytest.fixture()
@@ -68,20 +74,26 @@ def _env(kraite_env: dict[str, str], namespace: str, **extra: str) -> dict[str, 
 
 
 def _status_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kraite_mp", "status", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "kraite_mp", "status", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def test_child_hook_publishes_heartbeat_with_ttl(status_settings: Settings, rclient: redis.Redis) -> None:
-    status.install(status_settings)
-    assert status.publish_status in child.status_hooks
-    status.install(status_settings)  # idempotent
-    assert child.status_hooks.count(status.publish_status) == 1
+@pytest.mark.integration
+def test_child_hook_publishes_heartbeat_with_ttl(
+    status_settings: Settings, rclient: redis.Redis, reporter: RedisStatus
+) -> None:
+    key = publish.status_key(status_settings.redis_namespace, publish.host_name(), "user-data-7")
+    ChildContext(status_settings, "user-data", _account()).beat("streaming", force=True, frames=1)
+    assert rclient.get(key) is None, "a context without reporters publishes nothing"
 
-    ctx = ChildContext(status_settings, "user-data", _account())
+    ctx = _ctx(status_settings, reporter, "user-data", _account())
     ctx.beat("streaming", force=True, frames=1532, last=3, backlog=0)
 
-    key = status.status_key(status_settings.redis_namespace, status.host_name(), "user-data-7")
     raw = rclient.get(key)
     assert raw is not None, "the hook wrote nothing"
     data = json.loads(raw)
@@ -89,34 +101,39 @@ def test_child_hook_publishes_heartbeat_with_ttl(status_settings: Settings, rcli
     assert data["role"] == "user-data"
     assert data["account_id"] == 7 and data["account_name"] == "alice"
     assert data["pid"] == os.getpid()
-    assert data["host"] == status.host_name()
+    assert data["host"] == publish.host_name()
     assert data["fields"] == {"frames": 1532, "last": 3, "backlog": 0}
     assert data["uptime_s"] >= 0
-    assert 0 < rclient.ttl(key) <= status.STATUS_TTL_SECS
+    assert 0 < rclient.ttl(key) <= publish.STATUS_TTL_S
 
 
+@pytest.mark.integration
 def test_publish_is_throttled_unless_state_or_error_changes(status_settings: Settings) -> None:
-    pub = status.StatusPublisher(status_settings.redis_url, status_settings.redis_namespace, interval_s=3600)
+    pub = publish.StatusPublisher(status_settings.redis_url, status_settings.redis_namespace, interval_s=3600)
     try:
         assert pub.publish("k", {"state": "streaming", "fields": {"frames": 1}})
         assert not pub.publish("k", {"state": "streaming", "fields": {"frames": 2}}), "not throttled"
         assert pub.publish("k", {"state": "reconnecting"}), "a state change must publish at once"
-        assert pub.publish("k", {"state": "reconnecting", "error": "boom"}), "a new error must publish at once"
+        assert pub.publish("k", {"state": "reconnecting", "error": "boom"}), (
+            "a new error must publish at once"
+        )
         assert pub.publish("k", {"state": "reconnecting", "error": "boom"}, force=True)
         assert pub.published == 4
     finally:
         pub.close()
 
 
-def test_dead_redis_never_raises_and_backs_off(status_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.integration
+def test_dead_redis_never_raises_and_backs_off(
+    status_settings: Settings, caplog: pytest.LogCaptureFixture, reporter: RedisStatus
+) -> None:
     dead_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     s = dataclasses.replace(status_settings, redis_url=dead_url)
-    status.install(s)
-    ctx = ChildContext(s, "mark-price")
-    with caplog.at_level("WARNING", logger="kraite_mp.ops.status"):
+    ctx = _ctx(s, reporter, "mark-price")
+    with caplog.at_level("WARNING", logger="kraite_mp.supervisor.publish"):
         for i in range(5):
             ctx.beat("streaming", force=True, ticks=i)  # must not raise
-    pub = status.get_publisher(s)
+    pub = reporter.publisher_for(s)
     assert pub.published == 0
     # the first failure pauses the publisher: later beats do not even try
     assert pub.failures == 1
@@ -124,13 +141,14 @@ def test_dead_redis_never_raises_and_backs_off(status_settings: Settings, caplog
     assert len(warnings) == 1
 
 
+@pytest.mark.integration
 def test_unresponsive_redis_is_bounded_by_socket_timeout(status_settings: Settings) -> None:
     """A Redis that accepts but never answers (blackholed) costs one short timeout, then a pause."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(16)
         port = server.getsockname()[1]
-        pub = status.StatusPublisher(f"redis://127.0.0.1:{port}/0", "ns", socket_timeout_s=0.2)
+        pub = publish.StatusPublisher(f"redis://127.0.0.1:{port}/0", "ns", socket_timeout_s=0.2)
         done = threading.Event()
         result: list[bool] = []
 
@@ -145,15 +163,19 @@ def test_unresponsive_redis_is_bounded_by_socket_timeout(status_settings: Settin
         assert pub.failures == 1
 
 
-def test_secrets_never_reach_redis(status_settings: Settings, rclient: redis.Redis) -> None:
+@pytest.mark.integration
+def test_secrets_never_reach_redis(
+    status_settings: Settings, rclient: redis.Redis, reporter: RedisStatus
+) -> None:
     secret = "S3cr3t-" + uuid.uuid4().hex
     register_secret(secret)
     try:
-        status.install(status_settings)
-        ctx = ChildContext(status_settings, "user-data", _account(9, "bob"))
+        ctx = _ctx(status_settings, reporter, "user-data", _account(9, "bob"))
         ctx.fail(f"HTTP 401 for https://x/?listenKey=abcdefgh123&signature=deadbeef secret={secret}")
         ctx.beat("backoff", force=True, note=f"leak {secret}")
-        raw = rclient.get(status.status_key(status_settings.redis_namespace, status.host_name(), "user-data-9"))
+        raw = rclient.get(
+            publish.status_key(status_settings.redis_namespace, publish.host_name(), "user-data-9")
+        )
         assert raw is not None
         assert secret not in raw
         assert "abcdefgh123" not in raw and "deadbeef" not in raw
@@ -162,17 +184,21 @@ def test_secrets_never_reach_redis(status_settings: Settings, rclient: redis.Red
         forget_secret(secret)
 
 
-def test_forked_child_uses_its_own_connection(status_settings: Settings, rclient: redis.Redis) -> None:
-    pub = status.install(status_settings)
-    assert status.publish_supervisor(status_settings, {"pid": os.getpid(), "state": "running"}, force=True)
-    assert pub._client is not None
+@pytest.mark.integration
+def test_forked_child_uses_its_own_connection(
+    status_settings: Settings, rclient: redis.Redis, reporter: RedisStatus
+) -> None:
+    reporter.on_snapshot(status_settings, {"pid": os.getpid(), "state": "running"}, force=True)
+    pub = reporter.publisher_for(status_settings)
+    assert pub.published == 1 and pub._client is not None
     parent_client = pub._client
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
+            ctx = _ctx(status_settings, reporter, "mark-price")
+            reporter.after_fork(ctx)
             assert pub._client is None, "the client crossed the fork"
-            ctx = ChildContext(status_settings, "mark-price")
             ctx.beat("streaming", force=True, ticks=1)
             code = 0 if pub.published >= 2 else 2
         finally:
@@ -181,41 +207,61 @@ def test_forked_child_uses_its_own_connection(status_settings: Settings, rclient
     assert os.waitstatus_to_exitcode(wait_status) == 0
     # the parent's connection still works after the child used and dropped its own
     assert pub._client is parent_client
-    assert status.publish_supervisor(status_settings, {"pid": os.getpid(), "state": "stopping"}, force=True)
-    keys = {status.status_key(status_settings.redis_namespace, status.host_name(), k) for k in ("supervisor", "mark-price")}
+    reporter.on_snapshot(status_settings, {"pid": os.getpid(), "state": "stopping"}, force=True)
+    assert pub.published == 2
+    keys = {
+        publish.status_key(status_settings.redis_namespace, publish.host_name(), k)
+        for k in ("supervisor", "mark-price")
+    }
     assert all(rclient.exists(k) for k in keys)
 
 
-def test_remove_status(status_settings: Settings, rclient: redis.Redis) -> None:
-    status.install(status_settings)
-    ChildContext(status_settings, "user-data", _account(3, "carol")).beat("streaming", force=True)
-    key = status.status_key(status_settings.redis_namespace, status.host_name(), "user-data-3")
+@pytest.mark.integration
+def test_remove_status(status_settings: Settings, rclient: redis.Redis, reporter: RedisStatus) -> None:
+    _ctx(status_settings, reporter, "user-data", _account(3, "carol")).beat("streaming", force=True)
+    key = publish.status_key(status_settings.redis_namespace, publish.host_name(), "user-data-3")
     assert rclient.exists(key)
-    assert status.remove_status(status_settings, "user-data-3")
+    Reporters([reporter]).on_forget(status_settings, "user-data-3")
     assert not rclient.exists(key)
 
 
-def _seed_entries(s: Settings, rclient: redis.Redis) -> None:
-    status.install(s)
-    status.publish_supervisor(s, {"pid": 4242, "state": "running", "started": time.time() - 3700,
-                                  "accounts": 2, "restarts": 1,
-                                  "children": [{"key": "user-data-7"}, {"key": "mark-price"}]}, force=True)
-    ChildContext(s, "user-data", _account(7, "alice")).beat("streaming", force=True, frames=10, last=1)
-    ChildContext(s, "mark-price").beat("streaming", force=True, symbols=570, rows=2272, ticks=33, last=0)
+def _seed_entries(s: Settings, rclient: redis.Redis, reporter: RedisStatus) -> None:
+    snapshot: Any = {
+        "pid": 4242,
+        "state": "running",
+        "started": time.time() - 3700,
+        "accounts": 2,
+        "restarts": 1,
+        "children": [{"key": "user-data-7"}, {"key": "mark-price"}],
+    }
+    reporter.on_snapshot(s, snapshot, force=True)
+    _ctx(s, reporter, "user-data", _account(7, "alice")).beat("streaming", force=True, frames=10, last=1)
+    _ctx(s, reporter, "mark-price").beat("streaming", force=True, symbols=570, rows=2272, ticks=33, last=0)
     # another host, same Redis, that stopped publishing 5 minutes ago
-    other = status.StatusPublisher(s.redis_url, s.redis_namespace, host="otherhost")
+    other = publish.StatusPublisher(s.redis_url, s.redis_namespace, host="otherhost")
     try:
-        other.publish("user-data-8", {"role": "user-data", "account_id": 8, "account_name": "dave",
-                                      "state": "streaming", "pid": 1, "ts": time.time() - 300,
-                                      "fields": {"frames": 5}})
+        other.publish(
+            "user-data-8",
+            {
+                "role": "user-data",
+                "account_id": 8,
+                "account_name": "dave",
+                "state": "streaming",
+                "pid": 1,
+                "ts": time.time() - 300,
+                "fields": {"frames": 5},
+            },
+        )
     finally:
         other.close()
-    rclient.set(status.status_key(s.redis_namespace, "otherhost", "junk"), "not json", ex=60)
+    rclient.set(publish.status_key(s.redis_namespace, "otherhost", "junk"), "not json", ex=60)
 
 
-def test_status_cli_table_and_json(status_settings: Settings, rclient: redis.Redis,
-                                   kraite_env: dict[str, str]) -> None:
-    _seed_entries(status_settings, rclient)
+@pytest.mark.integration
+def test_status_cli_table_and_json(
+    status_settings: Settings, rclient: redis.Redis, kraite_env: dict[str, str], reporter: RedisStatus
+) -> None:
+    _seed_entries(status_settings, rclient, reporter)
     env = _env(kraite_env, status_settings.redis_namespace)
 
     table = _status_cli(env)
@@ -223,7 +269,7 @@ def test_status_cli_table_and_json(status_settings: Settings, rclient: redis.Red
     out = table.stdout
     lines = out.splitlines()
     assert lines[0].split()[:5] == ["HOST", "PROCESS", "ACCOUNT", "PID", "STATE"]
-    me = status.host_name()
+    me = publish.host_name()
     sup = next(line for line in lines if line.startswith(me) and " supervisor " in line)
     assert "4242" in sup and "running" in sup and "children=2" in sup
     ud = next(line for line in lines if " user-data-7 " in line)
@@ -256,6 +302,7 @@ def test_status_cli_table_and_json(status_settings: Settings, rclient: redis.Red
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
 
 
+@pytest.mark.integration
 def test_status_cli_empty_namespace(kraite_env: dict[str, str], namespace: str) -> None:
     result = _status_cli(_env(kraite_env, namespace))
     assert result.returncode == 0
@@ -263,6 +310,7 @@ def test_status_cli_empty_namespace(kraite_env: dict[str, str], namespace: str) 
     assert _status_cli(_env(kraite_env, namespace), "--check").returncode == exitcodes.EXIT_ERROR
 
 
+@pytest.mark.integration
 def test_status_cli_redis_unreachable(kraite_env: dict[str, str], namespace: str) -> None:
     dead = f"redis://:hunter2pass@127.0.0.1:{free_port()}/0"
     result = _status_cli(_env(kraite_env, namespace, KRAITE_REDIS_URL=dead))
@@ -278,7 +326,9 @@ def test_format_durations_and_payload() -> None:
     assert status._duration(125) == "2m05s"
     assert status._duration(3 * 3600 + 60) == "3h01m"
     assert status._duration(float("inf")) == "-"
-    payload: dict[str, Any] = status.supervisor_payload({"pid": 1, "children": {"a": {}, "b": {}}, "accounts": 1})
+    payload: dict[str, Any] = publish.supervisor_payload(
+        {"pid": 1, "children": {"a": {}, "b": {}}, "accounts": 1}
+    )
     assert payload["fields"] == {"accounts": 1, "children": 2}
     assert payload["role"] == "supervisor"
 
@@ -290,16 +340,34 @@ def test_supervisor_view_reports_children_that_cannot_report_themselves() -> Non
     def entry(key: str, data: dict[str, Any], age: float) -> status.StatusEntry:
         return status.StatusEntry(host="h", key=key, data=data, age_s=age, stale=age > 30)
 
-    snapshot = {"pid": 100, "state": "running", "children": [
-        {"key": "mark-price", "role": "mark-price", "pid": 101, "state": "RUNNING", "restarts": 0},
-        {"key": "user-data-1", "role": "user-data", "account_id": 1, "pid": None, "state": "BACKOFF",
-         "restarts": 3, "last_exit": "code 1 (error)"},
-        {"key": "user-data-2", "role": "user-data", "account_id": 2, "pid": None, "state": "FATAL", "restarts": 1,
-         "fatal_reason": "invalid API key (-2015)"},
-        {"key": "sync-orders", "role": "sync-orders", "pid": None, "state": "EXITED", "restarts": 4},
-    ]}
+    snapshot = {
+        "pid": 100,
+        "state": "running",
+        "children": [
+            {"key": "mark-price", "role": "mark-price", "pid": 101, "state": "RUNNING", "restarts": 0},
+            {
+                "key": "user-data-1",
+                "role": "user-data",
+                "account_id": 1,
+                "pid": None,
+                "state": "BACKOFF",
+                "restarts": 3,
+                "last_exit": "code 1 (error)",
+            },
+            {
+                "key": "user-data-2",
+                "role": "user-data",
+                "account_id": 2,
+                "pid": None,
+                "state": "FATAL",
+                "restarts": 1,
+                "fatal_reason": "invalid API key (-2015)",
+            },
+            {"key": "sync-orders", "role": "sync-orders", "pid": None, "state": "EXITED", "restarts": 4},
+        ],
+    }
     entries = [
-        entry("supervisor", status.supervisor_payload(snapshot), 1),
+        entry("supervisor", publish.supervisor_payload(snapshot), 1),
         entry("mark-price", {"role": "mark-price", "pid": 101, "state": "streaming", "ts": now}, 1),
         # its last words before the crash; the supervisor has it in FATAL now
         entry("user-data-2", {"role": "user-data", "account_id": 2, "pid": 55, "state": "fatal"}, 200),
@@ -318,13 +386,15 @@ def test_supervisor_view_reports_children_that_cannot_report_themselves() -> Non
     assert merged["user-data-9"].data["state"] == "gone" and not merged["user-data-9"].stale
 
     # a supervisor that is itself stale vouches for nothing: its children stay STALE
-    stale_sup = [entry("supervisor", status.supervisor_payload(snapshot), 400),
-                 entry("sync-orders", {"role": "sync-orders", "pid": 77, "state": "syncing"}, 400)]
+    stale_sup = [
+        entry("supervisor", publish.supervisor_payload(snapshot), 400),
+        entry("sync-orders", {"role": "sync-orders", "pid": 77, "state": "syncing"}, 400),
+    ]
     merged2 = {e.key: e for e in status.merge_supervisor_view(stale_sup)}
     assert merged2["supervisor"].stale and merged2["sync-orders"].stale
     assert "user-data-1" not in merged2
     # ... unless it stopped on purpose
-    stopped = status.supervisor_payload({**snapshot, "state": "stopped"})
+    stopped = publish.supervisor_payload({**snapshot, "state": "stopped"})
     merged3 = {e.key: e for e in status.merge_supervisor_view([entry("supervisor", stopped, 400)])}
     assert not merged3["supervisor"].stale
 
@@ -332,7 +402,10 @@ def test_supervisor_view_reports_children_that_cannot_report_themselves() -> Non
 @pytest.mark.unit
 def test_supervisor_key_per_shard() -> None:
     s = Settings()
-    assert status.supervisor_key(s) == "supervisor"
+    assert publish.supervisor_key(s) == "supervisor"
     s.supervisor.shard = "1/4"
-    assert status.supervisor_key(s) == "supervisor-1-of-4"
-    assert status.supervisor_payload({"pid": 1}, key="supervisor-1-of-4", shard="1/4")["fields"]["shard"] == "1/4"
+    assert publish.supervisor_key(s) == "supervisor-1-of-4"
+    assert (
+        publish.supervisor_payload({"pid": 1}, key="supervisor-1-of-4", shard="1/4")["fields"]["shard"]
+        == "1/4"
+    )

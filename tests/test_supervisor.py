@@ -1,11 +1,11 @@
-"""The supervisor (issue 3): its state machine in isolation, then real forked processes.
+"""The supervisor: its state machine in isolation, then real forked processes.
 
 The e2e tests run a real ``Arbiter`` (tests/scripts/run_arbiter.py, controllable children chosen by
 account name) or the real ``kraite-mp run`` against the simulator, send real signals, and observe
 the processes through /proc (their titles), the heartbeat files, the supervisor's log and its
 ``supervisor.json`` snapshot. Time is scaled through settings (backoff base 0.05 s, short
 timeouts); assertions are on order and lower bounds, never on how fast something happened, except
-where the issue itself sets the bound (children gone within 2 s of the parent's SIGKILL).
+where the bound is the contract (children gone within 2 s of the parent's SIGKILL).
 """
 
 from __future__ import annotations
@@ -20,21 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, ProcessGroup, wait_for
+from support import ROOT, ProcessGroup, children_of, title_of, wait_for
 
 from kraite_mp import exitcodes
 from kraite_mp.config import Settings
 from kraite_mp.store.accounts import add_account, set_active
-from kraite_mp.supervisor.arbiter import (
-    AFTER_REMOVE,
-    Arbiter,
+from kraite_mp.supervisor.arbiter import Arbiter
+from kraite_mp.supervisor.process import (
+    AfterStop,
     Child,
     ChildState,
+    ExitOutcome,
     TokenBucket,
     describe_status,
-    read_status,
+    next_state_after_exit,
 )
-from kraite_mp.supervisor.context import read_heartbeat
+from kraite_mp.supervisor.runfiles import heartbeat_path, read_heartbeat, read_snapshot
 
 SCRIPT = str(ROOT / "tests" / "scripts" / "run_arbiter.py")
 
@@ -66,34 +67,11 @@ def alive(pid: int) -> bool:
     return proc_state(pid) not in (None, "Z", "X")
 
 
-def title_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except FileNotFoundError:
-        return ""
-
-
-def children_of(ppid: int) -> dict[int, str]:
-    """Live children of ``ppid`` -> their process titles."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
-            found[int(entry)] = title_of(int(entry))
-    return found
-
-
 def by_role(ppid: int) -> dict[str, int]:
     """Children keyed the way the supervisor keys them: "mark-price", "user-data-<id>", ..."""
     keys = {}
-    for pid, title in children_of(ppid).items():
+    for pid in children_of(ppid):
+        title = title_of(pid)
         m = re.match(r"kraite-mp: (user-data) account=(\d+) ", title)
         if m:
             keys[f"user-data-{m.group(2)}"] = pid
@@ -105,7 +83,7 @@ def by_role(ppid: int) -> dict[str, int]:
 
 
 def heartbeat(run_dir: str, key: str) -> dict[str, Any]:
-    return read_heartbeat(os.path.join(run_dir, "heartbeats", f"{key}.json")) or {}
+    return dict(read_heartbeat(heartbeat_path(run_dir, key)) or {})
 
 
 def frames(run_dir: str, key: str) -> int:
@@ -113,7 +91,7 @@ def frames(run_dir: str, key: str) -> int:
 
 
 def child_status(run_dir: str, key: str) -> dict[str, Any]:
-    status = read_status(run_dir) or {}
+    status = read_snapshot(run_dir) or {}
     return next((c for c in status.get("children", []) if c["key"] == key), {})
 
 
@@ -149,7 +127,9 @@ def start_fake(processes: ProcessGroup, env: dict[str, str], run_dir: str, **ext
 
 
 def add(db: Any, secret_key: str, name: str) -> int:
-    return add_account(db, secret_key, name=name, api_key=f"key-{name}-0123456789", api_secret=f"secret-{name}-xyz").id
+    return add_account(
+        db, secret_key, name=name, api_key=f"key-{name}-0123456789", api_secret=f"secret-{name}-xyz"
+    ).id
 
 
 # -- unit: the state machine without processes ---------------------------------------------------
@@ -201,9 +181,37 @@ def test_restart_policy_backoff_sequence_reset_and_fatal(tmp_path: Path) -> None
     assert child.due_at >= before + settings.supervisor.fatal_retry_s
     assert "fatal-credentials" in (child.fatal_reason or "")
     # a stop we asked for (account removed) forgets the child instead of restarting it
-    child.pid, child.after_stop, child.stop_reason = 202, AFTER_REMOVE, "account removed"
+    child.pid, child.after_stop, child.stop_reason = 202, AfterStop.REMOVE, "account removed"
     arbiter.child_exited(child, 202, _exit_status(0))
     assert "user-data-1" not in arbiter.children
+
+
+@pytest.mark.unit
+def test_next_state_after_exit_is_a_pure_decision() -> None:
+    settings = Settings()
+    healthy = settings.supervisor.healthy_after_s
+
+    def decide(
+        child: Child, code: int | None = 1, uptime: float = 1.0, stopping: bool = False
+    ) -> ExitOutcome:
+        return next_state_after_exit(child, code, uptime, settings, stopping=stopping)
+
+    child = Child(key="user-data-1", role="user-data")
+    assert decide(child) == ExitOutcome(ChildState.BACKOFF, False)
+    assert decide(child, uptime=healthy) == ExitOutcome(ChildState.BACKOFF, True)
+    assert decide(child, code=exitcodes.EXIT_FATAL_CREDENTIALS) == ExitOutcome(ChildState.FATAL, False)
+    assert decide(child, stopping=True) == ExitOutcome(ChildState.EXITED, False)
+    assert decide(Child(key="sync-orders", role="sync-orders", one_shot=True)).state == ChildState.EXITED
+    for after, state in (
+        (AfterStop.RESTART, ChildState.PENDING),
+        (AfterStop.REMOVE, None),
+        (AfterStop.EXIT, ChildState.EXITED),
+        (AfterStop.BACKOFF, ChildState.BACKOFF),
+    ):
+        child.after_stop = after
+        # a stop we asked for is never FATAL, whatever the exit code
+        assert decide(child, code=exitcodes.EXIT_FATAL_CREDENTIALS).state == state, after
+    assert child.state == ChildState.PENDING and child.attempt == 0  # pure: the child is untouched
 
 
 @pytest.mark.unit
@@ -219,7 +227,10 @@ def test_account_refresh_converges_and_keeps_children_when_db_is_down(tmp_path: 
     arbiter._read_accounts = lambda: owned  # type: ignore[method-assign]  # the DB side is tested e2e
     arbiter.refresh_accounts("start")
     assert {k: c.state for k, c in arbiter.children.items()} == {
-        "user-data-1": ChildState.PENDING, "user-data-2": ChildState.PENDING, "user-data-3": ChildState.PENDING}
+        "user-data-1": ChildState.PENDING,
+        "user-data-2": ChildState.PENDING,
+        "user-data-3": ChildState.PENDING,
+    }
     # 1 and 2 went FATAL (no process); 2 then gets new credentials, 3 is deactivated, 4 is new
     for key in ("user-data-1", "user-data-2"):
         c = arbiter.children[key]
@@ -229,7 +240,9 @@ def test_account_refresh_converges_and_keeps_children_when_db_is_down(tmp_path: 
     children = arbiter.children
     assert set(children) == {"user-data-1", "user-data-2", "user-data-4"}
     assert children["user-data-1"].state == ChildState.FATAL  # unchanged: still waits for fatal_retry_s
-    assert children["user-data-2"].state == ChildState.PENDING and children["user-data-2"].fatal_reason is None
+    assert (
+        children["user-data-2"].state == ChildState.PENDING and children["user-data-2"].fatal_reason is None
+    )
     assert children["user-data-2"].due_at <= time.monotonic()  # new credentials deserve a try now
     assert children["user-data-2"].account is not None and children["user-data-2"].account.api_key == "new2"
     assert arbiter.accounts_count == 3
@@ -242,7 +255,9 @@ def test_account_refresh_converges_and_keeps_children_when_db_is_down(tmp_path: 
 
 # -- e2e: real forked processes, controllable children -------------------------------------------
 @pytest.mark.e2e
-def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite_env, run_dir, processes) -> None:
+def test_children_titles_restart_reload_and_graceful_stop(
+    db, secret_key, kraite_env, run_dir, processes
+) -> None:
     ids = {name: add(db, secret_key, name) for name in ("alice", "bob", "carol")}
     rd = kraite_env["KRAITE_RUN_DIR"]
     sup = start_fake(processes, kraite_env, run_dir)
@@ -250,16 +265,30 @@ def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite
         keys = {"mark-price", *(f"user-data-{i}" for i in ids.values())}
         pids = sup.wait_children(keys)
         # 1 supervisor + 4 children, with their titles (what `ps` shows)
-        ps = subprocess.run(["ps", "-o", "pid=,ppid=,args=", "--ppid", str(sup.pid), "-p", str(sup.pid)],
-                            capture_output=True, text=True, check=True).stdout
+        ps = subprocess.run(
+            ["ps", "-o", "pid=,ppid=,args=", "--ppid", str(sup.pid), "-p", str(sup.pid)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert len(ps.strip().splitlines()) == 5, ps
-        wait_for(lambda: title_of(sup.pid) == "kraite-mp: supervisor accounts=3 children=4 restarts=0", 10,
-                 message="supervisor title")
+        wait_for(
+            lambda: title_of(sup.pid) == "kraite-mp: supervisor accounts=3 children=4 restarts=0",
+            10,
+            message="supervisor title",
+        )
         for name, account_id in ids.items():
-            wait_for(lambda a=account_id, n=name: re.fullmatch(
-                rf"kraite-mp: user-data account={a} name={n} state=streaming frames=\d+ reloads=0",
-                title_of(pids[f"user-data-{a}"])), 10, message=f"title of {name}")
-        assert re.fullmatch(r"kraite-mp: mark-price state=streaming frames=\d+ reloads=0", title_of(pids["mark-price"]))
+            wait_for(
+                lambda a=account_id, n=name: re.fullmatch(
+                    rf"kraite-mp: user-data account={a} name={n} state=streaming frames=\d+ reloads=0",
+                    title_of(pids[f"user-data-{a}"]),
+                ),
+                10,
+                message=f"title of {name}",
+            )
+        assert re.fullmatch(
+            r"kraite-mp: mark-price state=streaming frames=\d+ reloads=0", title_of(pids["mark-price"])
+        )
         for pid in pids.values():
             assert "secret" not in title_of(pid)
 
@@ -268,16 +297,29 @@ def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite
         others = {k: v for k, v in pids.items() if k != bob}
         before = {k: frames(rd, k) for k in others}
         os.kill(pids[bob], signal.SIGKILL)
-        new_bob = wait_for(lambda: (p := by_role(sup.pid).get(bob)) not in (None, pids[bob]) and p, 20,
-                           message="bob restarted")
-        wait_for(lambda: heartbeat(rd, bob).get("pid") == new_bob and frames(rd, bob) > 0, 10, message="bob streams")
-        (m,) = sup.lines(rf"{bob} account={ids['bob']} pid={pids[bob]} exited with signal SIGKILL .*restarting in "
-                         r"([\d.]+)s \(backoff attempt 1\)")
+        new_bob = wait_for(
+            lambda: (p := by_role(sup.pid).get(bob)) not in (None, pids[bob]) and p,
+            20,
+            message="bob restarted",
+        )
+        wait_for(
+            lambda: heartbeat(rd, bob).get("pid") == new_bob and frames(rd, bob) > 0,
+            10,
+            message="bob streams",
+        )
+        (m,) = sup.lines(
+            rf"{bob} account={ids['bob']} pid={pids[bob]} exited with signal SIGKILL .*restarting in "
+            r"([\d.]+)s \(backoff attempt 1\)"
+        )
         assert float(m.group(1)) == pytest.approx(0.05)
         assert {k: v for k, v in by_role(sup.pid).items() if k != bob} == others
         wait_for(lambda: all(frames(rd, k) > before[k] for k in others), 10, message="other counters rising")
-        wait_for(lambda: child_status(rd, bob).get("restarts") == 1, 10, message="status counts bob's restart")
-        wait_for(lambda: title_of(sup.pid).endswith("children=4 restarts=1"), 10, message="title counts restart")
+        wait_for(
+            lambda: child_status(rd, bob).get("restarts") == 1, 10, message="status counts bob's restart"
+        )
+        wait_for(
+            lambda: title_of(sup.pid).endswith("children=4 restarts=1"), 10, message="title counts restart"
+        )
 
         # insert dave, deactivate carol, SIGHUP: one child appears, one goes, the rest stay
         dave = add(db, secret_key, "dave")
@@ -290,12 +332,22 @@ def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite
         assert not alive(pids[carol])
         assert not os.path.exists(os.path.join(rd, "heartbeats", f"{carol}.json"))
         # SIGHUP is forwarded to the mark-price child (it reloads its symbol map, no reconnect)
-        wait_for(lambda: heartbeat(rd, "mark-price").get("fields", {}).get("reloads", 0) >= 1, 10,
-                 message="mark-price reloaded")
+        wait_for(
+            lambda: heartbeat(rd, "mark-price").get("fields", {}).get("reloads", 0) >= 1,
+            10,
+            message="mark-price reloaded",
+        )
         assert heartbeat(rd, "mark-price")["pid"] == pids["mark-price"]
         assert sup.lines(r"accounts \(SIGHUP\): 3 owned, 1 new, 1 removed, 0 changed")
-        wait_for(lambda: (st := read_status(rd)) and st["accounts"] == 3
-                 and {c["key"] for c in st["children"]} == set(after), 10, message="status shows the new set")
+        wait_for(
+            lambda: (
+                (st := read_snapshot(rd))
+                and st["accounts"] == 3
+                and {c["key"] for c in st["children"]} == set(after)
+            ),
+            10,
+            message="status shows the new set",
+        )
 
         # renaming alice changes her fingerprint: only her child restarts (no backoff), under the new name
         alice = f"user-data-{ids['alice']}"
@@ -303,14 +355,25 @@ def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite
             cur.execute("UPDATE accounts SET name = %s WHERE id = %s", ("alice2", ids["alice"]))
         db.commit()
         os.kill(sup.pid, signal.SIGHUP)
-        new_alice = wait_for(lambda: (p := by_role(sup.pid).get(alice)) not in (None, after[alice]) and p, 20,
-                             message="alice restarted")
-        wait_for(lambda: title_of(new_alice).startswith(f"kraite-mp: user-data account={ids['alice']} name=alice2 "),
-                 10, message="alice's new title")
-        assert sup.lines(rf"{alice} account={ids['alice']} pid={after[alice]} exited with .*restarting "
-                         r"\(account changed\)")
-        assert {k: v for k, v in by_role(sup.pid).items() if k != alice} == {k: v for k, v in after.items()
-                                                                              if k != alice}
+        new_alice = wait_for(
+            lambda: (p := by_role(sup.pid).get(alice)) not in (None, after[alice]) and p,
+            20,
+            message="alice restarted",
+        )
+        wait_for(
+            lambda: title_of(new_alice).startswith(
+                f"kraite-mp: user-data account={ids['alice']} name=alice2 "
+            ),
+            10,
+            message="alice's new title",
+        )
+        assert sup.lines(
+            rf"{alice} account={ids['alice']} pid={after[alice]} exited with .*restarting "
+            r"\(account changed\)"
+        )
+        assert {k: v for k, v in by_role(sup.pid).items() if k != alice} == {
+            k: v for k, v in after.items() if k != alice
+        }
 
         # SIGTERM: every child stops, the supervisor exits 0
         final = by_role(sup.pid)
@@ -318,7 +381,7 @@ def test_children_titles_restart_reload_and_graceful_stop(db, secret_key, kraite
         assert sup.proc.wait(timeout=30) == 0
         for pid in final.values():
             wait_for(lambda p=pid: not alive(p), 5, message=f"child {pid} gone")
-        assert read_status(rd)["state"] == "stopped"  # type: ignore[index]
+        assert read_snapshot(rd)["state"] == "stopped"  # type: ignore[index]
         assert sup.lines(r"supervisor stopped")
     finally:
         sup.close()
@@ -332,9 +395,13 @@ def test_parent_sigkill_takes_every_child_down(db, secret_key, kraite_env, run_d
         pids = sup.wait_children({"mark-price", *(f"user-data-{i}" for i in ids)})
         os.kill(sup.pid, signal.SIGKILL)
         sup.proc.wait(timeout=10)
-        # the issue's bound: PR_SET_PDEATHSIG ends every child within 2 s
-        wait_for(lambda: not any(alive(p) for p in pids.values()), 2.0, interval=0.02,
-                 message=f"children {pids} gone after the parent's SIGKILL")
+        # the contract's bound: PR_SET_PDEATHSIG ends every child within 2 s
+        wait_for(
+            lambda: not any(alive(p) for p in pids.values()),
+            2.0,
+            interval=0.02,
+            message=f"children {pids} gone after the parent's SIGKILL",
+        )
     finally:
         sup.close()
 
@@ -346,32 +413,56 @@ def test_crash_loop_backoff_fatal_and_stale_heartbeat(db, secret_key, kraite_env
     hang = add(db, secret_key, "hang-1")
     fatal_retry_s = 1.5
     rd = kraite_env["KRAITE_RUN_DIR"]
-    sup = start_fake(processes, kraite_env, run_dir, KRAITE__supervisor__mark_price="false",
-                     KRAITE__supervisor__fatal_retry_s=str(fatal_retry_s),
-                     KRAITE__supervisor__heartbeat_timeout_s="3")
+    sup = start_fake(
+        processes,
+        kraite_env,
+        run_dir,
+        KRAITE__supervisor__mark_price="false",
+        KRAITE__supervisor__fatal_retry_s=str(fatal_retry_s),
+        KRAITE__supervisor__heartbeat_timeout_s="3",
+    )
     try:
         pattern = rf"user-data-{crash} account={crash} pid=\d+ exited with code 1 .*restarting in ([\d.]+)s"
-        wait_for(lambda: len(sup.lines(pattern)) >= 7, 40, message=f"7 crash restarts; log:\n{sup.log()[-3000:]}")
+        wait_for(
+            lambda: len(sup.lines(pattern)) >= 7, 40, message=f"7 crash restarts; log:\n{sup.log()[-3000:]}"
+        )
         delays = [float(m.group(1)) for m in sup.lines(pattern)[:7]]
         assert delays == pytest.approx([0.05 * f for f in (1, 2, 4, 8, 16, 32, 32)])
-        wait_for(lambda: child_status(rd, f"user-data-{crash}").get("attempt", 0) >= 7, 10, message="status attempt")
+        wait_for(
+            lambda: child_status(rd, f"user-data-{crash}").get("attempt", 0) >= 7,
+            10,
+            message="status attempt",
+        )
 
         # the invalid-key account: FATAL with its reason, never retried sooner than fatal_retry_s
         fatal = child_status(rd, f"user-data-{bad}")
         assert fatal["state"] == "FATAL" and "-2015" in fatal["fatal_reason"]
         assert "secret-bad" not in sup.log()
         spawns = sup.lines(rf"^(\S+ \S+) INFO .* spawned user-data-{bad} account={bad} pid=")
-        stamps = [time.mktime(time.strptime(m.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S"))
-                  + int(m.group(1).split(",")[1]) / 1000 for m in spawns]
-        assert stamps and all(b - a >= fatal_retry_s - 0.01 for a, b in zip(stamps, stamps[1:], strict=False)), stamps
-        fatal_exits = sup.lines(rf"user-data-{bad} account={bad} pid=\d+ exited with code 77 .*: FATAL \(.*-2015")
+        stamps = [
+            time.mktime(time.strptime(m.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S"))
+            + int(m.group(1).split(",")[1]) / 1000
+            for m in spawns
+        ]
+        assert stamps and all(
+            b - a >= fatal_retry_s - 0.01 for a, b in zip(stamps, stamps[1:], strict=False)
+        ), stamps
+        fatal_exits = sup.lines(
+            rf"user-data-{bad} account={bad} pid=\d+ exited with code 77 .*: FATAL \(.*-2015"
+        )
         assert 1 <= len(fatal_exits) <= len(spawns)
 
         # the child that stopped beating is killed and restarted
-        wait_for(lambda: sup.lines(rf"user-data-{hang} account={hang} pid=\d+ heartbeat stale"), 30,
-                 message="stale heartbeat detected")
-        wait_for(lambda: sup.lines(rf"user-data-{hang} .*\(heartbeat stale\); restarting in"), 30,
-                 message="stale child restarted")
+        wait_for(
+            lambda: sup.lines(rf"user-data-{hang} account={hang} pid=\d+ heartbeat stale"),
+            30,
+            message="stale heartbeat detected",
+        )
+        wait_for(
+            lambda: sup.lines(rf"user-data-{hang} .*\(heartbeat stale\); restarting in"),
+            30,
+            message="stale child restarted",
+        )
     finally:
         sup.proc.send_signal(signal.SIGTERM)
         sup.proc.wait(timeout=30)
@@ -379,30 +470,53 @@ def test_crash_loop_backoff_fatal_and_stale_heartbeat(db, secret_key, kraite_env
 
 
 @pytest.mark.e2e
-def test_stubborn_child_is_killed_and_sync_runs_one_at_a_time(db, secret_key, kraite_env, run_dir,
-                                                               processes) -> None:
+def test_stubborn_child_is_killed_and_sync_runs_one_at_a_time(
+    db, secret_key, kraite_env, run_dir, processes
+) -> None:
     stubborn = add(db, secret_key, "stubborn-1")
     rd = kraite_env["KRAITE_RUN_DIR"]
-    sup = start_fake(processes, kraite_env, run_dir, KRAITE__supervisor__mark_price="false",
-                     KRAITE__supervisor__graceful_timeout_s="1", KRAITE__supervisor__sync_interval_s="0.5",
-                     KRAITE__supervisor__sync_timeout_s="1.2", KRAITE_TEST_SYNC_SLEEP_S="0.8")
+    sup = start_fake(
+        processes,
+        kraite_env,
+        run_dir,
+        KRAITE__supervisor__mark_price="false",
+        KRAITE__supervisor__graceful_timeout_s="1",
+        KRAITE__supervisor__sync_interval_s="0.5",
+        KRAITE__supervisor__sync_timeout_s="1.2",
+        KRAITE_TEST_SYNC_SLEEP_S="0.8",
+    )
     try:
         wait_for(lambda: f"user-data-{stubborn}" in by_role(sup.pid), 30, message="stubborn child")
         pid = by_role(sup.pid)[f"user-data-{stubborn}"]
         # deactivating it stops it: SIGTERM is ignored, so SIGKILL after graceful_timeout_s
         set_active(db, stubborn, False)
         os.kill(sup.pid, signal.SIGHUP)
-        wait_for(lambda: sup.lines(rf"user-data-{stubborn} account={stubborn} pid={pid} did not stop within"), 20,
-                 message="SIGKILL escalation")
+        wait_for(
+            lambda: sup.lines(rf"user-data-{stubborn} account={stubborn} pid={pid} did not stop within"),
+            20,
+            message="SIGKILL escalation",
+        )
         wait_for(lambda: not alive(pid), 10, message="stubborn child gone")
         # a zombie already counts as gone above; the supervisor logs once it has reaped it
-        wait_for(lambda: sup.lines(rf"pid={pid} exited with signal SIGKILL .*stopped \(account removed or deactivated\)"),
-                 10, message="the reaped child is logged as stopped on purpose")
+        wait_for(
+            lambda: sup.lines(
+                rf"pid={pid} exited with signal SIGKILL .*stopped \(account removed or deactivated\)"
+            ),
+            10,
+            message="the reaped child is logged as stopped on purpose",
+        )
 
         # periodic sync: one-shot children, never two at once
-        wait_for(lambda: len(sup.lines(r"spawned sync-orders pid=")) >= 3, 30, message=f"three sync runs; log:\n{sup.log()[-3000:]}")
-        wait_for(lambda: sup.lines(r"sync-orders pid=\d+ from the previous interval is still running"), 10,
-                 message=f"overlap refused; log:\n{sup.log()[-3000:]}")
+        wait_for(
+            lambda: len(sup.lines(r"spawned sync-orders pid=")) >= 3,
+            30,
+            message=f"three sync runs; log:\n{sup.log()[-3000:]}",
+        )
+        wait_for(
+            lambda: sup.lines(r"sync-orders pid=\d+ from the previous interval is still running"),
+            10,
+            message=f"overlap refused; log:\n{sup.log()[-3000:]}",
+        )
         events = sup.lines(r"(spawned sync-orders pid=|sync-orders pid=\d+ exited with)")
         running = 0
         for m in events:
@@ -439,7 +553,7 @@ def test_run_command_refuses_clearly(kraite_env, run_dir, processes, tmp_path) -
     # a second supervisor on the same run_dir would stream every account twice: refused
     sup = start_fake(processes, kraite_env, run_dir, KRAITE__supervisor__mark_price="false")
     try:
-        wait_for(lambda: read_status(kraite_env["KRAITE_RUN_DIR"]), 30, message="first supervisor up")
+        wait_for(lambda: read_snapshot(kraite_env["KRAITE_RUN_DIR"]), 30, message="first supervisor up")
         proc = processes.kraite("run", env=kraite_env)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == exitcodes.EXIT_TEMPFAIL, err
@@ -458,8 +572,9 @@ def _write_config(path: Path, text: str) -> None:
 
 
 @pytest.mark.e2e
-def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite_env, run_dir, processes,
-                                                          simulator, tmp_path) -> None:
+def test_kraite_mp_run_streams_restarts_reloads_and_stops(
+    db, secret_key, kraite_env, run_dir, processes, simulator, tmp_path
+) -> None:
     from kraite_mp.ops.seed import seed_symbols
 
     sim = simulator
@@ -467,16 +582,26 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
     names = ("alice", "bob", "carol")
     ids = {}
     for name, acct in zip(names, sim.accounts, strict=True):
-        ids[name] = add_account(db, secret_key, name=name, api_key=acct.api_key, api_secret=acct.api_secret).id
+        ids[name] = add_account(
+            db, secret_key, name=name, api_key=acct.api_key, api_secret=acct.api_secret
+        ).id
     api_key = {f"user-data-{ids[n]}": a.api_key for n, a in zip(names, sim.accounts, strict=True)}
     rd = kraite_env["KRAITE_RUN_DIR"]
     config = tmp_path / "kraite-mp.toml"
     _write_config(config, "[supervisor]\nsync_interval_s = 0\n")
-    env = {**kraite_env, **{k: v for k, v in FAST_ENV.items() if "sync_interval" not in k},
-           "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE_BINANCE_WS_URL": sim.ws_url}
+    env = {
+        **kraite_env,
+        **{k: v for k, v in FAST_ENV.items() if "sync_interval" not in k},
+        "KRAITE_BINANCE_REST_URL": sim.rest_url,
+        "KRAITE_BINANCE_WS_URL": sim.ws_url,
+    }
     sim.set_rate(4.0)  # scenario events on every account, so frame counters move
-    sup = Supervisor(processes, env, [sys.executable, "-m", "kraite_mp", "--config", str(config), "run"],
-                     Path(run_dir) / "supervisor.log")
+    sup = Supervisor(
+        processes,
+        env,
+        [sys.executable, "-m", "kraite_mp", "--config", str(config), "run"],
+        Path(run_dir) / "supervisor.log",
+    )
     try:
         keys = {"mark-price", *api_key}
         pids = sup.wait_children(keys, timeout=60)
@@ -487,10 +612,16 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
                 account_id = int(key.rsplit("-", 1)[1])
                 name = next(n for n, i in ids.items() if i == account_id)
                 pattern = rf"kraite-mp: user-data account={account_id} name={name} state=streaming frames=\d+ last=\S+ .*"
-            wait_for(lambda p=pid, pat=pattern: re.fullmatch(pat, title_of(p)), 60,
-                     message=f"{key} title; log:\n{sup.log()[-3000:]}")
-        wait_for(lambda: title_of(sup.pid) == "kraite-mp: supervisor accounts=3 children=4 restarts=0", 10,
-                 message="supervisor title")
+            wait_for(
+                lambda p=pid, pat=pattern: re.fullmatch(pat, title_of(p)),
+                60,
+                message=f"{key} title; log:\n{sup.log()[-3000:]}",
+            )
+        wait_for(
+            lambda: title_of(sup.pid) == "kraite-mp: supervisor accounts=3 children=4 restarts=0",
+            10,
+            message="supervisor title",
+        )
         for key in api_key.values():
             assert sim.wait_for_connections(key, 1, timeout=30)
         assert sim.wait_for_connections("market", 1, timeout=30)
@@ -500,12 +631,19 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
         opened = dict(sim.stats()["ws_opened"])
         before = {k: frames(rd, k) for k in api_key if k != bob}
         os.kill(pids[bob], signal.SIGKILL)
-        wait_for(lambda: sim.stats()["ws_opened"].get(api_key[bob], 0) == opened[api_key[bob]] + 1, 60,
-                 message=f"bob reconnected; log:\n{sup.log()[-3000:]}")
+        wait_for(
+            lambda: sim.stats()["ws_opened"].get(api_key[bob], 0) == opened[api_key[bob]] + 1,
+            60,
+            message=f"bob reconnected; log:\n{sup.log()[-3000:]}",
+        )
         assert by_role(sup.pid)[bob] != pids[bob]
-        assert sup.lines(rf"{bob} account={ids['bob']} pid={pids[bob]} exited with signal SIGKILL .*restarting in "
-                         r"0\.050s \(backoff attempt 1\)")
-        wait_for(lambda: all(frames(rd, k) > before[k] for k in before), 30, message="other streams' frames rising")
+        assert sup.lines(
+            rf"{bob} account={ids['bob']} pid={pids[bob]} exited with signal SIGKILL .*restarting in "
+            r"0\.050s \(backoff attempt 1\)"
+        )
+        wait_for(
+            lambda: all(frames(rd, k) > before[k] for k in before), 30, message="other streams' frames rising"
+        )
         after = sim.stats()["ws_opened"]
         for key in before:
             assert after[api_key[key]] == opened[api_key[key]], key
@@ -513,23 +651,35 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
         assert after["market"] == opened["market"]
 
         # a broken config on SIGHUP is refused and changes nothing
-        _write_config(config, "[supervisor]\nsync_interval_s = \"often\"\n")
+        _write_config(config, '[supervisor]\nsync_interval_s = "often"\n')
         os.kill(sup.pid, signal.SIGHUP)
-        wait_for(lambda: sup.lines(r"reload: configuration error, keeping the previous settings: "
-                                   r"supervisor\.sync_interval_s"), 20, message="bad config refused")
+        wait_for(
+            lambda: sup.lines(
+                r"reload: configuration error, keeping the previous settings: "
+                r"supervisor\.sync_interval_s"
+            ),
+            20,
+            message="bad config refused",
+        )
         # a good one turns the periodic sync on: the real sync child runs and exits 0
         _write_config(config, "[supervisor]\nsync_interval_s = 1.0\n")
         os.kill(sup.pid, signal.SIGHUP)
-        wait_for(lambda: sup.lines(r"sync-orders pid=\d+ exited with code 0 \(ok\)"), 60,
-                 message=f"one sync pass; log:\n{sup.log()[-3000:]}")
+        wait_for(
+            lambda: sup.lines(r"sync-orders pid=\d+ exited with code 0 \(ok\)"),
+            60,
+            message=f"one sync pass; log:\n{sup.log()[-3000:]}",
+        )
         _write_config(config, "[supervisor]\nsync_interval_s = 0\n")
 
         # deactivate carol + SIGHUP: her stream closes, the others are not touched
         carol = f"user-data-{ids['carol']}"
         set_active(db, ids["carol"], False)
         os.kill(sup.pid, signal.SIGHUP)
-        wait_for(lambda: sim.stats()["current_connections"].get(api_key[carol], 0) == 0, 30,
-                 message="carol's connection closed")
+        wait_for(
+            lambda: sim.stats()["current_connections"].get(api_key[carol], 0) == 0,
+            30,
+            message="carol's connection closed",
+        )
         wait_for(lambda: carol not in by_role(sup.pid), 30, message="carol's child gone")
         now = sim.stats()["ws_opened"]
         assert now[api_key[f"user-data-{ids['alice']}"]] == opened[api_key[f"user-data-{ids['alice']}"]]
@@ -548,39 +698,62 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(db, secret_key, kraite
         assert sup.proc.wait(timeout=30) == 0
         for pid in final.values():
             wait_for(lambda p=pid: not alive(p), 5, message=f"child {pid} gone")
-        wait_for(lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left")
+        wait_for(
+            lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left"
+        )
     finally:
         sup.close()
 
 
 @pytest.mark.e2e
-def test_kraite_mp_run_parent_sigkill_closes_every_stream(db, secret_key, kraite_env, run_dir, processes,
-                                                          simulator) -> None:
+def test_kraite_mp_run_parent_sigkill_closes_every_stream(
+    db, secret_key, kraite_env, run_dir, processes, simulator
+) -> None:
     from kraite_mp.ops.seed import seed_symbols
 
     sim = simulator
     seed_symbols(db, [s for s, _ in sim.mark_symbols], coverage=1.0)
-    ids = [add_account(db, secret_key, name=f"acct{i}", api_key=a.api_key, api_secret=a.api_secret).id
-           for i, a in enumerate(sim.accounts)]
+    ids = [
+        add_account(db, secret_key, name=f"acct{i}", api_key=a.api_key, api_secret=a.api_secret).id
+        for i, a in enumerate(sim.accounts)
+    ]
     # a key the exchange does not know: the real child exits FATAL (-2015), the supervisor keeps it FATAL
-    bogus = add_account(db, secret_key, name="bogus", api_key="unknown-key-0123456789", api_secret="nope-nope").id
-    env = {**kraite_env, **FAST_ENV, "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE_BINANCE_WS_URL": sim.ws_url}
+    bogus = add_account(
+        db, secret_key, name="bogus", api_key="unknown-key-0123456789", api_secret="nope-nope"
+    ).id
+    env = {
+        **kraite_env,
+        **FAST_ENV,
+        "KRAITE_BINANCE_REST_URL": sim.rest_url,
+        "KRAITE_BINANCE_WS_URL": sim.ws_url,
+    }
     rd = kraite_env["KRAITE_RUN_DIR"]
-    sup = Supervisor(processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log")
+    sup = Supervisor(
+        processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log"
+    )
     try:
         pids = sup.wait_children({"mark-price", *(f"user-data-{i}" for i in ids)}, timeout=60)
         for acct in sim.accounts:
             assert sim.wait_for_connections(acct.api_key, 1, timeout=30)
-        fatal = wait_for(lambda: (c := child_status(rd, f"user-data-{bogus}")).get("state") == "FATAL" and c, 30,
-                         message=f"bogus account FATAL; log:\n{sup.log()[-3000:]}")
+        fatal = wait_for(
+            lambda: (c := child_status(rd, f"user-data-{bogus}")).get("state") == "FATAL" and c,
+            30,
+            message=f"bogus account FATAL; log:\n{sup.log()[-3000:]}",
+        )
         assert "invalid" in (fatal["fatal_reason"] or "").lower(), fatal
         assert fatal["last_exit_code"] == exitcodes.EXIT_FATAL_CREDENTIALS
         assert fatal["spawns"] == 1  # fatal_retry_s (300 s) has not passed: no hot loop
         os.kill(sup.pid, signal.SIGKILL)
         sup.proc.wait(timeout=10)
-        # the issue's bound: no orphan keeps streaming; every child is gone within 2 s
-        wait_for(lambda: not any(alive(p) for p in pids.values()), 2.0, interval=0.02,
-                 message=f"real children {pids} gone after the parent's SIGKILL")
-        wait_for(lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left")
+        # the contract's bound: no orphan keeps streaming; every child is gone within 2 s
+        wait_for(
+            lambda: not any(alive(p) for p in pids.values()),
+            2.0,
+            interval=0.02,
+            message=f"real children {pids} gone after the parent's SIGKILL",
+        )
+        wait_for(
+            lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left"
+        )
     finally:
         sup.close()

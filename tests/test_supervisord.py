@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MARKER_VAR, ROOT, marked_pids, wait_for
+from support import MARKER_VAR, ROOT, marked_pids, wait_for
 
 from kraite_mp.config import Settings, load_settings
 from kraite_mp.store.accounts import add_account
@@ -48,22 +48,12 @@ def _bin(name: str) -> str:
     return found
 
 
-
-
 def child_pids(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -98,14 +88,22 @@ class Supervisord:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [_bin("supervisord"), "-n", "-c", str(self.conf)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             cwd=str(self.workdir),
         )
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k != MARKER_VAR}
-        return subprocess.run([_bin("supervisorctl"), "-c", str(self.ctl_conf), *args], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [_bin("supervisorctl"), "-c", str(self.ctl_conf), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def status(self) -> dict[str, tuple[str, int | None]]:
         """program -> (state, pid) from ``supervisorctl status``."""
@@ -288,7 +286,9 @@ def test_example_config_lists_every_setting_with_its_default(tmp_path: Path) -> 
     example = ROOT / "etc" / "kraite-mp.toml.example"
     text = example.read_text()
     # as shipped (everything commented out) it is valid and means "defaults"
-    assert load_settings(example, environ={}).redacted() == dict(Settings().redacted(), source=f"defaults + {example}")
+    assert load_settings(example, environ={}).redacted() == dict(
+        Settings().redacted(), source=f"defaults + {example}"
+    )
     # switched on, it holds every setting of config.py at its default, and nothing else
     switched_on = _uncommented(text)
     documented = _flatten(tomllib.loads(switched_on))
@@ -322,27 +322,33 @@ def _count(db: Any, sql: str) -> int:
 def test_supervisord_runs_stops_and_restarts_kraite_mp(
     supervisord_factory: Any, simulator: Any, db: Any, secret_key: str
 ) -> None:
-    pytest.importorskip("kraite_mp.streams.userdata", reason="the user-data child (issue 4) has not landed")
-    pytest.importorskip("kraite_mp.jobs", reason="the dramatiq jobs module (issue 4) has not landed")
     from kraite_mp.ops.seed import seed_symbols
 
     for i, acc in enumerate(simulator.accounts):
         add_account(db, secret_key, name=f"sim-{i}", api_key=acc.api_key, api_secret=acc.api_secret)
     seed_symbols(db, [s for s, _ in simulator.mark_symbols])
-    sup = supervisord_factory({
-        "KRAITE_BINANCE_REST_URL": simulator.rest_url,
-        "KRAITE_BINANCE_WS_URL": simulator.ws_url,
-    })
+    sup = supervisord_factory(
+        {
+            "KRAITE_BINANCE_REST_URL": simulator.rest_url,
+            "KRAITE_BINANCE_WS_URL": simulator.ws_url,
+        }
+    )
     sup.start()
     try:
         running = wait_for(sup.all_running, timeout=120, message="both programs RUNNING")
         simulator.set_rate(2.0)
 
         # frames flow: user-data frames audited, mark prices written
-        wait_for(lambda: _count(db, "SELECT count(*) FROM api_data_stream") >= 3, timeout=120,
-                 message="frames in api_data_stream")
-        wait_for(lambda: _count(db, "SELECT count(*) FROM exchange_symbols WHERE mark_price IS NOT NULL") > 0,
-                 timeout=60, message="mark prices written")
+        wait_for(
+            lambda: _count(db, "SELECT count(*) FROM api_data_stream") >= 3,
+            timeout=120,
+            message="frames in api_data_stream",
+        )
+        wait_for(
+            lambda: _count(db, "SELECT count(*) FROM exchange_symbols WHERE mark_price IS NOT NULL") > 0,
+            timeout=60,
+            message="mark prices written",
+        )
 
         # the scan that later proves "nothing left" sees the whole tree now: supervisord, kraite-mp and
         # its 4 children, dramatiq's main process and its 2 worker processes
@@ -350,8 +356,13 @@ def test_supervisord_runs_stops_and_restarts_kraite_mp(
 
         # `kraite-mp status` (from Redis) lists the supervisor and its children, all fresh
         def status_rows() -> dict[str, Any] | None:
-            result = subprocess.run([sys.executable, "-m", "kraite_mp", "status", "--json"], env=sup.env,
-                                    capture_output=True, text=True, timeout=60)
+            result = subprocess.run(
+                [sys.executable, "-m", "kraite_mp", "status", "--json"],
+                env=sup.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             rows = {r["key"]: r for r in json.loads(result.stdout or "[]")} if result.returncode == 0 else {}
             wanted = {"supervisor", "mark-price", *(f"user-data-{i}" for i in (1, 2, 3))}
             ok = wanted <= set(rows) and all(rows[k]["state"] in ("running", "streaming") for k in wanted)
@@ -365,19 +376,31 @@ def test_supervisord_runs_stops_and_restarts_kraite_mp(
         # kill -9 kraite-mp's parent: its children follow it (PDEATHSIG), supervisord starts a new one
         old_pid = running["kraite-mp"][1]
         assert old_pid is not None
-        old_children = wait_for(lambda: child_pids(old_pid) if len(child_pids(old_pid)) >= 4 else None,
-                                timeout=60, message="3 user-data children + mark-price forked")
+        old_children = wait_for(
+            lambda: child_pids(old_pid) if len(child_pids(old_pid)) >= 4 else None,
+            timeout=60,
+            message="3 user-data children + mark-price forked",
+        )
         os.kill(old_pid, signal.SIGKILL)
-        wait_for(lambda: not set(old_children) & set(marked_pids(sup.marker, sup.workdir)), timeout=30,
-                 message="the killed parent's children exit")
+        wait_for(
+            lambda: not set(old_children) & set(marked_pids(sup.marker, sup.workdir)),
+            timeout=30,
+            message="the killed parent's children exit",
+        )
         restarted = wait_for(
             lambda: (st := sup.all_running()) and st["kraite-mp"][1] not in (None, old_pid) and st,
-            timeout=120, message="supervisord restarts kraite-mp",
+            timeout=120,
+            message="supervisord restarts kraite-mp",
         )
-        assert restarted["kraite-mp-worker"][1] == running["kraite-mp-worker"][1], "the worker was not touched"
+        assert restarted["kraite-mp-worker"][1] == running["kraite-mp-worker"][1], (
+            "the worker was not touched"
+        )
         before = _count(db, "SELECT count(*) FROM api_data_stream")
-        wait_for(lambda: _count(db, "SELECT count(*) FROM api_data_stream") > before, timeout=120,
-                 message="frames flow again after the restart")
+        wait_for(
+            lambda: _count(db, "SELECT count(*) FROM api_data_stream") > before,
+            timeout=120,
+            message="frames flow again after the restart",
+        )
 
         # graceful stop of everything: exit status 0, nothing left behind
         simulator.set_rate(0.0)
@@ -399,8 +422,11 @@ def test_supervisord_runs_stops_and_restarts_kraite_mp(
         # nothing but supervisord itself carries the marker any more
         assert sup.proc is not None
         supervisord_pid = sup.proc.pid
-        wait_for(lambda: not [p for p in marked_pids(sup.marker, sup.workdir) if p != supervisord_pid] or None, timeout=30,
-                 message="no process but supervisord left after stop all")
+        wait_for(
+            lambda: not [p for p in marked_pids(sup.marker, sup.workdir) if p != supervisord_pid] or None,
+            timeout=30,
+            message="no process but supervisord left after stop all",
+        )
         assert all(state == "STOPPED" for state, _ in sup.status().values())
     except BaseException:
         sys.stderr.write(sup.diagnostics())

@@ -13,13 +13,11 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import wait_for
 from fixtures.userdata_helpers import (
     ALL_DISPATCH_KEYS,
     Recorder,
     add_sim_accounts,
     audit_count,
-    read_title,
     run_scenario,
     running_worker,
     settings_from,
@@ -27,6 +25,7 @@ from fixtures.userdata_helpers import (
     start_child,
     truth_mismatches,
 )
+from support import title_of, wait_for
 
 from kraite_mp import exitcodes, jobs
 from kraite_mp.config import Settings
@@ -69,7 +68,7 @@ class Setup:
         return text
 
     def title(self, account_id: int) -> str:
-        return read_title(self.children[account_id].pid)
+        return title_of(self.children[account_id].pid)
 
 
 @pytest.fixture()
@@ -94,9 +93,14 @@ def setup_factory(kraite_env: dict[str, str], run_dir: str, processes: Any) -> I
 
 
 def wait_streaming(setup: Setup, sim: Any, account: Any, connections: int = 1, timeout: float = 30) -> None:
-    wait_for(lambda: sim.stats()["ws_opened"].get(account.api_key, 0) >= connections
-             and sim.stats()["current_connections"].get(account.api_key, 0) >= 1,
-             timeout, message=f"child of account {account.id} connected ({connections})")
+    wait_for(
+        lambda: (
+            sim.stats()["ws_opened"].get(account.api_key, 0) >= connections
+            and sim.stats()["current_connections"].get(account.api_key, 0) >= 1
+        ),
+        timeout,
+        message=f"child of account {account.id} connected ({connections})",
+    )
     wait_for(lambda: "state=streaming" in setup.title(account.id), timeout, message="title says streaming")
 
 
@@ -104,8 +108,9 @@ def frames_sent(sim: Any, api_key: str) -> int:
     return int(sim.stats()["frames_sent"].get(api_key, 0))
 
 
-def test_scenario_through_child_and_worker_matches_truth(db: Any, simulator: Any, secret_key: str,
-                                                         setup_factory: Any) -> None:
+def test_scenario_through_child_and_worker_matches_truth(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
     setup = setup_factory(simulator, user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS)
     accounts = add_sim_accounts(db, secret_key, simulator, 2)
     with running_worker(setup.broker, threads=8):
@@ -117,16 +122,26 @@ def test_scenario_through_child_and_worker_matches_truth(db: Any, simulator: Any
             run_scenario(simulator, account.api_key, steps=60)
         for account in accounts:
             sent = frames_sent(simulator, account.api_key)
-            wait_for(lambda a=account, n=sent: audit_count(db, a.id) == n, 60,
-                     message=f"every frame of account {account.id} audited")
-            wait_for(lambda a=account: truth_mismatches(db, a.id, simulator.truth(a.api_key)) == [], 30,
-                     message=f"orders of account {account.id} equal the simulator's truth")
+            wait_for(
+                lambda a=account, n=sent: audit_count(db, a.id) == n,
+                60,
+                message=f"every frame of account {account.id} audited",
+            )
+            wait_for(
+                lambda a=account: truth_mismatches(db, a.id, simulator.truth(a.api_key)) == [],
+                30,
+                message=f"orders of account {account.id} equal the simulator's truth",
+            )
         # one reconcile request per connect, through the same spool and queue
         wait_for(lambda: len(setup.recorder.actors(RECONCILE_ACTOR)) >= 2, 30, message="reconcile requests")
-    assert sorted(k["account_id"] for k in setup.recorder.actors(RECONCILE_ACTOR)) == sorted(a.id for a in accounts)
+    assert sorted(k["account_id"] for k in setup.recorder.actors(RECONCILE_ACTOR)) == sorted(
+        a.id for a in accounts
+    )
     assert {k["reason"] for k in setup.recorder.actors(RECONCILE_ACTOR)} == {"connect"}
     title = setup.title(accounts[0].id)
-    assert title.startswith(f"kraite-mp: user-data account={accounts[0].id} name=acct0 state=streaming frames=")
+    assert title.startswith(
+        f"kraite-mp: user-data account={accounts[0].id} name=acct0 state=streaming frames="
+    )
     assert f"frames={frames_sent(simulator, accounts[0].api_key)}" in title and "backlog=0" in title
     # frames of one account were enqueued in the order they were received
     for account in accounts:
@@ -135,12 +150,16 @@ def test_scenario_through_child_and_worker_matches_truth(db: Any, simulator: Any
     assert setup.children[accounts[0].id].poll() is None
 
 
-def test_redis_outage_loses_no_frame_and_replays_in_order(db: Any, secret_key: str, kraite_env: dict[str, str],
-                                                          setup_factory: Any, simulator: Any) -> None:
+def test_redis_outage_loses_no_frame_and_replays_in_order(
+    db: Any, secret_key: str, kraite_env: dict[str, str], setup_factory: Any, simulator: Any
+) -> None:
     server = RedisServer().start()
     try:
-        setup = setup_factory(simulator, KRAITE_REDIS_URL=server.url,
-                              user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS)
+        setup = setup_factory(
+            simulator,
+            KRAITE_REDIS_URL=server.url,
+            user_data_stream__binance__dispatched_executions=ALL_DISPATCH_KEYS,
+        )
         (account,) = add_sim_accounts(db, secret_key, simulator, 1)
         api_key = account.api_key
         # the server pings every second and drops a client that does not pong within 3 s: the pong path
@@ -165,14 +184,18 @@ def test_redis_outage_loses_no_frame_and_replays_in_order(db: Any, secret_key: s
         # (the worker is stopped before Redis returns so that the queue can be inspected below)
         during = frames_sent(simulator, api_key) - before
         assert during > 0
-        wait_for(lambda: f"backlog={during}" in setup.title(account.id), 20, message="title shows the backlog")
+        wait_for(
+            lambda: f"backlog={during}" in setup.title(account.id), 20, message="title shows the backlog"
+        )
         assert child.poll() is None
         assert simulator.stats()["ws_opened"][api_key] == opened  # never disconnected: pongs kept flowing
         assert "Redis unavailable" in setup.logs() and "backlog=" in setup.logs()
         assert any("backlog=" in t and "backlog=0" not in t for t in titles)
 
         server.start()  # same port, empty: only the spooled frames will be in the queue
-        wait_for(lambda: "backlog=0" in setup.title(account.id), 60, message="spool drained after Redis is back")
+        wait_for(
+            lambda: "backlog=0" in setup.title(account.id), 60, message="spool drained after Redis is back"
+        )
         client = redis.Redis.from_url(server.url)
         try:
             queue_key = f"{broker_namespace(setup.settings)}:{setup.settings.user_data_stream.queue_name}"
@@ -190,15 +213,19 @@ def test_redis_outage_loses_no_frame_and_replays_in_order(db: Any, secret_key: s
         with running_worker(setup.broker, threads=8):
             total = frames_sent(simulator, api_key)
             wait_for(lambda: audit_count(db, account.id) == total, 60, message="every frame processed")
-            wait_for(lambda: truth_mismatches(db, account.id, simulator.truth(api_key)) == [], 30,
-                     message="orders equal the truth")
+            wait_for(
+                lambda: truth_mismatches(db, account.id, simulator.truth(api_key)) == [],
+                30,
+                message="orders equal the truth",
+            )
         assert child.poll() is None
     finally:
         server.cleanup()
 
 
-def test_spool_survives_a_killed_child(db: Any, secret_key: str, simulator: Any, setup_factory: Any,
-                                       kraite_env: dict[str, str]) -> None:
+def test_spool_survives_a_killed_child(
+    db: Any, secret_key: str, simulator: Any, setup_factory: Any, kraite_env: dict[str, str]
+) -> None:
     server = RedisServer().start()
     try:
         setup = setup_factory(simulator, KRAITE_REDIS_URL=server.url)
@@ -216,7 +243,9 @@ def test_spool_survives_a_killed_child(db: Any, secret_key: str, simulator: Any,
         server.start()
         setup.start_child(account.id)  # a new incarnation sends what the dead one spooled, first
         with running_worker(setup.broker, threads=4):
-            wait_for(lambda: audit_count(db, account.id) == sent, 60, message="spooled frames of the dead child")
+            wait_for(
+                lambda: audit_count(db, account.id) == sent, 60, message="spooled frames of the dead child"
+            )
         spool_dir = os.path.join(setup.settings.user_data_stream.spool_dir, str(account.id))
         segments = glob.glob(os.path.join(spool_dir, "*.seg"))
         assert len(segments) == 1  # drained segments of the dead child removed
@@ -224,13 +253,19 @@ def test_spool_survives_a_killed_child(db: Any, secret_key: str, simulator: Any,
         server.cleanup()
 
 
-def test_bad_frames_are_audited_and_child_and_worker_keep_running(db: Any, simulator: Any, secret_key: str,
-                                                                  setup_factory: Any) -> None:
+def test_bad_frames_are_audited_and_child_and_worker_keep_running(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
     setup = setup_factory(simulator)
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     child = setup.start_child(account.id)
-    bad = ["this is not json", '{"e":"FROM_THE_FUTURE","E":1}', "[1,2,3]",
-           '{"e":"ORDER_TRADE_UPDATE","o":{"x":"TRADE"}}', '{"pad":"' + "y" * (1536 * 1024) + '"}']
+    bad = [
+        "this is not json",
+        '{"e":"FROM_THE_FUTURE","E":1}',
+        "[1,2,3]",
+        '{"e":"ORDER_TRADE_UPDATE","o":{"x":"TRADE"}}',
+        '{"pad":"' + "y" * (1536 * 1024) + '"}',
+    ]
     with running_worker(setup.broker, threads=8):
         wait_streaming(setup, simulator, account)
         for text in bad:
@@ -248,8 +283,9 @@ def test_bad_frames_are_audited_and_child_and_worker_keep_running(db: Any, simul
     assert simulator.stats()["ws_opened"][account.api_key] == 1
 
 
-def test_listen_key_expired_frame_new_key_reconnect_and_reconcile(db: Any, simulator: Any, secret_key: str,
-                                                                   setup_factory: Any) -> None:
+def test_listen_key_expired_frame_new_key_reconnect_and_reconcile(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
     setup = setup_factory(simulator)
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     setup.start_child(account.id)
@@ -263,7 +299,9 @@ def test_listen_key_expired_frame_new_key_reconnect_and_reconcile(db: Any, simul
         simulator.step(account.api_key, n=5)
         sent = frames_sent(simulator, account.api_key)
         wait_for(lambda: audit_count(db, account.id) == sent, 60, message="frames on the new connection")
-        wait_for(lambda: len(setup.recorder.actors(RECONCILE_ACTOR)) >= 2, 30, message="reconcile after reconnect")
+        wait_for(
+            lambda: len(setup.recorder.actors(RECONCILE_ACTOR)) >= 2, 30, message="reconcile after reconnect"
+        )
     reasons = [k["reason"] for k in setup.recorder.actors(RECONCILE_ACTOR)]
     assert sorted(reasons) == ["connect", "reconnect:listenKeyExpired"]  # (finished in any order)
     with db.cursor() as cur:
@@ -276,12 +314,15 @@ def test_listen_key_expired_frame_new_key_reconnect_and_reconcile(db: Any, simul
 def test_keepalive_1125_gets_a_new_key(db: Any, simulator: Any, secret_key: str, setup_factory: Any) -> None:
     # without listenKeyExpired in the events list only the keepalive can notice the dead key
     events = "ORDER_TRADE_UPDATE,TRADE_LITE,ACCOUNT_UPDATE,ALGO_UPDATE"
-    setup = setup_factory(simulator, user_data_stream__events=events, user_data_stream__keepalive_interval_s="1")
+    setup = setup_factory(
+        simulator, user_data_stream__events=events, user_data_stream__keepalive_interval_s="1"
+    )
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     setup.start_child(account.id)
     wait_streaming(setup, simulator, account)
-    wait_for(lambda: simulator.stats()["requests"].get("/fapi/v1/listenKey", 0) >= 3, 20,
-             message="keepalives sent")
+    wait_for(
+        lambda: simulator.stats()["requests"].get("/fapi/v1/listenKey", 0) >= 3, 20, message="keepalives sent"
+    )
     first_key = simulator.truth(account.api_key)["listen_key"]
     simulator.expire_listen_key(account.api_key)
     wait_streaming(setup, simulator, account, connections=2)
@@ -289,9 +330,12 @@ def test_keepalive_1125_gets_a_new_key(db: Any, simulator: Any, secret_key: str,
     assert "listenKey expired (keepalive -1125)" in setup.logs()
 
 
-def test_half_open_connection_detected_by_pong_timeout(db: Any, simulator: Any, secret_key: str,
-                                                       setup_factory: Any) -> None:
-    setup = setup_factory(simulator, user_data_stream__ping_interval_s="0.5", user_data_stream__pong_timeout_s="1.5")
+def test_half_open_connection_detected_by_pong_timeout(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
+    setup = setup_factory(
+        simulator, user_data_stream__ping_interval_s="0.5", user_data_stream__pong_timeout_s="1.5"
+    )
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     setup.start_child(account.id)
     wait_streaming(setup, simulator, account)
@@ -302,8 +346,9 @@ def test_half_open_connection_detected_by_pong_timeout(db: Any, simulator: Any, 
     assert "pong-timeout" in setup.logs()
 
 
-def test_reconnects_before_max_connection_age(db: Any, simulator: Any, secret_key: str,
-                                              setup_factory: Any) -> None:
+def test_reconnects_before_max_connection_age(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
     setup = setup_factory(simulator, user_data_stream__max_connection_age_s="1.5")
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     setup.start_child(account.id)
@@ -311,7 +356,9 @@ def test_reconnects_before_max_connection_age(db: Any, simulator: Any, secret_ke
     assert "disconnected (max-connection-age)" in setup.logs()
 
 
-def test_server_close_reconnects_with_backoff(db: Any, simulator: Any, secret_key: str, setup_factory: Any) -> None:
+def test_server_close_reconnects_with_backoff(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
     setup = setup_factory(simulator)
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     setup.start_child(account.id)
@@ -323,8 +370,9 @@ def test_server_close_reconnects_with_backoff(db: Any, simulator: Any, secret_ke
     assert "reconnecting in" in setup.logs()
 
 
-def test_invalid_credentials_exit_fatal_and_are_recorded(db: Any, simulator: Any, secret_key: str,
-                                                         setup_factory: Any) -> None:
+def test_invalid_credentials_exit_fatal_and_are_recorded(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any
+) -> None:
     setup = setup_factory(simulator)
     (account,) = add_sim_accounts(db, secret_key, simulator, 1)
     simulator.invalidate_api_key(account.api_key)
@@ -335,8 +383,9 @@ def test_invalid_credentials_exit_fatal_and_are_recorded(db: Any, simulator: Any
     assert simulator.stats()["requests"].get("/fapi/v1/listenKey", 0) == 1  # no hot loop
 
 
-def test_no_secret_or_listen_key_in_logs_titles_or_audit(db: Any, simulator: Any, secret_key: str,
-                                                         setup_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_secret_or_listen_key_in_logs_titles_or_audit(
+    db: Any, simulator: Any, secret_key: str, setup_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("DEBUG")
     setup = setup_factory(simulator, KRAITE_LOG_LEVEL="DEBUG", user_data_stream__keepalive_interval_s="1")
     accounts = add_sim_accounts(db, secret_key, simulator, 2)
@@ -369,16 +418,23 @@ def test_no_secret_or_listen_key_in_logs_titles_or_audit(db: Any, simulator: Any
             fields = dict(f.split("=", 1) for f in setup.title(a.id).split() if "=" in f)
             return int(fields.get("frames", "-1"))
 
-        wait_for(lambda: received() >= frames_sent(simulator, a.api_key) - 5 and audit_count(db, a.id) == received(),
-                 60, message="every received frame audited")
+        wait_for(
+            lambda: (
+                received() >= frames_sent(simulator, a.api_key) - 5 and audit_count(db, a.id) == received()
+            ),
+            60,
+            message="every received frame audited",
+        )
         simulator.invalidate_api_key(accounts[1].api_key)
         simulator.expire_listen_key(accounts[1].api_key)
         assert setup.children[accounts[1].id].wait(30) == exitcodes.EXIT_FATAL_CREDENTIALS
     secrets = {k for k in keys if k} | {acc.api_secret for acc in simulator.accounts}
     assert len(keys) >= 3
     with db.cursor() as cur:
-        cur.execute("SELECT coalesce(payload::text, '') || coalesce(raw_text, '') || coalesce(error, '')"
-                    " FROM api_data_stream")
+        cur.execute(
+            "SELECT coalesce(payload::text, '') || coalesce(raw_text, '') || coalesce(error, '')"
+            " FROM api_data_stream"
+        )
         audit = "\n".join(r[0] for r in cur.fetchall())
         cur.execute("SELECT coalesce(credentials_error, '') FROM accounts")
         audit += "\n".join(r[0] for r in cur.fetchall())
@@ -393,7 +449,13 @@ def test_no_secret_or_listen_key_in_logs_titles_or_audit(db: Any, simulator: Any
             spool += f.read().decode(errors="replace")
     logs = setup.logs()
     assert "DEBUG" in logs and "listenKeyExpired" in audit and spool
-    for name, text in (("child logs", logs), ("worker logs", caplog.text), ("titles", "\n".join(titles)),
-                       ("audit rows", audit), ("heartbeats", heartbeats), ("spool", spool)):
+    for name, text in (
+        ("child logs", logs),
+        ("worker logs", caplog.text),
+        ("titles", "\n".join(titles)),
+        ("audit rows", audit),
+        ("heartbeats", heartbeats),
+        ("spool", spool),
+    ):
         for secret in secrets:
             assert secret not in text, f"a secret leaked into the {name}"

@@ -1,17 +1,14 @@
-"""Pure units of the user-data path: the durable spool, frame parsing/scrubbing, frame ids, records."""
+"""Pure units of the user-data path: the durable spool, frame ids, records (frame parsing: test_binance_user.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, parse_frame, scrub_text
 from kraite_mp.config import load_settings
-from kraite_mp.logs import register_secret
 from kraite_mp.messages import FrameIds, frame_record, reconcile_record, record_message
 from kraite_mp.streams.spool import Spool, segment_name
 from kraite_mp.streams.userdata import stream_url
@@ -117,39 +114,6 @@ def test_spool_read_waits_for_the_writer(tmp_path: Path) -> None:
         assert [r.data for r in records] == [b"late"]
 
 
-# -- frames ----------------------------------------------------------------------------------------------
-
-
-def test_parse_frame_kinds() -> None:
-    assert parse_frame('{"e":"ORDER_TRADE_UPDATE","E":1,"o":{}}').known
-    unknown = parse_frame('{"e":"NEW_THING","E":"17"}')
-    assert unknown.kind == "event" and not unknown.known and unknown.event_time_ms == 17
-    assert parse_frame("{oops").kind == "malformed"
-    assert parse_frame("[]").kind == "not_object"
-    assert parse_frame('{"E":1}').kind == "not_object"
-    over = parse_frame('{"e":"X","p":"' + "z" * MAX_FRAME_CHARS + '"}')
-    assert over.kind == "oversized" and over.raw_text is not None and len(over.raw_text) <= 8192
-
-
-def test_parse_keeps_exact_text_unless_scrubbing() -> None:
-    text = '{"e":"ACCOUNT_UPDATE","E":1,"x":1.10000000000000000001}'
-    assert parse_frame(text).payload_text == text  # numbers never pass through float
-    expired = parse_frame('{"e":"listenKeyExpired","E":"1","listenKey":"abcdefghijklmnop"}')
-    assert expired.payload_text is not None and "abcdefghijklmnop" not in expired.payload_text
-    assert json.loads(expired.payload_text)["listenKey"] == "***"
-    nested = parse_frame('{"e":"X","E":1,"d":[{"listenKey":"qqqqqqqqqqqqqqqq"}]}')
-    assert nested.payload_text is not None and "qqqqqqqqqqqqqqqq" not in nested.payload_text
-
-
-def test_scrub_text_removes_keys_and_registered_secrets() -> None:
-    register_secret("SECRETSECRET123456")
-    text = '{"e":"listenKeyExpired","listenKey":"K1K1K1K1K1K1"} SECRETSECRET123456 K2K2K2K2K2K2'
-    out = scrub_text(text, ("K2K2K2K2K2K2",))
-    assert "K1K1K1K1K1K1" not in out and "K2K2K2K2K2K2" not in out and "SECRETSECRET123456" not in out
-    assert is_listen_key_expired('{"e": "listenKeyExpired", "E": "1"}')
-    assert not is_listen_key_expired('{"e":"ORDER_TRADE_UPDATE","note":"listenKeyExpired"}')
-
-
 def test_frame_ids_unique_and_time_ordered() -> None:
     ids = FrameIds(7)
     made = [ids.next() for _ in range(1000)]
@@ -163,8 +127,11 @@ def test_records_round_trip_and_url(tmp_path: Path) -> None:
     assert (msg.queue_name, msg.actor_name, msg.args) == ("user-data-stream", "process_user_data_event", ())
     assert msg.kwargs == {"account_id": 3, "frame": '{"e":"X"}', "frame_id": "3-1", "received_at": 1.5e12}
     rec = record_message(reconcile_record(3, "connect"))
-    assert (rec.queue_name, rec.actor_name, rec.kwargs) == ("reconcile", "reconcile_account_job",
-                                                            {"account_id": 3, "reason": "connect"})
+    assert (rec.queue_name, rec.actor_name, rec.kwargs) == (
+        "reconcile",
+        "reconcile_account_job",
+        {"account_id": 3, "reason": "connect"},
+    )
     with pytest.raises(ValueError):
         record_message(b"garbage")
     settings = load_settings(None, environ={"KRAITE_BINANCE_WS_URL": "ws://127.0.0.1:9"})

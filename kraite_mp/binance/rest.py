@@ -1,30 +1,12 @@
 """Binance USD-M Futures REST client: listenKeys and the signed order queries reconciliation needs.
 
-One ``BinanceRest`` per account (``BinanceRest.for_account(settings, account)``), one
-``requests.Session`` under it for connection reuse, a timeout on every call. Library errors are
-translated at this boundary into the ``BinanceError`` family (see CONTRACTS.md):
-
-- ``InvalidCredentials``: -2015 / HTTP 401 (and -2014 malformed key, -1022 rejected signature, which
-  no retry fixes either): fatal for the account; the caller marks the credentials invalid.
-- ``RateLimited``: HTTP 429 (weight limit hit) and 418 (IP banned, 2 minutes to 3 days). Both are
-  per IP, so the "refuse calls until" deadline lives in state shared by every client in the process
-  for the same base URL: after a 429/418 no client sends another request before ``Retry-After``
-  has passed (continuing after a 429 is what earns the 418).
-- ``ListenKeyNotFound`` (-1125), ``OrderNotFound`` (-2013), ``TransientError`` (connection errors,
-  timeouts, 5xx), plain ``BinanceError`` for the rest.
-
-Signed requests (PROTOCOL.md): ``timestamp`` (ms, local clock + a server-time offset) and
-``recvWindow`` are added, the query string is signed with HMAC-SHA256 (hex) and ``signature`` is
-appended last. On -1021 (timestamp outside recvWindow) the offset is re-measured with
-``GET /fapi/v1/time`` and the request is retried once.
-
-Rate-limit awareness: every reply's ``X-MBX-USED-WEIGHT-1M`` is remembered (per base URL); before a
-request, if the last reading in the current minute is above ``slowdown_ratio * weight_limit_per_min``
-the client sleeps until the minute window rolls over (at most ``MAX_SLOWDOWN_SLEEP_S``).
-
-Secrets: exception messages never hold the API secret, a signature or a listenKey. The secret and
-every listenKey are registered with ``kraite_mp.logs.register_secret``; requests' own exception
-texts (which quote the URL, signature included) are never passed on.
+One ``BinanceRest`` per account, one ``requests.Session`` under it, a timeout on every call. Errors
+are translated at this boundary into the ``BinanceError`` family, whose class carries the policy:
+``InvalidCredentials`` is fatal for the account, ``RateLimited`` (429/418) stops every client of the
+process for that base URL until ``Retry-After`` (continuing after a 429 is what earns a 418),
+``TransientError`` is retried later. Signing, the -1021 time-offset retry and the slow-down near the
+weight limit follow docs/PROTOCOL.md. No message ever holds the API secret, a signature or a
+listenKey: requests' own exception texts (which quote the signed URL) are never passed on.
 """
 
 from __future__ import annotations
@@ -67,7 +49,7 @@ TIMESTAMP_ERROR_CODE = -1021
 LISTEN_KEY_NOT_FOUND_CODE = -1125
 ORDER_NOT_FOUND_CODE = -2013
 
-#: Request weight per (method, path, has_symbol) (PROTOCOL.md); used to account what a caller spent.
+#: Request weight per (method, path, has_symbol) (docs/PROTOCOL.md); used to account what a caller spent.
 ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v1/openOrders", True): 1,
     ("GET", "/fapi/v1/openOrders", False): 40,
@@ -318,7 +300,9 @@ class BinanceRest:
         data = self._request("GET", "/fapi/v1/openOrders", {"symbol": symbol}, signed=True)
         return self._list(data, "openOrders")
 
-    def order(self, symbol: str, order_id: int | None = None, orig_client_order_id: str | None = None) -> dict[str, Any]:
+    def order(
+        self, symbol: str, order_id: int | None = None, orig_client_order_id: str | None = None
+    ) -> dict[str, Any]:
         """GET /fapi/v1/order (weight 1): one regular order by orderId or origClientOrderId."""
         if order_id is None and not orig_client_order_id:
             raise ValueError("order(): give order_id or orig_client_order_id")
@@ -338,12 +322,22 @@ class BinanceRest:
         return self._dict(self._request("GET", "/fapi/v1/algoOrder", params, signed=True), "algoOrder")
 
     def all_orders(
-        self, symbol: str, *, start_time_ms: int | None = None, end_time_ms: int | None = None,
-        order_id: int | None = None, limit: int = 500,
+        self,
+        symbol: str,
+        *,
+        start_time_ms: int | None = None,
+        end_time_ms: int | None = None,
+        order_id: int | None = None,
+        limit: int = 500,
     ) -> list[dict[str, Any]]:
         """GET /fapi/v1/allOrders (weight 5): a symbol's orders (window under 7 days, at most ``limit``)."""
-        params = {"symbol": symbol, "orderId": order_id, "startTime": start_time_ms, "endTime": end_time_ms,
-                  "limit": limit}
+        params = {
+            "symbol": symbol,
+            "orderId": order_id,
+            "startTime": start_time_ms,
+            "endTime": end_time_ms,
+            "limit": limit,
+        }
         return self._list(self._request("GET", "/fapi/v1/allOrders", params, signed=True), "allOrders")
 
     @staticmethod
@@ -374,7 +368,9 @@ class BinanceRest:
         except BinanceError as e:
             if e.code != TIMESTAMP_ERROR_CODE or not signed:
                 raise
-            log.warning("%s %s: timestamp outside recvWindow (-1021): re-measuring the server time", method, path)
+            log.warning(
+                "%s %s: timestamp outside recvWindow (-1021): re-measuring the server time", method, path
+            )
         self.sync_time()
         return self._send(method, path, clean, signed=signed, auth=auth)
 
@@ -392,8 +388,12 @@ class BinanceRest:
             return
         now_ms = self._now_ms()
         wait_s = min(MAX_SLOWDOWN_SLEEP_S, (60_000 - now_ms % 60_000) / 1000 + SLOWDOWN_MARGIN_S)
-        log.warning("used weight %d of %d per minute: pausing %.1fs until the window rolls",
-                    used, self.weight_limit_per_min, wait_s)
+        log.warning(
+            "used weight %d of %d per minute: pausing %.1fs until the window rolls",
+            used,
+            self.weight_limit_per_min,
+            wait_s,
+        )
         self.slowdown_slept_s += wait_s
         self.stop.wait(wait_s)
 
@@ -428,7 +428,9 @@ class BinanceRest:
         try:
             resp = self.session.request(method, url, headers=headers, timeout=self.timeout_s)
         except requests.Timeout as e:
-            raise TransientError(0, None, f"{method} {path}: timed out after {self.timeout_s}s ({_scrub(str(e))})") from None
+            raise TransientError(
+                0, None, f"{method} {path}: timed out after {self.timeout_s}s ({_scrub(str(e))})"
+            ) from None
         except requests.RequestException as e:
             raise TransientError(0, None, f"{method} {path}: {type(e).__name__}: {_scrub(str(e))}") from None
         try:
@@ -459,9 +461,16 @@ class BinanceRest:
             host.blocked_until = max(host.blocked_until, time.monotonic() + retry_after)
             host.blocked_status = status
             what = "IP banned" if status == 418 else "rate limited"
-            log.error("%s: %s by Binance for %.0fs: no requests to %s until then", where, what, retry_after,
-                      self.base_url)
-            raise RateLimited(status, code, f"{where}: {what}, retry after {retry_after:.0f}s ({text})", retry_after)
+            log.error(
+                "%s: %s by Binance for %.0fs: no requests to %s until then",
+                where,
+                what,
+                retry_after,
+                self.base_url,
+            )
+            raise RateLimited(
+                status, code, f"{where}: {what}, retry after {retry_after:.0f}s ({text})", retry_after
+            )
         if status == 401 or code in CREDENTIAL_ERROR_CODES:
             hint = {
                 -1022: "the API secret does not match the API key (signature rejected)",
@@ -476,16 +485,3 @@ class BinanceRest:
             raise TransientError(status, code, f"{where}: server error ({text})")
         raise BinanceError(status, code, f"{where}: {text}")
 
-
-__all__ = [
-    "BinanceError",
-    "BinanceRest",
-    "InvalidCredentials",
-    "ListenKeyNotFound",
-    "OrderNotFound",
-    "RateLimited",
-    "TransientError",
-    "host_state",
-    "reset_host_state",
-    "sign",
-]

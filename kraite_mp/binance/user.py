@@ -1,16 +1,11 @@
-"""User-data frames at the edge: parse, classify, scrub secrets, build frame ids.
+"""User-data frames at the edge: each stream frame is parsed once, here, into a typed ``UserEvent``.
 
-Used on both sides of the queue: the child scrubs the listenKey out of a frame before it is
-spooled (so no key ever reaches disk, Redis or a log line), the job parses and classifies the frame
-and scrubs it again before the audit row is written (a second line of defence).
-
-A frame is audited whatever it holds. ``parse_frame`` never raises: it returns a ``ParsedFrame``
-whose ``kind`` says what the job can do with it:
-
-- ``event``: a JSON object with a string ``e``; ``known`` says whether it is one of ``KNOWN_EVENTS``;
-- ``malformed``: not JSON (kept as truncated raw text);
-- ``not_object``: JSON, but not an object with an ``e`` (kept as payload);
-- ``oversized``: longer than ``MAX_FRAME_CHARS`` (kept as truncated raw text, never parsed).
+A ``UserEvent`` holds the envelope fields plus ``.order`` (``kraite_mp.binance.orders``) or
+``.account``; the job decides on that and the store writes it. ``parse_frame`` never raises: what
+it cannot use it says in ``kind`` and ``error``, so every frame can still be audited. The child uses
+``scrub_text`` before a frame is spooled, so no listenKey ever reaches disk, Redis or a log line.
+This module also owns the lists config validates against (``USER_DATA_EVENTS``, ``KNOWN_DISPATCH_KEYS``).
+Prices and quantities stay ``Decimal``; a float is refused.
 """
 
 from __future__ import annotations
@@ -18,10 +13,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from typing import Any
 
 import orjson
 
+from kraite_mp.binance.fields import (
+    FrameError,
+    array,
+    dec,
+    event_time,
+    req_str,
+)
+from kraite_mp.binance.orders import OrderState, algo_from_ws, order_from_ws
 from kraite_mp.logs import redact
 
 #: Frames longer than this (characters) are not parsed; the child cuts anything longer to this + 1.
@@ -35,19 +40,27 @@ TRADE_LITE = "TRADE_LITE"
 ACCOUNT_UPDATE = "ACCOUNT_UPDATE"
 LISTEN_KEY_EXPIRED = "listenKeyExpired"
 
+#: The user-data events we subscribe to, in ``events=`` URL order (default of ``user_data_stream.events``).
+USER_DATA_EVENTS: tuple[str, ...] = (
+    ORDER_TRADE_UPDATE,
+    TRADE_LITE,
+    ACCOUNT_UPDATE,
+    ALGO_UPDATE,
+    "MARGIN_CALL",
+    "ACCOUNT_CONFIG_UPDATE",
+    "STRATEGY_UPDATE",
+    "GRID_UPDATE",
+    "CONDITIONAL_ORDER_TRIGGER_REJECT",
+    LISTEN_KEY_EXPIRED,
+)
 #: Every user-data event type we know; others are audited as ``unknown``.
-KNOWN_EVENTS: frozenset[str] = frozenset(
-    {
-        ORDER_TRADE_UPDATE,
-        ALGO_UPDATE,
-        TRADE_LITE,
-        ACCOUNT_UPDATE,
-        "MARGIN_CALL",
-        "ACCOUNT_CONFIG_UPDATE",
-        "STRATEGY_UPDATE",
-        "GRID_UPDATE",
-        "CONDITIONAL_ORDER_TRIGGER_REJECT",
-        LISTEN_KEY_EXPIRED,
+KNOWN_EVENTS: frozenset[str] = frozenset(USER_DATA_EVENTS)
+#: Every dispatch key (see ``dispatch_key``); anything else in the allowlist is a config error.
+KNOWN_DISPATCH_KEYS: frozenset[str] = frozenset(
+    {"NEW", "CANCELED", "CALCULATED", "EXPIRED", "TRADE", "AMENDMENT", "REJECTED"}
+    | {
+        f"ALGO_{s}"
+        for s in ("NEW", "CANCELED", "TRIGGERING", "TRIGGERED", "FINISHED", "FILLED", "REJECTED", "EXPIRED")
     }
 )
 #: Payload keys whose values are secrets, wherever they appear.
@@ -58,10 +71,58 @@ _EXPIRED_MARKER = '"' + LISTEN_KEY_EXPIRED + '"'
 _LISTEN_KEY_FIELD_RE = re.compile(r'("listenKey"\s*:\s*")[^"]*')
 
 
+class FrameKind(StrEnum):
+    """What a raw frame turned out to be; the non-event kinds are also their audit outcome."""
+
+    #: A JSON object with a string ``e``.
+    EVENT = "event"
+    #: Not JSON (kept as truncated raw text).
+    MALFORMED = "malformed"
+    #: JSON, but not an object with an ``e`` (kept as payload).
+    NOT_OBJECT = "not_object"
+    #: Longer than ``MAX_FRAME_CHARS`` (kept as truncated raw text, never parsed).
+    OVERSIZED = "oversized"
+
+
 @dataclass(frozen=True)
-class ParsedFrame:
-    kind: str
-    payload: Any = None
+class Balance:
+    """One ``a.B[]`` item of an ACCOUNT_UPDATE."""
+
+    asset: str  # a
+    wallet_balance: Decimal | None  # wb
+    cross_wallet_balance: Decimal | None  # cw
+    balance_change: Decimal | None  # bc: balance change except PnL and commission
+
+
+@dataclass(frozen=True)
+class Position:
+    """One ``a.P[]`` item of an ACCOUNT_UPDATE."""
+
+    symbol: str  # s
+    position_side: str  # ps (BOTH when absent)
+    amount: Decimal | None  # pa
+    entry_price: Decimal | None  # ep
+    breakeven_price: Decimal | None  # bep
+    unrealized_pnl: Decimal | None  # up
+    margin_type: str | None  # mt
+    isolated_wallet: Decimal | None  # iw
+
+
+@dataclass(frozen=True)
+class AccountUpdate:
+    """Balances and positions of one ACCOUNT_UPDATE, all as of ``event_time_ms``."""
+
+    account_id: int
+    event_time_ms: int
+    balances: tuple[Balance, ...]
+    positions: tuple[Position, ...]
+
+
+@dataclass(frozen=True)
+class UserEvent:
+    """One frame, parsed once: the envelope (what is audited) and the typed body (what is applied)."""
+
+    kind: FrameKind
     event_type: str | None = None
     event_time_ms: int | None = None
     known: bool = False
@@ -69,7 +130,15 @@ class ParsedFrame:
     payload_text: str | None = None
     #: Scrubbed, truncated raw text (only for malformed / oversized frames).
     raw_text: str | None = None
+    #: Why the frame cannot be used: for the non-event kinds, and for a known event whose body is broken.
     error: str | None = None
+    #: The allowlist key of an ORDER_TRADE_UPDATE / ALGO_UPDATE (``dispatch_key``).
+    dispatch_key: str | None = None
+    order: OrderState | None = None
+    account: AccountUpdate | None = None
+
+
+# -- scrubbing --------------------------------------------------------------------------------------
 
 
 def scrub_text(text: str, listen_keys: tuple[str, ...] = ()) -> str:
@@ -103,49 +172,6 @@ def scrub_payload(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
-def event_time(value: Any) -> int | None:
-    """``E`` as int ms (Binance sends it as int, and as a string in listenKeyExpired)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
-
-
-def parse_frame(text: str) -> ParsedFrame:
-    """Classify one raw frame; never raises."""
-    if len(text) > MAX_FRAME_CHARS:
-        return ParsedFrame(
-            kind="oversized",
-            raw_text=scrub_text(text[:MAX_RAW_TEXT_CHARS]),
-            error=f"frame of more than {MAX_FRAME_CHARS} characters",
-        )
-    try:
-        payload = orjson.loads(text)
-    except orjson.JSONDecodeError as e:
-        return ParsedFrame(kind="malformed", raw_text=scrub_text(text[:MAX_RAW_TEXT_CHARS]),
-                           error=f"invalid JSON: {str(e)[:200]}")
-    changed = False
-    if "listenKey" in text:  # the only secret a frame can carry; skip the walk for all other frames
-        payload, changed = scrub_payload(payload)
-    # keep the exact text (numbers as sent) unless something had to be scrubbed out of it
-    payload_text = scrub_text(orjson.dumps(payload).decode() if changed else text)
-    if not isinstance(payload, dict) or not isinstance(payload.get("e"), str):
-        return ParsedFrame(kind="not_object", payload=payload, payload_text=payload_text,
-                           error="not a JSON object with an event type 'e'")
-    event_type = payload["e"]
-    return ParsedFrame(
-        kind="event",
-        payload=payload,
-        event_type=event_type[:100],
-        event_time_ms=event_time(payload.get("E")),
-        known=event_type in KNOWN_EVENTS,
-        payload_text=payload_text,
-    )
-
-
 def is_listen_key_expired(text: str) -> bool:
     """Cheap check in the receive path: is this frame a ``listenKeyExpired`` event?"""
     if _EXPIRED_MARKER not in text:
@@ -157,3 +183,135 @@ def is_listen_key_expired(text: str) -> bool:
     return isinstance(payload, Mapping) and payload.get("e") == LISTEN_KEY_EXPIRED
 
 
+# -- stream payloads --------------------------------------------------------------------------------
+
+
+def account_update_from_ws(account_id: int, frame: Mapping[str, Any]) -> AccountUpdate:
+    """ACCOUNT_UPDATE -> AccountUpdate; FrameError when it is not one.
+
+    Binance doc sample (abbreviated)::
+
+        {"e": "ACCOUNT_UPDATE", "E": 1564745798939, "T": 1564745798938,
+         "a": {"m": "ORDER",
+               "B": [{"a": "USDT",                // asset
+                      "wb": "122624.12345678",    // wallet balance
+                      "cw": "100.12345678",       // cross wallet balance
+                      "bc": "50.12345678"}],      // balance change except PnL and commission
+               "P": [{"s": "BTCUSDT", "pa": "20", "ep": "6563.66500", "bep": "6563.6",
+                      "up": "2850.21200", "mt": "isolated", "iw": "13200.70726908", "ps": "LONG"}]}}
+    """
+    e_time = event_time(frame.get("E"))
+    if e_time is None:
+        raise FrameError("E: missing event time")
+    a = frame.get("a")
+    if not isinstance(a, Mapping):
+        raise FrameError("a: missing update object")
+    balances = []
+    for i, b in enumerate(array(a.get("B"), "a.B")):
+        if not isinstance(b, Mapping):
+            raise FrameError(f"a.B[{i}]: not an object")
+        balances.append(
+            Balance(
+                asset=req_str(b, "a", f"a.B[{i}].a"),
+                wallet_balance=dec(b.get("wb"), f"a.B[{i}].wb"),
+                cross_wallet_balance=dec(b.get("cw"), f"a.B[{i}].cw"),
+                balance_change=dec(b.get("bc"), f"a.B[{i}].bc"),
+            )
+        )
+    positions = []
+    for i, p in enumerate(array(a.get("P"), "a.P")):
+        if not isinstance(p, Mapping):
+            raise FrameError(f"a.P[{i}]: not an object")
+        positions.append(
+            Position(
+                symbol=req_str(p, "s", f"a.P[{i}].s"),
+                position_side=p["ps"] if isinstance(p.get("ps"), str) else "BOTH",
+                amount=dec(p.get("pa"), f"a.P[{i}].pa"),
+                entry_price=dec(p.get("ep"), f"a.P[{i}].ep"),
+                breakeven_price=dec(p.get("bep"), f"a.P[{i}].bep"),
+                unrealized_pnl=dec(p.get("up"), f"a.P[{i}].up"),
+                margin_type=p["mt"] if isinstance(p.get("mt"), str) else None,
+                isolated_wallet=dec(p.get("iw"), f"a.P[{i}].iw"),
+            )
+        )
+    return AccountUpdate(account_id, e_time, tuple(balances), tuple(positions))
+
+
+def dispatch_key(frame: Mapping[str, Any]) -> str | None:
+    """The allowlist key of a frame: ``x`` for ORDER_TRADE_UPDATE, ``ALGO_<X>`` for ALGO_UPDATE.
+
+    A FINISHED algo order with an executed quantity > 0 is ``ALGO_FILLED``. Other events: None.
+    """
+    event = frame.get("e")
+    body = frame.get("o")
+    if not isinstance(body, Mapping):
+        return None
+    if event == ORDER_TRADE_UPDATE:
+        x = body.get("x")
+        return x if isinstance(x, str) else None
+    if event == ALGO_UPDATE:
+        status = body.get("X")
+        if not isinstance(status, str):
+            return None
+        if status == "FINISHED":
+            try:
+                if Decimal(str(body.get("aq") or "0")) > 0:
+                    return "ALGO_FILLED"
+            except InvalidOperation:
+                pass
+        return f"ALGO_{status}"
+    return None
+
+
+def parse_frame(account_id: int, text: str) -> UserEvent:
+    """One raw frame of ``account_id`` -> UserEvent; never raises (every frame gets audited)."""
+    if len(text) > MAX_FRAME_CHARS:
+        return UserEvent(
+            kind=FrameKind.OVERSIZED,
+            raw_text=scrub_text(text[:MAX_RAW_TEXT_CHARS]),
+            error=f"frame of more than {MAX_FRAME_CHARS} characters",
+        )
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        return UserEvent(
+            kind=FrameKind.MALFORMED,
+            raw_text=scrub_text(text[:MAX_RAW_TEXT_CHARS]),
+            error=f"invalid JSON: {str(e)[:200]}",
+        )
+    changed = False
+    if "listenKey" in text:  # the only secret a frame can carry; skip the walk for all other frames
+        payload, changed = scrub_payload(payload)
+    # keep the exact text (numbers as sent) unless something had to be scrubbed out of it
+    payload_text = scrub_text(orjson.dumps(payload).decode() if changed else text)
+    if not isinstance(payload, dict) or not isinstance(payload.get("e"), str):
+        return UserEvent(
+            kind=FrameKind.NOT_OBJECT,
+            payload_text=payload_text,
+            error="not a JSON object with an event type 'e'",
+        )
+    event_type: str = payload["e"]
+    key = dispatch_key(payload)
+    order: OrderState | None = None
+    account: AccountUpdate | None = None
+    error: str | None = None
+    try:
+        if event_type == ORDER_TRADE_UPDATE:
+            order = order_from_ws(account_id, payload)
+        elif event_type == ALGO_UPDATE:
+            order = algo_from_ws(account_id, payload)
+        elif event_type == ACCOUNT_UPDATE:
+            account = account_update_from_ws(account_id, payload)
+    except FrameError as e:
+        error = str(e)
+    return UserEvent(
+        kind=FrameKind.EVENT,
+        event_type=event_type[:100],
+        event_time_ms=event_time(payload.get("E")),
+        known=event_type in KNOWN_EVENTS,
+        payload_text=payload_text,
+        error=error,
+        dispatch_key=key,
+        order=order,
+        account=account,
+    )

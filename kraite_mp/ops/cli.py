@@ -15,7 +15,10 @@ import click
 from kraite_mp import exitcodes
 from kraite_mp.config import ConfigError, Settings, load_settings
 from kraite_mp.logs import setup_logging
-from kraite_mp.reconcile import MODES as RECONCILE_MODES
+from kraite_mp.reconcile.sweep import MODES as RECONCILE_MODES
+
+#: ``sync-orders --every`` never sleeps less than this between passes.
+MIN_EVERY_S = 1.0
 
 #: Subcommands that live in their own modules: name -> "module:attribute".
 LAZY_COMMANDS: dict[str, str] = {
@@ -63,8 +66,13 @@ def open_db(ctx: click.Context, settings: Settings) -> Any:
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML config file (default etc/kraite-mp.toml if present, or $KRAITE_CONFIG).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML config file (default etc/kraite-mp.toml if present, or $KRAITE_CONFIG).",
+)
 @click.option("--log-level", default=None, help="Override log_level (DEBUG, INFO, ...).")
 @click.version_option(package_name="kraite-mp")
 @click.pass_context
@@ -108,7 +116,9 @@ def db_migrate(ctx: click.Context) -> None:
         applied = migrate(conn)
     finally:
         conn.close()
-    click.echo(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+    click.echo(
+        f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date"
+    )
 
 
 @cli.group()
@@ -134,13 +144,24 @@ def _read_secret(secret_file: str | None, secret_env: str | None, secret_stdin: 
 @accounts.command("add")
 @click.option("--name", required=True)
 @click.option("--api-key", required=True, help="The API key (not secret).")
-@click.option("--api-secret-file", type=click.Path(exists=True, dir_okay=False), help="File holding the API secret.")
-@click.option("--api-secret-env", metavar="VAR", help="Name of an environment variable holding the API secret.")
+@click.option(
+    "--api-secret-file", type=click.Path(exists=True, dir_okay=False), help="File holding the API secret."
+)
+@click.option(
+    "--api-secret-env", metavar="VAR", help="Name of an environment variable holding the API secret."
+)
 @click.option("--api-secret-stdin", is_flag=True, help="Read the API secret from the first line of stdin.")
 @click.option("--inactive", is_flag=True, help="Add it disabled.")
 @click.pass_context
-def accounts_add(ctx: click.Context, name: str, api_key: str, api_secret_file: str | None,
-                 api_secret_env: str | None, api_secret_stdin: bool, inactive: bool) -> None:
+def accounts_add(
+    ctx: click.Context,
+    name: str,
+    api_key: str,
+    api_secret_file: str | None,
+    api_secret_env: str | None,
+    api_secret_stdin: bool,
+    inactive: bool,
+) -> None:
     """Add an account; the secret never goes on the command line (ps would show it)."""
     import psycopg2
 
@@ -181,8 +202,14 @@ def accounts_list(ctx: click.Context, as_json: bool) -> None:
     finally:
         conn.close()
     data = [
-        {"id": a.id, "name": a.name, "exchange": a.exchange, "api_key": mask(a.api_key), "active": a.is_active,
-         "credentials_error": a.credentials_error}
+        {
+            "id": a.id,
+            "name": a.name,
+            "exchange": a.exchange,
+            "api_key": mask(a.api_key),
+            "active": a.is_active,
+            "credentials_error": a.credentials_error,
+        }
         for a in rows
     ]
     if as_json:
@@ -190,8 +217,10 @@ def accounts_list(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'ID':>5}  {'NAME':<20} {'EXCHANGE':<8} {'API KEY':<12} {'ACTIVE':<6} CREDENTIALS")
     for d in data:
-        click.echo(f"{d['id']:>5}  {d['name']:<20} {d['exchange']:<8} {d['api_key']:<12} "
-                   f"{'yes' if d['active'] else 'no':<6} {d['credentials_error'] or 'ok'}")
+        click.echo(
+            f"{d['id']:>5}  {d['name']:<20} {d['exchange']:<8} {d['api_key']:<12} "
+            f"{'yes' if d['active'] else 'no':<6} {d['credentials_error'] or 'ok'}"
+        )
 
 
 def _set_active(ctx: click.Context, account_id: int, active: bool) -> None:
@@ -235,8 +264,9 @@ def run_command(ctx: click.Context) -> None:
     from kraite_mp.config import parse_shard
     from kraite_mp.store.accounts import SecretKeyError, encrypt_secret
     from kraite_mp.store.db import DatabaseUnavailable, connect
-    from kraite_mp.supervisor.arbiter import AlreadyRunning, Arbiter
-    from kraite_mp.supervisor.context import heartbeat_dir
+    from kraite_mp.supervisor.arbiter import Arbiter
+    from kraite_mp.supervisor.publish import RedisStatus, Reporters
+    from kraite_mp.supervisor.runfiles import AlreadyRunning, heartbeat_dir
 
     settings = get_settings(ctx)
     try:
@@ -254,12 +284,17 @@ def run_command(ctx: click.Context) -> None:
         click.echo(f"kraite-mp: {e}", err=True)
         ctx.exit(exitcodes.EXIT_TEMPFAIL)
     try:
-        os.makedirs(heartbeat_dir(settings), exist_ok=True)
+        os.makedirs(heartbeat_dir(settings.run_dir), exist_ok=True)
     except OSError as e:
-        click.echo(f"kraite-mp: cannot create {heartbeat_dir(settings)}: {e}", err=True)
+        click.echo(f"kraite-mp: cannot create {heartbeat_dir(settings.run_dir)}: {e}", err=True)
         ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
     root = ctx.find_root().ensure_object(dict)
-    arbiter = Arbiter(settings, config_path=root.get("config_path"), log_level_override=root.get("log_level"))
+    arbiter = Arbiter(
+        settings,
+        config_path=root.get("config_path"),
+        log_level_override=root.get("log_level"),
+        reporters=Reporters([RedisStatus()]),
+    )
     try:
         code = arbiter.run()
     except AlreadyRunning as e:
@@ -272,17 +307,31 @@ def run_command(ctx: click.Context) -> None:
 
 
 @cli.command("sync-orders")
-@click.option("--account", "account_id", type=int, default=None, help="Only this account id (default: all owned).")
-@click.option("--every", "every_s", type=float, default=None, metavar="SECONDS",
-              help="Repeat every SECONDS until SIGTERM/SIGINT (default: one pass).")
-@click.option("--mode", type=click.Choice(RECONCILE_MODES), default=None,
-              help="full: complete (weight 80+ per account); targeted: per-symbol check of the open orders the "
-                   "database knows (~1 per symbol); auto: targeted with a periodic full sweep. "
-                   "Default: full for one pass, auto with --every.")
+@click.option(
+    "--account", "account_id", type=int, default=None, help="Only this account id (default: all owned)."
+)
+@click.option(
+    "--every",
+    "every_s",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Repeat every SECONDS until SIGTERM/SIGINT (default: one pass).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(RECONCILE_MODES),
+    default=None,
+    help="full: complete (weight 80+ per account); targeted: per-symbol check of the open orders the "
+    "database knows (~1 per symbol); auto: targeted with a periodic full sweep. "
+    "Default: full for one pass, auto with --every.",
+)
 @click.pass_context
-def sync_orders_command(ctx: click.Context, account_id: int | None, every_s: float | None, mode: str | None) -> None:
+def sync_orders_command(
+    ctx: click.Context, account_id: int | None, every_s: float | None, mode: str | None
+) -> None:
     """Reconcile orders with Binance over REST (the safety net for frames lost by the stream)."""
-    from kraite_mp.reconcile import MIN_EVERY_S, reconcile_accounts
+    from kraite_mp.reconcile.runner import reconcile_accounts
     from kraite_mp.store.accounts import get_account
     from kraite_mp.supervisor.ownership import owned_accounts
 
@@ -309,7 +358,11 @@ def sync_orders_command(ctx: click.Context, account_id: int | None, every_s: flo
             else:
                 accounts = owned_accounts(conn, settings)
             results = reconcile_accounts(
-                conn, settings, accounts, mode=mode, stop=stop,
+                conn,
+                settings,
+                accounts,
+                mode=mode,
+                stop=stop,
                 on_result=lambda _i, r: click.echo(r.summary()),
             )
             if len(results) < len(accounts) and not stop.is_set():

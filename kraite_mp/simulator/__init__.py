@@ -1,6 +1,6 @@
 """A local Binance USD-M Futures compatible exchange, for tests, the demo and benchmarks.
 
-It speaks the protocol described in ``PROTOCOL.md`` over real sockets on 127.0.0.1: REST
+It speaks the protocol described in ``docs/PROTOCOL.md`` over real sockets on 127.0.0.1: REST
 (``/fapi/v1/...``), user-data streams (``/private/ws``), mark prices (``/market/...``), the
 retired silent routes (``/ws/...``, ``/stream``), plus a control API under ``/_sim``.
 
@@ -87,7 +87,29 @@ decimals; ``cumQuote`` and ``z`` are exact sums.
 
 from __future__ import annotations
 
-from kraite_mp.simulator.engine import SimAccount, SimulatorError
-from kraite_mp.simulator.server import Simulator
+import click
 
-__all__ = ["SimAccount", "Simulator", "SimulatorError"]
+#: Why ``import kraite_mp.simulator`` (and so ``kraite-mp simulate``) fails without aiohttp, in one line.
+MISSING_AIOHTTP = "the simulator needs aiohttp, which the 'sim' extra installs: pip install 'kraite-mp[sim]'"
+
+
+class SimulatorUnavailable(ImportError, click.ClickException):
+    """aiohttp is not installed. An ImportError to code that imports the simulator, and a
+    ClickException so that ``kraite-mp simulate`` prints the one line, not a traceback."""
+
+    def __init__(self) -> None:
+        ImportError.__init__(self, MISSING_AIOHTTP, name="aiohttp")
+        click.ClickException.__init__(self, MISSING_AIOHTTP)
+
+
+try:
+    import aiohttp  # noqa: F401 - aiohttp is the simulator's only dependency the product does not have
+except ModuleNotFoundError as exc:
+    if exc.name != "aiohttp":
+        raise
+    raise SimulatorUnavailable() from None
+
+from kraite_mp.simulator.engine import SimAccount, SimulatorError  # noqa: E402
+from kraite_mp.simulator.server import Simulator  # noqa: E402
+
+__all__ = ["MISSING_AIOHTTP", "SimAccount", "Simulator", "SimulatorError", "SimulatorUnavailable"]

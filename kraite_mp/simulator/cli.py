@@ -21,7 +21,7 @@ from kraite_mp.simulator.server import LOOPBACK_HOSTS, Simulator
 log = logging.getLogger("kraite_mp.simulator.cli")
 
 #: How often the main thread wakes up while waiting for a signal.
-WAIT_SLICE_SECS = 0.5
+WAIT_SLICE_S = 0.5
 
 
 @click.command("simulate")
@@ -100,7 +100,7 @@ def simulate(
         }
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
-        while not stop.wait(WAIT_SLICE_SECS):
+        while not stop.wait(WAIT_SLICE_S):
             pass
         log.info("signal %s received, stopping", received[0] if received else "?")
     finally:

@@ -26,7 +26,7 @@ from kraite_mp.simulator.market import KNOWN_SYMBOLS, Market, MarketSymbol, spli
 log = logging.getLogger(__name__)
 
 #: Validity of a listenKey after its creation or last keepalive (production: 60 minutes).
-DEFAULT_LISTEN_KEY_TTL_SECS = 3600.0
+DEFAULT_LISTEN_KEY_TTL_S = 3600.0
 #: The scenario never keeps more regular orders open per account than this.
 DEFAULT_MAX_OPEN_ORDERS = 20
 #: ... nor more algo orders open per account than this.
@@ -36,20 +36,29 @@ DEFAULT_MAX_KEPT_ORDERS = 100_000
 #: Starting USDT wallet balance of every account.
 START_WALLET = Decimal("10000.00000000")
 
+#: Commission rate of a taker fill (Binance USD-M regular tier).
 TAKER_FEE = Decimal("0.0005")
+#: Commission rate of a maker fill.
 MAKER_FEE = Decimal("0.0002")
+#: Quantum of the 8-decimal amounts Binance reports (average prices, balances).
 _EIGHT_DP = Decimal("0.00000001")
+#: Decimal zero, for comparisons and sums.
 _ZERO = Decimal(0)
 
 #: Symbols the scenario trades on (always USD-M, always known, independent of the market walk).
 SCENARIO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "DOGEUSDT")
 
+#: Regular order statuses that ``GET /fapi/v1/openOrders`` lists (independent of the product's copy).
 OPEN_STATUSES = frozenset({"NEW", "PARTIALLY_FILLED"})
+#: Algo statuses that ``GET /fapi/v1/openAlgoOrders`` lists.
 OPEN_ALGO_STATUSES = frozenset({"NEW", "TRIGGERING"})
+#: Algo statuses whose order is still in play (kept when old terminal algos are pruned).
 _LIVE_ALGO = frozenset({"NEW", "TRIGGERING", "TRIGGERED"})
+#: Conditional order types, served by the algo service (ALGO_UPDATE), not as regular orders.
 ALGO_ORDER_TYPES = frozenset(
     {"STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"}
 )
+#: Alphabet of generated API keys, secrets, listen keys and client order ids.
 _ALPHANUM = string.ascii_letters + string.digits
 
 #: (event type, serialized JSON) pairs for one account, in delivery order.
@@ -337,7 +346,7 @@ class Engine:
         accounts: int,
         market: Market,
         seed: int,
-        listen_key_ttl_s: float = DEFAULT_LISTEN_KEY_TTL_SECS,
+        listen_key_ttl_s: float = DEFAULT_LISTEN_KEY_TTL_S,
         max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS,
         max_open_algos: int = DEFAULT_MAX_OPEN_ALGOS,
         max_kept_orders: int = DEFAULT_MAX_KEPT_ORDERS,
@@ -479,7 +488,7 @@ class Engine:
             acct.listen_key = None
             self._listen_keys.pop(key, None)
             event_ms = self._tick(acct)
-            # Binance sends E as a string in this event (PROTOCOL.md): keep that quirk.
+            # Binance sends E as a string in this event (docs/PROTOCOL.md): keep that quirk.
             self._emit(
                 acct,
                 [("listenKeyExpired", {"e": "listenKeyExpired", "E": str(event_ms), "listenKey": key})],
@@ -653,12 +662,13 @@ class Engine:
         side: str = "BUY",
         type: str = "LIMIT",
         quantity: str = "0.010",
-        price: str = "0",
+        price: str = "86000.10",
         client_order_id: str | None = None,
         time_in_force: str | None = None,
         reduce_only: bool = False,
     ) -> int:
-        """Place a regular order (NEW event). MARKET orders fill at once, as on the exchange."""
+        """Place a regular order (NEW event). MARKET orders fill at once, as on the exchange (and
+        ignore ``price``)."""
         if side not in ("BUY", "SELL"):
             raise SimulatorError(f"bad side {side!r}")
         if type not in ("LIMIT", "MARKET"):

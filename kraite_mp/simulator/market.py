@@ -19,7 +19,9 @@ DEFAULT_SYMBOL_COUNT = 570
 #: Funding happens every 8 hours on USD-M perpetuals.
 FUNDING_PERIOD_MS = 8 * 3600 * 1000
 
+#: Quantum of the 8-decimal prices in mark-price frames.
 _EIGHT_DP = Decimal("0.00000001")
+#: Precision of the random walk itself, finer than any tick so that rounding does not stall it.
 _WALK_DP = Decimal("1E-14")
 
 #: (symbol, base price as a decimal string whose exponent is the tick size, quantity precision).
@@ -75,6 +77,7 @@ KNOWN_SYMBOLS: tuple[tuple[str, str, int], ...] = (
     ("ENAUSDT", "0.41230", 0),
 )
 
+#: ``KNOWN_SYMBOLS`` by name: symbol -> (base price, quantity precision).
 _KNOWN_BY_NAME = {name: (price, qty_precision) for name, price, qty_precision in KNOWN_SYMBOLS}
 
 
@@ -170,10 +173,10 @@ class Market:
         old = self._symbols
         self._symbols = {name: old.get(name) or make_symbol(name, self._rng) for name in dict.fromkeys(names)}
 
-    def set_symbols(self, names: Iterable[str]) -> None:
+    def set_symbols(self, symbols: Iterable[str]) -> None:
         """Replace the symbols of the mark-price array (existing ones keep their price)."""
         with self._lock:
-            self._set(names)
+            self._set(symbols)
 
     def symbols(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -188,7 +191,7 @@ class Market:
             return [s for s in self._symbols.values() if s.st == 1]
 
     def set_override(self, symbol: str, price: str | None) -> None:
-        """Pin the mark price ``p`` of a symbol to ``price`` verbatim (None releases it)."""
+        """Pin the mark price ``p`` (and ``ap``) of a symbol to ``price`` verbatim; None releases it."""
         if price is not None:
             Decimal(price)  # validate: raises on garbage
         with self._lock:

@@ -27,14 +27,16 @@ log = logging.getLogger(__name__)
 
 #: Request weight allowed per IP per rolling minute (production: 2400).
 DEFAULT_WEIGHT_LIMIT_1M = 2400
-WEIGHT_WINDOW_SECS = 60.0
-#: Default and largest accepted recvWindow, in ms.
+#: Length of the rolling window that weight limit applies to.
+WEIGHT_WINDOW_S = 60.0
+#: recvWindow of a request that sends none, in ms.
 DEFAULT_RECV_WINDOW_MS = 5000
+#: Largest accepted recvWindow, in ms.
 MAX_RECV_WINDOW_MS = 60000
 #: Requests made while a 429 Retry-After runs, before the IP is banned (418).
 STRIKES_BEFORE_BAN = 3
 #: Length of a 418 ban earned by ignoring 429s.
-DEFAULT_BAN_SECS = 120.0
+DEFAULT_BAN_S = 120.0
 #: Allowed clock lead of a request timestamp over the server, in ms (Binance: 1000).
 MAX_CLOCK_LEAD_MS = 1000
 
@@ -87,7 +89,7 @@ class _IpState:
 class RateLimiter:
     """Rolling per-IP weight accounting, 429/418 answers and injected failures."""
 
-    def __init__(self, limit: int = DEFAULT_WEIGHT_LIMIT_1M, ban_s: float = DEFAULT_BAN_SECS) -> None:
+    def __init__(self, limit: int = DEFAULT_WEIGHT_LIMIT_1M, ban_s: float = DEFAULT_BAN_S) -> None:
         self.limit = limit
         self.ban_s = ban_s
         self._ips: dict[str, _IpState] = {}
@@ -108,7 +110,7 @@ class RateLimiter:
 
     def _state(self, ip: str, now: float) -> _IpState:
         state = self._ips.setdefault(ip, _IpState())
-        while state.weights and now - state.weights[0][0] >= WEIGHT_WINDOW_SECS:
+        while state.weights and now - state.weights[0][0] >= WEIGHT_WINDOW_S:
             state.used -= state.weights.popleft()[1]
         return state
 
@@ -150,8 +152,8 @@ class RateLimiter:
         for at, w in state.weights:
             freed += w
             if freed >= need:
-                return max(0.001, WEIGHT_WINDOW_SECS - (now - at))
-        return WEIGHT_WINDOW_SECS
+                return max(0.001, WEIGHT_WINDOW_S - (now - at))
+        return WEIGHT_WINDOW_S
 
     def _reply(self, status: int, retry_after_s: float, used: int, ip: str) -> web.Response:
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s))), "X-MBX-USED-WEIGHT-1M": str(used)}

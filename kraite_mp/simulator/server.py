@@ -20,25 +20,27 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from kraite_mp.simulator.engine import (
-    DEFAULT_LISTEN_KEY_TTL_SECS,
+    DEFAULT_LISTEN_KEY_TTL_S,
     DEFAULT_MAX_OPEN_ORDERS,
     Engine,
     SimAccount,
     SimulatorError,
 )
 from kraite_mp.simulator.market import DEFAULT_SYMBOL_COUNT, Market
-from kraite_mp.simulator.rest import DEFAULT_BAN_SECS, DEFAULT_WEIGHT_LIMIT_1M, RateLimiter, RestApi
+from kraite_mp.simulator.rest import DEFAULT_BAN_S, DEFAULT_WEIGHT_LIMIT_1M, RateLimiter, RestApi
 from kraite_mp.simulator.streams import StreamHub
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: How long start() waits for the server to listen, and stop() for it to finish.
-START_TIMEOUT_SECS = 10.0
-STOP_TIMEOUT_SECS = 10.0
+#: How long start() waits for the server to listen.
+START_TIMEOUT_S = 10.0
+#: How long stop() waits for the server to finish, and a call waits for the server loop to run it.
+STOP_TIMEOUT_S = 10.0
 #: Upper bound of scenario steps run per account per scheduler tick (when the loop lags).
 MAX_STEPS_PER_TICK = 1000
+#: The only hosts the simulator binds: it is a test double, never reachable from the network.
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 #: Methods callable through the control API (``POST /_sim/<name>``, JSON body = kwargs).
@@ -90,11 +92,11 @@ class Simulator:
         max_connection_age_s: float = 86400.0,
         mark_price_interval_s: float = 1.0,
         seed: int = 1,
-        listen_key_ttl_s: float = DEFAULT_LISTEN_KEY_TTL_SECS,
+        listen_key_ttl_s: float = DEFAULT_LISTEN_KEY_TTL_S,
         lose_while_disconnected: bool = True,
         max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS,
         weight_limit_1m: int = DEFAULT_WEIGHT_LIMIT_1M,
-        ban_s: float = DEFAULT_BAN_SECS,
+        ban_s: float = DEFAULT_BAN_S,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -123,6 +125,25 @@ class Simulator:
         self._start_error: BaseException | None = None
         self._stop_lock = threading.Lock()
         self.engine.set_sink(self.hub.sink)
+        # Scenario and state calls are the engine's (and the market's) own methods, with their
+        # signatures and defaults: one declaration each. All of them are thread-safe.
+        engine = self.engine
+        self.step = engine.step
+        self.place_order = engine.place_order
+        self.fill = engine.fill
+        self.cancel = engine.cancel
+        self.expire = engine.expire
+        self.amend = engine.amend
+        self.place_algo = engine.place_algo
+        self.trigger_algo = engine.trigger_algo
+        self.cancel_algo = engine.cancel_algo
+        self.reject_algo = engine.reject_algo
+        self.expire_algo = engine.expire_algo
+        self.account_config_update = engine.account_config_update
+        self.truth = engine.truth
+        self.expire_listen_key = engine.expire_listen_key
+        self.set_symbols = self.market.set_symbols
+        self.set_mark_price_override = self.market.set_override
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -153,7 +174,7 @@ class Simulator:
             return self
         self._thread = threading.Thread(target=self._run, name="kraite-mp-simulator", daemon=True)
         self._thread.start()
-        if not self._ready.wait(START_TIMEOUT_SECS):
+        if not self._ready.wait(START_TIMEOUT_S):
             self.stop()
             raise RuntimeError("simulator did not start listening in time")
         if self._start_error is not None:
@@ -172,9 +193,9 @@ class Simulator:
             if loop is not None and stop_event is not None and not loop.is_closed():
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(stop_event.set)
-            thread.join(STOP_TIMEOUT_SECS)
+            thread.join(STOP_TIMEOUT_S)
             if thread.is_alive():
-                log.error("simulator thread did not stop within %.0fs", STOP_TIMEOUT_SECS)
+                log.error("simulator thread did not stop within %.0fs", STOP_TIMEOUT_S)
             self._stopped.set()
 
     def __enter__(self) -> Simulator:
@@ -306,7 +327,7 @@ class Simulator:
         async def call() -> T:
             return fn()
 
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(STOP_TIMEOUT_SECS)
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(STOP_TIMEOUT_S)
 
     # ------------------------------------------------------------------ scenario / state
     def set_rate(self, events_per_s: float) -> None:
@@ -318,73 +339,6 @@ class Simulator:
             self._rate_done = 0
 
         self._on_loop(apply)
-
-    def step(self, api_key: str, n: int = 1) -> None:
-        self.engine.step(api_key, n)
-
-    def place_order(
-        self,
-        api_key: str,
-        symbol: str = "BTCUSDT",
-        side: str = "BUY",
-        type: str = "LIMIT",
-        quantity: str = "0.010",
-        price: str = "86000.10",
-        client_order_id: str | None = None,
-        time_in_force: str | None = None,
-        reduce_only: bool = False,
-    ) -> int:
-        return self.engine.place_order(
-            api_key, symbol, side, type, quantity, price, client_order_id, time_in_force, reduce_only
-        )
-
-    def fill(self, api_key: str, order_id: int, qty: str | None = None, price: str | None = None) -> None:
-        self.engine.fill(api_key, order_id, qty, price)
-
-    def cancel(self, api_key: str, order_id: int) -> None:
-        self.engine.cancel(api_key, order_id)
-
-    def expire(self, api_key: str, order_id: int) -> None:
-        self.engine.expire(api_key, order_id)
-
-    def amend(
-        self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None
-    ) -> None:
-        self.engine.amend(api_key, order_id, price, quantity)
-
-    def place_algo(
-        self,
-        api_key: str,
-        symbol: str = "BTCUSDT",
-        side: str = "SELL",
-        type: str = "STOP_MARKET",
-        quantity: str = "0.010",
-        trigger_price: str = "80000.00",
-        price: str = "0",
-        client_algo_id: str | None = None,
-        reduce_only: bool = False,
-    ) -> int:
-        return self.engine.place_algo(
-            api_key, symbol, side, type, quantity, trigger_price, price, client_algo_id, reduce_only
-        )
-
-    def trigger_algo(self, api_key: str, algo_id: int, fill: bool = True) -> int:
-        return self.engine.trigger_algo(api_key, algo_id, fill)
-
-    def cancel_algo(self, api_key: str, algo_id: int) -> None:
-        self.engine.cancel_algo(api_key, algo_id)
-
-    def reject_algo(self, api_key: str, algo_id: int, reason: str = "Reduce Only reject") -> None:
-        self.engine.reject_algo(api_key, algo_id, reason)
-
-    def expire_algo(self, api_key: str, algo_id: int) -> None:
-        self.engine.expire_algo(api_key, algo_id)
-
-    def account_config_update(self, api_key: str, symbol: str = "BTCUSDT", leverage: int = 20) -> None:
-        self.engine.account_config_update(api_key, symbol, leverage)
-
-    def truth(self, api_key: str) -> dict[str, Any]:
-        return self.engine.truth(api_key)
 
     # ------------------------------------------------------------------ faults
     def drop_connections(self, api_key: str | None = None, abrupt: bool = False) -> int:
@@ -402,10 +356,6 @@ class Simulator:
 
     def send_market_raw(self, text: str) -> int:
         return self._on_loop(lambda: self.hub.send_raw("market", text))
-
-    def expire_listen_key(self, api_key: str) -> str | None:
-        """Send listenKeyExpired on the account's stream; the key is unknown from now on."""
-        return self.engine.expire_listen_key(api_key)
 
     def set_max_connection_age(self, seconds: float) -> None:
         def apply() -> None:
@@ -442,16 +392,9 @@ class Simulator:
     def reset_rate_limits(self) -> None:
         self._on_loop(self.limiter.reset)
 
-    def set_symbols(self, symbols: Sequence[str]) -> None:
-        self.market.set_symbols(symbols)
-
     @property
     def mark_symbols(self) -> list[tuple[str, int]]:
         return self.market.symbols()
-
-    def set_mark_price_override(self, symbol: str, price: str | None) -> None:
-        """Pin ``p`` (and ``ap``) of a symbol to ``price`` verbatim; None releases it."""
-        self.market.set_override(symbol, price)
 
     def set_clock_offset(self, ms: int) -> None:
         """Shift the server clock (serverTime, recvWindow checks, event times) by ``ms``."""

@@ -34,15 +34,15 @@ log = logging.getLogger(__name__)
 
 #: At most this many incoming frames (data, ping, pong) per second per connection.
 MAX_INCOMING_PER_SEC = 10
-#: A connection whose outbox holds more than this many frames is too slow and gets closed.
 #: A connection with more than this many bytes waiting to be written is too slow: closed.
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 #: Events buffered per account while nobody listens, when loss is switched off.
 MAX_BACKLOG_EVENTS = 100_000
 #: How long a close handshake may take before the transport is just dropped.
-CLOSE_TIMEOUT_SECS = 1.0
+CLOSE_TIMEOUT_S = 1.0
 #: An ordered close (after the queued frames) aborts the transport if not done by then.
-ORDERED_CLOSE_DEADLINE_SECS = 5.0
+ORDERED_CLOSE_DEADLINE_S = 5.0
+#: Stream names of the all-symbols mark-price array (``@1s``, and the 3 s default).
 MARK_PRICE_STREAMS = frozenset({"!markPrice@arr@1s", "!markPrice@arr"})
 
 try:  # orjson is much faster for the 570-element mark-price frames; stdlib json works too
@@ -196,7 +196,7 @@ class StreamHub:
             _abort(conn)
         elif self.loop is not None:
             # a writer stuck on a client that stopped reading would never get to the close
-            delay = ORDERED_CLOSE_DEADLINE_SECS if not now else CLOSE_TIMEOUT_SECS + 0.5
+            delay = ORDERED_CLOSE_DEADLINE_S if not now else CLOSE_TIMEOUT_S + 0.5
             self.loop.call_later(delay, _abort, conn)
 
     def select(self, target: str | None) -> list[Conn]:
@@ -276,7 +276,7 @@ class StreamHub:
     async def close_all(self) -> None:
         for conn in list(self.conns):
             self.close(conn, 1001, "simulator stopping", now=True)
-        deadline = time.monotonic() + CLOSE_TIMEOUT_SECS + 1.0
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S + 1.0
         while self.conns and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
@@ -314,7 +314,7 @@ class StreamHub:
         stream_name: str | None = None,
     ) -> web.StreamResponse:
         ws = web.WebSocketResponse(
-            autoping=False, compress=False, timeout=CLOSE_TIMEOUT_SECS, max_msg_size=1 << 20
+            autoping=False, compress=False, timeout=CLOSE_TIMEOUT_S, max_msg_size=1 << 20
         )
         await ws.prepare(request)
         now = time.monotonic()
@@ -345,7 +345,7 @@ class StreamHub:
                 conn.close_request = ("close", 1000, "")
                 conn.outbox.put_nowait(("wake", None))
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(writer), CLOSE_TIMEOUT_SECS + 0.5)
+                await asyncio.wait_for(asyncio.shield(writer), CLOSE_TIMEOUT_S + 0.5)
             if not writer.done():
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -415,7 +415,7 @@ class StreamHub:
                     if how == "close":
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(
-                                ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_SECS
+                                ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S
                             )
                     _abort(conn)
                     return

@@ -20,11 +20,15 @@ def generate_secret_key() -> str:
 
 def _fernet(secret_key: str) -> Fernet:
     if not secret_key:
-        raise SecretKeyError("secret_key is not set (KRAITE_SECRET_KEY); generate one with `kraite-mp gen-secret-key`")
+        raise SecretKeyError(
+            "secret_key is not set (KRAITE_SECRET_KEY); generate one with `kraite-mp gen-secret-key`"
+        )
     try:
         return Fernet(secret_key.encode())
     except (ValueError, TypeError):
-        raise SecretKeyError("secret_key: not a valid Fernet key (32 url-safe base64-encoded bytes)") from None
+        raise SecretKeyError(
+            "secret_key: not a valid Fernet key (32 url-safe base64-encoded bytes)"
+        ) from None
 
 
 def encrypt_secret(secret_key: str, plaintext: str) -> str:
@@ -35,7 +39,9 @@ def decrypt_secret(secret_key: str, token: str) -> str:
     try:
         return _fernet(secret_key).decrypt(token.encode()).decode()
     except InvalidToken:
-        raise SecretKeyError("cannot decrypt an account secret: wrong secret_key (KRAITE_SECRET_KEY)") from None
+        raise SecretKeyError(
+            "cannot decrypt an account secret: wrong secret_key (KRAITE_SECRET_KEY)"
+        ) from None
 
 
 def mask(value: str) -> str:
@@ -67,15 +73,25 @@ class Account:
 
 _COLUMNS = "id, name, exchange, api_key, api_secret, is_active, credentials_error"
 _SELECT = "SELECT " + _COLUMNS + " FROM accounts"  # noqa: S608 - constant column list
+_INSERT = "INSERT INTO accounts (name, exchange, api_key, api_secret) VALUES (%s, %s, %s, %s) RETURNING "
+_INSERT += _COLUMNS
 
 
 def _row(r: tuple[Any, ...]) -> Account:
-    return Account(id=r[0], name=r[1], exchange=r[2], api_key=r[3], api_secret_token=r[4], is_active=r[5],
-                   credentials_error=r[6])
+    return Account(
+        id=r[0],
+        name=r[1],
+        exchange=r[2],
+        api_key=r[3],
+        api_secret_token=r[4],
+        is_active=r[5],
+        credentials_error=r[6],
+    )
 
 
-def add_account(conn: Any, secret_key: str, *, name: str, api_key: str, api_secret: str,
-                exchange: str = "binance") -> Account:
+def add_account(
+    conn: Any, secret_key: str, *, name: str, api_key: str, api_secret: str, exchange: str = "binance"
+) -> Account:
     if not name.strip():
         raise ValueError("name must not be empty")
     if not api_key.strip() or not api_secret.strip():
@@ -83,7 +99,7 @@ def add_account(conn: Any, secret_key: str, *, name: str, api_key: str, api_secr
     token = encrypt_secret(secret_key, api_secret.strip())
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO accounts (name, exchange, api_key, api_secret) VALUES (%s, %s, %s, %s) RETURNING " + _COLUMNS,  # noqa: S608 - constant column list
+            _INSERT,
             (name.strip(), exchange, api_key.strip(), token),
         )
         row = cur.fetchone()
@@ -118,7 +134,7 @@ def set_active(conn: Any, account_id: int, active: bool) -> bool:
             " credentials_error = CASE WHEN %s THEN NULL ELSE credentials_error END WHERE id = %s",
             (active, active, active, account_id),
         )
-        found = cur.rowcount == 1
+        found: bool = cur.rowcount == 1
     conn.commit()
     return found
 
@@ -130,15 +146,5 @@ def mark_credentials_invalid(conn: Any, account_id: int, error: str) -> None:
             "UPDATE accounts SET credentials_invalid_at = now(), credentials_error = %s, updated_at = now()"
             " WHERE id = %s",
             (error[:500], account_id),
-        )
-    conn.commit()
-
-
-def clear_credentials_invalid(conn: Any, account_id: int) -> None:
-    with conn.cursor() as cur:
-        cur.execute(
-            "UPDATE accounts SET credentials_invalid_at = NULL, credentials_error = NULL"
-            " WHERE id = %s AND credentials_invalid_at IS NOT NULL",
-            (account_id,),
         )
     conn.commit()

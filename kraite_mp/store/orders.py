@@ -4,27 +4,21 @@ Messages arrive out of order and more than once (several worker threads, retries
 racing stream frames). An observation replaces the stored order only when it is strictly newer by
 ``(transaction time T, cumulative filled quantity, status rank)``, and never when it would move a
 terminal order back to an open status or lower its filled quantity. Equal keys are a no-op, so a
-redelivered frame changes nothing. ``last_trade_id`` is the highest trade id seen, whatever the order. Prices and quantities stay ``Decimal`` end to end.
+redelivered frame changes nothing. ``last_trade_id`` is the highest trade id seen, whatever the order.
 
 Every status change (and every first sighting) writes an ``order_transitions`` row inside the
 caller's transaction and returns a ``Transition``; after COMMIT the caller hands the transitions to
-``run_observers``.
+``kraite_mp.observers.run_observers``. Parsing lives in ``kraite_mp.binance.user``.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
-if TYPE_CHECKING:
-    from kraite_mp.config import Settings
-
-log = logging.getLogger(__name__)
+from kraite_mp.binance.orders import OrderState
 
 #: Regular order statuses by progress; terminal ones share the top rank.
 REGULAR_RANK: dict[str, int] = {
@@ -46,16 +40,13 @@ ALGO_RANK: dict[str, int] = {
     "REJECTED": 3,
     "EXPIRED": 3,
 }
+#: The shared rank of every terminal status.
 TERMINAL_RANK = 3
 #: Statuses in which reconciliation still expects the exchange to list the order as open.
 OPEN_STATUSES: dict[str, tuple[str, ...]] = {
     "regular": ("NEW", "PARTIALLY_FILLED"),
     "algo": ("NEW", "TRIGGERING", "TRIGGERED"),
 }
-
-
-class FrameError(ValueError):
-    """A frame or REST result lacks what an order observation needs (audited, never retried)."""
 
 
 def status_rank(kind: str, status: str) -> int:
@@ -68,35 +59,6 @@ def is_terminal(kind: str, status: str) -> bool:
 
 
 @dataclass(frozen=True)
-class OrderState:
-    """One observation of an order, from a WS frame or a REST result."""
-
-    account_id: int
-    kind: str
-    exchange_order_id: int
-    symbol: str
-    status: str
-    transaction_time_ms: int
-    event_time_ms: int | None
-    source: str
-    client_order_id: str | None = None
-    side: str | None = None
-    position_side: str | None = None
-    order_type: str | None = None
-    time_in_force: str | None = None
-    price: Decimal | None = None
-    stop_price: Decimal | None = None
-    quantity: Decimal | None = None
-    #: None = this source does not say (REST algo orders); the stored value is kept.
-    filled_quantity: Decimal | None = Decimal(0)
-    average_price: Decimal | None = None
-    reduce_only: bool | None = None
-    actual_order_id: int | None = None
-    execution_type: str | None = None
-    trade_id: int | None = None
-
-
-@dataclass(frozen=True)
 class Transition:
     """A committed status change: ``old`` is None for a first sighting. Rows as column dicts."""
 
@@ -105,216 +67,32 @@ class Transition:
     frame_id: str | None
 
 
-# -- parsing ----------------------------------------------------------------------------------------
-
-
-def _dec(value: Any, field_name: str) -> Decimal | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, float):  # never seen from Binance; refuse silently lossy input
-        raise FrameError(f"{field_name}: float value, expected a decimal string")
-    try:
-        d = Decimal(str(value))
-    except InvalidOperation:
-        raise FrameError(f"{field_name}: not a decimal: {str(value)[:40]!r}") from None
-    if not d.is_finite():
-        raise FrameError(f"{field_name}: not finite")
-    return d
-
-
-def _int(value: Any, field_name: str, *, required: bool = False) -> int | None:
-    if value is None or value == "":
-        if required:
-            raise FrameError(f"{field_name}: missing")
-        return None
-    if isinstance(value, bool):
-        raise FrameError(f"{field_name}: not an integer")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise FrameError(f"{field_name}: not an integer: {str(value)[:40]!r}") from None
-
-
-def _str(value: Any) -> str | None:
-    return None if value is None or value == "" else str(value)
-
-
-def _req_str(data: Mapping[str, Any], key: str, field_name: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise FrameError(f"{field_name}: missing")
-    return value
-
-
-def _body(frame: Mapping[str, Any]) -> Mapping[str, Any]:
-    body = frame.get("o")
-    if not isinstance(body, Mapping):
-        raise FrameError("o: missing order object")
-    return body
-
-
-def order_from_ws(account_id: int, frame: Mapping[str, Any]) -> OrderState:
-    """ORDER_TRADE_UPDATE -> OrderState (T of the order, else of the event, orders it)."""
-    o = _body(frame)
-    t = _int(o.get("T"), "o.T") or _int(frame.get("T"), "T")
-    if t is None:
-        raise FrameError("T: missing transaction time")
-    trade_id = _int(o.get("t"), "o.t")
-    return OrderState(
-        account_id=account_id,
-        kind="regular",
-        exchange_order_id=_int(o.get("i"), "o.i", required=True),  # type: ignore[arg-type]
-        symbol=_req_str(o, "s", "o.s"),
-        status=_req_str(o, "X", "o.X"),
-        transaction_time_ms=t,
-        event_time_ms=_int(frame.get("E"), "E"),
-        source="ws",
-        client_order_id=_str(o.get("c")),
-        side=_str(o.get("S")),
-        position_side=_str(o.get("ps")),
-        order_type=_str(o.get("o")),
-        time_in_force=_str(o.get("f")),
-        price=_dec(o.get("p"), "o.p"),
-        stop_price=_dec(o.get("sp"), "o.sp"),
-        quantity=_dec(o.get("q"), "o.q"),
-        filled_quantity=_dec(o.get("z"), "o.z") or Decimal(0),
-        average_price=_dec(o.get("ap"), "o.ap"),
-        reduce_only=o.get("R") if isinstance(o.get("R"), bool) else None,
-        execution_type=_str(o.get("x")),
-        trade_id=trade_id or None,
-    )
-
-
-def algo_from_ws(account_id: int, frame: Mapping[str, Any]) -> OrderState:
-    """ALGO_UPDATE -> OrderState (kind algo, keyed by algo id ``aid``)."""
-    o = _body(frame)
-    t = _int(frame.get("T"), "T") or _int(frame.get("E"), "E")
-    if t is None:
-        raise FrameError("T: missing transaction time")
-    status = _req_str(o, "X", "o.X")
-    return OrderState(
-        account_id=account_id,
-        kind="algo",
-        exchange_order_id=_int(o.get("aid"), "o.aid", required=True),  # type: ignore[arg-type]
-        symbol=_req_str(o, "s", "o.s"),
-        status=status,
-        transaction_time_ms=t,
-        event_time_ms=_int(frame.get("E"), "E"),
-        source="ws",
-        client_order_id=_str(o.get("caid")),
-        side=_str(o.get("S")),
-        position_side=_str(o.get("ps")),
-        order_type=_str(o.get("o")),
-        time_in_force=_str(o.get("f")),
-        price=_dec(o.get("p"), "o.p"),
-        stop_price=_dec(o.get("tp"), "o.tp"),
-        quantity=_dec(o.get("q"), "o.q"),
-        filled_quantity=_dec(o.get("aq"), "o.aq") or Decimal(0),
-        average_price=_dec(o.get("ap"), "o.ap"),
-        reduce_only=o.get("R") if isinstance(o.get("R"), bool) else None,
-        actual_order_id=_int(o.get("ai"), "o.ai"),
-        execution_type=f"ALGO_{status}",
-    )
-
-
-def order_from_rest(account_id: int, data: Mapping[str, Any]) -> OrderState:
-    """GET /fapi/v1/order (or an openOrders / allOrders item) -> OrderState."""
-    t = _int(data.get("updateTime"), "updateTime") or _int(data.get("time"), "time")
-    if t is None:
-        raise FrameError("updateTime: missing")
-    return OrderState(
-        account_id=account_id,
-        kind="regular",
-        exchange_order_id=_int(data.get("orderId"), "orderId", required=True),  # type: ignore[arg-type]
-        symbol=_req_str(data, "symbol", "symbol"),
-        status=_req_str(data, "status", "status"),
-        transaction_time_ms=t,
-        event_time_ms=None,
-        source="rest",
-        client_order_id=_str(data.get("clientOrderId")),
-        side=_str(data.get("side")),
-        position_side=_str(data.get("positionSide")),
-        order_type=_str(data.get("type")),
-        time_in_force=_str(data.get("timeInForce")),
-        price=_dec(data.get("price"), "price"),
-        stop_price=_dec(data.get("stopPrice"), "stopPrice"),
-        quantity=_dec(data.get("origQty"), "origQty"),
-        filled_quantity=_dec(data.get("executedQty"), "executedQty") or Decimal(0),
-        average_price=_dec(data.get("avgPrice"), "avgPrice"),
-        reduce_only=data.get("reduceOnly") if isinstance(data.get("reduceOnly"), bool) else None,
-    )
-
-
-def algo_from_rest(account_id: int, data: Mapping[str, Any]) -> OrderState:
-    """GET /fapi/v1/algoOrder (or an openAlgoOrders item) -> OrderState.
-
-    The algo service reports no executed quantity of its own (the fill lives on the regular order
-    ``actualOrderId``), so ``filled_quantity`` is None (keep what the stream said) unless given.
-    """
-    t = _int(data.get("updateTime"), "updateTime") or _int(data.get("createTime"), "createTime")
-    if t is None:
-        raise FrameError("updateTime: missing")
-    status = _req_str(data, "algoStatus", "algoStatus")
-    executed = data.get("executedQty", data.get("aq"))
-    return OrderState(
-        account_id=account_id,
-        kind="algo",
-        exchange_order_id=_int(data.get("algoId"), "algoId", required=True),  # type: ignore[arg-type]
-        symbol=_req_str(data, "symbol", "symbol"),
-        status=status,
-        transaction_time_ms=t,
-        event_time_ms=None,
-        source="rest",
-        client_order_id=_str(data.get("clientAlgoId")),
-        side=_str(data.get("side")),
-        position_side=_str(data.get("positionSide")),
-        order_type=_str(data.get("orderType")),
-        time_in_force=_str(data.get("timeInForce")),
-        price=_dec(data.get("price"), "price"),
-        stop_price=_dec(data.get("triggerPrice"), "triggerPrice"),
-        quantity=_dec(data.get("quantity"), "quantity"),
-        filled_quantity=_dec(executed, "executedQty"),
-        average_price=_dec(data.get("actualPrice"), "actualPrice") or _dec(data.get("avgPrice"), "avgPrice"),
-        reduce_only=data.get("reduceOnly") if isinstance(data.get("reduceOnly"), bool) else None,
-        actual_order_id=_int(data.get("actualOrderId"), "actualOrderId"),
-        execution_type=f"ALGO_{status}",
-    )
-
-
-def dispatch_key(frame: Mapping[str, Any]) -> str | None:
-    """The allowlist key of a frame: ``x`` for ORDER_TRADE_UPDATE, ``ALGO_<X>`` for ALGO_UPDATE.
-
-    A FINISHED algo order with an executed quantity > 0 is ``ALGO_FILLED``. Other events: None.
-    """
-    event = frame.get("e")
-    body = frame.get("o")
-    if not isinstance(body, Mapping):
-        return None
-    if event == "ORDER_TRADE_UPDATE":
-        x = body.get("x")
-        return x if isinstance(x, str) else None
-    if event == "ALGO_UPDATE":
-        status = body.get("X")
-        if not isinstance(status, str):
-            return None
-        if status == "FINISHED":
-            try:
-                if Decimal(str(body.get("aq") or "0")) > 0:
-                    return "ALGO_FILLED"
-            except InvalidOperation:
-                pass
-        return f"ALGO_{status}"
-    return None
-
-
-# -- the update -------------------------------------------------------------------------------------
-
 #: Stored columns, in SELECT order.
 _ORDER_COLUMNS = (
-    "id", "account_id", "exchange", "kind", "exchange_order_id", "client_order_id", "symbol", "side",
-    "position_side", "order_type", "time_in_force", "status", "price", "stop_price", "quantity",
-    "filled_quantity", "average_price", "reduce_only", "actual_order_id", "last_execution_type",
-    "last_trade_id", "last_transaction_time_ms", "last_event_time_ms", "last_source",
+    "id",
+    "account_id",
+    "exchange",
+    "kind",
+    "exchange_order_id",
+    "client_order_id",
+    "symbol",
+    "side",
+    "position_side",
+    "order_type",
+    "time_in_force",
+    "status",
+    "price",
+    "stop_price",
+    "quantity",
+    "filled_quantity",
+    "average_price",
+    "reduce_only",
+    "actual_order_id",
+    "last_execution_type",
+    "last_trade_id",
+    "last_transaction_time_ms",
+    "last_event_time_ms",
+    "last_source",
 )
 # Only the constant column list is concatenated; every value is a %s parameter.
 _SELECT_FOR_UPDATE = (
@@ -371,11 +149,28 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
         cur.execute(
             _INSERT,
             (
-                state.account_id, state.kind, state.exchange_order_id, state.client_order_id, state.symbol,
-                state.side, state.position_side, state.order_type, state.time_in_force, state.status, state.price,
-                state.stop_price, state.quantity, state.filled_quantity or Decimal(0), state.average_price,
-                state.reduce_only, state.actual_order_id, state.execution_type, state.trade_id,
-                state.transaction_time_ms, state.event_time_ms, state.source,
+                state.account_id,
+                state.kind,
+                state.exchange_order_id,
+                state.client_order_id,
+                state.symbol,
+                state.side,
+                state.position_side,
+                state.order_type,
+                state.time_in_force,
+                state.status,
+                state.price,
+                state.stop_price,
+                state.quantity,
+                state.filled_quantity or Decimal(0),
+                state.average_price,
+                state.reduce_only,
+                state.actual_order_id,
+                state.execution_type,
+                state.trade_id,
+                state.transaction_time_ms,
+                state.event_time_ms,
+                state.source,
             ),
         )
         inserted = cur.fetchone()
@@ -390,17 +185,35 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
     if not is_newer(old, state):
         # A fill that arrives after a newer frame (say its order's CANCELED) changes no state, but its
         # trade id is still the highest seen: last_trade_id must not depend on arrival order.
-        if state.trade_id is not None and (old["last_trade_id"] is None or state.trade_id > old["last_trade_id"]):
+        if state.trade_id is not None and (
+            old["last_trade_id"] is None or state.trade_id > old["last_trade_id"]
+        ):
             cur.execute(_RAISE_TRADE_ID, (state.trade_id, old["id"]))
         return None
     filled = old["filled_quantity"] if state.filled_quantity is None else state.filled_quantity
     cur.execute(
         _UPDATE,
         (
-            state.client_order_id, state.symbol, state.side, state.position_side, state.order_type,
-            state.time_in_force, state.status, state.price, state.stop_price, state.quantity, filled,
-            state.average_price, state.reduce_only, state.actual_order_id, state.execution_type, state.trade_id,
-            state.transaction_time_ms, state.event_time_ms, state.source, old["id"],
+            state.client_order_id,
+            state.symbol,
+            state.side,
+            state.position_side,
+            state.order_type,
+            state.time_in_force,
+            state.status,
+            state.price,
+            state.stop_price,
+            state.quantity,
+            filled,
+            state.average_price,
+            state.reduce_only,
+            state.actual_order_id,
+            state.execution_type,
+            state.trade_id,
+            state.transaction_time_ms,
+            state.event_time_ms,
+            state.source,
+            old["id"],
         ),
     )
     new = dict(zip(_ORDER_COLUMNS, cur.fetchone(), strict=True))
@@ -410,61 +223,89 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
     return Transition(old=old, new=new, frame_id=frame_id)
 
 
-def _record_transition(cur: Any, old: Mapping[str, Any] | None, new: Mapping[str, Any], state: OrderState,
-                       frame_id: str | None) -> None:
+def _record_transition(
+    cur: Any, old: Mapping[str, Any] | None, new: Mapping[str, Any], state: OrderState, frame_id: str | None
+) -> None:
     cur.execute(
         _INSERT_TRANSITION,
         (
-            new["id"], state.account_id, old["status"] if old else None, new["status"], state.execution_type,
-            state.transaction_time_ms, state.event_time_ms, state.source, frame_id,
+            new["id"],
+            state.account_id,
+            old["status"] if old else None,
+            new["status"],
+            state.execution_type,
+            state.transaction_time_ms,
+            state.event_time_ms,
+            state.source,
+            frame_id,
         ),
     )
 
 
-# -- observers --------------------------------------------------------------------------------------
+# -- reads for reconciliation -------------------------------------------------------------------------
 
-Observer = Callable[..., Any]
-_observer_cache: dict[str, tuple[Observer, bool]] = {}
-
-
-def load_observer(path: str) -> tuple[Observer, bool]:
-    """Resolve ``package.module.attr``; the flag says whether it accepts ``settings=``."""
-    if path not in _observer_cache:
-        module_name, _, attr = path.rpartition(".")
-        if not module_name:
-            raise ValueError(f"observer {path!r}: expected a dotted path module.attribute")
-        fn = getattr(importlib.import_module(module_name), attr)
-        if not callable(fn):
-            raise ValueError(f"observer {path!r}: not callable")
-        try:
-            wants_settings = "settings" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            wants_settings = False
-        _observer_cache[path] = (fn, wants_settings)
-    return _observer_cache[path]
-
-
-def run_observers(settings: Settings, transitions: list[Transition]) -> None:
-    """Call every configured observer with (old, new) for each committed transition.
-
-    A failing (or unloadable) observer is logged with the order id and never raises: the audit and
-    the update are already committed.
-    """
-    for transition in transitions:
-        for path in settings.jobs.observers:
-            try:
-                fn, wants_settings = load_observer(path)
-                if wants_settings:
-                    fn(transition.old, transition.new, settings=settings)
-                else:
-                    fn(transition.old, transition.new)
-            except Exception:
-                log.exception(
-                    "observer %s failed for order id=%s account=%s exchange_order_id=%s",
-                    path, transition.new.get("id"), transition.new.get("account_id"),
-                    transition.new.get("exchange_order_id"),
-                )
+_OPEN_ORDERS_SQL = (
+    "SELECT kind, exchange_order_id, symbol, status, actual_order_id FROM orders WHERE account_id = %s"
+    " AND ((kind = 'regular' AND status = ANY(%s)) OR (kind = 'algo' AND status = ANY(%s)))"
+)
+_ACTIVE_SYMBOLS_SQL = (
+    "SELECT DISTINCT symbol FROM orders WHERE account_id = %s AND kind = 'regular'"
+    " AND last_transaction_time_ms >= %s"
+    " UNION SELECT symbol FROM account_positions WHERE account_id = %s AND amount <> 0"
+)
+_LAST_ACTIVITY_SQL = "SELECT max(last_transaction_time_ms) FROM orders WHERE account_id = %s"
+_REGULAR_STATUSES_SQL = (
+    "SELECT exchange_order_id, status FROM orders WHERE account_id = %s AND kind = 'regular'"
+    " AND exchange_order_id = ANY(%s)"
+)
+_CURRENT_SQL = (
+    "SELECT status, filled_quantity, last_transaction_time_ms FROM orders"
+    " WHERE account_id = %s AND kind = %s AND exchange_order_id = %s FOR UPDATE"
+)
 
 
-def order_state_fields() -> list[str]:
-    return [f.name for f in fields(OrderState)]
+def open_orders(conn: Any, account_id: int) -> list[tuple[str, int, str, str, int | None]]:
+    """(kind, exchange id, symbol, status, actual order id) of every order the database holds open."""
+    with conn.cursor() as cur:
+        cur.execute(
+            _OPEN_ORDERS_SQL, (account_id, list(OPEN_STATUSES["regular"]), list(OPEN_STATUSES["algo"]))
+        )
+        rows = cur.fetchall()
+    conn.commit()
+    return [(r[0], int(r[1]), r[2], r[3], r[4]) for r in rows]
+
+
+def active_symbols(conn: Any, account_id: int, since_ms: int) -> set[str]:
+    """Symbols with regular-order activity since ``since_ms`` or an open position."""
+    with conn.cursor() as cur:
+        cur.execute(_ACTIVE_SYMBOLS_SQL, (account_id, since_ms, account_id))
+        rows = cur.fetchall()
+    conn.commit()
+    return {r[0] for r in rows if r[0]}
+
+
+def last_activity_ms(conn: Any, account_id: int) -> int | None:
+    """The newest transaction time of any order of the account, if it has one."""
+    with conn.cursor() as cur:
+        cur.execute(_LAST_ACTIVITY_SQL, (account_id,))
+        row = cur.fetchone()
+    conn.commit()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def regular_statuses(conn: Any, account_id: int, order_ids: list[int]) -> dict[int, str]:
+    """Stored status of each of these regular orders that the database knows."""
+    with conn.cursor() as cur:
+        cur.execute(_REGULAR_STATUSES_SQL, (account_id, order_ids))
+        known = {int(r[0]): r[1] for r in cur.fetchall()}
+    conn.commit()
+    return known
+
+
+def current_for_update(cur: Any, state: OrderState) -> dict[str, Any] | None:
+    """The stored ordering fields of the order ``state`` is about, row-locked, or None if it is new."""
+    cur.execute(_CURRENT_SQL, (state.account_id, state.kind, state.exchange_order_id))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return {"status": row[0], "filled_quantity": row[1], "last_transaction_time_ms": row[2]}

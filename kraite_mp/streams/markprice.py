@@ -1,370 +1,58 @@
 """The mark-price child: Binance ``!markPrice@arr@1s`` -> ``exchange_symbols.mark_price`` on four exchanges.
 
-The hottest write path of the system (1 Hz x ~570 symbols x 4 exchanges). Two threads:
+The hottest write path of the system (every second, every symbol, every exchange). Two threads:
 
-- the stream thread (``MarkPriceStreamer.loop``) owns the WebSocket: it receives, parses and
-  validates each array frame and drops the prices into a one-slot ``Mailbox``. It pings, watches
-  for silence (watchdog) and reconnects with the shared capped backoff; it never touches PostgreSQL,
-  so a slow or absent database never stalls the stream.
-- the writer thread (``PriceWriter``) owns the database connection and the symbol map. It takes
-  whatever the mailbox holds, maps Binance symbols to the row ids of every exchange listing the
-  same token + quote, and writes them in one transaction with one raw parametrized bulk UPDATE.
+- the stream thread (``MarkPriceStreamer``, on the shared connection loop) receives, parses and
+  validates each array frame (``binance.market``) and drops the prices into a one-slot
+  ``Mailbox``; it never touches PostgreSQL, so a slow or absent database never stalls the stream.
+- the writer thread (``PriceWriter``) owns the database connection and the symbol map
+  (``store.symbols``): it takes whatever the mailbox holds, maps Binance symbols to the rows of
+  every exchange listing the same token + quote, and writes them in one bulk UPDATE.
 
-Coalescing: when a tick arrives while the previous one is still being written, the new prices are
-merged into the pending slot (newest price per symbol wins) instead of queued, so the writer
-always writes the freshest state and memory cannot grow; ``skipped`` counts the ticks coalesced.
-
-Prices are validated decimal strings from the frame to the ``numeric`` column (never a float).
+Coalescing: a tick that arrives while the previous one is still being written is merged into the
+pending slot (newest price per symbol wins) instead of queued, so the writer always writes the
+freshest state and memory cannot grow; ``skipped`` counts the ticks coalesced.
 
 Title: ``kraite-mp: mark-price state=streaming symbols=568 rows=2272 ticks=86400 last_write_ms=11 skipped=0``.
 """
 
 from __future__ import annotations
 
-import decimal
 import gc
-import io
 import logging
 import os
-import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, NewType
+from typing import Any
 
-import orjson
 import psycopg2
-import websocket
 
 from kraite_mp import exitcodes
-from kraite_mp.backoff import backoff_delay
+from kraite_mp.backoff import Attempts
+from kraite_mp.binance.market import MARK_PRICE_ROUTE, FrameError, PriceText, parse_mark_price_frame
 from kraite_mp.config import Settings
 from kraite_mp.store import db as kdb
-from kraite_mp.supervisor.context import ChildContext, heartbeat_dir
+from kraite_mp.store.symbols import BulkWriter, SymbolMap, load_symbol_map, resolve_rows
+from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream
+from kraite_mp.supervisor import runfiles
+from kraite_mp.supervisor.context import ChildContext
 
 log = logging.getLogger(__name__)
 
-#: The 2026 market route; the old unrouted ``/ws/...`` form connects but delivers nothing.
-MARK_PRICE_ROUTE = "/market/ws/!markPrice@arr@1s"
 #: Socket read timeout: how quickly the stream loop notices ``ctx.stop``, the watchdog and pings.
 RECV_TIMEOUT_S = 0.5
 #: TCP connect + WebSocket handshake timeout (short: ``ctx.stop`` is not checked while connecting).
 CONNECT_TIMEOUT_S = 5.0
-#: The reconnect backoff starts over only after a connection delivered ticks for this long
-#: (supervisor's startsecs): a server that accepts and drops us at once must not get a 1 Hz
-#: reconnect loop (Binance allows 300 new connections per 5 minutes per IP).
-STREAM_HEALTHY_AFTER_S = 30.0
-#: Payload of our client pings (the server echoes it in the pong).
-PING_PAYLOAD = b"kraite-mp"
-#: A write that takes longer than this is cancelled by PostgreSQL (a lock held elsewhere, say):
-#: the tick is retried with the next one instead of hanging the writer forever.
-STATEMENT_TIMEOUT_MS = 10_000
 #: How long the writer thread sleeps waiting for a tick before re-checking stop/reload.
 WRITER_WAIT_S = 0.5
+#: After an unexpected writer error, wait this long before the next tick.
+WRITER_ERROR_PAUSE_S = 1.0
 #: Counters of bad input are logged at most this often (a broken feed must not flood the log).
 BAD_INPUT_LOG_INTERVAL_S = 60.0
 #: How long ``shutdown`` waits for an in-flight write to finish (under the supervisor's graceful timeout).
 WRITER_JOIN_TIMEOUT_S = 5.0
-#: Longest accepted symbol name (Binance's are < 20 characters).
-MAX_SYMBOL_LEN = 64
-
-STRATEGIES: tuple[str, ...] = ("unnest", "case", "copy")
-
-#: The validated text of a finite, positive decimal price (digits, at most one dot, no exponent).
-PriceText = NewType("PriceText", str)
-
-#: ``86141.00000000``: digits with an optional fraction. Rejects NaN/Infinity, signs, exponents,
-#: blanks and anything else that could mean something other than a plain positive decimal.
-_PRICE_RE = re.compile(r"[0-9]{1,40}(?:\.[0-9]{1,40})?")
-
-
-class FrameError(ValueError):
-    """A frame that is not a JSON array of mark-price entries (counted, never fatal)."""
-
-
-def parse_price(value: object) -> PriceText | None:
-    """The price text if ``value`` is a finite positive decimal string, else None."""
-    if type(value) is not str or _PRICE_RE.fullmatch(value) is None:
-        return None
-    if not value.strip("0."):  # zero
-        return None
-    return PriceText(value)
-
-
-@dataclass
-class ParsedFrame:
-    """One ``!markPrice@arr`` frame after validation."""
-
-    #: Binance symbol -> validated mark price (the last entry wins if a symbol repeats).
-    prices: dict[str, PriceText]
-    #: Entries skipped: not an object, no symbol, bad or missing price, wrong event type.
-    bad_entries: int = 0
-    #: COIN-M entries (``st`` = 2) skipped because ``include_coin_m`` is off.
-    coin_m: int = 0
-
-
-def parse_mark_price_frame(raw: bytes | str, *, include_coin_m: bool = False) -> ParsedFrame:
-    """Parse and validate one frame; raise FrameError if it is not a JSON array.
-
-    A real entry::
-
-        {"e":"markPriceUpdate","E":1791201678000,"s":"BTCUSDT","p":"86141.00000000","ap":"86141.00000000",
-         "P":"86110.40591268","i":"86181.65630435","r":"0.00003779","T":1791216000000,"st":1}
-
-    Bad entries are counted and skipped, so one broken symbol never costs the others their tick.
-    The combined-stream wrapper ``{"stream": .., "data": [..]}`` is unwrapped.
-    """
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise FrameError("frame is not valid JSON") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise FrameError(f"frame is a JSON {type(data).__name__}, expected an array")
-    prices: dict[str, PriceText] = {}
-    bad = coin_m = 0
-    for item in data:
-        if type(item) is not dict:
-            bad += 1
-            continue
-        symbol = item.get("s")
-        if type(symbol) is not str or not symbol or len(symbol) > MAX_SYMBOL_LEN:
-            bad += 1
-            continue
-        event = item.get("e", "markPriceUpdate")
-        if event != "markPriceUpdate":
-            bad += 1
-            continue
-        if item.get("st") == 2 and not include_coin_m:
-            coin_m += 1
-            continue
-        price = parse_price(item.get("p"))
-        if price is None:
-            bad += 1
-            continue
-        prices[symbol] = price
-    return ParsedFrame(prices, bad, coin_m)
-
-
-# -- symbol map --------------------------------------------------------------------------------------
-
-#: Every active row and every token mapping, read in two plain queries; the join happens in Python
-#: so that its cost is linear whatever the planner thinks of a freshly seeded, never-analyzed table
-#: (a SQL version of this join ran 1 s on 2,000 unanalyzed rows via a nested loop).
-SYMBOL_ROWS_SQL = "SELECT id, exchange, symbol, token, quote FROM exchange_symbols WHERE is_active ORDER BY id"
-TOKEN_MAPPERS_SQL = "SELECT exchange, token, exchange_token, price_multiplier FROM token_mappers"
-
-
-@dataclass(frozen=True)
-class SymbolMap:
-    """Binance symbol -> ids of every row its mark price sets (its own Binance row first)."""
-
-    targets: Mapping[str, tuple[int, ...]]
-    loaded_at: float
-    #: Row id -> price multiplier, only for rows whose token_mapper says the lot differs (10000SATS).
-    scales: Mapping[int, Decimal] = field(default_factory=dict)
-
-    @property
-    def row_count(self) -> int:
-        return sum(len(v) for v in self.targets.values())
-
-
-def build_symbol_map(
-    rows: Sequence[tuple[int, str, str, str, str]], mappers: Sequence[tuple[Any, ...]]
-) -> dict[str, tuple[int, ...]]:
-    """Map from ``(id, exchange, symbol, token, quote)`` rows and ``(exchange, token, exchange_token)``.
-
-    A Binance symbol sets its own row and, on every other exchange, the rows listing the same token
-    (rewritten by token_mappers: KuCoin BTC -> XBT) and quote. Each non-Binance row has exactly one
-    source: the Binance symbol spelled token||quote (the perpetual) wins, then the oldest row, so a
-    quarterly ``BTCUSDT_250328`` never fights ``BTCUSDT`` over Bybit's BTCUSDT.
-    """
-    remap = {(m[0], m[1]): m[2] for m in mappers}
-    binance: list[tuple[int, str, str, str]] = []
-    others: dict[tuple[str, str, str], list[int]] = {}
-    exchanges: dict[str, None] = {}
-    for row_id, exchange, symbol, token, quote in rows:
-        if exchange == "binance":
-            binance.append((row_id, symbol, token, quote))
-        else:
-            exchanges[exchange] = None
-            others.setdefault((exchange, token, quote), []).append(row_id)
-    binance.sort(key=lambda r: (r[1] != r[2] + r[3], r[0]))
-    claimed: set[int] = set()
-    targets: dict[str, list[int]] = {}
-    for row_id, symbol, token, quote in binance:
-        ids = targets.setdefault(symbol, [])
-        ids.append(row_id)
-        for exchange in exchanges:
-            for other_id in others.get((exchange, remap.get((exchange, token), token), quote), ()):
-                if other_id not in claimed:
-                    claimed.add(other_id)
-                    ids.append(other_id)
-    return {symbol: tuple(ids) for symbol, ids in targets.items()}
-
-
-def build_scales(
-    rows: Sequence[tuple[int, str, str, str, str]], mappers: Sequence[tuple[Any, ...]]
-) -> dict[int, Decimal]:
-    """Row id -> multiplier for rows listed under a mapped token whose mapper has a multiplier != 1."""
-    multipliers = {(m[0], m[2]): Decimal(m[3]) for m in mappers if len(m) > 3 and Decimal(m[3]) != 1}
-    return {row_id: multipliers[(exchange, token)] for row_id, exchange, _symbol, token, _quote in rows
-            if (exchange, token) in multipliers}
-
-
-def load_symbol_map(conn: Any) -> SymbolMap:
-    """Read the rows and mappings in one short transaction and build the map."""
-    with conn.cursor() as cur:
-        cur.execute(SYMBOL_ROWS_SQL)
-        rows = cur.fetchall()
-        cur.execute(TOKEN_MAPPERS_SQL)
-        mappers = cur.fetchall()
-    conn.commit()
-    return SymbolMap(build_symbol_map(rows, mappers), time.monotonic(), build_scales(rows, mappers))
-
-
-#: Enough digits for any validated price (<= 40 + 40) times any multiplier: scaling stays exact.
-_SCALE_CONTEXT = decimal.Context(prec=120)
-
-
-def scale_price(price: PriceText, multiplier: Decimal) -> PriceText:
-    """``price * multiplier`` exactly, as plain decimal text (never float, never an exponent)."""
-    return PriceText(format(_SCALE_CONTEXT.multiply(Decimal(price), multiplier), "f"))
-
-
-def resolve_rows(prices: Mapping[str, PriceText], symbol_map: SymbolMap) -> tuple[list[tuple[int, PriceText]], int, int]:
-    """(sorted (row id, price) pairs, symbols matched, symbols unknown). Sorted ids: a stable lock order."""
-    by_row: dict[int, PriceText] = {}
-    matched = unknown = 0
-    targets, scales = symbol_map.targets, symbol_map.scales
-    for symbol, price in prices.items():
-        ids = targets.get(symbol)
-        if ids is None:
-            unknown += 1
-            continue
-        matched += 1
-        for row_id in ids:
-            multiplier = scales.get(row_id)
-            by_row[row_id] = price if multiplier is None else scale_price(price, multiplier)
-    return sorted(by_row.items()), matched, unknown
-
-
-# -- bulk writers ------------------------------------------------------------------------------------
-
-UNNEST_SQL = (
-    "UPDATE exchange_symbols AS s SET mark_price = v.price, mark_price_synced_at = now()"
-    " FROM unnest(%s::bigint[], %s::numeric[]) AS v(id, price) WHERE s.id = v.id"
-)
-COPY_TABLE = "kraite_mark_price_tick"
-COPY_CREATE_SQL = (
-    "CREATE TEMP TABLE IF NOT EXISTS kraite_mark_price_tick (id bigint NOT NULL, price numeric NOT NULL)"
-    " ON COMMIT DELETE ROWS"
-)
-COPY_SQL = "COPY kraite_mark_price_tick (id, price) FROM STDIN"
-COPY_UPDATE_SQL = (
-    "UPDATE exchange_symbols AS s SET mark_price = v.price, mark_price_synced_at = now()"
-    " FROM kraite_mark_price_tick AS v WHERE s.id = v.id"
-)
-COPY_CLEAR_SQL = "DELETE FROM kraite_mark_price_tick"
-#: The seed system's chunk size for CASE/WHEN.
-CASE_CHUNK_SIZE = 500
-
-
-def case_sql(n: int) -> str:
-    """The seed's statement for ``n`` rows: placeholders only, values always go as parameters."""
-    whens = " ".join(["WHEN %s THEN %s::numeric"] * n)
-    ids = ", ".join(["%s"] * n)
-    # only %s placeholders are joined in: every id and price is bound as a parameter
-    return (
-        "UPDATE exchange_symbols SET mark_price = CASE id " + whens + " END,"  # noqa: S608
-        " mark_price_synced_at = now() WHERE id IN (" + ids + ")"
-    )
-
-
-def _chunks(rows: Sequence[tuple[int, PriceText]], size: int) -> Iterator[Sequence[tuple[int, PriceText]]]:
-    if size <= 0 or len(rows) <= size:
-        yield rows
-        return
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
-def _array_text(values: Iterator[str]) -> str:
-    """A PostgreSQL array literal passed as ONE bound parameter (ids are ints, prices validated digits)."""
-    return "{" + ",".join(values) + "}"
-
-
-class BulkWriter:
-    """One strategy of the bulk UPDATE. ``setup(conn)`` once per connection, then ``write`` per tick."""
-
-    def __init__(self, strategy: str = "unnest", chunk_size: int = 0) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown mark-price write strategy {strategy!r}; expected one of {STRATEGIES}")
-        if chunk_size < 0:
-            raise ValueError("chunk_size must be >= 0")
-        self.strategy = strategy
-        self.chunk_size = chunk_size
-        self._case_sql: dict[int, str] = {}
-
-    def setup(self, conn: Any, *, synchronous_commit: bool = False) -> None:
-        """Per-session settings; a new connection must get them again."""
-        with conn.cursor() as cur:
-            # A single statement over thousands of rows can cross jit_above_cost, and compiling it
-            # costs far more than the update itself (the seed's "JIT cliff").
-            cur.execute("SET jit = off")
-            # Mark prices are rewritten every second: losing the last tick in a crash costs nothing,
-            # waiting for a WAL flush on every commit costs latency.
-            cur.execute("SELECT set_config('synchronous_commit', %s, false)", ("on" if synchronous_commit else "off",))
-            cur.execute("SELECT set_config('statement_timeout', %s, false)", (str(STATEMENT_TIMEOUT_MS),))
-            if self.strategy == "copy":
-                cur.execute(COPY_CREATE_SQL)
-        conn.commit()
-
-    def write(self, conn: Any, rows: Sequence[tuple[int, PriceText]]) -> int:
-        """Write ``rows`` (sorted by id) in one transaction and commit; return the rows updated."""
-        if not rows:
-            return 0
-        updated = 0
-        try:
-            with conn.cursor() as cur:
-                if self.strategy == "unnest":
-                    for chunk in _chunks(rows, self.chunk_size):
-                        cur.execute(
-                            UNNEST_SQL,
-                            (_array_text(str(i) for i, _ in chunk), _array_text(p for _, p in chunk)),
-                        )
-                        updated += cur.rowcount
-                elif self.strategy == "case":
-                    for chunk in _chunks(rows, self.chunk_size):
-                        n = len(chunk)
-                        sql = self._case_sql.get(n)
-                        if sql is None:
-                            sql = self._case_sql[n] = case_sql(n)
-                        params: list[object] = [v for pair in chunk for v in pair]
-                        params.extend(i for i, _ in chunk)
-                        cur.execute(sql, params)
-                        updated += cur.rowcount
-                else:
-                    first = True
-                    for chunk in _chunks(rows, self.chunk_size):
-                        if not first:
-                            cur.execute(COPY_CLEAR_SQL)
-                        first = False
-                        text = "".join(f"{i}\t{p}\n" for i, p in chunk)
-                        cur.copy_expert(COPY_SQL, io.StringIO(text))
-                        cur.execute(COPY_UPDATE_SQL)
-                        updated += cur.rowcount
-            conn.commit()
-        except BaseException:
-            try:
-                conn.rollback()
-            except psycopg2.Error:
-                pass
-            raise
-        return updated
 
 
 # -- the writer thread -------------------------------------------------------------------------------
@@ -430,17 +118,16 @@ class PriceWriter:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        mp = settings.mark_price
-        self.bulk = BulkWriter(mp.strategy, mp.chunk_size)
+        self.bulk = BulkWriter(settings.mark_price.chunk_size)
         self.mailbox = Mailbox()
         self.stats = WriterStats()
         self.conn: Any = None
         self.symbol_map: SymbolMap | None = None
+        self.attempts = Attempts.from_settings(settings.supervisor)
         self._reload = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._retry_at = 0.0
-        self._attempt = 0
         self._outage_since: float | None = None
         self._last_unknown_logged = 0
         self._last_unknown_log_at = -BAD_INPUT_LOG_INTERVAL_S
@@ -482,7 +169,7 @@ class PriceWriter:
                 self.step()
             except Exception:  # noqa: BLE001 - the writer must outlive any single bad tick
                 log.exception("mark-price writer: unexpected error; retrying")
-                self._stop.wait(1.0)
+                self._stop.wait(WRITER_ERROR_PAUSE_S)
 
     def step(self, timeout: float = WRITER_WAIT_S) -> int | None:
         """Wait for a tick and write it; returns rows written, or None if nothing was written."""
@@ -493,7 +180,7 @@ class PriceWriter:
         if self._reload.is_set() or self._map_stale():
             try:
                 self.reload_map()
-            except (psycopg2.Error, kdb.DatabaseUnavailable) as e:
+            except Exception as e:
                 self._db_failed(e)
                 return None
         batch = self.mailbox.take(timeout)
@@ -501,14 +188,18 @@ class PriceWriter:
             return None
         try:
             return self.write_prices(batch)
-        except (psycopg2.Error, kdb.DatabaseUnavailable) as e:
-            self.mailbox.restore(batch)
+        except Exception as e:
+            if kdb.is_transient(e):
+                self.mailbox.restore(batch)
             self._db_failed(e)
             return None
 
     # database
     def _map_stale(self) -> bool:
-        return self.symbol_map is None or time.monotonic() - self.symbol_map.loaded_at >= self.settings.mark_price.reload_s
+        return (
+            self.symbol_map is None
+            or time.monotonic() - self.symbol_map.loaded_at >= self.settings.mark_price.reload_s
+        )
 
     def _connection(self) -> Any:
         if self.conn is None or self.conn.closed:
@@ -529,7 +220,11 @@ class PriceWriter:
         self.stats.map_reloads += 1
         self.stats.map_symbols = len(symbol_map.targets)
         self.stats.map_rows = symbol_map.row_count
-        if old is None or old.targets.keys() != symbol_map.targets.keys() or old.row_count != symbol_map.row_count:
+        if (
+            old is None
+            or old.targets.keys() != symbol_map.targets.keys()
+            or old.row_count != symbol_map.row_count
+        ):
             log.info("symbol map: %d Binance symbols -> %d rows", self.stats.map_symbols, self.stats.map_rows)
         self._db_ok()
         return symbol_map
@@ -551,7 +246,10 @@ class PriceWriter:
         st.last_write_ms = round(elapsed_ms)
         st.unknown_last = unknown
         st.unknown_total += unknown
-        if unknown != self._last_unknown_logged and time.monotonic() - self._last_unknown_log_at >= BAD_INPUT_LOG_INTERVAL_S:
+        if (
+            unknown != self._last_unknown_logged
+            and time.monotonic() - self._last_unknown_log_at >= BAD_INPUT_LOG_INTERVAL_S
+        ):
             self._last_unknown_logged = unknown
             self._last_unknown_log_at = time.monotonic()
             log.info("%d symbols in the mark-price stream have no exchange_symbols row", unknown)
@@ -560,16 +258,13 @@ class PriceWriter:
         gc.collect()  # cycles from parsing/psycopg2 would otherwise pile up between generations: memory stays flat
         return updated
 
-    def _db_failed(self, error: BaseException) -> None:
+    def _db_failed(self, error: Exception) -> None:
+        """An outage (``is_transient``): keep the stream, retry with backoff. Anything else is a bug: raise it."""
         self.stats.write_errors += 1
         self.close()
-        delay = backoff_delay(
-            self._attempt,
-            base_s=self.settings.supervisor.backoff_base_s,
-            cap_exponent=self.settings.supervisor.backoff_cap_exponent,
-            jitter_ratio=self.settings.supervisor.backoff_jitter_ratio,
-        )
-        self._attempt += 1
+        if not kdb.is_transient(error):
+            raise error
+        delay = self.attempts.next_delay()
         self._retry_at = time.monotonic() + delay
         if self._outage_since is None:
             self._outage_since = time.monotonic()
@@ -588,10 +283,10 @@ class PriceWriter:
             log.info(
                 "PostgreSQL writes recovered after %.1fs (%d failed attempts)",
                 time.monotonic() - self._outage_since,
-                self._attempt,
+                self.attempts.count,
             )
         self._outage_since = None
-        self._attempt = 0
+        self.attempts.reset()
         self._retry_at = 0.0
         self.stats.db_down = False
 
@@ -613,161 +308,108 @@ class StreamStats:
     reconnects: int = 0
     watchdog_reconnects: int = 0
     last_tick_at: float = 0.0
-    reasons: dict[str, int] = field(default_factory=dict)
+    reasons: dict[Reason, int] = field(default_factory=dict)
 
 
-class MarkPriceStreamer:
-    """huey-style: ``initialize()``, ``loop()`` until ``ctx.stop``, ``shutdown()``; ``run()`` does all three.
+class MarkPriceStreamer(WebSocketStream):
+    """The stream thread; ``run()`` = ``initialize()``, ``loop()`` until ``ctx.stop``, ``shutdown()``.
 
     Runnable in-process (tests start ``run`` in a thread and set ``ctx.stop``) or as the forked child.
     """
 
     def __init__(self, settings: Settings, ctx: ChildContext) -> None:
+        mp = settings.mark_price
+        super().__init__(
+            Liveness(
+                ping_interval_s=mp.ping_interval_s,
+                pong_timeout_s=mp.pong_timeout_s,
+                # a tick comes every second: only valid ticks (and pongs) prove the stream alive
+                silence_s=mp.watchdog_s,
+                recv_timeout_s=RECV_TIMEOUT_S,
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+            ),
+            Attempts.from_settings(settings.supervisor),
+            ctx.stop,
+            log,
+        )
         self.settings = settings
         self.ctx = ctx
         self.url = settings.binance.ws_url.rstrip("/") + MARK_PRICE_ROUTE
         self.writer = PriceWriter(settings)
         self.stats = StreamStats()
-        self.ws: websocket.WebSocket | None = None
-        self._attempt = 0
-        self._next_connect_at = 0.0
-        self._connected_at = 0.0
         self._connection_ticks = 0
-        self._last_tick_at = 0.0
-        self._last_ping_at = 0.0
-        self._ping_sent_at: float | None = None
         self._bad_logged = (0, 0)
         self._bad_logged_at = 0.0
 
     # lifecycle
     def initialize(self) -> None:
-        os.makedirs(heartbeat_dir(self.settings), exist_ok=True)
+        os.makedirs(runfiles.heartbeat_dir(self.settings.run_dir), exist_ok=True)
         mp = self.settings.mark_price
         log.info(
             "mark-price stream %s: strategy=%s chunk_size=%d watchdog=%.1fs reload=%.0fs",
-            self.url, mp.strategy, mp.chunk_size, mp.watchdog_s, mp.reload_s,
+            self.url,
+            mp.strategy,
+            mp.chunk_size,
+            mp.watchdog_s,
+            mp.reload_s,
         )
         self.writer.start()
         self.ctx.beat("connecting", force=True)
 
-    def run(self) -> int:
-        self.initialize()
-        try:
-            while not self.ctx.stop.is_set():
-                if not self.writer.alive:
-                    log.error("mark-price writer thread died; exiting for a restart")
-                    return exitcodes.EXIT_ERROR
-                self.loop()
-        finally:
-            self.shutdown()
-        return exitcodes.EXIT_OK
-
-    def shutdown(self) -> None:
-        self._close()
-        self.writer.stop()
-        self.ctx.beat("stopped", force=True)
-
-    # one step of the stream: connect, or receive one frame and check liveness
     def loop(self) -> None:
+        if not self.writer.alive:
+            log.error("mark-price writer thread died; exiting for a restart")
+            self.exit_code = exitcodes.EXIT_ERROR
+            return
         if self.ctx.reload.is_set():  # SIGHUP: new symbol map, same connection
             self.ctx.reload.clear()
             self.writer.request_reload()
-        if self.ws is None:
-            wait = self._next_connect_at - time.monotonic()
-            if wait > 0:
-                self._beat("backoff")
-                self.ctx.stop.wait(min(wait, RECV_TIMEOUT_S))
-                return
-            self._connect()
-            return
-        self._receive()
-        if self.ws is not None:
-            self._check_liveness()
-        self._beat()
+        super().loop()
 
-    def _connect(self) -> None:
-        self._beat("connecting")
-        try:
-            ws = websocket.create_connection(self.url, timeout=CONNECT_TIMEOUT_S, skip_utf8_validation=True)
-        except (OSError, websocket.WebSocketException) as e:
-            self._reconnect_later(f"connect failed: {type(e).__name__}: {e}")
-            return
-        ws.settimeout(RECV_TIMEOUT_S)
-        self.ws = ws
-        now = time.monotonic()
-        self._last_tick_at = now  # the watchdog runs from the handshake
-        self._connected_at = now
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.writer.stop()
+        self.ctx.beat("stopped", force=True)
+
+    # the connection hooks
+    def connect_url(self) -> str:
+        return self.url
+
+    def on_connected(self) -> None:
         self._connection_ticks = 0
-        self._last_ping_at = now
-        self._ping_sent_at = None
         self.stats.connections += 1
         log.info("connected to %s", self.url)
 
-    def _close(self, graceful: bool = True) -> None:
-        """Close handshake on a healthy connection; just drop the socket of a dead or silent one."""
-        if self.ws is not None:
-            try:
-                if graceful:
-                    self.ws.close(timeout=1.0)
-                else:
-                    self.ws.shutdown()
-            except Exception:  # noqa: BLE001 - closing a broken socket may fail any way it likes
-                pass
-            self.ws = None
+    def on_frame(self, data: bytes) -> bool:
+        return self.handle_frame(data)
 
-    def _reconnect_later(self, reason: str) -> None:
-        self._close(graceful=False)
-        delay = backoff_delay(
-            self._attempt,
-            base_s=self.settings.supervisor.backoff_base_s,
-            cap_exponent=self.settings.supervisor.backoff_cap_exponent,
-            jitter_ratio=self.settings.supervisor.backoff_jitter_ratio,
-        )
-        self._attempt += 1
-        self._next_connect_at = time.monotonic() + delay
-        self.stats.reconnects += 1
-        key = reason.split(":", 1)[0]
-        self.stats.reasons[key] = self.stats.reasons.get(key, 0) + 1
-        log.warning("mark-price stream: %s; reconnecting in %.1fs", reason, delay)
+    def on_disconnected(self, d: Disconnect, delay_s: float) -> None:
+        st = self.stats
+        st.reconnects += 1
+        st.reasons[d.reason] = st.reasons.get(d.reason, 0) + 1
+        if d.reason is Reason.SILENT:
+            st.watchdog_reconnects += 1
+        log.warning("mark-price stream: %s; reconnecting in %.1fs", d, delay_s)
 
-    def _receive(self) -> None:
-        assert self.ws is not None
-        try:
-            opcode, data = self.ws.recv_data(control_frame=True)
-        except websocket.WebSocketTimeoutException:
-            return
-        except (OSError, websocket.WebSocketException) as e:
-            self._reconnect_later(f"connection lost: {type(e).__name__}: {e}")
-            return
-        if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-            self.handle_frame(data)
-        elif opcode == websocket.ABNF.OPCODE_PONG:
-            self._ping_sent_at = None
-        elif opcode == websocket.ABNF.OPCODE_CLOSE:
-            self._reconnect_later("server closed the connection")
-        # OPCODE_PING: websocket-client already answered with the same payload
-
-    def handle_frame(self, raw: bytes | str) -> None:
-        """One text frame: parse, count, hand the prices to the writer (never raises on bad input)."""
+    def handle_frame(self, raw: bytes | str) -> bool:
+        """One text frame: parse, count, hand the prices to the writer; True if it was a tick (never raises)."""
         st = self.stats
         try:
             parsed = parse_mark_price_frame(raw, include_coin_m=self.settings.mark_price.include_coin_m)
         except FrameError as e:
             st.bad_frames += 1
             self._log_bad_input(str(e))
-            return
-        now = time.monotonic()
+            return False
         st.ticks += 1
-        st.last_tick_at = self._last_tick_at = now
+        st.last_tick_at = time.monotonic()
         self._connection_ticks += 1
-        if self._attempt and now - self._connected_at >= STREAM_HEALTHY_AFTER_S:
-            self._attempt = 0
         st.coin_m_ignored += parsed.coin_m
         if parsed.bad_entries:
             st.bad_entries += parsed.bad_entries
             self._log_bad_input(f"{parsed.bad_entries} bad entries in the last frame")
         if parsed.prices and self.writer.mailbox.put(parsed.prices):
             st.skipped += 1
+        return True
 
     def _log_bad_input(self, last: str) -> None:
         now = time.monotonic()
@@ -777,30 +419,12 @@ class MarkPriceStreamer:
             self._bad_logged = counts
             log.warning(
                 "mark-price stream: skipped bad input (%s); totals: %d bad frames, %d bad entries",
-                last, counts[0], counts[1],
+                last,
+                counts[0],
+                counts[1],
             )
 
-    def _check_liveness(self) -> None:
-        assert self.ws is not None
-        mp = self.settings.mark_price
-        now = time.monotonic()
-        silent = now - self._last_tick_at
-        if silent > mp.watchdog_s:
-            self.stats.watchdog_reconnects += 1
-            self._reconnect_later(f"watchdog: no tick for {silent:.1f}s")
-            return
-        if self._ping_sent_at is not None and now - self._ping_sent_at > mp.pong_timeout_s:
-            self._reconnect_later(f"pong timeout: no pong for {now - self._ping_sent_at:.1f}s")
-            return
-        if self._ping_sent_at is None and now - self._last_ping_at >= mp.ping_interval_s:
-            try:
-                self.ws.ping(PING_PAYLOAD)
-            except (OSError, websocket.WebSocketException) as e:
-                self._reconnect_later(f"ping failed: {type(e).__name__}: {e}")
-                return
-            self._last_ping_at = self._ping_sent_at = now
-
-    def _beat(self, state: str | None = None) -> None:
+    def beat(self, state: str | None = None) -> None:
         w = self.writer.stats
         if state is None:
             state = "db-down" if w.db_down else ("streaming" if self._connection_ticks else "connecting")

@@ -69,7 +69,9 @@ def segment_name(number: int) -> str:
 class Spool:
     """Append records (bytes without newlines); read them back in order; commit what was sent."""
 
-    def __init__(self, directory: str, *, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    def __init__(
+        self, directory: str, *, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
@@ -118,7 +120,11 @@ class Spool:
             self._commit_segment, self._commit_offset = self._active, 0
         self._open_active()
         if self.backlog:
-            log.warning("spool %s: %d records left by an earlier run, sending them first", self.directory, self.backlog)
+            log.warning(
+                "spool %s: %d records left by an earlier run, sending them first",
+                self.directory,
+                self.backlog,
+            )
         return self
 
     def _segments(self) -> list[int]:
@@ -227,8 +233,11 @@ class Spool:
             if last_newline < 0:
                 if segment < self._active and self._read_offset + len(chunk) >= limit:
                     # the torn last line of a writer that died mid-record: nothing to salvage
-                    log.warning("spool %s: dropping a torn record at the end of %s", self.directory,
-                                segment_name(segment))
+                    log.warning(
+                        "spool %s: dropping a torn record at the end of %s",
+                        self.directory,
+                        segment_name(segment),
+                    )
                     self.dropped += 1
                     self._read_segment, self._read_offset = segment + 1, 0
                     continue
@@ -256,11 +265,6 @@ class Spool:
             except FileNotFoundError:
                 self._read_fd = -1
         return self._read_fd
-
-    def rewind(self) -> None:
-        """Forget what was read but not committed: the next ``read`` starts at the cursor again."""
-        with self._cond:
-            self._read_segment, self._read_offset = self._commit_segment, self._commit_offset
 
     def commit(self, record: SpoolRecord, count: int) -> None:
         """``count`` records up to and including ``record`` were sent: persist the cursor past them."""

@@ -1,16 +1,12 @@
-"""What every forked child gets from the supervisor, and how it reports back.
+"""What every forked child gets from the supervisor: ``after_fork``, the signal relay, ``beat()``.
 
 The supervisor builds a ``ChildContext`` before the fork (it connects nothing); the child calls
 ``after_fork()`` first thing, then runs its loop until ``ctx.stop`` is set, calling
 ``ctx.beat(state, **fields)`` often. ``beat`` is cheap to call on every frame: it rewrites the
-heartbeat file and the process title at most once per ``BEAT_INTERVAL_S`` (or at once when the
-state changes).
-
-Heartbeat file (``<run_dir>/heartbeats/<key>.json``, replaced atomically): ``{"key", "role",
-"account_id", "pid", "state", "ts", "started", "fields", "error"}``. The parent kills a child whose
-``ts`` is older than ``supervisor.heartbeat_timeout_s`` and reads ``error`` after a FATAL exit.
-The parent judges liveness by the file's mtime, so a child must call ``beat()`` from its main loop
-at least every few seconds even when idle (never from a helper thread: a stuck loop must look stuck).
+heartbeat file (``runfiles.Heartbeat``), the process title and the status hooks at most once per
+``BEAT_INTERVAL_S`` (or at once when the state changes). The parent judges liveness by the file's
+mtime, so a child must call ``beat()`` from its main loop at least every few seconds even when idle
+(never from a helper thread: a stuck loop must look stuck).
 
 Signals: SIGTERM/SIGINT set ``ctx.stop``, SIGHUP sets ``ctx.reload``. The Python-level handlers do
 nothing; the C-level handler writes the signal number to a wakeup pipe (``signal.set_wakeup_fd``)
@@ -22,7 +18,7 @@ and the relay also wakes other threads at once when the main thread is blocked i
 from __future__ import annotations
 
 import ctypes
-import json
+import importlib
 import logging
 import os
 import random
@@ -30,12 +26,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kraite_mp import exitcodes
 from kraite_mp.config import Settings
 from kraite_mp.store.accounts import Account
+from kraite_mp.supervisor import runfiles
+from kraite_mp.supervisor.publish import Reporters
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +45,6 @@ _PR_SET_PDEATHSIG = 1
 #: delivered to the parent's handlers inside the child; ``after_fork`` unblocks them.
 CHILD_SIGNALS: frozenset[int] = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
 
-StatusHook = Callable[["ChildContext"], None]
-
-#: Called (throttled, from ``beat``) with the context: issue 7's Redis status publisher plugs in here.
-status_hooks: list[StatusHook] = []
-
 
 def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send ``sig`` to this process when its parent dies."""
@@ -60,10 +53,6 @@ def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         log.warning("PR_SET_PDEATHSIG unavailable: an orphaned child may outlive its parent")
-
-
-def heartbeat_dir(settings: Settings) -> str:
-    return os.path.join(settings.run_dir, "heartbeats")
 
 
 def title_prefix(role: str, account: Account | None) -> str:
@@ -75,12 +64,22 @@ def title_prefix(role: str, account: Account | None) -> str:
 
 
 class ChildContext:
-    def __init__(self, settings: Settings, role: str, account: Account | None = None, key: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        role: str,
+        account: Account | None = None,
+        key: str | None = None,
+        *,
+        reporters: Reporters | None = None,
+    ) -> None:
         self.settings = settings
         self.role = role
         self.account = account
-        self.key = key or (f"{role}-{account.id}" if account else role)
-        self.heartbeat_path = os.path.join(heartbeat_dir(settings), f"{self.key}.json")
+        self.key = key or runfiles.child_key(role, account.id if account else None)
+        self.heartbeat_path = runfiles.heartbeat_path(settings.run_dir, self.key)
+        #: Status hooks (``after_fork``, ``on_beat``); none unless the supervisor hands some over.
+        self.reporters = reporters if reporters is not None else Reporters()
         #: Set by SIGTERM/SIGINT: loops must finish promptly (use ``stop.wait(timeout)`` to sleep).
         self.stop = threading.Event()
         #: Set by SIGHUP: reload what can be reloaded without reconnecting (mark-price symbol map).
@@ -102,6 +101,7 @@ class ChildContext:
         random.seed()  # or every child draws the same jitter
         self.started = time.time()
         self._install_signal_relay()
+        self.reporters.after_fork(self)
         self.beat("starting", force=True)
 
     def _install_signal_relay(self) -> None:
@@ -112,7 +112,8 @@ class ChildContext:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, _ignore_in_python)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        threading.Thread(target=self._relay_signals, args=(read_fd,), name="signal-relay", daemon=True).start()
+        t = threading.Thread(target=self._relay_signals, args=(read_fd,), name="signal-relay", daemon=True)
+        t.start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
 
     def _relay_signals(self, read_fd: int) -> None:
@@ -142,18 +143,14 @@ class ChildContext:
         self._last_beat = now
         self.set_title()
         self._write_heartbeat()
-        for hook in status_hooks:
-            try:
-                hook(self)
-            except Exception:  # a status hook must never take a stream down
-                log.debug("status hook failed", exc_info=True)
+        self.reporters.on_beat(self)
 
     def set_title(self) -> None:
         parts = [self._title_prefix, f"state={self.state}"]
         parts.extend(f"{k}={v}" for k, v in self.fields.items())
         set_process_title(" ".join(parts))
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> runfiles.Heartbeat:
         return {
             "key": self.key,
             "role": self.role,
@@ -168,11 +165,8 @@ class ChildContext:
         }
 
     def _write_heartbeat(self) -> None:
-        tmp = f"{self.heartbeat_path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(self.status(), f, default=str)
-            os.replace(tmp, self.heartbeat_path)
+            runfiles.write_heartbeat(self.heartbeat_path, self.status())
         except OSError:
             log.warning("cannot write heartbeat %s", self.heartbeat_path, exc_info=True)
 
@@ -194,15 +188,6 @@ def _ignore_in_python(signum: int, frame: object) -> None:
     """Installed so the default action (terminate) does not apply; the relay thread does the work."""
 
 
-def read_heartbeat(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def set_process_title(title: str) -> None:
     try:
         import setproctitle
@@ -212,7 +197,20 @@ def set_process_title(title: str) -> None:
         pass
 
 
-def run_child(ctx: ChildContext, target: Callable[[ChildContext], int]) -> int:
+#: A child's entry point: runs until ``ctx.stop``, returns the exit code.
+Target = Callable[[ChildContext], int]
+
+
+def load_targets(spec: Mapping[str, str]) -> dict[str, Target]:
+    """Import every entry point ("module:attr") now, in the parent, before any fork."""
+    targets: dict[str, Target] = {}
+    for role, path in spec.items():
+        module_name, attr = path.split(":")
+        targets[role] = getattr(importlib.import_module(module_name), attr)
+    return targets
+
+
+def run_child(ctx: ChildContext, target: Target) -> int:
     """Run ``target`` in a freshly forked child and turn every outcome into an exit code."""
     code = exitcodes.EXIT_ERROR
     try:

@@ -28,6 +28,7 @@ from kraite_mp.config import load_settings  # noqa: E402
 from kraite_mp.logs import setup_logging  # noqa: E402
 from kraite_mp.supervisor.arbiter import Arbiter  # noqa: E402
 from kraite_mp.supervisor.context import ChildContext  # noqa: E402
+from kraite_mp.supervisor.publish import RedisStatus, Reporters  # noqa: E402
 
 #: How often the healthy fake loop advances its frame counter and beats.
 FRAME_INTERVAL_S = 0.05
@@ -82,8 +83,11 @@ def main() -> int:
     settings = load_settings(None, os.environ)
     setup_logging(settings.log_level)
     os.makedirs(settings.run_dir, exist_ok=True)
-    arbiter = Arbiter(settings, targets={"user-data": user_data, "mark-price": mark_price,
-                                         "sync-orders": sync_orders})
+    arbiter = Arbiter(
+        settings,
+        targets={"user-data": user_data, "mark-price": mark_price, "sync-orders": sync_orders},
+        reporters=Reporters([RedisStatus()]),
+    )
     return arbiter.run()
 
 

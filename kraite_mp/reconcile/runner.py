@@ -1,0 +1,129 @@
+"""One reconciliation pass over many accounts: the ``sync-orders`` command's loop and the periodic child.
+
+Accounts share one HTTP session; a 429/418 ends the pass (the rest wait for the next one), a lost
+database connection ends it too, and anything else stays with the account it happened to.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg2
+import requests
+
+from kraite_mp import exitcodes
+from kraite_mp.binance.rest import BinanceRest
+from kraite_mp.logs import describe_error
+from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, reconcile_with
+from kraite_mp.store.accounts import Account, SecretKeyError
+from kraite_mp.store.db import is_transient
+
+if TYPE_CHECKING:
+    from kraite_mp.config import Settings
+    from kraite_mp.supervisor.context import ChildContext
+
+log = logging.getLogger(__name__)
+
+
+def reconcile_accounts(
+    conn: Any,
+    settings: Settings,
+    accounts: list[Account],
+    *,
+    mode: str,
+    stop: threading.Event,
+    on_result: Callable[[int, ReconcileResult], object] | None = None,
+) -> list[ReconcileResult]:
+    """One pass over ``accounts`` (one shared HTTP session); stops early on ``stop`` or a 429/418."""
+    results: list[ReconcileResult] = []
+    with requests.Session() as session:
+        for index, account in enumerate(accounts):
+            if stop.is_set():
+                break
+            try:
+                client = BinanceRest.for_account(settings, account, session=session, stop=stop)
+            except SecretKeyError as e:  # wrong KRAITE_SECRET_KEY: no account can be read, say it once each
+                result = ReconcileResult(account.id, account.name, status=ReconcileStatus.ERROR, error=str(e))
+                log.error("account %s: %s", account.id, e)
+                results.append(result)
+                if on_result is not None:
+                    on_result(index, result)
+                continue
+            left = client.blocked_for_s()
+            if left > 0:
+                log.warning(
+                    "Binance refuses calls for %.0fs more (429/418): %d account(s) left for the next pass",
+                    left,
+                    len(accounts) - index,
+                )
+                break
+            try:
+                result = reconcile_with(conn, settings, account, rest=client, mode=mode)
+            except psycopg2.Error as e:
+                if conn.closed:
+                    raise  # the connection is gone: the caller decides (the child exits TEMPFAIL)
+                # the connection survived (a deadlock, a constraint): only this account's results are lost
+                conn.rollback()
+                log.error(
+                    "account %s: database error, its results are dropped for this pass: %s",
+                    account.id,
+                    describe_error(e),
+                )
+                result = ReconcileResult(
+                    account.id,
+                    account.name,
+                    status=ReconcileStatus.ERROR,
+                    error=f"database: {type(e).__name__}",
+                )
+            results.append(result)
+            if on_result is not None:
+                on_result(index, result)
+    return results
+
+
+def run_sync_child(ctx: ChildContext) -> int:
+    """One reconciliation pass (mode auto) over the accounts this supervisor owns; exit 0."""
+    from kraite_mp.store.db import DatabaseUnavailable, connect
+    from kraite_mp.supervisor.ownership import owned_accounts
+
+    settings = ctx.settings
+    try:
+        conn = connect(settings.database_url, application_name="kraite-mp sync")
+    except DatabaseUnavailable as e:
+        ctx.fail(str(e))
+        log.error("%s", e)
+        return exitcodes.EXIT_TEMPFAIL
+    try:
+        accounts = owned_accounts(conn, settings)
+        total = len(accounts)
+        ctx.beat("syncing", force=True, accounts=f"0/{total}")
+
+        def progress(index: int, result: ReconcileResult) -> None:
+            ctx.beat("syncing", accounts=f"{index + 1}/{total}", weight=result.weight)
+            log.info("%s", result.summary())
+
+        try:
+            results = reconcile_accounts(
+                conn, settings, accounts, mode="auto", stop=ctx.stop, on_result=progress
+            )
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            ctx.fail(f"PostgreSQL connection lost: {type(e).__name__}")
+            log.error("PostgreSQL connection lost during the sync pass: %s", e)
+            return exitcodes.EXIT_TEMPFAIL
+        failed = [r for r in results if r.status is not ReconcileStatus.OK]
+        ctx.beat(
+            "done",
+            force=True,
+            accounts=f"{len(results)}/{total}",
+            failed=len(failed),
+            weight=sum(r.weight for r in results),
+            transitions=sum(r.transitions for r in results),
+        )
+        return exitcodes.EXIT_OK
+    finally:
+        conn.close()

@@ -1,0 +1,443 @@
+"""One account's reconciliation: ask Binance over REST, write the answers through the ordered update.
+
+Frames lost while a stream reconnects (or after a listenKey expiry) are gone for good; only REST can
+tell what happened meanwhile. ``reconcile_account`` asks Binance about the account's orders and writes
+every answer through the same ordered, idempotent update as the stream
+(``kraite_mp.store.orders.apply_order_update``), so a stale REST answer never overwrites a newer
+streamed one. Every REST result is audited once (source ``rest``, frame id
+``rest:<account>:<kind>:<id>:<updateTime>:<status>``: an unchanged order is not audited again), and
+observers run after COMMIT, as for streamed frames. In shadow mode (empty
+``user_data_stream.binance.dispatched_executions``) results are audited only.
+
+Modes: ``full`` (every open order, plus the history of the active symbols since the last full
+sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``auto`` (full when
+one is due or the stream may have missed frames, else targeted). Failures stay per account and come
+back as a ``ReconcileResult`` (a 429/418 also ends the pass); what was fetched before a failure is
+still written; only database errors propagate.
+Known gap: an algo order placed *and* ended inside a gap (and orders on a symbol with no activity in
+the window) are not found: that needs ``GET /fapi/v1/allAlgoOrders``, which we do not call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from kraite_mp.binance.fields import FrameError
+from kraite_mp.binance.orders import OrderState, algo_from_rest, order_from_rest
+from kraite_mp.binance.rest import (
+    BinanceError,
+    BinanceRest,
+    InvalidCredentials,
+    OrderNotFound,
+    RateLimited,
+    TransientError,
+)
+from kraite_mp.observers import run_observers
+from kraite_mp.store import audit, orders
+from kraite_mp.store.accounts import Account, mark_credentials_invalid
+from kraite_mp.supervisor import runfiles
+
+if TYPE_CHECKING:
+    from kraite_mp.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: The sweeps ``reconcile_account`` can run (``auto`` picks one of the other two).
+MODES = ("full", "targeted", "auto")
+#: At this many symbols one no-symbol call (weight 40) is cheaper than one call per symbol.
+NO_SYMBOL_WEIGHT = 40
+#: allOrders: the exchange answers at most this many orders per call ...
+ALL_ORDERS_LIMIT = 1000
+#: ... and looks back at most 7 days; stay a little inside that.
+ALL_ORDERS_MAX_LOOKBACK_MS = 7 * 86_400_000 - 3_600_000
+#: Overlap of the history window with the previous sweep (clock skew, in-flight orders).
+HISTORY_OVERLAP_MS = 120_000
+#: Role (and heartbeat key prefix) of the user-data stream child.
+USER_DATA_ROLE = "user-data"
+#: The heartbeat state of a user-data child whose connection is up and delivering.
+STREAMING_STATE = "streaming"
+
+
+@dataclass
+class _Fetched:
+    """One REST answer about one order."""
+
+    kind: str  # "regular" | "algo"
+    data: dict[str, Any]
+    received_at: datetime
+
+
+class ReconcileStatus(StrEnum):
+    """How one reconciliation of one account ended (the values are what ``summary()`` prints)."""
+
+    #: Every call answered (some orders may still be unknown to the exchange: ``not_found``).
+    OK = "ok"
+    #: The exchange rejected the key or signature; the account is marked (``mark_credentials_invalid``).
+    INVALID_CREDENTIALS = "invalid_credentials"
+    #: 429/418: no more calls until ``retry_after_s``.
+    RATE_LIMITED = "rate_limited"
+    #: Network trouble or a 5xx: try again later.
+    TRANSIENT = "transient"
+    #: Any other exchange error, an unreadable secret, or a database error that dropped this account's results.
+    ERROR = "error"
+
+
+@dataclass
+class ReconcileResult:
+    """What one reconciliation of one account did."""
+
+    account_id: int
+    account_name: str
+    mode: str = "full"
+    status: ReconcileStatus = ReconcileStatus.OK
+    shadow: bool = False
+    checked: int = 0
+    updated: int = 0
+    transitions: int = 0
+    not_found: int = 0
+    audited: int = 0
+    invalid: int = 0
+    requests: int = 0
+    weight: int = 0
+    error: str | None = None
+    #: After a 429/418: seconds until Binance may be called again.
+    retry_after_s: float | None = None
+    transition_list: list[orders.Transition] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        text = (
+            f"account={self.account_id} name={self.account_name} mode={self.mode} status={self.status}"
+            f" checked={self.checked} updated={self.updated} transitions={self.transitions}"
+            f" not_found={self.not_found} requests={self.requests} weight={self.weight}"
+        )
+        if self.shadow:
+            text += " shadow=yes"
+        if self.error:
+            text += f" error={self.error!r}"
+        return text
+
+
+# -- when a full sweep is due ----------------------------------------------------------------------
+
+
+def stream_continuous_since(settings: Settings, account_id: int, since_ms: int) -> bool:
+    """Has this host's user-data child for the account been alive since ``since_ms``?
+
+    False when its heartbeat is missing, stale (older than ``supervisor.heartbeat_timeout_s``), not
+    ``streaming`` (connecting, in backoff, fatal: frames are being lost right now), or the child
+    started after ``since_ms``: it restarted, so frames may be lost in between.
+    """
+    key = runfiles.child_key(USER_DATA_ROLE, account_id)
+    hb = runfiles.read_heartbeat(runfiles.heartbeat_path(settings.run_dir, key))
+    if not hb:
+        return False
+    try:
+        ts, started = float(hb["ts"]), float(hb["started"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if time.time() - ts > settings.supervisor.heartbeat_timeout_s:
+        return False
+    if hb.get("state") != STREAMING_STATE:
+        return False
+    return started * 1000 <= since_ms
+
+
+def choose_mode(settings: Settings, account_id: int, now_ms: int | None = None) -> str:
+    """``auto`` resolved: full when one is due or the stream may have missed frames, else targeted."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    last = runfiles.last_full_sweep_ms(settings.run_dir, account_id)
+    if last is None or now_ms - last >= settings.supervisor.sync_full_interval_s * 1000:
+        return "full"
+    if not stream_continuous_since(settings, account_id, last):
+        return "full"
+    return "targeted"
+
+
+# -- one account ------------------------------------------------------------------------------------
+
+
+def _frame_id(account_id: int, kind: str, data: dict[str, Any]) -> str:
+    if kind == "algo":
+        oid, status = data.get("algoId"), data.get("algoStatus")
+    else:
+        oid, status = data.get("orderId"), data.get("status")
+    updated = data.get("updateTime") or data.get("time") or data.get("createTime")
+    return f"rest:{account_id}:{kind}:{oid}:{updated}:{status}"
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, default=str, separators=(",", ":"))
+
+
+class _Sweep:
+    """The REST half of one reconciliation: collects answers, never touches the database."""
+
+    def __init__(self, rest: BinanceRest, result: ReconcileResult) -> None:
+        self.rest = rest
+        self.result = result
+        #: (kind, id) -> the newest answer seen in this sweep
+        self.fetched: dict[tuple[str, int], _Fetched] = {}
+        self.listed_regular: set[int] = set()
+        self.listed_algo: set[int] = set()
+
+    def add(self, kind: str, items: list[dict[str, Any]], *, listed: bool = False) -> None:
+        now = datetime.now(UTC)
+        key_name = "algoId" if kind == "algo" else "orderId"
+        for data in items:
+            try:
+                oid = int(data[key_name])
+            except (KeyError, TypeError, ValueError):
+                oid = -1 - len(self.fetched)  # unparseable: still audited (as invalid) under its own key
+            if listed:
+                (self.listed_algo if kind == "algo" else self.listed_regular).add(oid)
+            prev = self.fetched.get((kind, oid))
+            if prev is None or _update_time(data) >= _update_time(prev.data):
+                self.fetched[(kind, oid)] = _Fetched(kind, data, now)
+
+    def lookup_order(self, symbol: str, order_id: int) -> None:
+        try:
+            self.add("regular", [self.rest.order(symbol, order_id=order_id)])
+        except OrderNotFound:
+            self.result.not_found += 1
+            log.warning(
+                "account %s: order %s (%s) is unknown to the exchange (-2013): left as it is",
+                self.result.account_id,
+                order_id,
+                symbol,
+            )
+
+    def lookup_algo(self, algo_id: int) -> None:
+        try:
+            self.add("algo", [self.rest.algo_order(algo_id=algo_id)])
+        except OrderNotFound:
+            self.result.not_found += 1
+            log.warning(
+                "account %s: algo order %s is unknown to the exchange (-2013): left as it is",
+                self.result.account_id,
+                algo_id,
+            )
+
+
+def _update_time(data: dict[str, Any]) -> int:
+    for key in ("updateTime", "time", "createTime"):
+        try:
+            return int(data[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return 0
+
+
+def _history_window(conn: Any, settings: Settings, account_id: int, now_ms: int) -> int | None:
+    """Start (ms) of the allOrders window: the previous full sweep, else the last activity we know of."""
+    since = runfiles.last_full_sweep_ms(settings.run_dir, account_id)
+    if since is None:
+        since = orders.last_activity_ms(conn, account_id)
+    if since is None:
+        return None  # nothing known about this account yet: its open orders are all we need
+    return max(since - HISTORY_OVERLAP_MS, now_ms - ALL_ORDERS_MAX_LOOKBACK_MS)
+
+
+def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> None:
+    """All REST calls of one sweep. Raises BinanceError subclasses; what was fetched stays in the sweep.
+
+    Request weight: openOrders / openAlgoOrders cost 1 with a symbol, 40 without; order / algoOrder 1;
+    allOrders 5. ``full``: the two no-symbol listings (80: every open order, including ones the
+    database never saw), allOrders for each active symbol since the previous full sweep (orders placed
+    *and* ended in the gap), then the lookups below: 80 + 5 per active symbol + 1 per missed order.
+    ``targeted``: one listing per symbol holding open orders in the database (the no-symbol call from
+    ``NO_SYMBOL_WEIGHT`` symbols on), then the lookups: 2 for open orders on one symbol per kind, 0 for
+    an account with nothing open; it cannot see an order the database never heard of (the next full
+    sweep does).
+    """
+    rest, result = sweep.rest, sweep.result
+    db_open = orders.open_orders(conn, account.id)
+    regular_symbols = {sym for kind, _, sym, _, _ in db_open if kind == "regular"}
+    algo_symbols = {sym for kind, _, sym, _, _ in db_open if kind == "algo"}
+    # a TRIGGERED algo is consistent while the regular order it created is open: list that symbol too
+    regular_symbols |= {
+        sym for kind, _, sym, status, _ in db_open if kind == "algo" and status == "TRIGGERED"
+    }
+
+    if result.mode == "full":
+        sweep.add("regular", rest.open_orders(), listed=True)
+        sweep.add("algo", rest.open_algo_orders(), listed=True)
+        now_ms = int(time.time() * 1000)
+        since = _history_window(conn, settings, account.id, now_ms)
+        if since is not None:
+            symbols = orders.active_symbols(conn, account.id, since) | regular_symbols
+            symbols |= {str(f.data["symbol"]) for f in sweep.fetched.values() if f.data.get("symbol")}
+            for symbol in sorted(symbols):
+                history = rest.all_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
+                if len(history) >= ALL_ORDERS_LIMIT:
+                    log.warning(
+                        "account %s: %s has %d+ orders since the last sweep: older ones not checked",
+                        account.id,
+                        symbol,
+                        ALL_ORDERS_LIMIT,
+                    )
+                sweep.add("regular", history)
+    else:
+        _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
+        _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
+
+    # orders the database holds open that the exchange no longer lists: ask for their final state (1 each)
+    for kind, oid, symbol, status, actual in db_open:
+        if kind == "regular":
+            if oid not in sweep.listed_regular and ("regular", oid) not in sweep.fetched:
+                sweep.lookup_order(symbol, oid)
+        elif oid not in sweep.listed_algo and ("algo", oid) not in sweep.fetched:
+            if status == "TRIGGERED" and actual is not None and actual in sweep.listed_regular:
+                continue  # waiting for its (open) regular order: nothing missed
+            sweep.lookup_algo(oid)
+
+    _follow_triggered(conn, account.id, sweep)
+
+
+def _list_by_symbol(sweep: _Sweep, kind: str, symbols: set[str], call: Any) -> None:
+    if len(symbols) >= NO_SYMBOL_WEIGHT:
+        sweep.add(kind, call(), listed=True)
+        return
+    for symbol in sorted(symbols):
+        sweep.add(kind, call(symbol), listed=True)
+
+
+def _follow_triggered(conn: Any, account_id: int, sweep: _Sweep) -> None:
+    """A triggered algo order created a regular order: fetch it when we cannot know how it ended."""
+    wanted: dict[int, str] = {}
+    for (kind, _), fetched in list(sweep.fetched.items()):
+        if kind != "algo":
+            continue
+        try:
+            actual = int(fetched.data.get("actualOrderId") or 0)
+        except (TypeError, ValueError):
+            continue
+        symbol = fetched.data.get("symbol")
+        if actual and isinstance(symbol, str) and ("regular", actual) not in sweep.fetched:
+            wanted[actual] = symbol
+    if not wanted:
+        return
+    known = orders.regular_statuses(conn, account_id, list(wanted))
+    for oid, symbol in sorted(wanted.items()):
+        status = known.get(oid)
+        if status is not None and orders.is_terminal("regular", status):
+            continue  # the stream saw it end
+        if status is not None and oid in sweep.listed_regular:
+            continue
+        sweep.lookup_order(symbol, oid)
+
+
+def _write(conn: Any, settings: Settings, account: Account, sweep: _Sweep, result: ReconcileResult) -> None:
+    """Audit every answer and (unless shadow) apply it, in one transaction; then run observers."""
+    transitions: list[orders.Transition] = []
+    try:
+        with conn.cursor() as cur:
+            # rows are locked in (kind, id) order: two reconciliations of one account never deadlock
+            for (kind, _), fetched in sorted(sweep.fetched.items(), key=lambda kv: kv[0]):
+                result.checked += 1
+                error = None
+                state: OrderState | None = None
+                try:
+                    parse = algo_from_rest if kind == "algo" else order_from_rest
+                    state = parse(account.id, fetched.data)
+                except FrameError as e:
+                    error = str(e)
+                    result.invalid += 1
+                    log.warning("account %s: unusable %s REST result: %s", account.id, kind, e)
+                outcome = "error" if state is None else ("shadow" if result.shadow else "processed")
+                frame_id = _frame_id(account.id, kind, fetched.data)
+                if audit.write(
+                    cur,
+                    frame_id=frame_id,
+                    account_id=account.id,
+                    source="rest",
+                    event_type="REST_ALGO_ORDER" if kind == "algo" else "REST_ORDER",
+                    event_time_ms=_update_time(fetched.data) or None,
+                    payload_text=_json(fetched.data),
+                    received_at=fetched.received_at,
+                    outcome=outcome,
+                    error=error,
+                ):
+                    result.audited += 1
+                if state is None or result.shadow:
+                    continue
+                current = orders.current_for_update(cur, state)
+                changed = current is None or orders.is_newer(current, state)
+                transition = orders.apply_order_update(cur, state, frame_id=frame_id)
+                if changed:
+                    result.updated += 1
+                if transition is not None:
+                    transitions.append(transition)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    transitions.sort(key=lambda t: (t.new.get("last_transaction_time_ms") or 0, t.new.get("id") or 0))
+    result.transitions = len(transitions)
+    result.transition_list = transitions
+    if transitions:
+        run_observers(settings, transitions)
+
+
+def reconcile_account(
+    conn: Any,
+    settings: Settings,
+    account: Account,
+    *,
+    rest: BinanceRest | None = None,
+    mode: str = "full",
+) -> ReconcileResult:
+    """Reconcile one account's orders with the exchange; see the module docstring for the modes.
+
+    Never raises for exchange or network trouble (the result's ``status``/``error`` say what went
+    wrong); database errors propagate after a rollback.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return reconcile_with(conn, settings, account, rest=rest, mode=mode)
+
+
+def reconcile_with(
+    conn: Any, settings: Settings, account: Account, *, rest: BinanceRest | None, mode: str
+) -> ReconcileResult:
+    started_ms = int(time.time() * 1000)
+    result = ReconcileResult(account.id, account.name)
+    result.mode = choose_mode(settings, account.id, started_ms) if mode == "auto" else mode
+    result.shadow = not settings.user_data_stream.binance.dispatched_executions
+    own_client = rest is None
+    client = rest if rest is not None else BinanceRest.for_account(settings, account)
+    requests_before, weight_before = client.requests_sent, client.weight_spent
+    sweep = _Sweep(client, result)
+    try:
+        try:
+            _fetch(conn, settings, account, sweep)
+        except InvalidCredentials as e:
+            result.status, result.error = ReconcileStatus.INVALID_CREDENTIALS, str(e)
+            log.error("account %s (%s): %s: marked invalid, skipped", account.id, account.name, e)
+            mark_credentials_invalid(conn, account.id, str(e))
+            return result
+        except RateLimited as e:
+            result.status, result.error = ReconcileStatus.RATE_LIMITED, str(e)
+            result.retry_after_s = e.retry_after_s
+            log.warning("account %s: %s: no more calls for it this cycle", account.id, e)
+        except TransientError as e:
+            result.status, result.error = ReconcileStatus.TRANSIENT, str(e)
+            log.warning("account %s: %s: retried next cycle", account.id, e)
+        except BinanceError as e:
+            result.status, result.error = ReconcileStatus.ERROR, str(e)
+            log.error("account %s: %s", account.id, e)
+        if sweep.fetched:
+            _write(conn, settings, account, sweep, result)
+        if result.status is ReconcileStatus.OK and result.mode == "full":
+            runfiles.remember_full_sweep(settings.run_dir, account.id, started_ms)
+        return result
+    finally:
+        result.requests = client.requests_sent - requests_before
+        result.weight = client.weight_spent - weight_before
+        if own_client:
+            client.close()

@@ -1,0 +1,283 @@
+"""The shared WebSocket loop: reconnect delay, the healthy-after rule, and liveness on a scripted socket."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import websocket
+
+from kraite_mp import exitcodes
+from kraite_mp.backoff import Attempts, backoff_delay
+from kraite_mp.config import load_settings
+from kraite_mp.store.accounts import Account
+from kraite_mp.streams import connection
+from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream, reconnect_delay
+from kraite_mp.streams.markprice import MarkPriceStreamer
+from kraite_mp.streams.userdata import UserDataStream, liveness
+from kraite_mp.supervisor.context import ChildContext
+
+pytestmark = pytest.mark.unit
+
+TEXT, PONG, CLOSE = websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_PONG, websocket.ABNF.OPCODE_CLOSE
+
+
+def attempts(healthy_after_s: float = 60.0) -> Attempts:
+    return Attempts(base_s=1.0, cap_exponent=3, jitter_ratio=0.0, healthy_after_s=healthy_after_s)
+
+
+# -- the rule --------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_capped_and_attempts_count() -> None:
+    a = attempts()
+    assert [a.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert a.count == 6
+    a.reset()
+    assert a.next_delay() == 1.0
+    jittered = Attempts(base_s=2.0, jitter_ratio=0.5, rng=random.Random(1))
+    delay = jittered.next_delay()
+    assert 2.0 <= delay <= 3.0 and delay == backoff_delay(
+        0, base_s=2.0, jitter_ratio=0.5, rng=random.Random(1)
+    )
+
+
+def test_unplanned_reconnects_back_off_until_a_healthy_run() -> None:
+    a = attempts(healthy_after_s=60.0)
+    # a server that accepts and drops us at once (or refuses us) never gets a hot loop
+    assert [reconnect_delay(a, Reason.SERVER_CLOSED, 1.0) for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert reconnect_delay(a, Reason.CONNECT_FAILED, None) == 8.0
+    assert reconnect_delay(a, Reason.PONG_TIMEOUT, 59.9) == 8.0  # up, but not for healthy_after_s
+    # a connection that stayed up healthy_after_s starts the backoff over
+    assert reconnect_delay(a, Reason.SILENT, 60.0) == 1.0
+    assert reconnect_delay(a, Reason.CONNECTION_LOST, 0.5) == 2.0
+
+
+def test_planned_reconnects_are_immediate_after_a_healthy_run() -> None:
+    a = attempts(healthy_after_s=60.0)
+    assert reconnect_delay(a, Reason.MAX_AGE, 86_000.0) == 0.0
+    assert a.count == 0  # and cost nothing
+    assert reconnect_delay(a, Reason.LISTEN_KEY_EXPIRED, 3600.0) == 0.0
+    assert a.count == 0
+    # a key that dies at once: the first reconnect is still immediate, the next ones back off
+    assert reconnect_delay(a, Reason.LISTEN_KEY_EXPIRED, 0.2) == 0.0
+    assert reconnect_delay(a, Reason.LISTEN_KEY_EXPIRED, 0.2) == 2.0
+    assert reconnect_delay(a, Reason.LISTEN_KEY_LOST, 0.2) == 4.0
+    # ... until one run is healthy again
+    assert reconnect_delay(a, Reason.LISTEN_KEY_LOST, 61.0) == 0.0
+
+
+def test_planned_reasons() -> None:
+    assert {r for r in Reason if r.planned} == {
+        Reason.MAX_AGE,
+        Reason.LISTEN_KEY_EXPIRED,
+        Reason.LISTEN_KEY_LOST,
+    }
+    assert str(Disconnect(Reason.PONG_TIMEOUT, "no pong for 10.0s")) == "pong-timeout: no pong for 10.0s"
+    assert str(Disconnect(Reason.MAX_AGE)) == "max-connection-age"
+
+
+def test_both_streams_use_the_one_healthy_after_setting() -> None:
+    settings = load_settings(
+        None,
+        environ={"KRAITE__supervisor__healthy_after_s": "7.5", "KRAITE__supervisor__backoff_base_s": "0.3"},
+    )
+    mark_price = MarkPriceStreamer(settings, ChildContext(settings, "mark-price"))
+    account = Account(id=3, name="a", exchange="binance", api_key="k" * 16, api_secret_token="t")
+    user_data = UserDataStream(ChildContext(settings, "user-data", account), account)
+    for stream in (mark_price, user_data):
+        assert stream.attempts.healthy_after_s == 7.5
+        assert stream.attempts.base_s == 0.3
+    assert mark_price.writer.attempts.base_s == 0.3
+    assert mark_price.liveness.silence_s == settings.mark_price.watchdog_s
+    assert mark_price.liveness.max_age_s is None
+    lv = liveness(settings)
+    cfg = settings.user_data_stream
+    assert lv.max_age_s == cfg.max_connection_age_s
+    assert lv.silence_s == cfg.ping_interval_s + cfg.pong_timeout_s
+
+
+# -- the loop on a scripted socket ---------------------------------------------------------------
+
+
+class FakeSocket:
+    """Stands in for ``websocket.WebSocket``: replays a script of (opcode, data) or exceptions."""
+
+    def __init__(self, script: list[Any]) -> None:
+        self.script = list(script)
+        self.pings: list[bytes] = []
+        self.closed: str | None = None
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def ping(self, payload: bytes) -> None:
+        self.pings.append(payload)
+
+    def recv_data_frame(self, control_frame: bool = True) -> tuple[int, Any]:
+        if not self.script:
+            time.sleep(0.002)
+            raise websocket.WebSocketTimeoutException("timed out")
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        opcode, data = item
+        return opcode, SimpleNamespace(data=data(self) if callable(data) else data)
+
+    def close(self, timeout: float | None = None) -> None:
+        self.closed = "graceful"
+
+    def shutdown(self) -> None:
+        self.closed = "abrupt"
+
+
+class ScriptedStream(WebSocketStream):
+    def __init__(self, lv: Liveness, a: Attempts, alive: bool = True) -> None:
+        super().__init__(lv, a, threading.Event(), logging.getLogger("test.connection"))
+        self.alive = alive
+        self.frames: list[bytes] = []
+        self.events: list[Any] = []
+        self.url = "ws://127.0.0.1:9/private/ws?listenKey=SECRETKEY"
+
+    def connect_url(self) -> str | None:
+        return self.url
+
+    def on_connected(self) -> None:
+        self.events.append(("connected", self.connect_reason))
+
+    def on_frame(self, data: bytes) -> bool:
+        self.frames.append(data)
+        return self.alive
+
+    def on_disconnected(self, d: Disconnect, delay_s: float) -> None:
+        self.events.append((d.reason, d.detail, delay_s))
+
+    def disconnects(self) -> list[Any]:
+        return [e for e in self.events if e[0] != "connected"]
+
+
+def fast(**overrides: Any) -> Liveness:
+    values: dict[str, Any] = {
+        "ping_interval_s": 60.0,
+        "pong_timeout_s": 60.0,
+        "silence_s": 60.0,
+        "recv_timeout_s": 0.01,
+        "connect_timeout_s": 1.0,
+    }
+    values.update(overrides)
+    return Liveness(**values)
+
+
+def run_until(stream: WebSocketStream, done: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "condition not reached"
+        stream.loop()
+
+
+@pytest.fixture()
+def sockets(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Scripts (or exceptions) handed out by ``create_connection``, one per connect."""
+    queue: list[Any] = []
+
+    def create_connection(url: str, **kwargs: Any) -> FakeSocket:
+        item = queue.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, FakeSocket)
+        return item
+
+    monkeypatch.setattr(connection.websocket, "create_connection", create_connection)
+    return queue
+
+
+def test_pong_must_echo_the_ping_or_the_connection_times_out(sockets: list[Any]) -> None:
+    ws = FakeSocket([(PONG, lambda s: s.pings[-1]), (PONG, b"not ours")])
+    sockets.append(ws)
+    stream = ScriptedStream(fast(ping_interval_s=0.0, pong_timeout_s=0.2), attempts())
+    started = time.monotonic()
+    run_until(stream, lambda: bool(stream.disconnects()))
+    assert time.monotonic() - started >= 0.2
+    assert ws.pings == [b"1", b"2"]  # the first was answered, the second never
+    ((reason, detail, delay),) = stream.disconnects()
+    assert reason is Reason.PONG_TIMEOUT and detail.startswith("no pong for") and delay == 1.0
+    assert ws.closed == "abrupt" and stream.ws is None
+    assert stream.connect_reason == "reconnect:pong-timeout"
+
+
+def test_silence_counts_only_frames_the_stream_calls_alive(sockets: list[Any]) -> None:
+    ws = FakeSocket([(TEXT, b"garbage")] * 10_000)
+    sockets.append(ws)
+    stream = ScriptedStream(fast(silence_s=0.1), attempts(), alive=False)
+    run_until(stream, lambda: bool(stream.disconnects()))
+    assert stream.disconnects()[0][0] is Reason.SILENT and stream.frames
+
+
+def test_server_close_backs_off_and_reconnects_with_the_reason(sockets: list[Any]) -> None:
+    sockets += [FakeSocket([(TEXT, b"a"), (CLOSE, b"")]), FakeSocket([(TEXT, b"b")])]
+    a = Attempts(base_s=0.05, jitter_ratio=0.0)
+    stream = ScriptedStream(fast(), a)
+    run_until(stream, lambda: len(stream.frames) == 2)
+    assert stream.events[0] == ("connected", "connect")
+    assert stream.events[1] == (Reason.SERVER_CLOSED, "", 0.05)
+    assert stream.events[2] == ("connected", "reconnect:server-closed")
+    assert a.count == 1
+
+
+def test_max_age_is_planned_graceful_and_immediate_after_a_healthy_run(sockets: list[Any]) -> None:
+    first = FakeSocket([])
+    sockets += [first, FakeSocket([])]
+    stream = ScriptedStream(fast(max_age_s=0.05), attempts(healthy_after_s=0.01))
+    run_until(stream, lambda: len(stream.events) == 3)
+    assert stream.events[1] == (Reason.MAX_AGE, "", 0.0)
+    assert first.closed == "graceful"
+    assert stream.events[2] == ("connected", "reconnect:max-connection-age")
+
+
+def test_connect_errors_are_reasons_and_never_quote_the_url(sockets: list[Any]) -> None:
+    sockets += [
+        OSError("cannot reach ws://127.0.0.1:9/private/ws?listenKey=SECRETKEY"),
+        websocket.WebSocketBadStatusException("Handshake status %d %s", 400),
+        FakeSocket([(TEXT, b"x")]),
+    ]
+    stream = ScriptedStream(fast(), Attempts(base_s=0.01, jitter_ratio=0.0))
+    run_until(stream, lambda: bool(stream.frames))
+    failed, refused, connected = stream.events
+    assert (
+        failed[0] is Reason.CONNECT_FAILED
+        and "SECRETKEY" not in failed[1]
+        and failed[1].startswith("OSError")
+    )
+    assert refused[:2] == (Reason.HANDSHAKE_REFUSED, "HTTP 400")
+    assert connected == ("connected", "reconnect:handshake-refused")
+
+
+def test_run_returns_the_exit_code_a_stream_chose_and_always_shuts_down(sockets: list[Any]) -> None:
+    calls: list[str] = []
+
+    class Failing(ScriptedStream):
+        def initialize(self) -> None:
+            calls.append("initialize")
+
+        def on_frame(self, data: bytes) -> bool:
+            self.exit_code = exitcodes.EXIT_TEMPFAIL
+            return True
+
+        def shutdown(self) -> None:
+            calls.append("shutdown")
+            super().shutdown()
+
+    ws = FakeSocket([(TEXT, b"x")])
+    sockets.append(ws)
+    stream = Failing(fast(), attempts())
+    assert stream.run() == exitcodes.EXIT_TEMPFAIL
+    assert calls == ["initialize", "shutdown"] and ws.closed == "graceful"
+    stopped = ScriptedStream(fast(), attempts())
+    stopped.stop.set()
+    assert stopped.run() == exitcodes.EXIT_OK
