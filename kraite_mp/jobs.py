@@ -278,6 +278,32 @@ class JobRunner:
         except psycopg2.Error:
             pass
 
+    @staticmethod
+    def _audit_frame(
+        cur: Any,
+        account_id: int,
+        frame_id: str,
+        event: UserEvent,
+        received: datetime,
+        result: Outcome,
+        texts: tuple[str | None, str | None],
+    ) -> bool:
+        """``audit.write`` of a streamed frame with ``result``; ``texts`` is (payload_text, raw_text)."""
+        payload_text, raw_text = texts
+        return audit.write(
+            cur,
+            frame_id=frame_id,
+            account_id=account_id,
+            source="ws",
+            event_type=event.event_type,
+            event_time_ms=event.event_time_ms,
+            payload_text=payload_text,
+            raw_text=raw_text,
+            received_at=received,
+            outcome=result.outcome,
+            error=result.error,
+        )
+
     # -- process_user_data_event -----------------------------------------------------------------
     def process_user_data_event(
         self, account_id: int, frame: str, frame_id: str, received_at: Any = None
@@ -336,18 +362,14 @@ class JobRunner:
             with conn.cursor() as cur:
                 # the audit row is the idempotency barrier: a second delivery of the frame stops here
                 # (a concurrent one waits on the unique index until the first commits)
-                if not audit.write(
+                if not self._audit_frame(
                     cur,
-                    frame_id=frame_id,
-                    account_id=account_id,
-                    source="ws",
-                    event_type=event.event_type,
-                    event_time_ms=event.event_time_ms,
-                    payload_text=event.payload_text,
-                    raw_text=event.raw_text,
-                    received_at=received,
-                    outcome=result.outcome,
-                    error=result.error,
+                    account_id,
+                    frame_id,
+                    event,
+                    received,
+                    result,
+                    (event.payload_text, event.raw_text),
                 ):
                     conn.rollback()
                     return Outcome(AuditOutcome.DUPLICATE), []
@@ -369,30 +391,19 @@ class JobRunner:
         if raw is None and event.payload_text is not None:
             raw = event.payload_text[: user.MAX_RAW_TEXT_CHARS]
         attempts.append((None, (raw or "").replace("\x00", "\\u0000")))
-        for payload_text, raw_text in attempts:
+        failed = Outcome(AuditOutcome.ERROR, error)
+        for texts in attempts:
             try:
                 with conn.cursor() as cur:
-                    audit.write(
-                        cur,
-                        frame_id=frame_id,
-                        account_id=account_id,
-                        source="ws",
-                        event_type=event.event_type,
-                        event_time_ms=event.event_time_ms,
-                        payload_text=payload_text,
-                        raw_text=raw_text,
-                        received_at=received,
-                        outcome=AuditOutcome.ERROR,
-                        error=error,
-                    )
+                    self._audit_frame(cur, account_id, frame_id, event, received, failed, texts)
                 conn.commit()
-                return Outcome(AuditOutcome.ERROR, error)
+                return failed
             except Exception as e:  # noqa: BLE001 - try the next, plainer form
                 self._rollback(conn)
                 if is_transient(e):
                     raise
         log.error("frame %s (account %s): cannot be audited at all", frame_id, account_id)
-        return Outcome(AuditOutcome.ERROR, error)
+        return failed
 
     # -- reconcile_account_job -------------------------------------------------------------------
     def reconcile_account_job(self, account_id: int, reason: str = "") -> ReconcileResult | None:

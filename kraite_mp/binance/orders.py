@@ -7,7 +7,7 @@ one ordered update can compare their observations. Each parser's docstring shows
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -58,6 +58,94 @@ def _body(frame: Mapping[str, Any]) -> Mapping[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """One of the four payload shapes: what it says about the order, and its keys."""
+
+    #: Column in ``_BY_SHAPE``.
+    column: int
+    kind: str
+    source: str
+    #: Prefix of the field names in error texts ("o." for the order object of a frame).
+    prefix: str
+
+    def key(self, field_name: str) -> str:
+        """The payload key of an OrderState field this shape shares with the other three."""
+        if field_name in _BY_SOURCE:
+            return _BY_SOURCE[field_name][0 if self.source == "ws" else 1]
+        return _BY_SHAPE[field_name][self.column]
+
+    def name(self, field_name: str) -> str:
+        """The field as error texts name it."""
+        return self.prefix + self.key(field_name)
+
+
+_WS_ORDER = _Shape(0, "regular", "ws", "o.")
+_WS_ALGO = _Shape(1, "algo", "ws", "o.")
+_REST_ORDER = _Shape(2, "regular", "rest", "")
+_REST_ALGO = _Shape(3, "algo", "rest", "")
+
+#: Payload keys that depend on the source only: (stream, REST).
+_BY_SOURCE: dict[str, tuple[str, str]] = {
+    "symbol": ("s", "symbol"),
+    "side": ("S", "side"),
+    "position_side": ("ps", "positionSide"),
+    "time_in_force": ("f", "timeInForce"),
+    "price": ("p", "price"),
+    "reduce_only": ("R", "reduceOnly"),
+}
+#: Payload keys that depend on the kind too: (ORDER_TRADE_UPDATE, ALGO_UPDATE, REST order, REST algo).
+_BY_SHAPE: dict[str, tuple[str, str, str, str]] = {
+    "exchange_order_id": ("i", "aid", "orderId", "algoId"),
+    "status": ("X", "X", "status", "algoStatus"),
+    "client_order_id": ("c", "caid", "clientOrderId", "clientAlgoId"),
+    "order_type": ("o", "o", "type", "orderType"),
+    "stop_price": ("sp", "tp", "stopPrice", "triggerPrice"),
+    "quantity": ("q", "q", "origQty", "quantity"),
+}
+
+
+def _shared(
+    shape: _Shape,
+    account_id: int,
+    data: Mapping[str, Any],
+    transaction_time_ms: int,
+    envelope: Mapping[str, Any] | None = None,
+    status: str | None = None,
+) -> OrderState:
+    """The fields of ``data`` that ``_Shape.key`` knows (the order object of a frame, or a REST result).
+
+    ``envelope`` is the whole frame (its ``E`` is the event time; REST results have none);
+    ``status`` is given when the caller has already read it. Fields are read in this order, so the
+    first bad one names the ``FrameError``; the caller ``replace``s the shape's own fields after.
+    """
+
+    key, name = shape.key, shape.name
+
+    def value(field_name: str) -> Any:
+        return data.get(key(field_name))
+
+    return OrderState(
+        account_id=account_id,
+        kind=shape.kind,
+        exchange_order_id=req_int(value("exchange_order_id"), name("exchange_order_id")),
+        symbol=req_str(data, key("symbol"), name("symbol")),
+        status=req_str(data, key("status"), name("status")) if status is None else status,
+        transaction_time_ms=transaction_time_ms,
+        event_time_ms=None if envelope is None else opt_int(envelope.get("E"), "E"),
+        source=shape.source,
+        client_order_id=opt_str(value("client_order_id")),
+        side=opt_str(value("side")),
+        position_side=opt_str(value("position_side")),
+        order_type=opt_str(value("order_type")),
+        time_in_force=opt_str(value("time_in_force")),
+        price=dec(value("price"), name("price")),
+        stop_price=dec(value("stop_price"), name("stop_price")),
+        quantity=dec(value("quantity"), name("quantity")),
+        reduce_only=opt_bool(value("reduce_only")),
+    )
+
+
 def order_from_ws(account_id: int, frame: Mapping[str, Any]) -> OrderState:
     """ORDER_TRADE_UPDATE -> OrderState (T of the order, else of the event, orders it).
 
@@ -81,26 +169,10 @@ def order_from_ws(account_id: int, frame: Mapping[str, Any]) -> OrderState:
     if t is None:
         raise FrameError("T: missing transaction time")
     trade_id = opt_int(o.get("t"), "o.t")
-    return OrderState(
-        account_id=account_id,
-        kind="regular",
-        exchange_order_id=req_int(o.get("i"), "o.i"),
-        symbol=req_str(o, "s", "o.s"),
-        status=req_str(o, "X", "o.X"),
-        transaction_time_ms=t,
-        event_time_ms=opt_int(frame.get("E"), "E"),
-        source="ws",
-        client_order_id=opt_str(o.get("c")),
-        side=opt_str(o.get("S")),
-        position_side=opt_str(o.get("ps")),
-        order_type=opt_str(o.get("o")),
-        time_in_force=opt_str(o.get("f")),
-        price=dec(o.get("p"), "o.p"),
-        stop_price=dec(o.get("sp"), "o.sp"),
-        quantity=dec(o.get("q"), "o.q"),
+    return replace(
+        _shared(_WS_ORDER, account_id, o, t, envelope=frame),
         filled_quantity=dec(o.get("z"), "o.z") or Decimal(0),
         average_price=dec(o.get("ap"), "o.ap"),
-        reduce_only=opt_bool(o.get("R")),
         execution_type=opt_str(o.get("x")),
         trade_id=trade_id or None,
     )
@@ -126,26 +198,10 @@ def algo_from_ws(account_id: int, frame: Mapping[str, Any]) -> OrderState:
     if t is None:
         raise FrameError("T: missing transaction time")
     status = req_str(o, "X", "o.X")
-    return OrderState(
-        account_id=account_id,
-        kind="algo",
-        exchange_order_id=req_int(o.get("aid"), "o.aid"),
-        symbol=req_str(o, "s", "o.s"),
-        status=status,
-        transaction_time_ms=t,
-        event_time_ms=opt_int(frame.get("E"), "E"),
-        source="ws",
-        client_order_id=opt_str(o.get("caid")),
-        side=opt_str(o.get("S")),
-        position_side=opt_str(o.get("ps")),
-        order_type=opt_str(o.get("o")),
-        time_in_force=opt_str(o.get("f")),
-        price=dec(o.get("p"), "o.p"),
-        stop_price=dec(o.get("tp"), "o.tp"),
-        quantity=dec(o.get("q"), "o.q"),
+    return replace(
+        _shared(_WS_ALGO, account_id, o, t, envelope=frame, status=status),
         filled_quantity=dec(o.get("aq"), "o.aq") or Decimal(0),
         average_price=dec(o.get("ap"), "o.ap"),
-        reduce_only=opt_bool(o.get("R")),
         actual_order_id=opt_int(o.get("ai"), "o.ai"),
         execution_type=f"ALGO_{status}",
     )
@@ -167,26 +223,10 @@ def order_from_rest(account_id: int, data: Mapping[str, Any]) -> OrderState:
     t = opt_int(data.get("updateTime"), "updateTime") or opt_int(data.get("time"), "time")
     if t is None:
         raise FrameError("updateTime: missing")
-    return OrderState(
-        account_id=account_id,
-        kind="regular",
-        exchange_order_id=req_int(data.get("orderId"), "orderId"),
-        symbol=req_str(data, "symbol", "symbol"),
-        status=req_str(data, "status", "status"),
-        transaction_time_ms=t,
-        event_time_ms=None,
-        source="rest",
-        client_order_id=opt_str(data.get("clientOrderId")),
-        side=opt_str(data.get("side")),
-        position_side=opt_str(data.get("positionSide")),
-        order_type=opt_str(data.get("type")),
-        time_in_force=opt_str(data.get("timeInForce")),
-        price=dec(data.get("price"), "price"),
-        stop_price=dec(data.get("stopPrice"), "stopPrice"),
-        quantity=dec(data.get("origQty"), "origQty"),
+    return replace(
+        _shared(_REST_ORDER, account_id, data, t),
         filled_quantity=dec(data.get("executedQty"), "executedQty") or Decimal(0),
         average_price=dec(data.get("avgPrice"), "avgPrice"),
-        reduce_only=opt_bool(data.get("reduceOnly")),
     )
 
 
@@ -210,26 +250,10 @@ def algo_from_rest(account_id: int, data: Mapping[str, Any]) -> OrderState:
         raise FrameError("updateTime: missing")
     status = req_str(data, "algoStatus", "algoStatus")
     executed = data.get("executedQty", data.get("aq"))
-    return OrderState(
-        account_id=account_id,
-        kind="algo",
-        exchange_order_id=req_int(data.get("algoId"), "algoId"),
-        symbol=req_str(data, "symbol", "symbol"),
-        status=status,
-        transaction_time_ms=t,
-        event_time_ms=None,
-        source="rest",
-        client_order_id=opt_str(data.get("clientAlgoId")),
-        side=opt_str(data.get("side")),
-        position_side=opt_str(data.get("positionSide")),
-        order_type=opt_str(data.get("orderType")),
-        time_in_force=opt_str(data.get("timeInForce")),
-        price=dec(data.get("price"), "price"),
-        stop_price=dec(data.get("triggerPrice"), "triggerPrice"),
-        quantity=dec(data.get("quantity"), "quantity"),
+    return replace(
+        _shared(_REST_ALGO, account_id, data, t, status=status),
         filled_quantity=dec(executed, "executedQty"),
         average_price=dec(data.get("actualPrice"), "actualPrice") or dec(data.get("avgPrice"), "avgPrice"),
-        reduce_only=opt_bool(data.get("reduceOnly")),
         actual_order_id=opt_int(data.get("actualOrderId"), "actualOrderId"),
         execution_type=f"ALGO_{status}",
     )

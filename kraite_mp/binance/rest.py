@@ -484,4 +484,3 @@ class BinanceRest:
         if status >= 500 or status == 408:
             raise TransientError(status, code, f"{where}: server error ({text})")
         raise BinanceError(status, code, f"{where}: {text}")
-

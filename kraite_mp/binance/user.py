@@ -11,7 +11,7 @@ Prices and quantities stay ``Decimal``; a float is refused.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -186,6 +186,15 @@ def is_listen_key_expired(text: str) -> bool:
 # -- stream payloads --------------------------------------------------------------------------------
 
 
+def _objects(a: Mapping[str, Any], key: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The objects of the list ``a.<key>``, each with its name in error texts (``a.B[0]``)."""
+    for i, item in enumerate(array(a.get(key), f"a.{key}")):
+        name = f"a.{key}[{i}]"
+        if not isinstance(item, Mapping):
+            raise FrameError(f"{name}: not an object")
+        yield name, item
+
+
 def account_update_from_ws(account_id: int, frame: Mapping[str, Any]) -> AccountUpdate:
     """ACCOUNT_UPDATE -> AccountUpdate; FrameError when it is not one.
 
@@ -206,35 +215,29 @@ def account_update_from_ws(account_id: int, frame: Mapping[str, Any]) -> Account
     a = frame.get("a")
     if not isinstance(a, Mapping):
         raise FrameError("a: missing update object")
-    balances = []
-    for i, b in enumerate(array(a.get("B"), "a.B")):
-        if not isinstance(b, Mapping):
-            raise FrameError(f"a.B[{i}]: not an object")
-        balances.append(
-            Balance(
-                asset=req_str(b, "a", f"a.B[{i}].a"),
-                wallet_balance=dec(b.get("wb"), f"a.B[{i}].wb"),
-                cross_wallet_balance=dec(b.get("cw"), f"a.B[{i}].cw"),
-                balance_change=dec(b.get("bc"), f"a.B[{i}].bc"),
-            )
+    balances = tuple(
+        Balance(
+            asset=req_str(b, "a", f"{n}.a"),
+            wallet_balance=dec(b.get("wb"), f"{n}.wb"),
+            cross_wallet_balance=dec(b.get("cw"), f"{n}.cw"),
+            balance_change=dec(b.get("bc"), f"{n}.bc"),
         )
-    positions = []
-    for i, p in enumerate(array(a.get("P"), "a.P")):
-        if not isinstance(p, Mapping):
-            raise FrameError(f"a.P[{i}]: not an object")
-        positions.append(
-            Position(
-                symbol=req_str(p, "s", f"a.P[{i}].s"),
-                position_side=p["ps"] if isinstance(p.get("ps"), str) else "BOTH",
-                amount=dec(p.get("pa"), f"a.P[{i}].pa"),
-                entry_price=dec(p.get("ep"), f"a.P[{i}].ep"),
-                breakeven_price=dec(p.get("bep"), f"a.P[{i}].bep"),
-                unrealized_pnl=dec(p.get("up"), f"a.P[{i}].up"),
-                margin_type=p["mt"] if isinstance(p.get("mt"), str) else None,
-                isolated_wallet=dec(p.get("iw"), f"a.P[{i}].iw"),
-            )
+        for n, b in _objects(a, "B")
+    )
+    positions = tuple(
+        Position(
+            symbol=req_str(p, "s", f"{n}.s"),
+            position_side=p["ps"] if isinstance(p.get("ps"), str) else "BOTH",
+            amount=dec(p.get("pa"), f"{n}.pa"),
+            entry_price=dec(p.get("ep"), f"{n}.ep"),
+            breakeven_price=dec(p.get("bep"), f"{n}.bep"),
+            unrealized_pnl=dec(p.get("up"), f"{n}.up"),
+            margin_type=p["mt"] if isinstance(p.get("mt"), str) else None,
+            isolated_wallet=dec(p.get("iw"), f"{n}.iw"),
         )
-    return AccountUpdate(account_id, e_time, tuple(balances), tuple(positions))
+        for n, p in _objects(a, "P")
+    )
+    return AccountUpdate(account_id, e_time, balances, positions)
 
 
 def dispatch_key(frame: Mapping[str, Any]) -> str | None:

@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 import click
 
@@ -46,13 +48,18 @@ def get_settings(ctx: click.Context) -> Settings:
         try:
             settings = load_settings(obj.get("config_path"))
         except ConfigError as e:
-            click.echo(f"kraite-mp: configuration error: {e}", err=True)
-            ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+            fail(ctx, f"configuration error: {e}", exitcodes.EXIT_FATAL_CONFIG)
         if obj.get("log_level"):
             settings.log_level = obj["log_level"].upper()
         setup_logging(settings.log_level)
         obj["settings"] = settings
     return obj["settings"]  # type: ignore[no-any-return]
+
+
+def fail(ctx: click.Context, message: object, code: int = 1) -> NoReturn:
+    """Print ``kraite-mp: message`` on stderr and exit with ``code``."""
+    click.echo(f"kraite-mp: {message}", err=True)
+    ctx.exit(code)
 
 
 def open_db(ctx: click.Context, settings: Settings) -> Any:
@@ -61,8 +68,17 @@ def open_db(ctx: click.Context, settings: Settings) -> Any:
     try:
         return connect(settings.database_url, application_name="kraite-mp cli")
     except DatabaseUnavailable as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_TEMPFAIL)
+        fail(ctx, e, exitcodes.EXIT_TEMPFAIL)
+
+
+@contextmanager
+def connected(ctx: click.Context) -> Iterator[Any]:
+    """A database connection for one command, closed when the block ends."""
+    conn = open_db(ctx, get_settings(ctx))
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,12 +126,8 @@ def db_migrate(ctx: click.Context) -> None:
     """Apply pending schema migrations (idempotent)."""
     from kraite_mp.store.db import migrate
 
-    settings = get_settings(ctx)
-    conn = open_db(ctx, settings)
-    try:
+    with connected(ctx) as conn:
         applied = migrate(conn)
-    finally:
-        conn.close()
     click.echo(
         f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date"
     )
@@ -169,22 +181,17 @@ def accounts_add(
 
     settings = get_settings(ctx)
     secret = _read_secret(api_secret_file, api_secret_env, api_secret_stdin)
-    conn = open_db(ctx, settings)
-    try:
-        account = add_account(conn, settings.secret_key, name=name, api_key=api_key, api_secret=secret)
-        if inactive:
-            set_active(conn, account.id, False)
-    except SecretKeyError as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
-    except psycopg2.errors.UniqueViolation:
-        click.echo(f"kraite-mp: an account named {name!r} already exists", err=True)
-        ctx.exit(1)
-    except ValueError as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(1)
-    finally:
-        conn.close()
+    with connected(ctx) as conn:
+        try:
+            account = add_account(conn, settings.secret_key, name=name, api_key=api_key, api_secret=secret)
+            if inactive:
+                set_active(conn, account.id, False)
+        except SecretKeyError as e:
+            fail(ctx, e, exitcodes.EXIT_FATAL_CONFIG)
+        except psycopg2.errors.UniqueViolation:
+            fail(ctx, f"an account named {name!r} already exists")
+        except ValueError as e:
+            fail(ctx, e)
     click.echo(f"added account id={account.id} name={account.name} api_key={mask(account.api_key)}")
 
 
@@ -195,12 +202,8 @@ def accounts_list(ctx: click.Context, as_json: bool) -> None:
     """List accounts (secrets never shown, API keys masked)."""
     from kraite_mp.store.accounts import list_accounts, mask
 
-    settings = get_settings(ctx)
-    conn = open_db(ctx, settings)
-    try:
+    with connected(ctx) as conn:
         rows = list_accounts(conn)
-    finally:
-        conn.close()
     data = [
         {
             "id": a.id,
@@ -226,15 +229,10 @@ def accounts_list(ctx: click.Context, as_json: bool) -> None:
 def _set_active(ctx: click.Context, account_id: int, active: bool) -> None:
     from kraite_mp.store.accounts import set_active
 
-    settings = get_settings(ctx)
-    conn = open_db(ctx, settings)
-    try:
+    with connected(ctx) as conn:
         found = set_active(conn, account_id, active)
-    finally:
-        conn.close()
     if not found:
-        click.echo(f"kraite-mp: no account with id {account_id}", err=True)
-        ctx.exit(1)
+        fail(ctx, f"no account with id {account_id}")
     click.echo(f"account {account_id} {'enabled' if active else 'disabled'}")
 
 
@@ -273,21 +271,17 @@ def run_command(ctx: click.Context) -> None:
         encrypt_secret(settings.secret_key, "probe")  # checks the key's shape; no real secret is touched
         parse_shard(settings.supervisor.shard)
     except SecretKeyError as e:
-        click.echo(f"kraite-mp: configuration error: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+        fail(ctx, f"configuration error: {e}", exitcodes.EXIT_FATAL_CONFIG)
     except ValueError as e:
-        click.echo(f"kraite-mp: configuration error: supervisor.shard: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+        fail(ctx, f"configuration error: supervisor.shard: {e}", exitcodes.EXIT_FATAL_CONFIG)
     try:
         connect(settings.database_url, application_name="kraite-mp supervisor").close()
     except DatabaseUnavailable as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_TEMPFAIL)
+        fail(ctx, e, exitcodes.EXIT_TEMPFAIL)
     try:
         os.makedirs(heartbeat_dir(settings.run_dir), exist_ok=True)
     except OSError as e:
-        click.echo(f"kraite-mp: cannot create {heartbeat_dir(settings.run_dir)}: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_FATAL_CONFIG)
+        fail(ctx, f"cannot create {heartbeat_dir(settings.run_dir)}: {e}", exitcodes.EXIT_FATAL_CONFIG)
     root = ctx.find_root().ensure_object(dict)
     arbiter = Arbiter(
         settings,
@@ -298,11 +292,9 @@ def run_command(ctx: click.Context) -> None:
     try:
         code = arbiter.run()
     except AlreadyRunning as e:
-        click.echo(f"kraite-mp: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_TEMPFAIL)
+        fail(ctx, e, exitcodes.EXIT_TEMPFAIL)
     except ImportError as e:
-        click.echo(f"kraite-mp: cannot load a child entry point: {e}", err=True)
-        ctx.exit(exitcodes.EXIT_ERROR)
+        fail(ctx, f"cannot load a child entry point: {e}", exitcodes.EXIT_ERROR)
     ctx.exit(code)
 
 
@@ -352,8 +344,7 @@ def sync_orders_command(
             if account_id is not None:
                 account = get_account(conn, account_id)
                 if account is None:
-                    click.echo(f"kraite-mp: no account with id {account_id}", err=True)
-                    ctx.exit(1)
+                    fail(ctx, f"no account with id {account_id}")
                 accounts = [account]
             else:
                 accounts = owned_accounts(conn, settings)

@@ -24,8 +24,9 @@ import signal
 import time
 import urllib.error
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -339,42 +340,29 @@ def _ms(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, int | float) else "-"
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _option(
+    flag: str, name: str, type: click.ParamType[Any, Any], help: str | None = None
+) -> Callable[[_F], _F]:
+    """``--flag`` for the ``DemoOptions`` field ``name``; the default is the dataclass's own."""
+    return click.option(
+        flag, name, type=type, default=getattr(DemoOptions, name), show_default=True, help=help
+    )
+
+
 @click.command("demo")
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=1),
-    default=60.0,
-    show_default=True,
-    help="Seconds of live streaming before the summary.",
-)
-@click.option(
+@_option("--duration", "duration_s", click.FloatRange(min=1), "Seconds of live streaming before the summary.")
+@_option(
     "--accounts",
-    type=click.IntRange(1, 500),
-    default=5,
-    show_default=True,
-    help="Simulated Binance accounts (one user-data process each).",
+    "accounts",
+    click.IntRange(1, 500),
+    "Simulated Binance accounts (one user-data process each).",
 )
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Simulator scenario steps per second per account.",
-)
-@click.option(
-    "--symbols",
-    type=click.IntRange(1, 5000),
-    default=570,
-    show_default=True,
-    help="Symbols in the mark-price stream.",
-)
-@click.option(
-    "--refresh",
-    type=click.FloatRange(min=0.2),
-    default=2.0,
-    show_default=True,
-    help="Seconds between table refreshes.",
-)
+@_option("--rate", "rate", click.FloatRange(min=0), "Simulator scenario steps per second per account.")
+@_option("--symbols", "symbols", click.IntRange(1, 5000), "Symbols in the mark-price stream.")
+@_option("--refresh", "refresh_s", click.FloatRange(min=0.2), "Seconds between table refreshes.")
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -382,21 +370,10 @@ def _ms(value: Any) -> str:
     help="Logs, run dir and spool go here (default: a new temporary directory, kept).",
 )
 @click.option("--hold", is_flag=True, help="After the summary keep PostgreSQL and Redis up until Ctrl-C.")
-@click.option("--worker-processes", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.option("--worker-threads", type=click.IntRange(1, 256), default=8, show_default=True)
+@_option("--worker-processes", "worker_processes", click.IntRange(1, 64))
+@_option("--worker-threads", "worker_threads", click.IntRange(1, 256))
 @click.pass_context
-def demo_command(
-    ctx: click.Context,
-    duration: float,
-    accounts: int,
-    rate: float,
-    symbols: int,
-    refresh: float,
-    workdir: Path | None,
-    hold: bool,
-    worker_processes: int,
-    worker_threads: int,
-) -> None:
+def demo_command(ctx: click.Context, /, **options: Any) -> None:
     """Run everything locally against the exchange simulator, with a live table, then a summary.
 
     Needs no configuration: uses KRAITE_DATABASE_URL / KRAITE_REDIS_URL when set, else embedded
@@ -405,24 +382,13 @@ def demo_command(
     from kraite_mp.logs import setup_logging
 
     setup_logging("WARNING")
-    options = DemoOptions(
-        duration_s=duration,
-        accounts=accounts,
-        rate=rate,
-        symbols=symbols,
-        refresh_s=refresh,
-        workdir=workdir,
-        hold=hold,
-        worker_processes=worker_processes,
-        worker_threads=worker_threads,
-    )
     # SIGTERM cleans up like Ctrl-C; SIGINT is set explicitly because a shell starts background jobs
     # with it ignored, and Python then installs no KeyboardInterrupt handler
     previous = {
         sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGTERM, signal.SIGINT)
     }
     try:
-        code = Demo(options).run()
+        code = Demo(DemoOptions(**options)).run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from kraite_mp.ops.demo_console import (
     Console,
@@ -43,17 +43,26 @@ WORKER_SHUTDOWN_TIMEOUT_MS = 10_000
 QUEUES = ("user-data-stream", "reconcile")
 
 
+class _Server(Protocol):
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Server)
+
+
 @dataclass
 class DemoOptions:
-    duration_s: float = 60.0
-    accounts: int = 5
-    rate: float = 2.0
-    symbols: int = 570
-    refresh_s: float = 2.0
-    workdir: Path | None = None
-    hold: bool = False
-    worker_processes: int = 1
-    worker_threads: int = 8
+    """What ``kraite-mp demo`` was asked for; these defaults are its options' defaults."""
+
+    duration_s: float = 60.0  #: seconds of live streaming before the summary
+    accounts: int = 5  #: simulated Binance accounts, one user-data process each
+    rate: float = 2.0  #: simulator scenario steps per second per account
+    symbols: int = 570  #: symbols in the mark-price stream
+    refresh_s: float = 2.0  #: seconds between live-table refreshes
+    workdir: Path | None = None  #: logs, run dir and spool (None: a new temporary directory, kept)
+    hold: bool = False  #: after the summary keep PostgreSQL and Redis up until Ctrl-C
+    worker_processes: int = 1  #: Dramatiq worker processes
+    worker_threads: int = 8  #: threads per Dramatiq worker process
 
 
 @dataclass
@@ -138,14 +147,11 @@ class DemoStack:
             return
         from kraite_mp.ops.embedded import PostgresServer
 
-        with timed(self.console, "embedded PostgreSQL started"):
-            warnings.filterwarnings("ignore", module="platformdirs")
-            try:
-                server = PostgresServer(datadir=str(self.workdir / "pg")).start()
-            except Exception as e:  # noqa: BLE001
-                raise DemoError(f"cannot start an embedded PostgreSQL: {e}") from None
+        warnings.filterwarnings("ignore", module="platformdirs")
+        server = self._start_embedded(
+            "PostgreSQL", lambda: PostgresServer(datadir=str(self.workdir / "pg")).start()
+        )
         self.embedded_pg = True
-        self.cleanups.append(("embedded PostgreSQL", server.stop))
         self.database_url = kdb.create_database(server.url, DEMO_DATABASE)
 
     def _setup_redis(self) -> None:
@@ -162,15 +168,22 @@ class DemoStack:
             self.console.detail(f"using KRAITE_REDIS_URL ({redact_url(url)}), keys under {self.namespace}:*")
             self.cleanups.append(("demo keys in Redis", self._delete_redis_keys))
             return
-        with timed(self.console, "embedded Redis started"):
-            (self.workdir / "redis").mkdir(parents=True, exist_ok=True)
-            try:
-                server = RedisServer(workdir=str(self.workdir / "redis")).start()
-            except Exception as e:  # noqa: BLE001
-                raise DemoError(f"cannot start an embedded Redis: {e}") from None
+        (self.workdir / "redis").mkdir(parents=True, exist_ok=True)
+        server = self._start_embedded(
+            "Redis", lambda: RedisServer(workdir=str(self.workdir / "redis")).start()
+        )
         self.embedded_redis = True
-        self.cleanups.append(("embedded Redis", server.stop))
         self.redis_url = server.url
+
+    def _start_embedded(self, what: str, start: Callable[[], _S]) -> _S:
+        """Start an embedded server (timed, a failure explained) and register its stop."""
+        with timed(self.console, f"embedded {what} started"):
+            try:
+                server = start()
+            except Exception as e:  # noqa: BLE001
+                raise DemoError(f"cannot start an embedded {what}: {e}") from None
+        self.cleanups.append((f"embedded {what}", server.stop))
+        return server
 
     def _delete_redis_keys(self) -> None:
         import redis
@@ -214,28 +227,20 @@ class DemoStack:
 
     def _start_simulator(self) -> None:
         o = self.options
-        proc = start_process(
+        proc = self._spawn(
             "simulator",
-            [
-                sys.executable,
-                "-m",
-                "kraite_mp",
-                "simulate",
-                "--port",
-                "0",
-                "--accounts",
-                str(o.accounts),
-                "--symbols",
-                str(o.symbols),
-                "--rate",
-                "0",
-            ],
-            self.env,
-            self.workdir,
-            self.workdir / "logs",
+            "kraite_mp",
+            "simulate",
+            "--port",
+            "0",
+            "--accounts",
+            str(o.accounts),
+            "--symbols",
+            str(o.symbols),
+            "--rate",
+            "0",
             stdout_pipe=True,
         )
-        self.processes.append(proc)
         try:
             info = json.loads(read_line(proc, READY_TIMEOUT_S))
         except ValueError:
@@ -271,38 +276,23 @@ class DemoStack:
 
     def _start_worker(self) -> None:
         o = self.options
-        proc = start_process(
+        proc = self._spawn(
             "worker",
-            [
-                sys.executable,
-                "-m",
-                "dramatiq",
-                "kraite_mp.jobs",
-                "--queues",
-                *QUEUES,
-                "--processes",
-                str(o.worker_processes),
-                "--threads",
-                str(o.worker_threads),
-                "--worker-shutdown-timeout",
-                str(WORKER_SHUTDOWN_TIMEOUT_MS),
-            ],
-            self.env,
-            self.workdir,
-            self.workdir / "logs",
+            "dramatiq",
+            "kraite_mp.jobs",
+            "--queues",
+            *QUEUES,
+            "--processes",
+            str(o.worker_processes),
+            "--threads",
+            str(o.worker_threads),
+            "--worker-shutdown-timeout",
+            str(WORKER_SHUTDOWN_TIMEOUT_MS),
         )
-        self.processes.append(proc)
         self.console.detail(f"pid {proc.pid}: {o.worker_processes} process(es) x {o.worker_threads} threads")
 
     def _start_supervisor(self) -> None:
-        proc = start_process(
-            "kraite-mp-run",
-            [sys.executable, "-m", "kraite_mp", "run"],
-            self.env,
-            self.workdir,
-            self.workdir / "logs",
-        )
-        self.processes.append(proc)
+        proc = self._spawn("kraite-mp-run", "kraite_mp", "run")
         self.console.detail(f"pid {proc.pid}; waiting for every stream to connect ...")
         keys = [self.user_data_key(a) for a in self.accounts] + [runfiles.ROLE_MARK_PRICE]
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -321,6 +311,19 @@ class DemoStack:
                 self.console.detail(f"not every stream is up after {READY_TIMEOUT_S:.0f} s; going on anyway")
                 return
             time.sleep(0.5)
+
+    def _spawn(self, name: str, module: str, *args: str, stdout_pipe: bool = False) -> ManagedProcess:
+        """Start ``python -m module args`` with the demo's environment, logging to logs/<name>.log."""
+        proc = start_process(
+            name,
+            [sys.executable, "-m", module, *args],
+            self.env,
+            self.workdir,
+            self.workdir / "logs",
+            stdout_pipe=stdout_pipe,
+        )
+        self.processes.append(proc)
+        return proc
 
     # -- reading what runs -----------------------------------------------------------------------
     @property

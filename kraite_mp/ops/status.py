@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -92,7 +92,8 @@ def read_status(
             k.decode() if isinstance(k, bytes) else str(k)
             for k in client.scan_iter(match=status_pattern(namespace), count=1000)
         )
-        values = client.mget(keys) if keys else []
+        # redis-py >= 6 types its commands for the sync and async clients alike; this one is sync
+        values = cast("list[bytes | None]", client.mget(keys)) if keys else []
     except redis.RedisError as e:
         raise StatusUnavailable(f"Redis unreachable at {redact_url(redis_url)}: {redact(str(e))}") from None
     finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -94,20 +95,19 @@ class ReconcileResult:
 
     account_id: int
     account_name: str
-    mode: str = "full"
+    mode: str = "full"  #: the sweep that ran ("auto" resolved)
     status: ReconcileStatus = ReconcileStatus.OK
-    shadow: bool = False
-    checked: int = 0
-    updated: int = 0
-    transitions: int = 0
-    not_found: int = 0
-    audited: int = 0
-    invalid: int = 0
-    requests: int = 0
-    weight: int = 0
-    error: str | None = None
-    #: After a 429/418: seconds until Binance may be called again.
-    retry_after_s: float | None = None
+    shadow: bool = False  #: audited only (empty dispatched_executions)
+    checked: int = 0  #: REST answers looked at
+    updated: int = 0  #: orders the answers made newer
+    transitions: int = 0  #: status changes recorded
+    not_found: int = 0  #: orders the exchange no longer knows (-2013)
+    audited: int = 0  #: audit rows written (unchanged answers are not audited again)
+    invalid: int = 0  #: answers that could not be parsed
+    requests: int = 0  #: REST requests sent
+    weight: int = 0  #: request weight they cost
+    error: str | None = None  #: what went wrong, when status is not ok
+    retry_after_s: float | None = None  #: after a 429/418: seconds until Binance may be called again
     transition_list: list[orders.Transition] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
@@ -201,26 +201,23 @@ class _Sweep:
                 self.fetched[(kind, oid)] = _Fetched(kind, data, now)
 
     def lookup_order(self, symbol: str, order_id: int) -> None:
-        try:
-            self.add("regular", [self.rest.order(symbol, order_id=order_id)])
-        except OrderNotFound:
-            self.result.not_found += 1
-            log.warning(
-                "account %s: order %s (%s) is unknown to the exchange (-2013): left as it is",
-                self.result.account_id,
-                order_id,
-                symbol,
-            )
+        self._lookup(
+            "regular", lambda: self.rest.order(symbol, order_id=order_id), f"order {order_id} ({symbol})"
+        )
 
     def lookup_algo(self, algo_id: int) -> None:
+        self._lookup("algo", lambda: self.rest.algo_order(algo_id=algo_id), f"algo order {algo_id}")
+
+    def _lookup(self, kind: str, fetch: Callable[[], dict[str, Any]], what: str) -> None:
+        """Add the one order ``fetch`` returns; an order unknown to the exchange is counted and left."""
         try:
-            self.add("algo", [self.rest.algo_order(algo_id=algo_id)])
+            self.add(kind, [fetch()])
         except OrderNotFound:
             self.result.not_found += 1
             log.warning(
-                "account %s: algo order %s is unknown to the exchange (-2013): left as it is",
+                "account %s: %s is unknown to the exchange (-2013): left as it is",
                 self.result.account_id,
-                algo_id,
+                what,
             )
 
 

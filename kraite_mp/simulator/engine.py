@@ -16,10 +16,10 @@ import random
 import string
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from kraite_mp.simulator.market import KNOWN_SYMBOLS, Market, MarketSymbol, split_symbol
 
@@ -112,6 +112,26 @@ def _zero_like(qty: Decimal) -> Decimal:
     """Zero with the scale of ``qty`` ("0.000" for "0.010"), as Binance writes executedQty."""
     exponent = qty.as_tuple().exponent
     return Decimal(0).quantize(qty) if isinstance(exponent, int) and exponent < 0 else Decimal(0)
+
+
+_T = TypeVar("_T")
+
+
+def _lookup(
+    by_id: Mapping[int, _T], by_client_id: Mapping[str, int], id_: int | None, client_id: str | None
+) -> _T | None:
+    """An order or algo order as REST finds it: by id, else by client id (None: unknown)."""
+    if id_ is None and client_id is not None:
+        id_ = by_client_id.get(client_id)
+    return by_id.get(id_) if id_ is not None else None
+
+
+def _index_open(open_by_id: dict[int, _T], key: int, item: _T, is_open: bool) -> None:
+    """Keep an index of the open orders (or algo orders) in step with a status change."""
+    if is_open:
+        open_by_id[key] = item
+    else:
+        open_by_id.pop(key, None)
 
 
 def fmt8(value: Decimal) -> str:
@@ -283,6 +303,16 @@ class AlgoOrder:
         }
 
 
+def _check_side(side: str) -> None:
+    if side not in ("BUY", "SELL"):
+        raise SimulatorError(f"bad side {side!r}")
+
+
+def _rest_rows(items: Iterable[Order | AlgoOrder], symbol: str | None) -> list[dict[str, Any]]:
+    """The REST shape of ``items``, of one symbol only unless ``symbol`` is None."""
+    return [o.to_rest() for o in items if symbol is None or o.symbol == symbol]
+
+
 @dataclass
 class Position:
     symbol: str
@@ -351,14 +381,14 @@ class Engine:
         max_open_algos: int = DEFAULT_MAX_OPEN_ALGOS,
         max_kept_orders: int = DEFAULT_MAX_KEPT_ORDERS,
     ) -> None:
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  #: guards all the state below; every public method holds it
         self.market = market
-        self.seed = seed
-        self.listen_key_ttl_s = listen_key_ttl_s
-        self.max_open_orders = max_open_orders
-        self.max_open_algos = max_open_algos
-        self.max_kept_orders = max_kept_orders
-        self.clock_offset_ms = 0
+        self.seed = seed  #: every random stream (accounts, listen keys, symbols) derives from it
+        self.listen_key_ttl_s = listen_key_ttl_s  #: a listenKey expires this long after its last keepalive
+        self.max_open_orders = max_open_orders  #: the scenario keeps at most this many orders open
+        self.max_open_algos = max_open_algos  #: ... and this many algo orders, per account
+        self.max_kept_orders = max_kept_orders  #: terminal orders kept per account (older ones: -2013)
+        self.clock_offset_ms = 0  #: added to the server time (clock-skew tests)
         self._sink: EventSink | None = None
         self._key_rng = random.Random(f"{seed}:listenkeys")
         self._accounts: dict[str, _Account] = {}
@@ -510,9 +540,7 @@ class Engine:
     ) -> dict[str, Any]:
         with self.lock:
             acct = self._accounts[api_key]
-            if order_id is None and client_order_id is not None:
-                order_id = acct.orders_by_client_id.get(client_order_id)
-            order = acct.orders.get(order_id) if order_id is not None else None
+            order = _lookup(acct.orders, acct.orders_by_client_id, order_id, client_order_id)
             if order is None or order.symbol != symbol:
                 raise unknown_order()
             if client_order_id is not None and order.client_order_id != client_order_id:
@@ -521,8 +549,7 @@ class Engine:
 
     def open_orders(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
         with self.lock:
-            acct = self._accounts[api_key]
-            return [o.to_rest() for o in acct.open_orders.values() if symbol is None or o.symbol == symbol]
+            return _rest_rows(self._accounts[api_key].open_orders.values(), symbol)
 
     def all_orders(
         self,
@@ -550,17 +577,14 @@ class Engine:
     def get_algo(self, api_key: str, algo_id: int | None, client_algo_id: str | None) -> dict[str, Any]:
         with self.lock:
             acct = self._accounts[api_key]
-            if algo_id is None and client_algo_id is not None:
-                algo_id = acct.algos_by_client_id.get(client_algo_id)
-            algo = acct.algos.get(algo_id) if algo_id is not None else None
+            algo = _lookup(acct.algos, acct.algos_by_client_id, algo_id, client_algo_id)
             if algo is None:
                 raise unknown_order()
             return algo.to_rest()
 
     def open_algos(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
         with self.lock:
-            acct = self._accounts[api_key]
-            return [a.to_rest() for a in acct.open_algos.values() if symbol is None or a.symbol == symbol]
+            return _rest_rows(self._accounts[api_key].open_algos.values(), symbol)
 
     def truth(self, api_key: str) -> dict[str, Any]:
         with self.lock:
@@ -660,17 +684,16 @@ class Engine:
         api_key: str,
         symbol: str = "BTCUSDT",
         side: str = "BUY",
-        type: str = "LIMIT",
+        type: str = "LIMIT",  # or MARKET
         quantity: str = "0.010",
-        price: str = "86000.10",
-        client_order_id: str | None = None,
-        time_in_force: str | None = None,
+        price: str = "86000.10",  # the LIMIT price
+        client_order_id: str | None = None,  # None: a generated one
+        time_in_force: str | None = None,  # None: GTC
         reduce_only: bool = False,
     ) -> int:
         """Place a regular order (NEW event). MARKET orders fill at once, as on the exchange (and
         ignore ``price``)."""
-        if side not in ("BUY", "SELL"):
-            raise SimulatorError(f"bad side {side!r}")
+        _check_side(side)
         if type not in ("LIMIT", "MARKET"):
             raise SimulatorError(f"regular orders are LIMIT or MARKET, not {type!r} (use place_algo)")
         qty = Decimal(quantity)
@@ -740,18 +763,12 @@ class Engine:
     @staticmethod
     def _set_status(acct: _Account, order: Order, status: str) -> None:
         order.status = status
-        if order.is_open:
-            acct.open_orders[order.order_id] = order
-        else:
-            acct.open_orders.pop(order.order_id, None)
+        _index_open(acct.open_orders, order.order_id, order, order.is_open)
 
     @staticmethod
     def _set_algo_status(acct: _Account, algo: AlgoOrder, status: str) -> None:
         algo.status = status
-        if algo.is_open:
-            acct.open_algos[algo.algo_id] = algo
-        else:
-            acct.open_algos.pop(algo.algo_id, None)
+        _index_open(acct.open_algos, algo.algo_id, algo, algo.is_open)
 
     def _prune(self, acct: _Account) -> None:
         """Forget the oldest terminal orders and algo orders beyond the cap (in batches of 10%)."""
@@ -940,17 +957,17 @@ class Engine:
         api_key: str,
         symbol: str = "BTCUSDT",
         side: str = "SELL",
-        type: str = "STOP_MARKET",
+        type: str = "STOP_MARKET",  # one of ALGO_ORDER_TYPES
         quantity: str = "0.010",
         trigger_price: str = "80000.00",
-        price: str = "0",
-        client_algo_id: str | None = None,
+        price: str = "0",  # the limit price of STOP and TAKE_PROFIT (unused by the *_MARKET types)
+        client_algo_id: str | None = None,  # None: a generated one
         reduce_only: bool = False,
     ) -> int:
+        """Place a conditional order of the algo service (ALGO_UPDATE NEW); ``trigger_algo`` triggers it."""
         if type not in ALGO_ORDER_TYPES:
             raise SimulatorError(f"algo order type must be one of {sorted(ALGO_ORDER_TYPES)}")
-        if side not in ("BUY", "SELL"):
-            raise SimulatorError(f"bad side {side!r}")
+        _check_side(side)
         with self.lock:
             acct = self._acct(api_key)
             ts = self._tick(acct)

@@ -141,6 +141,34 @@ def is_newer(old: Mapping[str, Any], new: OrderState) -> bool:
     return new_key > old_key
 
 
+def _observed(state: OrderState, filled: Decimal) -> tuple[Any, ...]:
+    """The observed values of ``state``, with ``filled`` as its filled quantity.
+
+    In the column order ``_INSERT`` (after the order's key) and ``_UPDATE`` (before the row id) share.
+    """
+    return (
+        state.client_order_id,
+        state.symbol,
+        state.side,
+        state.position_side,
+        state.order_type,
+        state.time_in_force,
+        state.status,
+        state.price,
+        state.stop_price,
+        state.quantity,
+        filled,
+        state.average_price,
+        state.reduce_only,
+        state.actual_order_id,
+        state.execution_type,
+        state.trade_id,
+        state.transaction_time_ms,
+        state.event_time_ms,
+        state.source,
+    )
+
+
 def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> Transition | None:
     """Upsert ``state`` inside the caller's transaction; return the status change, if any."""
     cur.execute(_SELECT_FOR_UPDATE, (state.account_id, state.kind, state.exchange_order_id))
@@ -152,25 +180,7 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
                 state.account_id,
                 state.kind,
                 state.exchange_order_id,
-                state.client_order_id,
-                state.symbol,
-                state.side,
-                state.position_side,
-                state.order_type,
-                state.time_in_force,
-                state.status,
-                state.price,
-                state.stop_price,
-                state.quantity,
-                state.filled_quantity or Decimal(0),
-                state.average_price,
-                state.reduce_only,
-                state.actual_order_id,
-                state.execution_type,
-                state.trade_id,
-                state.transaction_time_ms,
-                state.event_time_ms,
-                state.source,
+                *_observed(state, state.filled_quantity or Decimal(0)),
             ),
         )
         inserted = cur.fetchone()
@@ -194,25 +204,7 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
     cur.execute(
         _UPDATE,
         (
-            state.client_order_id,
-            state.symbol,
-            state.side,
-            state.position_side,
-            state.order_type,
-            state.time_in_force,
-            state.status,
-            state.price,
-            state.stop_price,
-            state.quantity,
-            filled,
-            state.average_price,
-            state.reduce_only,
-            state.actual_order_id,
-            state.execution_type,
-            state.trade_id,
-            state.transaction_time_ms,
-            state.event_time_ms,
-            state.source,
+            *_observed(state, filled),
             old["id"],
         ),
     )

@@ -98,19 +98,17 @@ class Mailbox:
 class WriterStats:
     """Owned by the writer thread (read-only elsewhere)."""
 
-    writes: int = 0
-    #: Last committed tick: Binance symbols matched, rows updated, wall time to COMMIT.
-    symbols: int = 0
-    rows: int = 0
-    last_write_ms: int = 0
-    #: Symbols in the stream with no exchange_symbols row (last tick / cumulative).
-    unknown_last: int = 0
-    unknown_total: int = 0
-    write_errors: int = 0
-    map_reloads: int = 0
-    map_symbols: int = 0
-    map_rows: int = 0
-    db_down: bool = False
+    writes: int = 0  #: committed ticks
+    symbols: int = 0  #: last committed tick: Binance symbols matched
+    rows: int = 0  #: last committed tick: exchange_symbols rows updated
+    last_write_ms: int = 0  #: last committed tick: wall time to COMMIT
+    unknown_last: int = 0  #: symbols of the last tick with no exchange_symbols row
+    unknown_total: int = 0  #: the same, summed over every tick
+    write_errors: int = 0  #: writes that failed (outage or not)
+    map_reloads: int = 0  #: times the symbol map was (re)loaded
+    map_symbols: int = 0  #: Binance symbols in the current map
+    map_rows: int = 0  #: exchange_symbols rows in the current map
+    db_down: bool = False  #: PostgreSQL is unreachable right now
 
 
 class PriceWriter:
@@ -298,17 +296,16 @@ class PriceWriter:
 class StreamStats:
     """Owned by the stream thread."""
 
-    ticks: int = 0
-    #: Ticks merged into one not yet written (coalesced instead of queued).
-    skipped: int = 0
-    bad_frames: int = 0
-    bad_entries: int = 0
-    coin_m_ignored: int = 0
-    connections: int = 0
-    reconnects: int = 0
-    watchdog_reconnects: int = 0
-    last_tick_at: float = 0.0
-    reasons: dict[Reason, int] = field(default_factory=dict)
+    ticks: int = 0  #: mark-price arrays received
+    skipped: int = 0  #: ticks merged into one not yet written (coalesced instead of queued)
+    bad_frames: int = 0  #: frames that were not a mark-price array
+    bad_entries: int = 0  #: array items without a usable symbol or price
+    coin_m_ignored: int = 0  #: COIN-M symbols left out (USD-M only)
+    connections: int = 0  #: successful connects
+    reconnects: int = 0  #: connections that ended and were reopened
+    watchdog_reconnects: int = 0  #: of those, ended by the silence watchdog or a missing pong
+    last_tick_at: float = 0.0  #: time.monotonic() of the last tick
+    reasons: dict[Reason, int] = field(default_factory=dict)  #: reconnects by reason
 
 
 class MarkPriceStreamer(WebSocketStream):

@@ -54,13 +54,13 @@ class AfterStop(enum.Enum):
 class Child:
     """One supervised slot (an account's stream, the mark-price stream, the periodic sync)."""
 
-    key: str
-    role: str
-    account: Account | None = None
+    key: str  #: unique slot name (runfiles.child_key): heartbeat file, process title, snapshot key
+    role: str  #: runfiles.ROLE_*: which entry point the forked child runs
+    account: Account | None = None  #: the account a user-data child streams (None for the others)
     #: Runs to completion and is never restarted (the periodic sync).
     one_shot: bool = False
-    state: ChildState = ChildState.PENDING
-    pid: int | None = None
+    state: ChildState = ChildState.PENDING  #: changed only by set_state()
+    pid: int | None = None  #: the live (not yet reaped) process; None when none runs
     #: time.monotonic() / time.time() of the last fork.
     spawned_at: float = 0.0
     spawned_wall: float = 0.0
@@ -68,18 +68,18 @@ class Child:
     attempt: int = 0
     #: Forks after the first one.
     restarts: int = 0
-    spawns: int = 0
-    last_exit: str | None = None
-    last_exit_code: int | None = None
-    last_exit_wall: float | None = None
+    spawns: int = 0  #: forks in all (0: never started)
+    last_exit: str | None = None  #: how the last process ended ("code 1 (error)", "signal SIGKILL")
+    last_exit_code: int | None = None  #: its exit code (None when a signal ended it)
+    last_exit_wall: float | None = None  #: time.time() of that exit
     #: time.monotonic() at which a PENDING/BACKOFF/FATAL child may be spawned.
     due_at: float = 0.0
-    backoff_s: float | None = None
-    fatal_reason: str | None = None
-    after_stop: AfterStop | None = None
-    stop_reason: str | None = None
-    stop_deadline: float | None = None
-    killed: bool = False
+    backoff_s: float | None = None  #: the delay of the current BACKOFF/FATAL wait, for the snapshot
+    fatal_reason: str | None = None  #: why a FATAL child cannot run now (invalid credentials, ...)
+    after_stop: AfterStop | None = None  #: what follows the exit of a child we asked to stop
+    stop_reason: str | None = None  #: why we asked it to stop (logged and shown)
+    stop_deadline: float | None = None  #: time.monotonic() after which a STOPPING child is SIGKILLed
+    killed: bool = False  #: SIGKILL already sent (it is sent once)
     #: Changed since the supervisor last wrote its snapshot.
     dirty: bool = True
 
