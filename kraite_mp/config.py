@@ -73,6 +73,12 @@ class BinanceSettings:
     #: Stay under Binance's 2400/min request weight; slow down above this share of it.
     weight_limit_per_min: int = 2400
     weight_slowdown_ratio: float = 0.8
+    #: Share of weight_limit_per_min that all kraite-mp processes of one egress IP spend together (through
+    #: Redis); the rest is left to the trading back end on the same IP.
+    weight_share: float = 0.5
+    #: Names the egress IP whose budget this process shares; "" = this host's name. Hosts behind one NAT
+    #: give the same name.
+    egress_id: str = ""
 
 
 @dataclass
@@ -119,6 +125,9 @@ class UserDataStreamSettings:
     pong_timeout_s: float = 10.0
     #: Reconnect proactively before Binance's 24 h connection limit.
     max_connection_age_s: float = 23.5 * 3600
+    #: On stop and planned reconnect: after our close frame, spool what the server still sends until its
+    #: close frame, this long at most (1 s to notice the stop + this + 6 s of sender drain < graceful_timeout_s).
+    drain_timeout_s: float = 2.0
     #: Write-ahead spool of every frame (one subdirectory per account), drained to Redis in order.
     spool_dir: str = "var/spool"
     #: fsync the spool after every frame: survives power loss, not just a child crash (costs latency).
@@ -318,8 +327,21 @@ def validate(settings: Settings) -> None:
         )
     if settings.mark_price.chunk_size < 0:
         raise ConfigError("mark_price.chunk_size: must be >= 0")
+    if not settings.user_data_stream.drain_timeout_s > 0:
+        raise ConfigError("user_data_stream.drain_timeout_s: must be > 0")
     if settings.supervisor.backoff_cap_exponent < 0:
         raise ConfigError("supervisor.backoff_cap_exponent: must be >= 0")
+    if not 0 < settings.binance.weight_share <= 1:
+        raise ConfigError(
+            f"binance.weight_share: must be > 0 and <= 1, got {settings.binance.weight_share!r}"
+        )
+    if settings.binance.egress_id != settings.binance.egress_id.strip() or (
+        settings.binance.egress_id and not settings.binance.egress_id.isprintable()
+    ):
+        raise ConfigError(
+            "binance.egress_id: must not start or end with spaces or hold control characters"
+            " (leave it empty for this host's name)"
+        )
     if settings.supervisor.spawn_rate_per_s <= 0 or settings.supervisor.spawn_burst < 1:
         raise ConfigError("supervisor.spawn_rate_per_s/spawn_burst: must be positive")
     try:

@@ -9,17 +9,15 @@ from typing import Any
 
 import pytest
 
-from kraite_mp.binance.rest import (
-    BinanceRest,
+from kraite_mp.binance.errors import (
     InvalidCredentials,
     ListenKeyNotFound,
     OrderNotFound,
     RateLimited,
     TransientError,
     parse_retry_after,
-    reset_host_state,
-    sign,
 )
+from kraite_mp.binance.rest import BinanceRest, reset_host_state, sign
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import websocket
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts, backoff_delay
-from kraite_mp.config import load_settings
+from kraite_mp.config import ConfigError, load_settings
 from kraite_mp.store.accounts import Account
 from kraite_mp.streams import connection
 from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream, reconnect_delay
@@ -51,26 +51,26 @@ def test_backoff_grows_capped_and_attempts_count() -> None:
 def test_unplanned_reconnects_back_off_until_a_healthy_run() -> None:
     a = attempts(healthy_after_s=60.0)
     # a server that accepts and drops us at once (or refuses us) never gets a hot loop
-    assert [reconnect_delay(a, Reason.SERVER_CLOSED, 1.0) for _ in range(3)] == [1.0, 2.0, 4.0]
-    assert reconnect_delay(a, Reason.CONNECT_FAILED, None) == 8.0
-    assert reconnect_delay(a, Reason.PONG_TIMEOUT, 59.9) == 8.0  # up, but not for healthy_after_s
+    assert [reconnect_delay(a, False, 1.0) for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert reconnect_delay(a, False, None) == 8.0
+    assert reconnect_delay(a, False, 59.9) == 8.0  # up, but not for healthy_after_s
     # a connection that stayed up healthy_after_s starts the backoff over
-    assert reconnect_delay(a, Reason.SILENT, 60.0) == 1.0
-    assert reconnect_delay(a, Reason.CONNECTION_LOST, 0.5) == 2.0
+    assert reconnect_delay(a, False, 60.0) == 1.0
+    assert reconnect_delay(a, False, 0.5) == 2.0
 
 
 def test_planned_reconnects_are_immediate_after_a_healthy_run() -> None:
     a = attempts(healthy_after_s=60.0)
-    assert reconnect_delay(a, Reason.MAX_AGE, 86_000.0) == 0.0
+    assert reconnect_delay(a, True, 86_000.0) == 0.0
     assert a.count == 0  # and cost nothing
-    assert reconnect_delay(a, Reason.LISTEN_KEY_EXPIRED, 3600.0) == 0.0
+    assert reconnect_delay(a, True, 3600.0) == 0.0
     assert a.count == 0
     # a key that dies at once: the first reconnect is still immediate, the next ones back off
-    assert reconnect_delay(a, Reason.LISTEN_KEY_EXPIRED, 0.2) == 0.0
-    assert reconnect_delay(a, Reason.LISTEN_KEY_EXPIRED, 0.2) == 2.0
-    assert reconnect_delay(a, Reason.LISTEN_KEY_LOST, 0.2) == 4.0
+    assert reconnect_delay(a, True, 0.2) == 0.0
+    assert reconnect_delay(a, True, 0.2) == 2.0
+    assert reconnect_delay(a, True, 0.2) == 4.0
     # ... until one run is healthy again
-    assert reconnect_delay(a, Reason.LISTEN_KEY_LOST, 61.0) == 0.0
+    assert reconnect_delay(a, True, 61.0) == 0.0
 
 
 def test_planned_reasons() -> None:
@@ -81,6 +81,9 @@ def test_planned_reasons() -> None:
     }
     assert str(Disconnect(Reason.PONG_TIMEOUT, "no pong for 10.0s")) == "pong-timeout: no pong for 10.0s"
     assert str(Disconnect(Reason.MAX_AGE)) == "max-connection-age"
+    # a disconnect is planned as its reason says, unless told (the server's close, by uptime)
+    assert Disconnect(Reason.MAX_AGE).planned and not Disconnect(Reason.SERVER_CLOSED).planned
+    assert Disconnect(Reason.SERVER_CLOSED, planned=True).planned
 
 
 def test_both_streams_use_the_one_healthy_after_setting() -> None:
@@ -101,18 +104,54 @@ def test_both_streams_use_the_one_healthy_after_setting() -> None:
     cfg = settings.user_data_stream
     assert lv.max_age_s == cfg.max_connection_age_s
     assert lv.silence_s == cfg.ping_interval_s + cfg.pong_timeout_s
+    assert lv.drain_timeout_s == cfg.drain_timeout_s == 2.0
+    assert mark_price.liveness.drain_timeout_s == connection.DRAIN_TIMEOUT_S
+    drain = "KRAITE__user_data_stream__drain_timeout_s"
+    assert liveness(load_settings(None, environ={drain: "0.5"})).drain_timeout_s == 0.5
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ConfigError, match=r"user_data_stream\.drain_timeout_s: must be > 0"):
+            load_settings(None, environ={drain: bad})
+
+
+def test_user_data_logs_a_planned_disconnect_at_info_and_a_failure_as_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(None, environ={})
+    account = Account(id=4, name="a", exchange="binance", api_key="k" * 16, api_secret_token="t")
+    stream = UserDataStream(ChildContext(settings, "user-data", account), account)
+    with caplog.at_level(logging.INFO, logger=stream.log.name):
+        stream.on_disconnected(Disconnect(Reason.SERVER_CLOSED, planned=True), 0.0)
+        stream.on_disconnected(Disconnect(Reason.SERVER_CLOSED), 1.0)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "disconnected (server-closed); reconnecting in 0.0s"),
+        (logging.WARNING, "disconnected (server-closed); reconnecting in 1.0s"),
+    ]
 
 
 # -- the loop on a scripted socket ---------------------------------------------------------------
 
 
 class FakeSocket:
-    """Stands in for ``websocket.WebSocket``: replays a script of (opcode, data) or exceptions."""
+    """Stands in for ``websocket.WebSocket``: replays a script of (opcode, data) or exceptions.
 
-    def __init__(self, script: list[Any]) -> None:
+    ``on_close`` is what the server had already sent when our close frame went out: it is appended
+    to the script by ``send_close``. ``closed`` is "graceful" once the socket was dropped after our
+    close frame, "abrupt" if it was dropped without one.
+    """
+
+    def __init__(self, script: list[Any], on_close: list[Any] | None = None) -> None:
         self.script = list(script)
+        self.on_close = list(on_close or [])
         self.pings: list[bytes] = []
-        self.closed: str | None = None
+        self.close_sent = 0
+        self.dropped = False
+        self.read_after_drop = 0
+
+    @property
+    def closed(self) -> str | None:
+        if not self.dropped:
+            return None
+        return "graceful" if self.close_sent else "abrupt"
 
     def settimeout(self, timeout: float) -> None:
         pass
@@ -121,6 +160,8 @@ class FakeSocket:
         self.pings.append(payload)
 
     def recv_data_frame(self, control_frame: bool = True) -> tuple[int, Any]:
+        if self.dropped:
+            self.read_after_drop += 1
         if not self.script:
             time.sleep(0.002)
             raise websocket.WebSocketTimeoutException("timed out")
@@ -130,11 +171,16 @@ class FakeSocket:
         opcode, data = item
         return opcode, SimpleNamespace(data=data(self) if callable(data) else data)
 
+    def send_close(self, status: int = 1000, reason: bytes = b"") -> None:
+        self.close_sent += 1
+        self.script += self.on_close
+        self.on_close = []
+
     def close(self, timeout: float | None = None) -> None:
-        self.closed = "graceful"
+        raise AssertionError("websocket-client's close() discards the frames on the way to the close frame")
 
     def shutdown(self) -> None:
-        self.closed = "abrupt"
+        self.dropped = True
 
 
 class ScriptedStream(WebSocketStream):
@@ -281,3 +327,104 @@ def test_run_returns_the_exit_code_a_stream_chose_and_always_shuts_down(sockets:
     stopped = ScriptedStream(fast(), attempts())
     stopped.stop.set()
     assert stopped.run() == exitcodes.EXIT_OK
+
+
+# -- graceful close drains -------------------------------------------------------------------------
+
+
+def test_stop_drains_what_the_server_sent_before_its_close_frame(sockets: list[Any]) -> None:
+    ws = FakeSocket(
+        [(TEXT, b"1")],
+        on_close=[(TEXT, b"2"), (PONG, b"x"), (TEXT, b"3"), (CLOSE, b""), (TEXT, b"never sent")],
+    )
+    sockets.append(ws)
+    stream = ScriptedStream(fast(), attempts())
+    run_until(stream, lambda: stream.frames == [b"1"])
+    stream.stop.set()
+    assert stream.run() == exitcodes.EXIT_OK  # the loop ends at once; shutdown closes gracefully
+    assert stream.frames == [b"1", b"2", b"3"]  # nothing the server sent before its close frame is lost
+    assert ws.close_sent == 1 and ws.closed == "graceful" and ws.read_after_drop == 0
+    assert ws.script == [(TEXT, b"never sent")] and stream.ws is None
+
+
+def test_a_planned_reconnect_drains_the_old_connection_first(sockets: list[Any]) -> None:
+    old = FakeSocket([], on_close=[(TEXT, b"late"), (CLOSE, b"")])
+    sockets += [old, FakeSocket([(TEXT, b"new")])]
+    stream = ScriptedStream(fast(max_age_s=0.05), attempts(healthy_after_s=0.01))
+    run_until(stream, lambda: b"new" in stream.frames)
+    assert stream.frames == [b"late", b"new"] and old.closed == "graceful"
+    assert stream.events[1:] == [(Reason.MAX_AGE, "", 0.0), ("connected", "reconnect:max-connection-age")]
+
+
+class Firehose(FakeSocket):
+    """A server that never answers our close frame and keeps sending."""
+
+    def recv_data_frame(self, control_frame: bool = True) -> tuple[int, Any]:
+        time.sleep(0.001)
+        return TEXT, SimpleNamespace(data=b"more")
+
+
+def test_the_drain_ends_at_its_deadline_and_the_socket_is_dropped(sockets: list[Any]) -> None:
+    ws = Firehose([])
+    sockets.append(ws)
+    stream = ScriptedStream(fast(drain_timeout_s=0.05), attempts())
+    run_until(stream, lambda: stream.ws is not None)
+    assert stream.drain(ws) == len(stream.frames) > 0  # every frame read went to on_frame
+    stream.ws = None
+    quiet = FakeSocket([])  # nothing more, no close frame: the receive times out at the deadline
+    assert stream.drain(quiet) == 0 and quiet.close_sent == 1
+    broken = FakeSocket([OSError("reset by peer")])
+    assert stream.drain(broken) == 0
+
+
+def test_a_dead_connection_is_dropped_without_a_drain(sockets: list[Any]) -> None:
+    ws = FakeSocket(
+        [(TEXT, b"a"), websocket.WebSocketConnectionClosedException("gone")], on_close=[(TEXT, b"b")]
+    )
+    sockets.append(ws)
+    stream = ScriptedStream(fast(), attempts())
+    run_until(stream, lambda: bool(stream.disconnects()))
+    assert stream.disconnects()[0][0] is Reason.CONNECTION_LOST
+    assert ws.closed == "abrupt" and stream.frames == [b"a"]
+
+
+def test_a_failing_on_frame_during_the_drain_still_drops_the_socket(sockets: list[Any]) -> None:
+    class Refusing(ScriptedStream):
+        def on_frame(self, data: bytes) -> bool:
+            if self.stop.is_set():
+                raise OSError("spool full")
+            return super().on_frame(data)
+
+    ws = FakeSocket([(TEXT, b"1")], on_close=[(TEXT, b"2"), (CLOSE, b"")])
+    sockets.append(ws)
+    stream = Refusing(fast(), attempts())
+    run_until(stream, lambda: bool(stream.frames))
+    stream.stop.set()
+    with pytest.raises(OSError, match="spool full"):
+        stream.close()
+    assert ws.closed == "graceful" and stream.ws is None
+
+
+def test_the_servers_close_of_a_healthy_connection_is_a_planned_reconnect(sockets: list[Any]) -> None:
+    # healthy (up >= healthy_after_s): the 24 h rollover; reconnect at once, the close is already answered
+    first = FakeSocket([(TEXT, b"a"), aged(0.35), (CLOSE, b"")])
+    young = FakeSocket([(CLOSE, b"")])
+    sockets += [first, young, FakeSocket([(TEXT, b"c")])]
+    a = Attempts(base_s=0.05, jitter_ratio=0.0, healthy_after_s=0.3)
+    stream = ScriptedStream(fast(), a)
+    run_until(stream, lambda: b"c" in stream.frames)
+    assert stream.disconnects() == [(Reason.SERVER_CLOSED, "", 0.0), (Reason.SERVER_CLOSED, "", 0.05)]
+    assert stream.events[2] == ("connected", "reconnect:server-closed")  # the reconnect still reconciles
+    assert first.closed == "abrupt" and first.close_sent == 0  # websocket-client answered the server's close
+    # a young connection closed by the server stays a failure: it backed off and counts
+    assert young.closed == "abrupt" and a.count == 1
+
+
+def aged(seconds: float) -> tuple[int, Any]:
+    """A script item: a pong, received ``seconds`` from now (the connection ages meanwhile)."""
+
+    def later(s: FakeSocket) -> bytes:
+        time.sleep(seconds)
+        return b""
+
+    return PONG, later

@@ -726,6 +726,125 @@ def test_weight_limit_429_then_418_ban(make_sim: Callable[..., Simulator]) -> No
     assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code == 200
 
 
+def refused_handshake(url: str) -> websocket.WebSocketBadStatusException:
+    """The handshake to ``url`` must be refused before the upgrade: its exception."""
+    with pytest.raises(websocket.WebSocketBadStatusException) as exc:
+        websocket.create_connection(url, timeout=2).close()
+    return exc.value
+
+
+def header(exc: websocket.WebSocketBadStatusException, name: str) -> str | None:
+    return {k.lower(): v for k, v in (exc.resp_headers or {}).items()}.get(name.lower())
+
+
+def test_stats_count_429_418_and_peak_weight(make_sim: Callable[..., Simulator]) -> None:
+    sim = make_sim(accounts=1, weight_limit_1m=100, ban_s=5)
+    acct = sim.accounts[0]
+    assert sim.stats()["rest_limits"] == {"sent_429": 0, "sent_418": 0, "peak_weight_1m": 0, "per_ip": {}}
+    statuses = [signed(sim, acct, "/fapi/v1/openOrders").status_code for _ in range(3)]
+    statuses += [requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code for _ in range(4)]
+    assert statuses == [200, 200, 429, 429, 429, 418, 418]  # 40 + 40, over, two strikes, the ban
+    sim.reset_rate_limits()
+    sim.rate_limit(status=429, count=1, retry_after_s=1)  # injected ones are sent, so counted
+    assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code == 429
+    assert requests.get(f"{sim.rest_url}/fapi/v1/time", timeout=5).status_code == 200
+    expected = {"sent_429": 4, "sent_418": 2, "peak_weight_1m": 80}  # the reset keeps the counts
+    report = sim.stats()["rest_limits"]
+    assert report == {**expected, "per_ip": {"127.0.0.1": expected}}
+    assert requests.get(f"{sim.control_url}/stats", timeout=5).json()["rest_limits"] == report
+
+
+def test_connection_attempt_limit_refuses_after_the_nth(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    sim = make_sim(accounts=1, connection_limit=4, connection_window_s=1.5)
+    key = listen_key(sim, sim.accounts[0])
+    private = f"{sim.ws_url}/private/ws?listenKey={key}&events={ALL_EVENTS}"
+    market = f"{sim.ws_url}/market/ws/!markPrice@arr@1s"
+    # every route and every attempt counts: an unknown listenKey's 400 too
+    connect(sockets, private)
+    connect(sockets, market)
+    connect(sockets, f"{sim.ws_url}/ws/btcusdt@depth")
+    assert refused_handshake(f"{sim.ws_url}/private/ws?listenKey=nope").status_code == 400
+    retry_after = "0"
+    for url in (market, private, f"{sim.ws_url}/market/stream?streams=!markPrice@arr@1s"):
+        exc = refused_handshake(url)
+        assert exc.status_code == 429 and json.loads(exc.resp_body or b"{}")["code"] == -1003
+        retry_after = header(exc, "Retry-After") or "missing"
+        assert retry_after in ("1", "2")
+    assert sim.stats()["current_connections"] == {sim.accounts[0].api_key: 1, "market": 1, "retired": 1}
+    report = sim.stats()["ws_handshakes"]
+    counts = {"attempts": 7, "refused": 3, "refused_limit": 3, "refused_maintenance": 0, "peak_attempts": 7}
+    assert report == {**counts, "limit": 4, "window_s": 1.5, "per_ip": {"127.0.0.1": counts}}
+    # a client that waits Retry-After is admitted (polling meanwhile would count, and keep it out)
+    time.sleep(int(retry_after))
+    connect(sockets, market)
+    assert sim.wait_for_connections("market", 2)
+
+
+def test_burst_of_connects_counts_in_stats(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    sim = make_sim(accounts=1, connection_limit=10, connection_window_s=60.0)
+    statuses: list[int] = []
+    for _ in range(15):
+        try:
+            connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+            statuses.append(101)
+        except websocket.WebSocketBadStatusException as exc:
+            statuses.append(exc.status_code)
+    assert statuses == [101] * 10 + [429] * 5
+    assert sim.wait_for_connections("market", 10)
+    stats = requests.get(f"{sim.control_url}/stats", timeout=5).json()["ws_handshakes"]
+    assert (stats["attempts"], stats["refused_limit"], stats["peak_attempts"]) == (15, 5, 15)
+    assert stats["per_ip"]["127.0.0.1"]["refused"] == 5
+    sim.reset_rate_limits()  # forgets the window, keeps the counts
+    connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    assert sim.stats()["ws_handshakes"]["attempts"] == 16
+    assert sim.stats()["ws_handshakes"]["peak_attempts"] == 15
+    # the default is Binance's budget
+    default = Simulator(accounts=1, symbols=5)  # never started
+    assert (default.hub.connection_limit, default.hub.connection_window_s) == (300, 300.0)
+
+
+def test_maintenance_window_refuses_then_accepts(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
+    acct = sim.accounts[0]
+    ws_a = user_stream(sim, sockets, acct)
+    market = connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    assert sim.wait_for_connections("market")
+    dropped = requests.post(
+        f"{sim.control_url}/refuse_connections", json={"seconds": 1.0, "drop": True}, timeout=5
+    )
+    assert dropped.status_code == 200 and dropped.json() == {"result": 2}
+    wait_closed(ws_a, 2)
+    wait_closed(market, 2)
+    started = time.monotonic()
+    key = listen_key(sim, acct)  # REST still works during the window
+    private = f"{sim.ws_url}/private/ws?listenKey={key}&events={ALL_EVENTS}"
+    for url in (private, f"{sim.ws_url}/market/ws/!markPrice@arr@1s", f"{sim.ws_url}/ws/x"):
+        exc = refused_handshake(url)
+        assert exc.status_code == 503 and header(exc, "Retry-After") == "1"
+    deadline = started + 4.0
+    while True:
+        assert time.monotonic() < deadline, "the maintenance window never ended"
+        try:
+            connect(sockets, private)
+            break
+        except websocket.WebSocketBadStatusException as exc:
+            assert exc.status_code == 503
+            time.sleep(0.1)
+    assert time.monotonic() - started >= 0.5  # refused for the window, not just once
+    assert sim.wait_for_connections(acct.api_key)
+    report = sim.stats()["ws_handshakes"]
+    assert report["refused"] == report["refused_maintenance"] >= 3 and report["refused_limit"] == 0
+    # a window can be ended early
+    assert sim.refuse_connections(60) == 0
+    assert refused_handshake(f"{sim.ws_url}/ws/x").status_code == 503
+    sim.refuse_connections(0)
+    connect(sockets, f"{sim.ws_url}/ws/x")
+    assert sim.wait_for_connections("retired")
+
+
 def test_manual_calls_validate(sim: Simulator) -> None:
     acct = sim.accounts[0]
     oid = sim.place_order(acct.api_key)

@@ -1,10 +1,9 @@
 """Binance USD-M Futures REST client: listenKeys and the signed order queries reconciliation needs.
 
-One ``BinanceRest`` per account, one ``requests.Session`` under it, a timeout on every call. Errors
-are translated at this boundary into the ``BinanceError`` family, whose class carries the policy:
-``InvalidCredentials`` is fatal for the account, ``RateLimited`` (429/418) stops every client of the
-process for that base URL until ``Retry-After`` (continuing after a 429 is what earns a 418),
-``TransientError`` is retried later. Signing, the -1021 time-offset retry and the slow-down near the
+One ``BinanceRest`` per account, one ``requests.Session`` under it, a timeout on every call; errors
+are translated at this boundary into ``kraite_mp.binance.errors``. Every request first takes its
+weight from the egress's shared budget (``kraite_mp.binance.budget``); the per-process host state
+is the fast path in front of it. Signing, the -1021 time-offset retry and the slow-down near the
 weight limit follow docs/PROTOCOL.md. No message ever holds the API secret, a signature or a
 listenKey: requests' own exception texts (which quote the signed URL) are never passed on.
 """
@@ -20,12 +19,34 @@ import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import requests
 
+from kraite_mp.binance.budget import (
+    MAX_WAIT_S,
+    BudgetExhausted,
+    EgressBudget,
+    local_budget,
+    reset_budgets,
+    shared_budget,
+)
+from kraite_mp.binance.errors import (
+    CREDENTIAL_ERROR_CODES,
+    DEFAULT_418_RETRY_AFTER_S,
+    DEFAULT_429_RETRY_AFTER_S,
+    LISTEN_KEY_NOT_FOUND_CODE,
+    ORDER_NOT_FOUND_CODE,
+    TIMESTAMP_ERROR_CODE,
+    BinanceError,
+    InvalidCredentials,
+    ListenKeyNotFound,
+    OrderNotFound,
+    RateLimited,
+    TransientError,
+    parse_retry_after,
+)
 from kraite_mp.logs import redact, register_secret
 
 if TYPE_CHECKING:
@@ -34,21 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Retry-After assumed when a 429 carries none.
-DEFAULT_429_RETRY_AFTER_S = 60.0
-#: Retry-After assumed when a 418 carries none (Binance's shortest ban).
-DEFAULT_418_RETRY_AFTER_S = 120.0
 #: Never sleep longer than this for the weight slowdown (the window is one minute).
 MAX_SLOWDOWN_SLEEP_S = 61.0
 #: Sleep this much past the minute boundary so that the server's window has surely rolled.
 SLOWDOWN_MARGIN_S = 0.25
-#: Error codes that no retry can fix: the key or secret is wrong, or lacks permissions.
-CREDENTIAL_ERROR_CODES: frozenset[int] = frozenset({-2015, -2014, -1022})
-#: Timestamp outside recvWindow: re-measure the server-time offset and retry once.
-TIMESTAMP_ERROR_CODE = -1021
-LISTEN_KEY_NOT_FOUND_CODE = -1125
-ORDER_NOT_FOUND_CODE = -2013
-
 #: Request weight per (method, path, has_symbol) (docs/PROTOCOL.md); used to account what a caller spent.
 ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v1/openOrders", True): 1,
@@ -58,6 +68,7 @@ ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v1/order", True): 1,
     ("GET", "/fapi/v1/algoOrder", False): 1,
     ("GET", "/fapi/v1/allOrders", True): 5,
+    ("GET", "/fapi/v1/allAlgoOrders", True): 5,
     ("GET", "/fapi/v1/time", False): 1,
     ("POST", "/fapi/v1/listenKey", False): 1,
     ("PUT", "/fapi/v1/listenKey", False): 1,
@@ -65,49 +76,6 @@ ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
 }
 
 _QUERY_RE = re.compile(r"\?[^\s'\")]*")
-
-
-class BinanceError(Exception):
-    """An error answered by (or on the way to) Binance. The message never holds secrets."""
-
-    def __init__(self, http_status: int, code: int | None, msg: str) -> None:
-        self.http_status = http_status
-        self.code = code
-        self.msg = redact(msg)
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        where = f"HTTP {self.http_status}" if self.http_status else "no reply"
-        code = f" code {self.code}" if self.code is not None else ""
-        return f"{where}{code}: {self.msg}"
-
-
-class InvalidCredentials(BinanceError):
-    """-2015 / HTTP 401 (also -2014, -1022): the key or secret is wrong or lacks permissions. Fatal for the account."""
-
-
-class ListenKeyNotFound(BinanceError):
-    """-1125: the listenKey does not exist (expired or deleted); create a new one with POST."""
-
-
-class OrderNotFound(BinanceError):
-    """-2013: no such order (or it aged out: 3 days for unfilled CANCELED/EXPIRED, 90 days for any)."""
-
-
-class RateLimited(BinanceError):
-    """HTTP 429 (request weight exceeded) or 418 (IP banned); no call is sent before ``retry_after_s`` passed."""
-
-    def __init__(self, http_status: int, code: int | None, msg: str, retry_after_s: float) -> None:
-        self.retry_after_s = retry_after_s
-        super().__init__(http_status, code, msg)
-
-    @property
-    def banned(self) -> bool:
-        return self.http_status == 418
-
-
-class TransientError(BinanceError):
-    """Connection error, timeout or 5xx: retry later with backoff."""
 
 
 @dataclass
@@ -139,31 +107,19 @@ def host_state(base_url: str) -> _HostState:
 
 
 def reset_host_state(base_url: str | None = None) -> None:
-    """Forget bans, weights and clock offsets (tests; ``None`` = every host)."""
+    """Forget bans, weights and clock offsets (tests; ``None`` = every host), and this process's budget
+    objects (what Redis holds stays: each simulator is its own host, so its own budget)."""
     with _hosts_lock:
         if base_url is None:
             _hosts.clear()
         else:
             _hosts.pop(base_url, None)
+    reset_budgets()
 
 
 def sign(secret: str, query: str) -> str:
     """HMAC-SHA256 of the query string with the API secret, lower-case hex."""
     return hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest()
-
-
-def parse_retry_after(value: str | None, default: float) -> float:
-    """Retry-After as seconds (delta-seconds or an HTTP date); ``default`` when absent or unreadable."""
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
-        return default
 
 
 def _scrub(text: str) -> str:
@@ -186,6 +142,8 @@ class BinanceRest:
         slowdown_ratio: float = 0.8,
         session: requests.Session | None = None,
         stop: threading.Event | None = None,
+        budget: EgressBudget | None = None,
+        max_budget_wait_s: float = MAX_WAIT_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -201,16 +159,22 @@ class BinanceRest:
         #: Set it to cut a weight-slowdown sleep short (e.g. the child's stop event).
         self.stop = stop or threading.Event()
         self._host = host_state(self.base_url)
+        #: The egress's REST budget; without one (no settings) a process-local budget of the whole limit.
+        self.budget = budget if budget is not None else local_budget(self.base_url, weight_limit_per_min)
+        self.max_budget_wait_s = max_budget_wait_s
         #: Requests sent and their weight (by ENDPOINT_WEIGHTS) by this client: what a caller spent.
         self.requests_sent = 0
         self.weight_spent = 0
-        #: Seconds slept for the weight slowdown by this client.
+        #: Seconds slept for the weight slowdown, and waited for the egress budget, by this client.
         self.slowdown_slept_s = 0.0
+        self.budget_waited_s = 0.0
 
     @classmethod
     def for_account(cls, settings: Settings, account: Account, **kwargs: Any) -> BinanceRest:
-        """A client with the account's decrypted secret and the settings' URL, timeout and limits."""
+        """A client with the account's decrypted secret, the settings' URL, timeout and limits, and the
+        egress's shared budget (``binance.egress_id`` in ``redis_namespace``)."""
         b = settings.binance
+        kwargs.setdefault("budget", shared_budget(settings))
         return cls(
             b.rest_url,
             account.api_key,
@@ -248,8 +212,23 @@ class BinanceRest:
         return self._host.time_offset_ms
 
     def blocked_for_s(self) -> float:
-        """Seconds left before this host may be called again after a 429/418 (0 = not blocked)."""
-        return max(0.0, self._host.blocked_until - time.monotonic())
+        """Seconds left before this host may be called again after a 429/418 (0 = not blocked), whichever
+        process of the egress saw it."""
+        return self._blocked()[1]
+
+    def _blocked(self) -> tuple[int, float]:
+        """(429 or 418, seconds left) of the block in force, (0, 0.0) if none."""
+        host = self._host
+        left = host.blocked_until - time.monotonic()
+        if left > 0:
+            return host.blocked_status or 429, left
+        block = self.budget.blocked()
+        if block is None:
+            return 0, 0.0
+        # remembered locally: no Redis round trip per refused call while the block lasts
+        host.blocked_until = max(host.blocked_until, time.monotonic() + block.left_s)
+        host.blocked_status = block.status
+        return block.status, block.left_s
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000) + self._host.time_offset_ms
@@ -375,17 +354,18 @@ class BinanceRest:
         return self._send(method, path, clean, signed=signed, auth=auth)
 
     def _check_blocked(self, method: str, path: str) -> None:
-        left = self.blocked_for_s()
+        status, left = self._blocked()
         if left > 0:
-            status = self._host.blocked_status or 429
             what = "IP banned by Binance (418)" if status == 418 else "rate limited by Binance (429)"
             raise RateLimited(status, None, f"{method} {path} not sent: {what}, {left:.0f}s left", left)
 
-    def _throttle(self) -> None:
-        """Near the weight limit: wait for the minute window to roll instead of earning a 429."""
+    def _throttle(self) -> bool:
+        """Near the weight limit: wait for the minute window to roll instead of earning a 429 (True if it
+        did). The IP's own count (X-MBX-USED-WEIGHT-1M) includes what the trading back end on the same IP
+        spent, which the egress budget does not see."""
         used = self.used_weight_1m
         if used < self.slowdown_ratio * self.weight_limit_per_min:
-            return
+            return False
         now_ms = self._now_ms()
         wait_s = min(MAX_SLOWDOWN_SLEEP_S, (60_000 - now_ms % 60_000) / 1000 + SLOWDOWN_MARGIN_S)
         log.warning(
@@ -396,6 +376,7 @@ class BinanceRest:
         )
         self.slowdown_slept_s += wait_s
         self.stop.wait(wait_s)
+        return True
 
     def _note_weight(self, resp: requests.Response) -> None:
         raw = resp.headers.get("X-MBX-USED-WEIGHT-1M")
@@ -408,10 +389,30 @@ class BinanceRest:
         self._host.used_weight = used
         self._host.used_weight_minute = self._server_minute()
 
+    def _take_budget(self, method: str, path: str, weight: int) -> None:
+        """Take the call's weight from the egress budget before it is sent (waiting while it is spent)."""
+        try:
+            waited = self.budget.acquire(weight, self.stop, self.max_budget_wait_s)
+        except BudgetExhausted as e:
+            raise RateLimited(429, None, f"{method} {path} not sent: {e}", e.retry_after_s) from None
+        if waited > 0:
+            self.budget_waited_s += waited
+            if waited >= 1.0:
+                log.info(
+                    "%s %s waited %.1fs for the egress REST budget (%s)",
+                    method,
+                    path,
+                    waited,
+                    self.budget.name,
+                )
+            self._check_blocked(method, path)  # another process may have met a 429 meanwhile
+
     def _send(self, method: str, path: str, params: dict[str, Any], *, signed: bool, auth: bool) -> Any:
         self._check_blocked(method, path)
-        self._throttle()
-        self._check_blocked(method, path)
+        if self._throttle():
+            self._check_blocked(method, path)
+        weight = ENDPOINT_WEIGHTS.get((method, path, "symbol" in params), 1)
+        self._take_budget(method, path, weight)
         headers = {}
         if auth:
             headers["X-MBX-APIKEY"] = self.api_key
@@ -424,7 +425,7 @@ class BinanceRest:
             query = f"{query}&signature={sign(self._secret, query)}"
         url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
         self.requests_sent += 1
-        self.weight_spent += ENDPOINT_WEIGHTS.get((method, path, "symbol" in params), 1)
+        self.weight_spent += weight
         try:
             resp = self.session.request(method, url, headers=headers, timeout=self.timeout_s)
         except requests.Timeout as e:
@@ -458,8 +459,12 @@ class BinanceRest:
             default = DEFAULT_418_RETRY_AFTER_S if status == 418 else DEFAULT_429_RETRY_AFTER_S
             retry_after = parse_retry_after(resp.headers.get("Retry-After"), default)
             host = self._host
-            host.blocked_until = max(host.blocked_until, time.monotonic() + retry_after)
-            host.blocked_status = status
+            # every process of the egress learns it (through Redis); each resumes a little after the deadline
+            waits = self.budget.block(status, retry_after)
+            now = time.monotonic()
+            if status == 418 or host.blocked_status != 418 or host.blocked_until <= now:
+                host.blocked_status = status  # a ban in force stays a ban
+            host.blocked_until = max(host.blocked_until, now + waits)
             what = "IP banned" if status == 418 else "rate limited"
             log.error(
                 "%s: %s by Binance for %.0fs: no requests to %s until then",

@@ -29,16 +29,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from kraite_mp.binance.fields import FrameError
-from kraite_mp.binance.orders import OrderState, algo_from_rest, order_from_rest
-from kraite_mp.binance.rest import (
+from kraite_mp.binance.errors import (
     BinanceError,
-    BinanceRest,
     InvalidCredentials,
     OrderNotFound,
     RateLimited,
     TransientError,
 )
+from kraite_mp.binance.fields import FrameError
+from kraite_mp.binance.orders import OrderState, algo_from_rest, order_from_rest
+from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.observers import run_observers
 from kraite_mp.store import audit, orders
 from kraite_mp.store.accounts import Account, mark_credentials_invalid

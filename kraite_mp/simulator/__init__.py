@@ -17,8 +17,16 @@ In-process use::
 
 ``start()`` binds 127.0.0.1:0 in a background thread and returns once listening; ``stop()`` is
 idempotent. More constructor keywords: ``listen_key_ttl_s=3600``, ``lose_while_disconnected=True``,
-``max_open_orders=20``, ``weight_limit_1m=2400``, ``ban_s=120``, ``host``, ``port``. ``symbols``
-may also be a list of names.
+``max_open_orders=20``, ``weight_limit_1m=2400``, ``ban_s=120``, ``connection_limit=300``,
+``connection_window_s=300.0``, ``host``, ``port``. ``symbols`` may also be a list of names.
+
+Limits per client IP, as Binance: REST weight over ``weight_limit_1m`` in a rolling minute -> 429
+-1003 with ``Retry-After``; requests sent while told to wait get 429 again, the third of them a
+418 and a ban of ``ban_s`` (every request answers 418 until it ends). WebSocket
+handshake attempts on every route (``/private``, ``/market``, retired), counted before anything
+else (refused ones and those with an unknown listenKey too): beyond ``connection_limit`` in the
+rolling ``connection_window_s`` the handshake is refused with HTTP 429 ``{"code":-1003,...}`` and
+``Retry-After`` before the upgrade (PROTOCOL.md gives no status; 429 is this simulator's choice).
 
 Scenario and state (all thread-safe; every change emits the user-data events at once, whether or
 not a client is connected; E and T strictly increase per account)::
@@ -47,7 +55,13 @@ not a client is connected; E and T strictly increase per account)::
 Faults (thread-safe)::
 
     sim.drop_connections(api_key=None, abrupt=False)  # that account's user-data connections;
-                                   # None = all (market too); "market"/"retired" = those
+                                   # None = every connection now (user data, market, retired):
+                                   # the "mass disconnect"; "market"/"retired" = those
+    sim.refuse_connections(seconds, drop=False)  # maintenance window: every handshake on every
+                                   # route answers HTTP 503 {"code":-1001,..} with Retry-After
+                                   # until it ends (0 ends it early); drop=True also drops every
+                                   # connection in the same step. Returns the number dropped
+    sim.set_connection_limit(limit=None, window_s=None)   # change the handshake-attempt limit
     sim.go_silent(target, seconds) # api_key or "market": TCP stays open, nothing is sent, pings
                                    # are not answered; user-data events of that time are lost
     sim.send_raw(api_key, text); sim.send_market_raw(text)    # arbitrary text frames
@@ -59,14 +73,23 @@ Faults (thread-safe)::
                                    # False buffers them for the next connection
     sim.invalidate_api_key(api_key) / sim.restore_api_key(api_key)   # REST -> 401 -2015
     sim.rate_limit(status=429, count=N, retry_after_s=1.0)           # next N /fapi requests
-    sim.reset_rate_limits()
+    sim.reset_rate_limits()        # forgets REST weight, waits, bans and the handshake attempts
+                                   # in the current windows; the counts in stats() stay
     sim.set_symbols([...]); sim.mark_symbols -> [(symbol, st)]
     sim.set_mark_price_override(symbol, "86000.12")  # p/ap verbatim; None releases
     sim.set_clock_offset(ms)
     sim.stats() -> {"requests": {path: n}, "control_requests": {method: n},
                     "ws_opened": {api_key | "market" | "retired": n},
                     "frames_sent": {same keys: n}, "events_lost": {api_key: n},
-                    "current_connections": {same keys: n}, "closed": {reason: n}}
+                    "current_connections": {same keys: n}, "closed": {reason: n},
+                    "rest_limits": {"sent_429": n, "sent_418": n, "peak_weight_1m": n,
+                                    "per_ip": {ip: {the same three}}},
+                    "ws_handshakes": {"attempts": n, "refused": n, "refused_limit": n,
+                                      "refused_maintenance": n, "peak_attempts": n,
+                                      "limit": n, "window_s": s, "per_ip": {ip: {the first five}}}}
+        # peak_weight_1m: the most weight accepted in any rolling 60 s; peak_attempts: the most
+        # handshake attempts in any rolling connection_window_s (totals: the highest of any IP,
+        # as the limits are per IP). 429s/418s count every one sent, injected ones included.
     sim.wait_for_connections(target, count=1, timeout=5.0) -> bool
 
 Control API for other processes (loopback only): ``POST {control_url}/<method>`` with a JSON

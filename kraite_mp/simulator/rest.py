@@ -13,10 +13,12 @@ import hashlib
 import hmac
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -39,6 +41,8 @@ STRIKES_BEFORE_BAN = 3
 DEFAULT_BAN_S = 120.0
 #: Allowed clock lead of a request timestamp over the server, in ms (Binance: 1000).
 MAX_CLOCK_LEAD_MS = 1000
+#: The request log keeps this many of the latest /fapi requests.
+REQUEST_LOG_MAX = 100_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,6 +81,17 @@ def sign(secret: str, payload: str) -> str:
     return hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
 
 
+class LoggedRequest(NamedTuple):
+    """One /fapi request as it arrived: ``at`` is wall-clock seconds (comparable across local processes)."""
+
+    at: float
+    method: str
+    path: str
+    status: int
+    weight: int
+    api_key: str
+
+
 @dataclass
 class _IpState:
     weights: deque[tuple[float, int]] = field(default_factory=deque)
@@ -96,6 +111,28 @@ class RateLimiter:
         self.injected_status = 429
         self.injected_left = 0
         self.injected_retry_after_s = 1.0
+        #: Report, per IP (kept across ``reset``): 429/418 replies sent, and the highest rolling
+        #: one-minute weight ever accepted.
+        self.sent: dict[str, dict[int, int]] = {}
+        self.peak_weight: dict[str, int] = {}
+
+    def report(self) -> dict[str, object]:
+        """429s and 418s sent and the peak accepted weight in any rolling minute, in total and per IP
+        (the total peak is the highest of any one IP, since the limit is per IP)."""
+        per_ip: dict[str, dict[str, int]] = {}
+        for ip in sorted(set(self.sent) | set(self.peak_weight)):
+            sent = self.sent.get(ip, {})
+            per_ip[ip] = {
+                "sent_429": sent.get(429, 0),
+                "sent_418": sent.get(418, 0),
+                "peak_weight_1m": self.peak_weight.get(ip, 0),
+            }
+        return {
+            "sent_429": sum(c["sent_429"] for c in per_ip.values()),
+            "sent_418": sum(c["sent_418"] for c in per_ip.values()),
+            "peak_weight_1m": max((c["peak_weight_1m"] for c in per_ip.values()), default=0),
+            "per_ip": per_ip,
+        }
 
     def reset(self) -> None:
         self._ips.clear()
@@ -144,6 +181,8 @@ class RateLimiter:
         state.strikes = 0
         state.weights.append((now, weight))
         state.used += weight
+        if state.used > self.peak_weight.get(ip, 0):
+            self.peak_weight[ip] = state.used
         return None
 
     def _retry_after(self, state: _IpState, weight: int, now: float) -> float:
@@ -156,6 +195,8 @@ class RateLimiter:
         return WEIGHT_WINDOW_S
 
     def _reply(self, status: int, retry_after_s: float, used: int, ip: str) -> web.Response:
+        sent = self.sent.setdefault(ip, {})
+        sent[status] = sent.get(status, 0) + 1
         headers = {"Retry-After": str(max(1, math.ceil(retry_after_s))), "X-MBX-USED-WEIGHT-1M": str(used)}
         if status == 418:
             until_ms = int((time.time() + retry_after_s) * 1000)
@@ -178,6 +219,20 @@ class RestApi:
         self.limiter = limiter
         self.on_listen_key_deleted = on_listen_key_deleted
         self.requests: dict[str, int] = {}
+        self._log: deque[LoggedRequest] = deque(maxlen=REQUEST_LOG_MAX)
+        self._log_lock = threading.Lock()
+
+    def request_log(self, since: float = 0.0) -> list[LoggedRequest]:
+        """The /fapi requests that arrived at or after ``since`` (wall clock), oldest first (thread-safe)."""
+        with self._log_lock:
+            return [r for r in self._log if r.at >= since]
+
+    def _logged(self, at: float, request: web.Request, status: int, weight: int) -> None:
+        record = LoggedRequest(
+            at, request.method, request.path, status, weight, request.headers.get("X-MBX-APIKEY", "")
+        )
+        with self._log_lock:
+            self._log.append(record)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("POST", "/fapi/v1/listenKey", self.listen_key_post)
@@ -196,10 +251,13 @@ class RestApi:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/fapi/"):
             return await handler(request)
+        arrived = time.time()
         self.requests[request.path] = self.requests.get(request.path, 0) + 1
         ip = request.remote or "127.0.0.1"
-        refused = self.limiter.check(ip, weight_of(request))
+        weight = weight_of(request)
+        refused = self.limiter.check(ip, weight)
         if refused is not None:
+            self._logged(arrived, request, refused.status, weight)
             return refused
         try:
             response = await handler(request)
@@ -210,6 +268,7 @@ class RestApi:
         except web.HTTPMethodNotAllowed:
             response = error(405, -1000, "Method not allowed.")
         response.headers["X-MBX-USED-WEIGHT-1M"] = str(self.limiter.used(ip))
+        self._logged(arrived, request, response.status, weight)
         return response
 
     # ------------------------------------------------------------------ auth
@@ -230,13 +289,9 @@ class RestApi:
         params = dict(parse_qsl(query, keep_blank_values=True))
         params.update(parse_qsl(body_part, keep_blank_values=True))
         if "timestamp" not in params or not params["timestamp"].lstrip("-").isdigit():
-            raise ApiError(
-                400, -1102, "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed."
-            )
+            raise _missing("timestamp")
         if not signature:
-            raise ApiError(
-                400, -1102, "Mandatory parameter 'signature' was not sent, was empty/null, or malformed."
-            )
+            raise _missing("signature")
         expected = sign(secret, query + body_part)
         if not hmac.compare_digest(expected, signature.lower()):
             raise ApiError(400, -1022, "Signature for this request is not valid.")
@@ -350,11 +405,7 @@ class RestApi:
 
     async def query_order(self, request: web.Request) -> web.Response:
         api_key, params = await self._signed(request)
-        symbol = params.get("symbol")
-        if not symbol:
-            raise ApiError(
-                400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
-            )
+        symbol = _required(params, "symbol")
         order_id = _int_param(params, "orderId")
         client_id = params.get("origClientOrderId") or None
         if order_id is None and client_id is None:
@@ -365,11 +416,7 @@ class RestApi:
 
     async def all_orders(self, request: web.Request) -> web.Response:
         api_key, params = await self._signed(request)
-        symbol = params.get("symbol")
-        if not symbol:
-            raise ApiError(
-                400, -1102, "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."
-            )
+        symbol = _required(params, "symbol")
         limit = _int_param(params, "limit") or 500
         if not 1 <= limit <= 1000:
             raise ApiError(400, -1130, "Data sent for parameter 'limit' is not valid.")
@@ -415,9 +462,19 @@ def _int_param(params: dict[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ApiError(
-            400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed."
-        ) from None
+        raise _missing(name) from None
 
 
-__all__ = ["RateLimiter", "RestApi", "sign"]
+def _required(params: dict[str, str], name: str) -> str:
+    """A mandatory, non-empty parameter (-1102 otherwise)."""
+    value = params.get(name)
+    if not value:
+        raise _missing(name)
+    return value
+
+
+def _missing(name: str) -> ApiError:
+    return ApiError(400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
+
+
+__all__ = ["LoggedRequest", "RateLimiter", "RestApi", "sign"]

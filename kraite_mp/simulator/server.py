@@ -28,7 +28,7 @@ from kraite_mp.simulator.engine import (
 )
 from kraite_mp.simulator.market import DEFAULT_SYMBOL_COUNT, Market
 from kraite_mp.simulator.rest import DEFAULT_BAN_S, DEFAULT_WEIGHT_LIMIT_1M, RateLimiter, RestApi
-from kraite_mp.simulator.streams import StreamHub
+from kraite_mp.simulator.streams import DEFAULT_CONNECTION_LIMIT, DEFAULT_CONNECTION_WINDOW_S, StreamHub
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ CONTROL_METHODS = frozenset(
         "restore_api_key",
         "rate_limit",
         "reset_rate_limits",
+        "refuse_connections",
+        "set_connection_limit",
         "set_symbols",
         "set_mark_price_override",
         "set_clock_offset",
@@ -97,6 +99,8 @@ class Simulator:
         max_open_orders: int = DEFAULT_MAX_OPEN_ORDERS,
         weight_limit_1m: int = DEFAULT_WEIGHT_LIMIT_1M,
         ban_s: float = DEFAULT_BAN_S,
+        connection_limit: int = DEFAULT_CONNECTION_LIMIT,
+        connection_window_s: float = DEFAULT_CONNECTION_WINDOW_S,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -107,7 +111,13 @@ class Simulator:
         self.market = Market(symbols, seed)
         self.engine = Engine(accounts, self.market, seed, listen_key_ttl_s, max_open_orders)
         self.hub = StreamHub(
-            self.engine, ping_interval_s, pong_timeout_s, max_connection_age_s, mark_price_interval_s
+            self.engine,
+            ping_interval_s,
+            pong_timeout_s,
+            max_connection_age_s,
+            mark_price_interval_s,
+            connection_limit=connection_limit,
+            connection_window_s=connection_window_s,
         )
         self.hub.lose_while_disconnected = lose_while_disconnected
         self.limiter = RateLimiter(weight_limit_1m, ban_s)
@@ -390,7 +400,37 @@ class Simulator:
         self._on_loop(lambda: self.limiter.inject(status, count, retry_after_s))
 
     def reset_rate_limits(self) -> None:
-        self._on_loop(self.limiter.reset)
+        """Forget the REST weight, waits and bans, and the WebSocket handshake attempts inside the
+        current windows; the 429/418/refusal counts and peaks in ``stats()`` stay."""
+
+        def apply() -> None:
+            self.limiter.reset()
+            self.hub.reset_connection_windows()
+
+        self._on_loop(apply)
+
+    def refuse_connections(self, seconds: float, drop: bool = False) -> int:
+        """A maintenance window: every WebSocket handshake is refused with HTTP 503 for ``seconds``
+        (0 ends one early). ``drop`` also closes every open connection in the same step (no
+        reconnect slips in between). Returns how many connections were dropped."""
+        seconds = float(seconds)
+
+        def apply() -> int:
+            self.hub.refuse_connections(seconds)
+            return self.hub.drop(None) if drop else 0
+
+        return self._on_loop(apply)
+
+    def set_connection_limit(self, limit: int | None = None, window_s: float | None = None) -> None:
+        """Change the WebSocket handshake-attempt limit per IP and/or its rolling window."""
+
+        def apply() -> None:
+            if limit is not None:
+                self.hub.connection_limit = int(limit)
+            if window_s is not None:
+                self.hub.connection_window_s = float(window_s)
+
+        self._on_loop(apply)
 
     @property
     def mark_symbols(self) -> list[tuple[str, int]]:
@@ -405,6 +445,7 @@ class Simulator:
             out: dict[str, Any] = {
                 "requests": dict(self.rest.requests),
                 "control_requests": dict(self.control_requests),
+                "rest_limits": self.limiter.report(),
             }
             out.update(self.hub.stats())
             return out

@@ -11,6 +11,12 @@ Routes (as production since 2026-04-23):
 - ``/market/ws/!markPrice@arr@1s`` and ``/market/stream?streams=...``: mark-price arrays.
 - ``/ws/<anything>`` and ``/stream?streams=``: retired; the handshake works and SUBSCRIBE is
   acknowledged, but nothing is ever delivered.
+
+Admission, before anything else on every route (so before the listenKey check): each handshake
+attempt of a client IP is counted, refused or not; during a maintenance window every attempt is
+refused with HTTP 503 (``{"code":-1001,...}``); beyond ``connection_limit`` attempts in the
+rolling ``connection_window_s`` it is refused with HTTP 429 (``{"code":-1003,...}``). Both carry
+``Retry-After`` (whole seconds).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -44,6 +51,13 @@ CLOSE_TIMEOUT_S = 1.0
 ORDERED_CLOSE_DEADLINE_S = 5.0
 #: Stream names of the all-symbols mark-price array (``@1s``, and the 3 s default).
 MARK_PRICE_STREAMS = frozenset({"!markPrice@arr@1s", "!markPrice@arr"})
+#: WebSocket handshake attempts allowed per client IP per window (docs/PROTOCOL.md: 300 / 5 min).
+DEFAULT_CONNECTION_LIMIT = 300
+#: Length of the rolling window ``DEFAULT_CONNECTION_LIMIT`` applies to.
+DEFAULT_CONNECTION_WINDOW_S = 300.0
+#: HTTP status of a handshake over the attempt limit, and of one during a maintenance window.
+LIMIT_STATUS = 429
+MAINTENANCE_STATUS = 503
 
 try:  # orjson is much faster for the 570-element mark-price frames; stdlib json works too
     import orjson
@@ -88,6 +102,26 @@ class Conn:
         return now < self.silent_until
 
 
+@dataclass
+class _Attempts:
+    """WebSocket handshake attempts of one client IP."""
+
+    times: deque[float] = field(default_factory=deque)  #: monotonic times inside the window
+    attempts: int = 0
+    refused_limit: int = 0
+    refused_maintenance: int = 0
+    peak: int = 0  #: most attempts ever inside one window
+
+    def report(self) -> dict[str, int]:
+        return {
+            "attempts": self.attempts,
+            "refused": self.refused_limit + self.refused_maintenance,
+            "refused_limit": self.refused_limit,
+            "refused_maintenance": self.refused_maintenance,
+            "peak_attempts": self.peak,
+        }
+
+
 class StreamHub:
     """Owns the connections; delivers engine events and mark-price frames; injects faults."""
 
@@ -98,12 +132,20 @@ class StreamHub:
         pong_timeout_s: float,
         max_connection_age_s: float,
         mark_price_interval_s: float,
+        connection_limit: int = DEFAULT_CONNECTION_LIMIT,
+        connection_window_s: float = DEFAULT_CONNECTION_WINDOW_S,
     ) -> None:
         self.engine = engine
-        self.ping_interval_s = ping_interval_s
-        self.pong_timeout_s = pong_timeout_s
-        self.max_connection_age_s = max_connection_age_s
-        self.mark_price_interval_s = mark_price_interval_s
+        self.connection_limit = connection_limit  #: handshake attempts per IP per window, refused beyond
+        self.connection_window_s = connection_window_s  #: the rolling window of that limit
+        #: Every handshake is refused (503) until this monotonic time: a maintenance window.
+        self.maintenance_until = 0.0
+        self._attempts: dict[str, _Attempts] = {}
+        self.ping_interval_s = ping_interval_s  #: every connection gets a ping frame this often
+        self.pong_timeout_s = pong_timeout_s  #: a connection whose ping goes unanswered this long is closed
+        self.max_connection_age_s = max_connection_age_s  #: connections are closed at this age
+        self.mark_price_interval_s = mark_price_interval_s  #: a mark-price frame this often
+        #: Events of an account with no live connection are lost (False: kept in a bounded backlog).
         self.lose_while_disconnected = True
         self.loop: asyncio.AbstractEventLoop | None = None
         self.conns: set[Conn] = set()
@@ -271,6 +313,66 @@ class StreamHub:
             "events_lost": dict(self.lost),
             "current_connections": current,
             "closed": dict(self.closed_reasons),
+            "ws_handshakes": self.handshake_report(),
+        }
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, request: web.Request) -> web.Response | None:
+        """Count this handshake attempt; return the refusal (503 maintenance, 429 over the
+        attempt limit) that replaces the upgrade, or None to go on."""
+        now = time.monotonic()
+        ip = request.remote or "127.0.0.1"
+        state = self._attempts.setdefault(ip, _Attempts())
+        window = self.connection_window_s
+        while state.times and now - state.times[0] >= window:
+            state.times.popleft()
+        state.times.append(now)
+        state.attempts += 1
+        state.peak = max(state.peak, len(state.times))
+        if now < self.maintenance_until:
+            state.refused_maintenance += 1
+            return _refusal(
+                MAINTENANCE_STATUS,
+                -1001,
+                "Internal error; unable to process your request. Please try again.",
+                self.maintenance_until - now,
+            )
+        over = len(state.times) - self.connection_limit
+        if over > 0:
+            state.refused_limit += 1
+            # the attempt after waiting this long is the limit-th in its window
+            retry = state.times[over] + window - now if over < len(state.times) else window
+            log.debug("ip=%s: %d handshake attempts in %.0fs, refused", ip, len(state.times), window)
+            return _refusal(
+                LIMIT_STATUS,
+                -1003,
+                f"Too many connection attempts; current limit of IP({ip}) is "
+                f"{self.connection_limit} per {window:g}s.",
+                retry,
+            )
+        return None
+
+    def refuse_connections(self, seconds: float) -> None:
+        """Refuse every handshake for ``seconds`` from now (0 or less ends a window early)."""
+        self.maintenance_until = time.monotonic() + seconds if seconds > 0 else 0.0
+
+    def reset_connection_windows(self) -> None:
+        """Forget the attempts inside the current windows (the counts in the report stay)."""
+        for state in self._attempts.values():
+            state.times.clear()
+
+    def handshake_report(self) -> dict[str, Any]:
+        per_ip = {ip: state.report() for ip, state in sorted(self._attempts.items())}
+        totals = {
+            key: sum(c[key] for c in per_ip.values())
+            for key in ("attempts", "refused", "refused_limit", "refused_maintenance")
+        }
+        return {
+            **totals,
+            "peak_attempts": max((c["peak_attempts"] for c in per_ip.values()), default=0),
+            "limit": self.connection_limit,
+            "window_s": self.connection_window_s,
+            "per_ip": per_ip,
         }
 
     async def close_all(self) -> None:
@@ -282,6 +384,9 @@ class StreamHub:
 
     # ------------------------------------------------------------------ handlers
     async def handle_private(self, request: web.Request) -> web.StreamResponse:
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         listen_key = request.query.get("listenKey", "")
         api_key = self.engine.account_for_listen_key(listen_key) if listen_key else None
         if api_key is None:
@@ -291,10 +396,16 @@ class StreamHub:
         return await self._serve(request, "private", api_key=api_key, listen_key=listen_key, events=events)
 
     async def handle_market_ws(self, request: web.Request) -> web.StreamResponse:
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         stream = request.match_info.get("stream", "")
         return await self._serve(request, "market" if stream in MARK_PRICE_STREAMS else "retired")
 
     async def handle_market_stream(self, request: web.Request) -> web.StreamResponse:
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         streams = [s for s in request.query.get("streams", "").split("/") if s]
         mark = next((s for s in streams if s in MARK_PRICE_STREAMS), None)
         if mark is None:
@@ -302,6 +413,9 @@ class StreamHub:
         return await self._serve(request, "market", stream_name=mark)
 
     async def handle_retired(self, request: web.Request) -> web.StreamResponse:
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         return await self._serve(request, "retired")
 
     async def _serve(
@@ -439,6 +553,11 @@ class StreamHub:
             log.info("conn=%d %s: write failed: %s", conn.conn_id, conn.target, exc)
             conn.closing = True
             _abort(conn)
+
+
+def _refusal(status: int, code: int, msg: str, retry_after_s: float) -> web.Response:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    return web.json_response({"code": code, "msg": msg}, status=status, headers=headers)
 
 
 def _abort(conn: Conn) -> None:

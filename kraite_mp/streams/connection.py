@@ -8,7 +8,15 @@ its heartbeat run at least every ``recv_timeout_s``. A stream says what to conne
 
 Reconnect delay (``reconnect_delay``): capped exponential backoff that starts over once a
 connection stayed up ``supervisor.healthy_after_s``; a planned reconnect after a healthy run is
-immediate. The URL may carry a secret (the listenKey): it is never logged nor put in an error.
+immediate. The server's own close of a healthy connection (Binance ends every one after 24 h) is
+planned too; of a young one it is a failure. The URL may carry a secret (the listenKey): it is
+never logged nor put in an error.
+
+Graceful close (on stop and on a planned reconnect) drains: it sends the close frame, then keeps
+receiving and hands every data frame to ``on_frame`` until the server's close frame or
+``Liveness.drain_timeout_s``, because whatever the server sent before it saw our close is already
+on the wire (websocket-client's own ``close()`` would read and discard it). A dead or silent
+connection is just dropped.
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
 from kraite_mp.logs import describe_error
 
-#: How long a close handshake may take before the socket is just dropped.
-CLOSE_TIMEOUT_S = 1.0
+#: Default of ``Liveness.drain_timeout_s``: a graceful close reads the server's last frames this long at most.
+DRAIN_TIMEOUT_S = 2.0
 
 
 class Reason(StrEnum):
@@ -52,7 +60,8 @@ class Reason(StrEnum):
         return self in PLANNED_REASONS
 
 
-#: Reconnects the stream asks for itself, on a connection that still works.
+#: Reconnects the stream asks for itself, on a connection that still works (a server close is
+#: planned or not by the connection's uptime: ``Disconnect.planned``).
 PLANNED_REASONS = frozenset({Reason.MAX_AGE, Reason.LISTEN_KEY_EXPIRED, Reason.LISTEN_KEY_LOST})
 
 
@@ -60,7 +69,13 @@ class Disconnect(Exception):
     """Leave the connection (or do not open one) for ``reason``; ``retry_after_s`` floors the next delay."""
 
     def __init__(
-        self, reason: Reason, detail: str = "", *, retry_after_s: float = 0.0, status: int | None = None
+        self,
+        reason: Reason,
+        detail: str = "",
+        *,
+        retry_after_s: float = 0.0,
+        status: int | None = None,
+        planned: bool | None = None,
     ) -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
@@ -68,6 +83,8 @@ class Disconnect(Exception):
         self.retry_after_s = retry_after_s
         #: The HTTP status of a refused handshake.
         self.status = status
+        #: Part of normal life (INFO, no backoff after a healthy run); None: as ``reason.planned`` says.
+        self.planned = reason.planned if planned is None else planned
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,9 @@ class Liveness:
     connect_timeout_s: float
     #: Reconnect (planned) after this long; None: the server ends it.
     max_age_s: float | None = None
+    #: A graceful close reads (and hands to ``on_frame``) what the server sent until its close frame,
+    #: for this long at most; then the socket is dropped.
+    drain_timeout_s: float = DRAIN_TIMEOUT_S
 
 
 def describe(e: BaseException) -> str:
@@ -94,7 +114,7 @@ def describe(e: BaseException) -> str:
     return (name if text == name else f"{name}: {text}")[:300]
 
 
-def reconnect_delay(attempts: Attempts, reason: Reason, uptime_s: float | None) -> float:
+def reconnect_delay(attempts: Attempts, planned: bool, uptime_s: float | None) -> float:
     """Seconds before the next connect after a connection that lasted ``uptime_s`` (None: never opened).
 
     A healthy run (``attempts.healthy_after_s``) starts the backoff over. A planned reconnect with no
@@ -102,7 +122,7 @@ def reconnect_delay(attempts: Attempts, reason: Reason, uptime_s: float | None) 
     that expires at once every time backs off too. Everything else waits ``attempts.next_delay()``.
     """
     healthy = attempts.healthy(uptime_s)
-    if reason.planned and attempts.count == 0:
+    if planned and attempts.count == 0:
         if not healthy:
             attempts.count = 1
         return 0.0
@@ -277,7 +297,10 @@ class WebSocketStream:
         elif opcode == websocket.ABNF.OPCODE_PING:
             self._last_alive_at = now  # websocket-client has already answered it
         elif opcode == websocket.ABNF.OPCODE_CLOSE:
-            self.disconnect(Disconnect(Reason.SERVER_CLOSED))  # websocket-client has answered the close
+            # websocket-client has answered the close. After a healthy run this is the server's rollover
+            # (Binance closes every connection after 24 h): reconnect at once; a young one is a failure.
+            uptime = None if self.connected_at is None else now - self.connected_at
+            self.disconnect(Disconnect(Reason.SERVER_CLOSED, planned=self.attempts.healthy(uptime)))
             return
         self.beat()
 
@@ -285,27 +308,60 @@ class WebSocketStream:
         """Close the connection (if any) and schedule the next connect by ``reconnect_delay``."""
         now = time.monotonic()
         uptime = None if self.connected_at is None else now - self.connected_at
-        self.close(graceful=d.reason.planned)
+        # a closed connection has nothing left to read: only one we leave while it works is drained
+        self.close(graceful=d.planned and d.reason is not Reason.SERVER_CLOSED)
         if self.stop.is_set() or self.exit_code is not None:
             return
-        delay = max(reconnect_delay(self.attempts, d.reason, uptime), d.retry_after_s)
+        delay = max(reconnect_delay(self.attempts, d.planned, uptime), d.retry_after_s)
         self._next_connect_at = now + delay
         self.last_reason = d.reason
         self.on_disconnected(d, delay)
 
     def close(self, *, graceful: bool = True) -> None:
-        """Close handshake on a working connection; just drop the socket of a dead or silent one."""
+        """Drain a working connection (``drain``), then drop the socket; a dead or silent one is just dropped.
+
+        ``on_frame`` may raise while draining (the spool refused a frame): the socket is dropped all the same.
+        """
         ws, self.ws, self.connected_at = self.ws, None, None
         if ws is None:
             return
         try:
             if graceful:
-                ws.settimeout(CLOSE_TIMEOUT_S)
-                ws.close(timeout=CLOSE_TIMEOUT_S)
-            else:
-                ws.shutdown()  # type: ignore[no-untyped-call]
-        except Exception:  # noqa: BLE001 - closing a broken socket may fail any way it likes
+                self.drain(ws)
+        finally:
             try:
                 ws.shutdown()  # type: ignore[no-untyped-call]
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing a broken socket may fail any way it likes
                 pass
+
+    def drain(self, ws: websocket.WebSocket) -> int:
+        """Send the close frame, then hand every data frame to ``on_frame`` until the server's close frame
+        or ``liveness.drain_timeout_s``; the number of frames read."""
+        deadline = time.monotonic() + self.liveness.drain_timeout_s
+        try:
+            ws.send_close()
+        except (websocket.WebSocketException, OSError) as e:
+            self.log.info("close frame not sent (%s): dropping the connection", describe(e))
+            return 0
+        drained, outcome = 0, "the server's close frame"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                outcome = f"the {self.liveness.drain_timeout_s:g}s deadline"
+                break
+            try:
+                ws.settimeout(left)
+                opcode, frame = ws.recv_data_frame(control_frame=True)
+            except websocket.WebSocketTimeoutException:
+                outcome = f"the {self.liveness.drain_timeout_s:g}s deadline"
+                break
+            except (websocket.WebSocketException, OSError) as e:
+                outcome = describe(e)
+                break
+            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                drained += 1
+                self.on_frame(frame.data)
+            elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+        self.log.info("closed: %d frame(s) received after our close frame, until %s", drained, outcome)
+        return drained

@@ -386,7 +386,8 @@ class MarkPriceStreamer(WebSocketStream):
         st.reasons[d.reason] = st.reasons.get(d.reason, 0) + 1
         if d.reason is Reason.SILENT:
             st.watchdog_reconnects += 1
-        log.warning("mark-price stream: %s; reconnecting in %.1fs", d, delay_s)
+        level = logging.INFO if d.planned else logging.WARNING
+        log.log(level, "mark-price stream: %s; reconnecting in %.1fs", d, delay_s)
 
     def handle_frame(self, raw: bytes | str) -> bool:
         """One text frame: parse, count, hand the prices to the writer; True if it was a tick (never raises)."""

@@ -68,6 +68,7 @@ def liveness(settings: Settings) -> Liveness:
         recv_timeout_s=max(0.05, min(RECV_POLL_S, cfg.ping_interval_s / 2, cfg.pong_timeout_s / 2)),
         connect_timeout_s=WS_CONNECT_TIMEOUT_S,
         max_age_s=cfg.max_connection_age_s,
+        drain_timeout_s=cfg.drain_timeout_s,
     )
 
 
@@ -130,7 +131,10 @@ class UserDataStream(WebSocketStream):
             self._spool_failed(e)
 
     def shutdown(self) -> None:
-        super().shutdown()
+        try:
+            super().shutdown()  # drains the connection into the spool: before the sender's last drain
+        except SpoolError as e:
+            self._spool_failed(e)
         self._keepalive_stop.set()
         if self.rest is not None:
             self.rest.close()
@@ -161,7 +165,7 @@ class UserDataStream(WebSocketStream):
 
     # -- the connection hooks --------------------------------------------------------------------
     def connect_url(self) -> str | None:
-        from kraite_mp.binance.rest import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
+        from kraite_mp.binance.errors import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
 
         assert self.rest is not None
         if self._key is None or self._key_lost.is_set():
@@ -219,7 +223,7 @@ class UserDataStream(WebSocketStream):
         if d.reason is Reason.HANDSHAKE_REFUSED and d.status in KEY_REFUSED_STATUSES:
             self._key = None  # the server does not know the key: get another
         self.reconnects += 1
-        level = logging.INFO if d.reason.planned else logging.WARNING
+        level = logging.INFO if d.planned else logging.WARNING
         self.log.log(level, "disconnected (%s); reconnecting in %.1fs", d, delay_s)
 
     def _credentials_fatal(self, error: str) -> int:
@@ -242,7 +246,7 @@ class UserDataStream(WebSocketStream):
 
     # -- keepalive -------------------------------------------------------------------------------
     def _keepalive_loop(self) -> None:
-        from kraite_mp.binance.rest import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
+        from kraite_mp.binance.errors import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
 
         interval = self.cfg.keepalive_interval_s
         next_at = time.monotonic() + interval
