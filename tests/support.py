@@ -128,3 +128,21 @@ class ProcessGroup:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+def prices_by_id(conn: Any) -> dict[int, tuple[str | None, Any]]:
+    """``exchange_symbols`` id -> (mark price as text, synced at)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, mark_price::text, mark_price_synced_at FROM exchange_symbols")
+        rows = {int(r[0]): (r[1], r[2]) for r in cur.fetchall()}
+    conn.commit()
+    return rows
+
+
+def db_now(conn: Any) -> Any:
+    """The database server's clock."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT clock_timestamp()")
+        (now,) = cur.fetchone()
+    conn.commit()
+    return now

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from support import db_now, prices_by_id
 
 from bench.mark_price import CASE_CHUNK_SIZE, STRATEGIES, case_sql, make_writer
 from kraite_mp.binance.market import PriceText
@@ -18,22 +19,6 @@ from kraite_mp.config import Settings
 from kraite_mp.ops.seed import seed_symbols
 from kraite_mp.store import db as kdb
 from kraite_mp.store.symbols import BulkWriter, load_symbol_map, resolve_rows, scale_price
-
-
-def prices_by_id(conn: Any) -> dict[int, tuple[str | None, Any]]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT id, mark_price::text, mark_price_synced_at FROM exchange_symbols")
-        rows = {int(r[0]): (r[1], r[2]) for r in cur.fetchall()}
-    conn.commit()
-    return rows
-
-
-def db_now(conn: Any) -> Any:
-    with conn.cursor() as cur:
-        cur.execute("SELECT clock_timestamp()")
-        (now,) = cur.fetchone()
-    conn.commit()
-    return now
 
 
 @pytest.mark.unit

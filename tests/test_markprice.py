@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
-from support import title_of, wait_for
+from support import db_now, prices_by_id, title_of, wait_for
 
 from kraite_mp.binance.market import FrameError, PriceText, parse_mark_price_frame, parse_price
 from kraite_mp.config import Settings
@@ -238,22 +238,6 @@ def streaming(settings: Settings) -> Iterator[MarkPriceStreamer]:
 
 def stream_symbols(sim: Any) -> list[str]:
     return [s for s, _ in sim.mark_symbols]
-
-
-def prices_by_id(conn: Any) -> dict[int, tuple[str | None, Any]]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT id, mark_price::text, mark_price_synced_at FROM exchange_symbols")
-        rows = {int(r[0]): (r[1], r[2]) for r in cur.fetchall()}
-    conn.commit()
-    return rows
-
-
-def db_now(conn: Any) -> Any:
-    with conn.cursor() as cur:
-        cur.execute("SELECT clock_timestamp()")
-        (now,) = cur.fetchone()
-    conn.commit()
-    return now
 
 
 def pin_prices(sim: Any, symbols: list[str], round_: int) -> dict[str, str]:
