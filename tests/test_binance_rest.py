@@ -17,7 +17,8 @@ from kraite_mp.binance.errors import (
     TransientError,
     parse_retry_after,
 )
-from kraite_mp.binance.rest import BinanceRest, reset_host_state, sign
+from kraite_mp.binance.hosts import reset_host_state
+from kraite_mp.binance.rest import BinanceRest, sign
 
 
 @pytest.fixture(autouse=True)

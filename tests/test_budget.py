@@ -32,7 +32,8 @@ from kraite_mp.binance.budget import (
     shared_budget,
 )
 from kraite_mp.binance.errors import RateLimited
-from kraite_mp.binance.rest import BinanceRest, reset_host_state
+from kraite_mp.binance.hosts import reset_host_state
+from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.config import ConfigError, Settings, load_settings
 
 SCRIPT = str(ROOT / "tests" / "fixtures" / "budget_client.py")

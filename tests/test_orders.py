@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,14 @@ from kraite_mp.binance.user import dispatch_key
 from kraite_mp.store import db as kdb
 from kraite_mp.store.accounts import add_account
 from kraite_mp.store.orders import apply_order_update, is_newer
+
+#: Recorded GET /fapi/v1/algoOrder and allAlgoOrders replies in the 2026-06-09 schema.
+ALGO_REST_2026 = Path(__file__).resolve().parent / "fixtures" / "algo_rest_2026.json"
+
+
+def algo_rest_2026() -> dict[str, Any]:
+    with open(ALGO_REST_2026) as f:
+        return dict(json.load(f))
 
 
 def otu(
@@ -141,6 +151,68 @@ def test_is_newer_rules() -> None:
     assert is_newer(
         {"status": "TRIGGERED", "filled_quantity": Decimal("0.5"), "last_transaction_time_ms": 200}, rest_algo
     )
+
+
+def _opt_dec(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", algo_rest_2026()["algo_order"], ids=lambda c: str(c["note"])[:40])
+def test_recorded_2026_algo_order_replies_parse_from_the_actual_fields(case: dict[str, Any]) -> None:
+    s = algo_from_rest(3, case["reply"])
+    want = case["expect"]
+    assert s.kind == "algo" and s.source == "rest" and s.account_id == 3
+    assert s.exchange_order_id == want["id"] and s.status == want["status"]
+    assert s.execution_type == f"ALGO_{want['status']}"
+    assert s.filled_quantity == _opt_dec(want["filled"])
+    if want["filled"] is not None:
+        assert str(s.filled_quantity) == want["filled"]  # the exact text, scale included
+    assert s.average_price == _opt_dec(want["average"])
+    assert s.actual_order_id == want["actual_order_id"]
+    assert s.stop_price == Decimal(want["stop_price"]) and str(s.quantity) == want["quantity"]
+    assert s.transaction_time_ms == want["time"] and s.event_time_ms is None
+
+
+@pytest.mark.unit
+def test_recorded_all_algo_orders_reply_parses_item_by_item() -> None:
+    items = algo_rest_2026()["all_algo_orders"]
+    parsed = [algo_from_rest(1, item) for item in items]
+    assert [(p.exchange_order_id, p.status) for p in parsed] == [
+        (3000000201, "FINISHED"),
+        (3000000202, "EXPIRED"),
+    ]
+    filled, expired = parsed
+    assert filled.filled_quantity == Decimal("0.500") and filled.average_price == Decimal("1200.00000000")
+    assert filled.actual_order_id == 8000004501 and filled.order_type == "STOP_MARKET"
+    assert expired.filled_quantity is None and expired.average_price is None
+    assert expired.actual_order_id is None and expired.reduce_only is True
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", algo_rest_2026()["broken"], ids=lambda c: str(c["note"]))
+def test_broken_2026_algo_replies_raise_a_frame_error_naming_the_field(case: dict[str, Any]) -> None:
+    reply = dict(algo_rest_2026()["algo_order"][2]["reply"], **case["patch"])
+    with pytest.raises(FrameError) as raised:
+        algo_from_rest(1, reply)
+    assert str(raised.value) == case["error"]
+
+
+@pytest.mark.unit
+def test_a_filled_2026_algo_reply_moves_a_triggered_order_to_its_fill() -> None:
+    finished = algo_from_rest(1, algo_rest_2026()["algo_order"][2]["reply"])
+    stored = {
+        "status": "TRIGGERED",
+        "filled_quantity": Decimal("0"),
+        "last_transaction_time_ms": 1796021911870,
+    }
+    assert is_newer(stored, finished)
+    already = {
+        "status": "FINISHED",
+        "filled_quantity": Decimal("12"),
+        "last_transaction_time_ms": 1796021911874,
+    }
+    assert not is_newer(already, finished)  # the stream's copy of the same state: a no-op
 
 
 def _lifecycle() -> list[dict[str, Any]]:

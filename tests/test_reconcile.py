@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from kraite_mp.binance.hosts import reset_host_state
 from kraite_mp.binance.orders import algo_from_rest, order_from_rest, order_from_ws
-from kraite_mp.binance.rest import BinanceRest, reset_host_state
+from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.config import Settings
 from kraite_mp.reconcile.runner import reconcile_accounts, run_sync_child
 from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, choose_mode, reconcile_account
@@ -76,14 +77,9 @@ def db_orders(db: Any, account_id: int) -> dict[tuple[str, int], dict[str, Any]]
     return {(r[0], int(r[1])): dict(zip(names, r, strict=True)) for r in rows}
 
 
-def assert_equals_truth(
-    db: Any, account_id: int, truth: dict[str, Any], unreachable_algos: frozenset[int] = frozenset()
-) -> None:
-    """The orders table holds exactly the truth (minus algo orders no REST call can reach, if given)."""
+def assert_equals_truth(db: Any, account_id: int, truth: dict[str, Any]) -> None:
+    """The orders table holds exactly the truth, algo orders' fills included."""
     stored = db_orders(db, account_id)
-    truth = dict(
-        truth, algo_orders=[a for a in truth["algo_orders"] if int(a["algoId"]) not in unreachable_algos]
-    )
     expected = {("regular", int(o["orderId"])) for o in truth["orders"]}
     expected |= {("algo", int(a["algoId"])) for a in truth["algo_orders"]}
     assert set(stored) == expected, f"missing {expected - set(stored)}, extra {set(stored) - expected}"
@@ -98,6 +94,10 @@ def assert_equals_truth(
         row = stored[("algo", int(a["algoId"]))]
         assert row["status"] == a["algoStatus"], (a["algoId"], row, a)
         assert row["actual"] == (int(a["actualOrderId"]) if a["actualOrderId"] else None)
+        if "actualQty" in a:  # once triggered: the filled quantity (2026-06-09 schema)
+            assert row["filled"] == Decimal(a["actualQty"]), (a["algoId"], row, a)
+            if Decimal(a["actualQty"]) > 0:
+                assert row["avg"] == Decimal(a["actualPrice"]), (a["algoId"], row, a)
 
 
 def audit_rows(db: Any, account_id: int) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -235,17 +235,64 @@ def test_oracle_random_scenario_gap_equals_truth(env: dict[str, Any]) -> None:
     assert [r.status for r in results] == ["ok", "ok"]
     for index in (0, 1):
         truth = sim.truth(sim.accounts[index].api_key)
-        # Known limit: an algo order placed *and* ended inside the gap is reachable only through
-        # GET /fapi/v1/allAlgoOrders, which neither the client nor the simulator has (docs/PROTOCOL.md). Everything
-        # else -- including the regular orders such algo orders created -- must equal the truth.
-        unreachable = frozenset(
+        # algo orders placed *and* ended inside the gap included: GET /fapi/v1/allAlgoOrders finds them
+        ended_in_gap = {
             int(a["algoId"])
             for a in truth["algo_orders"]
             if int(a["algoId"]) not in seen_algos[index] and orders.is_terminal("algo", a["algoStatus"])
-        )
-        assert_equals_truth(db, env["accounts"][index].id, truth, unreachable)
-        stored_algos = {oid for kind, oid in db_orders(db, env["accounts"][index].id) if kind == "algo"}
-        assert not stored_algos & unreachable
+        }
+        assert ended_in_gap  # the scenario does produce them
+        assert_equals_truth(db, env["accounts"][index].id, truth)
+
+
+@pytest.mark.integration
+def test_an_algo_order_placed_triggered_and_filled_inside_a_gap_is_reconciled(env: dict[str, Any]) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    account, key = env["accounts"][0], sim.accounts[0].api_key
+    # before the gap: the stream saw one algo order on ETHUSDT (the symbol's only activity), and a full
+    # sweep ran. No stream is ever connected in this test: every event from here on is lost.
+    known = sim.place_algo(
+        key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.5", trigger_price="1000.00"
+    )
+    stream_saw(db, account, sim.truth(key))
+    first = reconcile_account(db, settings, account)
+    assert first.status == "ok" and first.transitions == 0
+
+    # ---- the gap ----
+    sim.cancel_algo(key, known)
+    gap_algo = sim.place_algo(
+        key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="0.500", trigger_price="1200.00"
+    )
+    created = sim.trigger_algo(key, gap_algo)  # TRIGGERING, the regular order, TRIGGERED, filled, FINISHED
+    truth = sim.truth(key)
+    assert not sim.stats()["current_connections"].get(key)
+    assert db_orders(db, account.id).keys() == {("algo", known)}  # the database heard of none of it
+
+    before = sim.stats()["requests"]
+    result = reconcile_account(db, settings, account)
+    after = sim.stats()["requests"]
+    assert result.status == "ok" and result.mode == "full" and result.not_found == 0
+    assert after["/fapi/v1/allAlgoOrders"] - before.get("/fapi/v1/allAlgoOrders", 0) == 1
+    # 80 for the two no-symbol listings + 5 allOrders + 5 allAlgoOrders for the one active symbol;
+    # both ended algo orders and the regular order come from the histories: no lookup
+    assert result.weight == 90 and result.requests == 4
+    stored = db_orders(db, account.id)
+    algo_row = stored[("algo", gap_algo)]
+    assert algo_row["status"] == "FINISHED" and algo_row["source"] == "rest"
+    assert algo_row["filled"] == Decimal("0.500") and algo_row["quantity"] == Decimal("0.500")
+    assert algo_row["avg"] == Decimal("1200.00000000") and algo_row["actual"] == created
+    regular = stored[("regular", created)]
+    assert regular["status"] == "FILLED" and regular["filled"] == Decimal("0.500")
+    assert regular["avg"] == Decimal("1200.00000000")
+    assert stored[("algo", known)]["status"] == "CANCELED"
+    assert_equals_truth(db, account.id, truth)
+    assert (None, "FINISHED", gap_algo) in OBSERVED and (None, "FILLED", created) in OBSERVED
+    rows = [r for r in audit_rows(db, account.id) if r[0].startswith(f"rest:{account.id}:algo:{gap_algo}:")]
+    assert len(rows) == 1 and rows[0][2] == "processed" and rows[0][3]["actualQty"] == "0.500"
+
+    # idempotent: the same answers again change nothing
+    again = reconcile_account(db, settings, account)
+    assert again.status == "ok" and again.transitions == 0 and again.updated == 0
 
 
 @pytest.mark.integration
@@ -592,14 +639,7 @@ def test_concurrent_reconciliations_of_one_account_record_each_change_once(
         cur.execute("SELECT frame_id, count(*) FROM api_data_stream GROUP BY 1 HAVING count(*) > 1")
         assert cur.fetchall() == []
     db.commit()
-    seen = {int(a["algoId"]) for a in snapshot["algo_orders"]}
-    truth = sim.truth(key)
-    unreachable = frozenset(
-        int(a["algoId"])
-        for a in truth["algo_orders"]
-        if int(a["algoId"]) not in seen and orders.is_terminal("algo", a["algoStatus"])
-    )
-    assert_equals_truth(db, account.id, truth, unreachable)
+    assert_equals_truth(db, account.id, sim.truth(key))
     assert sum(r.transitions for r in results) == rest_transition_count(db, account.id)
 
 

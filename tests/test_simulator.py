@@ -30,6 +30,13 @@ from kraite_mp.simulator import MISSING_AIOHTTP, SimAccount, Simulator, Simulato
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 REPO = Path(__file__).resolve().parent.parent
+#: GET /fapi/v1/algoOrder fields of an untriggered algo order since 2026-06-09 (no tp*/sl*, no executedQty).
+ALGO_REST_FIELDS = {
+    "algoId", "clientAlgoId", "algoType", "orderType", "symbol", "side", "positionSide", "timeInForce",
+    "quantity", "algoStatus", "actualOrderId", "actualPrice", "triggerPrice", "price", "icebergQuantity",
+    "selfTradePreventionMode", "workingType", "priceMatch", "closePosition", "priceProtect", "reduceOnly",
+    "createTime", "updateTime", "triggerTime", "goodTillDate",
+}  # fmt: skip
 ALL_EVENTS = "ORDER_TRADE_UPDATE/TRADE_LITE/ACCOUNT_UPDATE/ALGO_UPDATE/ACCOUNT_CONFIG_UPDATE/listenKeyExpired"
 EIGHT_DECIMALS = re.compile(r"^-?\d+\.\d{8}$")
 
@@ -313,6 +320,7 @@ def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.
     aid = sim.place_algo(acct.api_key, "ETHUSDT", "SELL", "STOP_MARKET", "0.500", "3100.00")
     open_algos = signed(sim, acct, "/fapi/v1/openAlgoOrders").json()
     assert [a["algoId"] for a in open_algos] == [aid]
+    assert set(open_algos[0]) == ALGO_REST_FIELDS and open_algos[0]["actualOrderId"] == ""
     assert signed(sim, acct, "/fapi/v1/openOrders").json() == []  # algo orders are not regular orders
     oid = sim.trigger_algo(acct.api_key, aid)
     frames = recv_n(ws, 8)
@@ -332,17 +340,14 @@ def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.
         and regular["sp"] == "3100.00"
     )
     rest = signed(sim, acct, "/fapi/v1/algoOrder", {"algoId": aid}).json()
-    assert set(rest) == {
-        "algoId", "clientAlgoId", "algoType", "orderType", "symbol", "side", "positionSide", "timeInForce",
-        "quantity", "algoStatus", "actualOrderId", "actualPrice", "triggerPrice", "price", "icebergQuantity",
-        "tpTriggerPrice", "tpPrice", "slTriggerPrice", "slPrice", "tpOrderType", "selfTradePreventionMode",
-        "workingType", "priceMatch", "closePosition", "priceProtect", "reduceOnly", "createTime", "updateTime",
-        "triggerTime", "goodTillDate",
-    }  # fmt: skip
+    assert set(rest) == ALGO_REST_FIELDS | {"actualType", "actualQty"}  # the 2026-06-09 schema, triggered
     assert (
         rest["algoStatus"] == "FINISHED"
         and rest["actualOrderId"] == str(oid)
         and rest["algoType"] == "CONDITIONAL"
+        and rest["actualType"] == "MARKET"
+        and rest["actualQty"] == "0.500"
+        and Decimal(rest["actualPrice"]) == Decimal("3100.00")
     )
     by_client = signed(sim, acct, "/fapi/v1/algoOrder", {"clientAlgoId": rest["clientAlgoId"]}).json()
     assert by_client == rest
@@ -358,6 +363,85 @@ def test_algo_lifecycle_and_rest_shapes(sim: Simulator, sockets: list[websocket.
     assert states == ["NEW", "TRIGGERING", "REJECTED", "NEW", "EXPIRED"]
     with pytest.raises(SimulatorError):
         sim.cancel_algo(acct.api_key, expired)
+
+
+def test_all_algo_orders_validates_its_parameters_window_and_limit(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    key = acct.api_key
+    ids = [sim.place_algo(key, "ETHUSDT", "SELL", "STOP_MARKET", "0.500", f"30{i:02d}.00") for i in range(5)]
+    other = sim.place_algo(key, "BTCUSDT", "BUY", "TAKE_PROFIT_MARKET", "0.010", "70000.00")
+    filled_order = sim.trigger_algo(key, ids[1])
+    sim.cancel_algo(key, ids[2])
+    half = sim.trigger_algo(key, ids[3], fill=False)
+    sim.fill(key, half, qty="0.200")
+
+    reply = signed(sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT"})
+    assert reply.status_code == 200, reply.text
+    rows = reply.json()
+    assert [r["algoId"] for r in rows] == ids  # ended ones too, by algoId, only this symbol
+    assert rows == [signed(sim, acct, "/fapi/v1/algoOrder", {"algoId": i}).json() for i in ids]
+    by_id = {r["algoId"]: r for r in rows}
+    assert by_id[ids[1]]["algoStatus"] == "FINISHED" and by_id[ids[1]]["actualOrderId"] == str(filled_order)
+    assert by_id[ids[1]]["actualQty"] == "0.500" and Decimal(by_id[ids[1]]["actualPrice"]) == Decimal(
+        "3001.00"
+    )
+    assert set(by_id[ids[2]]) == ALGO_REST_FIELDS and by_id[ids[2]]["algoStatus"] == "CANCELED"
+    # triggered and partly filled: actualQty follows the regular order it created
+    assert by_id[ids[3]]["algoStatus"] == "TRIGGERED" and by_id[ids[3]]["actualQty"] == "0.200"
+    assert by_id[ids[3]]["actualType"] == "MARKET"
+    assert int(reply.headers["X-MBX-USED-WEIGHT-1M"]) >= 5
+    assert [
+        r["algoId"] for r in signed(sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "BTCUSDT"}).json()
+    ] == [other]
+
+    # limit: the newest n, or the first n from algoId on
+    newest = signed(sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT", "limit": 2}).json()
+    assert [r["algoId"] for r in newest] == ids[-2:]
+    from_id = signed(
+        sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT", "algoId": ids[1], "limit": 2}
+    ).json()
+    assert [r["algoId"] for r in from_id] == ids[1:3]
+    # window: by createTime; the one time given opens a 7-day window
+    created = [r["createTime"] for r in rows]
+    mid = signed(
+        sim,
+        acct,
+        "/fapi/v1/allAlgoOrders",
+        {"symbol": "ETHUSDT", "startTime": created[1], "endTime": created[3]},
+    ).json()
+    assert [r["algoId"] for r in mid] == ids[1:4]
+    after = signed(sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT", "startTime": created[4]})
+    assert [r["algoId"] for r in after.json()] == ids[4:]
+    before = signed(sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT", "endTime": created[0] - 1})
+    assert before.json() == []
+    week = 7 * 86_400_000
+    stale = signed(
+        sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT", "endTime": created[0] - week - 1}
+    )
+    assert stale.json() == []  # the 7 days before endTime
+
+    bad: list[tuple[dict[str, Any], int]] = [
+        ({}, -1102),  # symbol is mandatory
+        ({"symbol": ""}, -1102),
+        ({"symbol": "ETHUSDT", "limit": 1001}, -1130),
+        ({"symbol": "ETHUSDT", "limit": 0}, -1130),
+        ({"symbol": "ETHUSDT", "limit": "many"}, -1102),
+        ({"symbol": "ETHUSDT", "startTime": created[0], "endTime": created[0] + week + 1}, -4166),
+        ({"symbol": "ETHUSDT", "startTime": created[1], "endTime": created[0]}, -1130),
+        ({"symbol": "ETHUSDT", "algoId": "x"}, -1102),
+    ]
+    for params, code in bad:
+        answer = signed(sim, acct, "/fapi/v1/allAlgoOrders", params)
+        assert answer.status_code == 400 and answer.json()["code"] == code, (params, answer.text)
+    unsigned = requests.get(
+        f"{sim.rest_url}/fapi/v1/allAlgoOrders?symbol=ETHUSDT&timestamp={int(time.time() * 1000)}",
+        headers={"X-MBX-APIKEY": key},
+        timeout=5,
+    )
+    assert unsigned.status_code == 400 and unsigned.json()["code"] == -1102  # signature missing
+    wrong = signed(sim, acct, "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT"}, secret="nope")
+    assert wrong.status_code == 400 and wrong.json()["code"] == -1022
+    assert signed(sim, sim.accounts[1], "/fapi/v1/allAlgoOrders", {"symbol": "ETHUSDT"}).json() == []
 
 
 def test_truth_matches_rest_after_scenario(sim: Simulator) -> None:

@@ -231,29 +231,33 @@ def order_from_rest(account_id: int, data: Mapping[str, Any]) -> OrderState:
 
 
 def algo_from_rest(account_id: int, data: Mapping[str, Any]) -> OrderState:
-    """GET /fapi/v1/algoOrder (or an openAlgoOrders item) -> OrderState.
+    """GET /fapi/v1/algoOrder (or an openAlgoOrders / allAlgoOrders item) -> OrderState.
 
-    The algo service reports no executed quantity of its own (the fill lives on the regular order
-    ``actualOrderId``), so ``filled_quantity`` is None (keep what the stream said) unless given.
-    The order of the ALGO_UPDATE doc sample, as REST returns it (abbreviated)::
+    The schema since 2026-06-09 (docs/PROTOCOL.md): ``actualQty`` (the filled quantity) and
+    ``actualType`` appear only once the order triggered or filled; without ``actualQty``
+    ``filled_quantity`` is None (keep what the stream said). ``actualPrice`` is the average fill
+    price; a zero one says nothing (None, the stored price stays). There is no ``executedQty`` and
+    no ``tp*``/``sl*`` field any more. A filled order, as REST returns it (abbreviated)::
 
         {"algoId": 2148719, "clientAlgoId": "Q5xaq5EGKgXXa0fD7fs0Ip", "algoType": "CONDITIONAL",
          "orderType": "TAKE_PROFIT", "symbol": "BNBUSDT", "side": "SELL", "positionSide": "BOTH",
          "timeInForce": "GTC", "quantity": "0.01",
-         "algoStatus": "CANCELED",          // NEW, TRIGGERING, TRIGGERED, FINISHED, CANCELED, ...
-         "actualOrderId": "",               // the regular order it created, once triggered
-         "actualPrice": "0.00000", "triggerPrice": "750", "price": "750", "reduceOnly": false,
-         "updateTime": 1750515742297}
+         "algoStatus": "FINISHED",          // NEW, TRIGGERING, TRIGGERED, FINISHED, CANCELED, ...
+         "actualOrderId": "8886775",        // the regular order it created ("" until triggered)
+         "actualType": "LIMIT",             // once triggered or filled
+         "actualQty": "0.01",               // once triggered or filled: the filled quantity
+         "actualPrice": "750.00000000", "triggerPrice": "750", "price": "750", "reduceOnly": false,
+         "createTime": 1750515742297, "updateTime": 1750515750113, "triggerTime": 1750515749980}
     """
     t = opt_int(data.get("updateTime"), "updateTime") or opt_int(data.get("createTime"), "createTime")
     if t is None:
         raise FrameError("updateTime: missing")
     status = req_str(data, "algoStatus", "algoStatus")
-    executed = data.get("executedQty", data.get("aq"))
+    average = dec(data.get("actualPrice"), "actualPrice")
     return replace(
         _shared(_REST_ALGO, account_id, data, t, status=status),
-        filled_quantity=dec(executed, "executedQty"),
-        average_price=dec(data.get("actualPrice"), "actualPrice") or dec(data.get("avgPrice"), "avgPrice"),
+        filled_quantity=dec(data.get("actualQty"), "actualQty"),
+        average_price=average if average else None,
         actual_order_id=opt_int(data.get("actualOrderId"), "actualOrderId"),
         execution_type=f"ALGO_{status}",
     )

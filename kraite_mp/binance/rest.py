@@ -17,7 +17,6 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -29,7 +28,6 @@ from kraite_mp.binance.budget import (
     BudgetExhausted,
     EgressBudget,
     local_budget,
-    reset_budgets,
     shared_budget,
 )
 from kraite_mp.binance.errors import (
@@ -47,6 +45,7 @@ from kraite_mp.binance.errors import (
     TransientError,
     parse_retry_after,
 )
+from kraite_mp.binance.hosts import host_state
 from kraite_mp.logs import redact, register_secret
 
 if TYPE_CHECKING:
@@ -76,45 +75,6 @@ ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
 }
 
 _QUERY_RE = re.compile(r"\?[^\s'\")]*")
-
-
-@dataclass
-class _HostState:
-    """What all clients of one base URL (one IP's limits) share in this process."""
-
-    #: ``time.monotonic()`` before which no request may be sent (after a 429/418), 0 = none.
-    blocked_until: float = 0.0
-    #: 429 or 418: what caused ``blocked_until``.
-    blocked_status: int = 0
-    #: Last X-MBX-USED-WEIGHT-1M seen, and the (server-clock) minute it was seen in.
-    used_weight: int = 0
-    used_weight_minute: int = -1
-    #: Server time minus local time, ms; re-measured on -1021.
-    time_offset_ms: int = 0
-
-
-_hosts: dict[str, _HostState] = {}
-_hosts_lock = threading.Lock()
-
-
-def host_state(base_url: str) -> _HostState:
-    """The shared rate-limit/ban/clock state of a base URL."""
-    with _hosts_lock:
-        state = _hosts.get(base_url)
-        if state is None:
-            state = _hosts[base_url] = _HostState()
-        return state
-
-
-def reset_host_state(base_url: str | None = None) -> None:
-    """Forget bans, weights and clock offsets (tests; ``None`` = every host), and this process's budget
-    objects (what Redis holds stays: each simulator is its own host, so its own budget)."""
-    with _hosts_lock:
-        if base_url is None:
-            _hosts.clear()
-        else:
-            _hosts.pop(base_url, None)
-    reset_budgets()
 
 
 def sign(secret: str, query: str) -> str:
@@ -318,6 +278,27 @@ class BinanceRest:
             "limit": limit,
         }
         return self._list(self._request("GET", "/fapi/v1/allOrders", params, signed=True), "allOrders")
+
+    def all_algo_orders(
+        self,
+        symbol: str,
+        *,
+        start_time_ms: int | None = None,
+        end_time_ms: int | None = None,
+        algo_id: int | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """GET /fapi/v1/allAlgoOrders (weight 5): a symbol's conditional orders (window at most 7 days,
+        the last 7 by default; at most ``limit``, 1000 at most)."""
+        params = {
+            "symbol": symbol,
+            "algoId": algo_id,
+            "startTime": start_time_ms,
+            "endTime": end_time_ms,
+            "limit": limit,
+        }
+        data = self._request("GET", "/fapi/v1/allAlgoOrders", params, signed=True)
+        return self._list(data, "allAlgoOrders")
 
     @staticmethod
     def _list(data: Any, what: str) -> list[dict[str, Any]]:

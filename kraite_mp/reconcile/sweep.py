@@ -14,8 +14,9 @@ sweep), ``targeted`` (per-symbol checks of the orders the database holds open), 
 one is due or the stream may have missed frames, else targeted). Failures stay per account and come
 back as a ``ReconcileResult`` (a 429/418 also ends the pass); what was fetched before a failure is
 still written; only database errors propagate.
-Known gap: an algo order placed *and* ended inside a gap (and orders on a symbol with no activity in
-the window) are not found: that needs ``GET /fapi/v1/allAlgoOrders``, which we do not call.
+Known gap: orders placed *and* ended inside a gap are found only on an active symbol (one with an
+order, regular or algo, the database saw in the window, or an open position): on any other symbol,
+and on an account the database knows no order of yet, they are not.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 MODES = ("full", "targeted", "auto")
 #: At this many symbols one no-symbol call (weight 40) is cheaper than one call per symbol.
 NO_SYMBOL_WEIGHT = 40
-#: allOrders: the exchange answers at most this many orders per call ...
+#: allOrders and allAlgoOrders: the exchange answers at most this many orders per call ...
 ALL_ORDERS_LIMIT = 1000
 #: ... and looks back at most 7 days; stay a little inside that.
 ALL_ORDERS_MAX_LOOKBACK_MS = 7 * 86_400_000 - 3_600_000
@@ -231,7 +232,8 @@ def _update_time(data: dict[str, Any]) -> int:
 
 
 def _history_window(conn: Any, settings: Settings, account_id: int, now_ms: int) -> int | None:
-    """Start (ms) of the allOrders window: the previous full sweep, else the last activity we know of."""
+    """Start (ms) of the allOrders and allAlgoOrders window: the previous full sweep, else the last
+    activity we know of."""
     since = runfiles.last_full_sweep_ms(settings.run_dir, account_id)
     if since is None:
         since = orders.last_activity_ms(conn, account_id)
@@ -244,9 +246,10 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
     """All REST calls of one sweep. Raises BinanceError subclasses; what was fetched stays in the sweep.
 
     Request weight: openOrders / openAlgoOrders cost 1 with a symbol, 40 without; order / algoOrder 1;
-    allOrders 5. ``full``: the two no-symbol listings (80: every open order, including ones the
-    database never saw), allOrders for each active symbol since the previous full sweep (orders placed
-    *and* ended in the gap), then the lookups below: 80 + 5 per active symbol + 1 per missed order.
+    allOrders and allAlgoOrders 5 each. ``full``: the two no-symbol listings (80: every open order,
+    including ones the database never saw), allOrders and allAlgoOrders for each active symbol since
+    the previous full sweep (regular and algo orders placed *and* ended in the gap), then the lookups
+    below: 80 + 10 per active symbol (5 + 5) + 1 per missed order.
     ``targeted``: one listing per symbol holding open orders in the database (the no-symbol call from
     ``NO_SYMBOL_WEIGHT`` symbols on), then the lookups: 2 for open orders on one symbol per kind, 0 for
     an account with nothing open; it cannot see an order the database never heard of (the next full
@@ -271,14 +274,11 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
             symbols |= {str(f.data["symbol"]) for f in sweep.fetched.values() if f.data.get("symbol")}
             for symbol in sorted(symbols):
                 history = rest.all_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
-                if len(history) >= ALL_ORDERS_LIMIT:
-                    log.warning(
-                        "account %s: %s has %d+ orders since the last sweep: older ones not checked",
-                        account.id,
-                        symbol,
-                        ALL_ORDERS_LIMIT,
-                    )
+                _warn_if_truncated(account.id, symbol, "orders", history)
                 sweep.add("regular", history)
+                algo_history = rest.all_algo_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
+                _warn_if_truncated(account.id, symbol, "algo orders", algo_history)
+                sweep.add("algo", algo_history)
     else:
         _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
         _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
@@ -294,6 +294,17 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
             sweep.lookup_algo(oid)
 
     _follow_triggered(conn, account.id, sweep)
+
+
+def _warn_if_truncated(account_id: int, symbol: str, what: str, history: list[dict[str, Any]]) -> None:
+    if len(history) >= ALL_ORDERS_LIMIT:
+        log.warning(
+            "account %s: %s has %d+ %s since the last sweep: older ones not checked",
+            account_id,
+            symbol,
+            ALL_ORDERS_LIMIT,
+            what,
+        )
 
 
 def _list_by_symbol(sweep: _Sweep, kind: str, symbols: set[str], call: Any) -> None:

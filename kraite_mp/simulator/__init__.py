@@ -105,7 +105,11 @@ Notes on protocol choices where sources disagree: ``events`` on ``/private/ws`` 
 allow-list applied to every event including ``listenKeyExpired``; without it all events are
 delivered. An unknown listenKey is refused with HTTP 400 before the upgrade. Average prices
 (``ap``, ``avgPrice``, ``actualPrice``) are cumQuote / executedQty rounded half-even to 8
-decimals; ``cumQuote`` and ``z`` are exact sums.
+decimals; ``cumQuote`` and ``z`` are exact sums. Algo orders over REST (``algoOrder``,
+``openAlgoOrders``, ``allAlgoOrders``) have the schema of 2026-06-09: ``actualType`` and
+``actualQty`` (the filled quantity of the regular order it created, kept current as it fills) only
+once triggered, no ``tp*``/``sl*`` fields. ``allAlgoOrders`` (weight 5) selects by ``createTime``
+in a window of at most 7 days: the last 7 without ``startTime``/``endTime``, 7 from the one given.
 """
 
 from __future__ import annotations

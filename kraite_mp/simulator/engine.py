@@ -240,7 +240,8 @@ class AlgoOrder:
         return self.status in OPEN_ALGO_STATUSES
 
     def to_rest(self) -> dict[str, Any]:
-        return {
+        """The schema since 2026-06-09: ``actualType``/``actualQty`` only once triggered, no ``tp*``/``sl*``."""
+        row: dict[str, Any] = {
             "algoId": self.algo_id,
             "clientAlgoId": self.client_algo_id,
             "algoType": self.algo_type,
@@ -251,16 +252,9 @@ class AlgoOrder:
             "timeInForce": self.time_in_force,
             "quantity": str(self.quantity),
             "algoStatus": self.status,
-            "actualOrderId": "" if self.actual_order_id is None else str(self.actual_order_id),
-            "actualPrice": fmt_avg(self.cum_quote, self.executed_qty),
             "triggerPrice": str(self.trigger_price),
             "price": str(self.price),
             "icebergQuantity": None,
-            "tpTriggerPrice": "0.000",
-            "tpPrice": "0.000",
-            "slTriggerPrice": "0.000",
-            "slPrice": "0.000",
-            "tpOrderType": "",
             "selfTradePreventionMode": self.stp_mode,
             "workingType": self.working_type,
             "priceMatch": self.price_match,
@@ -271,7 +265,13 @@ class AlgoOrder:
             "updateTime": self.update_time,
             "triggerTime": self.trigger_time,
             "goodTillDate": self.good_till_date,
+            "actualOrderId": "" if self.actual_order_id is None else str(self.actual_order_id),
+            "actualPrice": fmt_avg(self.cum_quote, self.executed_qty),
         }
+        if self.actual_order_id is not None:
+            row["actualType"] = "MARKET" if self.order_type.endswith("MARKET") else "LIMIT"
+            row["actualQty"] = str(self.executed_qty or _zero_like(self.quantity))
+        return row
 
     def to_event(self) -> dict[str, Any]:
         return {
@@ -574,6 +574,31 @@ class Engine:
             found = found[:limit] if order_id is not None else found[-limit:]
             return [o.to_rest() for o in found]
 
+    def all_algos(
+        self,
+        api_key: str,
+        symbol: str,
+        algo_id: int | None,
+        start_ms: int,
+        end_ms: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """GET /fapi/v1/allAlgoOrders: a symbol's algo orders created in [start_ms, end_ms] (None: no
+        end), by algoId (the first ``limit`` from ``algo_id`` on, else the newest ``limit``)."""
+        with self.lock:
+            acct = self._accounts[api_key]
+            found = [
+                a
+                for a in acct.algos.values()
+                if a.symbol == symbol
+                and (algo_id is None or a.algo_id >= algo_id)
+                and start_ms <= a.create_time
+                and (end_ms is None or a.create_time <= end_ms)
+            ]
+            found.sort(key=lambda a: a.algo_id)
+            found = found[:limit] if algo_id is not None else found[-limit:]
+            return [a.to_rest() for a in found]
+
     def get_algo(self, api_key: str, algo_id: int | None, client_algo_id: str | None) -> dict[str, Any]:
         with self.lock:
             acct = self._accounts[api_key]
@@ -809,6 +834,9 @@ class Engine:
             acct, order, "FILLED" if order.executed_qty == order.orig_qty else "PARTIALLY_FILLED"
         )
         order.update_time = ts
+        algo = acct.algos.get(order.algo_id) if order.algo_id is not None else None
+        if algo is not None and algo.actual_order_id == order.order_id:  # its actualQty/actualPrice
+            algo.executed_qty, algo.cum_quote, algo.update_time = order.executed_qty, order.cum_quote, ts
         commission = (qty * price * (MAKER_FEE if maker else TAKER_FEE)).quantize(_EIGHT_DP)
         realized = self._apply_position(acct, order.symbol, qty if order.side == "BUY" else -qty, price)
         acct.wallet += realized - commission

@@ -41,6 +41,8 @@ STRIKES_BEFORE_BAN = 3
 DEFAULT_BAN_S = 120.0
 #: Allowed clock lead of a request timestamp over the server, in ms (Binance: 1000).
 MAX_CLOCK_LEAD_MS = 1000
+#: Longest startTime..endTime window of allOrders and allAlgoOrders, in ms (7 days).
+SEARCH_WINDOW_MS = 7 * 86_400_000
 #: The request log keeps this many of the latest /fapi requests.
 REQUEST_LOG_MAX = 100_000
 
@@ -58,6 +60,7 @@ WEIGHTS: dict[tuple[str, str], int | Callable[[web.Request], int]] = {
     ("GET", "/fapi/v1/order"): 1,
     ("GET", "/fapi/v1/algoOrder"): 1,
     ("GET", "/fapi/v1/allOrders"): 5,
+    ("GET", "/fapi/v1/allAlgoOrders"): 5,
     ("GET", "/fapi/v1/time"): 1,
     ("GET", "/fapi/v1/ping"): 1,
     ("GET", "/fapi/v1/exchangeInfo"): 1,
@@ -246,6 +249,7 @@ class RestApi:
         app.router.add_get("/fapi/v1/allOrders", self.all_orders)
         app.router.add_get("/fapi/v1/openAlgoOrders", self.open_algo_orders)
         app.router.add_get("/fapi/v1/algoOrder", self.query_algo_order)
+        app.router.add_get("/fapi/v1/allAlgoOrders", self.all_algo_orders)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -421,7 +425,7 @@ class RestApi:
         if not 1 <= limit <= 1000:
             raise ApiError(400, -1130, "Data sent for parameter 'limit' is not valid.")
         start, end = _int_param(params, "startTime"), _int_param(params, "endTime")
-        if start is not None and end is not None and end - start > 7 * 86400 * 1000:
+        if start is not None and end is not None and end - start > SEARCH_WINDOW_MS:
             raise ApiError(400, -4166, "Search window is restricted to recent 7 days only.")
         orders = self.engine.all_orders(api_key, symbol, _int_param(params, "orderId"), start, end, limit)
         return web.json_response(orders)
@@ -439,6 +443,28 @@ class RestApi:
                 400, -1102, "Param 'clientAlgoId' or 'algoId' must be sent, but both were empty/null!"
             )
         return web.json_response(self.engine.get_algo(api_key, algo_id, client_id))
+
+    async def all_algo_orders(self, request: web.Request) -> web.Response:
+        """``symbol`` required; ``algoId``, ``startTime``, ``endTime``, ``limit`` (default 500, max 1000);
+        the window is at most 7 days: the last 7 without times, 7 from the one time given."""
+        api_key, params = await self._signed(request)
+        symbol = _required(params, "symbol")
+        limit = _int_param(params, "limit")
+        limit = 500 if limit is None else limit
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, -1130, "Data sent for parameter 'limit' is not valid.")
+        start, end = _int_param(params, "startTime"), _int_param(params, "endTime")
+        if start is None:
+            # the last 7 days up to now (and the account's event times, which may run a few ms ahead)
+            start = (self.engine.now_ms() if end is None else end) - SEARCH_WINDOW_MS
+        elif end is None:
+            end = start + SEARCH_WINDOW_MS
+        if end is not None and end < start:
+            raise ApiError(400, -1130, "Data sent for parameter 'endTime' is not valid.")
+        if end is not None and end - start > SEARCH_WINDOW_MS:
+            raise ApiError(400, -4166, "Search window is restricted to recent 7 days only.")
+        algos = self.engine.all_algos(api_key, symbol, _int_param(params, "algoId"), start, end, limit)
+        return web.json_response(algos)
 
 
 def _strip_signature(raw: str) -> tuple[str, str | None]:

@@ -241,8 +241,7 @@ _OPEN_ORDERS_SQL = (
     " AND ((kind = 'regular' AND status = ANY(%s)) OR (kind = 'algo' AND status = ANY(%s)))"
 )
 _ACTIVE_SYMBOLS_SQL = (
-    "SELECT DISTINCT symbol FROM orders WHERE account_id = %s AND kind = 'regular'"
-    " AND last_transaction_time_ms >= %s"
+    "SELECT DISTINCT symbol FROM orders WHERE account_id = %s AND last_transaction_time_ms >= %s"
     " UNION SELECT symbol FROM account_positions WHERE account_id = %s AND amount <> 0"
 )
 _LAST_ACTIVITY_SQL = "SELECT max(last_transaction_time_ms) FROM orders WHERE account_id = %s"
@@ -268,7 +267,7 @@ def open_orders(conn: Any, account_id: int) -> list[tuple[str, int, str, str, in
 
 
 def active_symbols(conn: Any, account_id: int, since_ms: int) -> set[str]:
-    """Symbols with regular-order activity since ``since_ms`` or an open position."""
+    """Symbols with order activity (regular or algo) since ``since_ms`` or an open position."""
     with conn.cursor() as cur:
         cur.execute(_ACTIVE_SYMBOLS_SQL, (account_id, since_ms, account_id))
         rows = cur.fetchall()
