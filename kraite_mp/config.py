@@ -15,6 +15,7 @@ effective settings with secrets redacted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -79,6 +80,16 @@ class BinanceSettings:
     #: Names the egress IP whose budget this process shares; "" = this host's name. Hosts behind one NAT
     #: give the same name.
     egress_id: str = ""
+    #: WebSocket connection attempts per IP per connection_window_s (Binance: 300 per 5 min; every attempt
+    #: counts: first connects, reconnects, planned rollovers).
+    connection_limit: int = 300
+    connection_window_s: float = 300.0
+    #: Share of connection_limit that all kraite-mp streams of one egress IP take together (through Redis),
+    #: its own setting: the back end's connections are not its REST weight.
+    connection_share: float = 0.5
+    #: A reconnect after a disconnect the stream did not choose itself waits up to this much longer (uniform
+    #: random), so that the streams of a mass drop do not reconnect in the same instant.
+    reconnect_spread_s: float = 2.0
 
 
 @dataclass
@@ -125,6 +136,9 @@ class UserDataStreamSettings:
     pong_timeout_s: float = 10.0
     #: Reconnect proactively before Binance's 24 h connection limit.
     max_connection_age_s: float = 23.5 * 3600
+    #: Each account reconnects at its own age within the last this share of max_connection_age_s (fixed per
+    #: account id, evenly spread; 0.085 = the last 2 h of 23.5 h), so that daily rollovers never synchronise.
+    max_connection_age_jitter_ratio: float = 0.085
     #: On stop and planned reconnect: after our close frame, spool what the server still sends until its
     #: close frame, this long at most (1 s to notice the stop + this + 6 s of sender drain < graceful_timeout_s).
     drain_timeout_s: float = 2.0
@@ -341,6 +355,26 @@ def validate(settings: Settings) -> None:
         raise ConfigError(
             "binance.egress_id: must not start or end with spaces or hold control characters"
             " (leave it empty for this host's name)"
+        )
+    b = settings.binance
+    if b.connection_limit < 1:
+        raise ConfigError(f"binance.connection_limit: must be >= 1, got {b.connection_limit!r}")
+    if not 1 <= b.connection_window_s < math.inf:
+        raise ConfigError(f"binance.connection_window_s: must be >= 1 s, got {b.connection_window_s!r}")
+    if not 0 < b.connection_share <= 1 or b.connection_limit * b.connection_share < 1:
+        raise ConfigError(
+            f"binance.connection_share: must be > 0 and <= 1 and leave at least one attempt per window,"
+            f" got {b.connection_share!r}"
+        )
+    if not 0 <= b.reconnect_spread_s <= 600:
+        raise ConfigError(
+            f"binance.reconnect_spread_s: must be >= 0 and <= 600, got {b.reconnect_spread_s!r}"
+        )
+    uds = settings.user_data_stream
+    if not 0 <= uds.max_connection_age_jitter_ratio < 1:
+        raise ConfigError(
+            "user_data_stream.max_connection_age_jitter_ratio: must be >= 0 and < 1,"
+            f" got {uds.max_connection_age_jitter_ratio!r}"
         )
     if settings.supervisor.spawn_rate_per_s <= 0 or settings.supervisor.spawn_burst < 1:
         raise ConfigError("supervisor.spawn_rate_per_s/spawn_burst: must be positive")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -18,7 +19,14 @@ from kraite_mp.backoff import Attempts, backoff_delay
 from kraite_mp.config import ConfigError, load_settings
 from kraite_mp.store.accounts import Account
 from kraite_mp.streams import connection
-from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream, reconnect_delay
+from kraite_mp.streams.connection import (
+    Disconnect,
+    Liveness,
+    Reason,
+    WebSocketStream,
+    jittered_max_age,
+    reconnect_delay,
+)
 from kraite_mp.streams.markprice import MarkPriceStreamer
 from kraite_mp.streams.userdata import UserDataStream, liveness
 from kraite_mp.supervisor.context import ChildContext
@@ -428,3 +436,131 @@ def aged(seconds: float) -> tuple[int, Any]:
         return b""
 
     return PONG, later
+
+
+# -- reconnect pacing ------------------------------------------------------------------------------
+
+
+def test_max_connection_age_is_jittered_per_account_bounded_fixed_and_spread() -> None:
+    day = 23.5 * 3600
+    ages = {i: jittered_max_age(day, 0.085, i) for i in range(1, 501)}
+    assert all(day * (1 - 0.085) <= age <= day for age in ages.values())  # the last 2 h of 23.5 h
+    assert ages == {i: jittered_max_age(day, 0.085, i) for i in range(1, 501)}  # fixed per account
+    assert jittered_max_age(day, 0.0, 7) == day  # no jitter: exactly the max
+    # evenly spread: the rollovers of 500 consecutive accounts never fall in the same second
+    for n in (2, 10, 100, 500):
+        ordered = sorted(ages[i] for i in range(1, n + 1))
+        assert min(b - a for a, b in itertools.pairwise(ordered)) > 1.0
+    assert max(ages.values()) - min(ages.values()) > 0.95 * 0.085 * day  # the whole range is used
+    # a short max age (tests) keeps the same shape
+    short = sorted(jittered_max_age(20.0, 0.5, i) for i in range(1, 13))
+    assert 10.0 <= short[0] and short[-1] <= 20.0 and len(set(short)) == 12
+
+
+def test_user_data_liveness_carries_the_accounts_age_and_the_reconnect_spread() -> None:
+    settings = load_settings(None, environ={"KRAITE__binance__reconnect_spread_s": "0.7"})
+    cfg = settings.user_data_stream
+    assert liveness(settings).max_age_s == cfg.max_connection_age_s
+    lv = liveness(settings, account_id=9)
+    assert lv.max_age_s == jittered_max_age(cfg.max_connection_age_s, cfg.max_connection_age_jitter_ratio, 9)
+    assert lv.max_age_s != liveness(settings, account_id=10).max_age_s
+    assert lv.reconnect_spread_s == 0.7
+    account = Account(id=9, name="a", exchange="binance", api_key="k" * 16, api_secret_token="t")
+    assert UserDataStream(ChildContext(settings, "user-data", account), account).liveness == lv
+    mark_price = MarkPriceStreamer(settings, ChildContext(settings, "mark-price"))
+    assert mark_price.liveness.reconnect_spread_s == 0.7 and mark_price.liveness.max_age_s is None
+    for key, bad, message in (
+        ("user_data_stream__max_connection_age_jitter_ratio", "1", "max_connection_age_jitter_ratio"),
+        ("user_data_stream__max_connection_age_jitter_ratio", "-0.1", "max_connection_age_jitter_ratio"),
+        ("binance__reconnect_spread_s", "-1", "reconnect_spread_s"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, environ={f"KRAITE__{key}": bad})
+
+
+class PacedStream(ScriptedStream):
+    """A stream whose connection budget answers from a script: 0.0 = a token, > 0 = wait that long."""
+
+    def __init__(self, lv: Liveness, a: Attempts, tokens: list[Any]) -> None:
+        super().__init__(lv, a)
+        self.tokens = list(tokens)
+        self.asked = 0
+        self.states: list[str | None] = []
+
+    def before_connect(self) -> float:
+        self.asked += 1
+        answer = self.tokens.pop(0) if self.tokens else 0.0
+        if isinstance(answer, BaseException):
+            raise answer
+        return float(answer)
+
+    def beat(self, state: str | None = None) -> None:
+        self.states.append(state)
+
+
+def test_without_a_token_nothing_is_sent_the_stream_waits_paced_and_then_connects(sockets: list[Any]) -> None:
+    ws = FakeSocket([(TEXT, b"x")])
+    sockets.append(ws)
+    stream = PacedStream(fast(), attempts(), tokens=[0.05, 0.05, 0.0])
+    stream.loop()  # the first attempt: no token, nothing sent, the next try scheduled
+    assert stream.ws is None and sockets == [ws] and stream.paced and stream.paced_waits == 1
+    assert stream.disconnects() == []  # a wait for a token is not a failure: no backoff counted
+    run_until(stream, lambda: stream.frames == [b"x"])
+    assert stream.asked == 3 and sockets == [] and not stream.paced and stream.attempts.count == 0
+    assert "paced" in stream.states and stream.events[0] == ("connected", "connect")
+    assert stream.states.index("paced") < stream.states.index("connecting", 1)
+
+
+def test_a_stop_cuts_a_paced_wait_short(sockets: list[Any]) -> None:
+    stream = PacedStream(fast(recv_timeout_s=5.0), attempts(), tokens=[300.0])
+    stream.loop()
+    stream.stop.set()
+    started = time.monotonic()
+    assert stream.run() == exitcodes.EXIT_OK
+    assert time.monotonic() - started < 5.0 and stream.asked == 1 and stream.ws is None
+
+
+def test_a_failing_pacing_hook_is_logged_and_never_keeps_the_stream_dark(
+    sockets: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    sockets.append(FakeSocket([(TEXT, b"x")]))
+    stream = PacedStream(fast(), attempts(), tokens=[RuntimeError("budget bug")])
+    with caplog.at_level(logging.ERROR, logger=stream.log.name):
+        run_until(stream, lambda: bool(stream.frames))
+    assert "connection pacing failed" in caplog.text and stream.events[0] == ("connected", "connect")
+
+
+def test_every_attempt_asks_for_a_token_first_connects_reconnects_and_rollovers(sockets: list[Any]) -> None:
+    sockets += [
+        OSError("refused"),
+        FakeSocket([(CLOSE, b"")]),
+        FakeSocket([]),
+        FakeSocket([(TEXT, b"last")]),
+    ]
+    stream = PacedStream(fast(max_age_s=0.05), Attempts(base_s=0.01, jitter_ratio=0.0), tokens=[])
+    run_until(stream, lambda: b"last" in stream.frames)
+    assert stream.asked == 4  # failed connect, server close, max-age rollover: one token each
+    assert [e[0] for e in stream.disconnects()] == [
+        Reason.CONNECT_FAILED,
+        Reason.SERVER_CLOSED,
+        Reason.MAX_AGE,
+    ]
+
+
+def test_reconnects_after_a_drop_are_spread_and_the_max_age_rollover_is_not(sockets: list[Any]) -> None:
+    random.seed(3)
+    delays = []
+    for _ in range(40):
+        stream = ScriptedStream(fast(reconnect_spread_s=0.5), attempts())
+        stream.disconnect(Disconnect(Reason.SERVER_CLOSED, planned=True))  # a mass drop of healthy ones
+        delays.append(stream.disconnects()[-1][2])
+    assert all(0.0 <= d <= 0.5 for d in delays) and max(delays) - min(delays) > 0.25
+    spread = stream.last_spread_s
+    assert spread == delays[-1] and stream.delay_text(spread) == f"0.0s + {spread:.1f}s spread"
+    assert len(set(delays)) == len(delays)
+    rollover = ScriptedStream(fast(reconnect_spread_s=0.5), attempts())
+    rollover.disconnect(Disconnect(Reason.MAX_AGE))
+    assert rollover.disconnects() == [(Reason.MAX_AGE, "", 0.0)]  # spread by the account's own age already
+    unplanned = ScriptedStream(fast(reconnect_spread_s=0.5), Attempts(base_s=1.0, jitter_ratio=0.0))
+    unplanned.disconnect(Disconnect(Reason.CONNECTION_LOST))
+    assert 1.0 <= unplanned.disconnects()[0][2] <= 1.5

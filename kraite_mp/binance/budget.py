@@ -1,5 +1,7 @@
 """One REST weight budget per egress IP, shared by every kraite-mp process behind it (Redis + ``limits``).
 
+The WebSocket connection budget (``kraite_mp.binance.connections``) is built on the same engine.
+
 Binance counts request weight per IP (2,400/min, shared by USD-M and COIN-M, and the trading back end on
 the same IP spends from it too). Every kraite-mp process of one egress (user-data children, mark-price,
 the sync child, the reconcile workers; hosts behind one NAT name the same ``binance.egress_id``) takes
@@ -92,7 +94,8 @@ return 1
 """
 
 #: What an unreachable or failing Redis raises through redis-py and ``limits``.
-_REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
+#: What a failing Redis raises: the budget falls back to its local share.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
 
 
 class BudgetExhausted(Exception):
@@ -134,6 +137,13 @@ class EgressBudget:
     ``redis_url=None``: a process-local budget (clients built without settings, tests): the whole
     ``weight_per_window`` in memory, bans known to this process only.
     """
+
+    #: The ``limits`` identifier of the window (its Redis key ``<prefix>:LIMITER/<resource>/...``).
+    resource = "weight"
+    #: What one unit of the window is, in log lines.
+    unit = "weight"
+    #: A process counts as a peer of the budget this long after it last took from it.
+    peer_ttl_s = PEER_TTL_S
 
     def __init__(
         self,
@@ -217,15 +227,12 @@ class EgressBudget:
             self.fallback = True
             self._fallback_limit = fallback_limit(self.limit, self._peers, self.fallback_ratio)
         log.warning(
-            "egress budget %s: Redis unreachable (%s: %s): this process keeps to a local share of %d weight"
-            " per %ds (1/%d of %d) until Redis answers again",
+            "egress budget %s: Redis unreachable (%s: %s): this process keeps to a local share of %s"
+            " until Redis answers again",
             self.name,
             type(error).__name__,
             redact(str(error))[:200],
-            self._fallback_limit,
-            self.window_s,
-            max(1, round(self.limit / self._fallback_limit)),
-            self.limit,
+            self._fallback_text(),
         )
 
     def _redis_ok(self) -> None:
@@ -239,13 +246,24 @@ class EgressBudget:
             "egress budget %s: Redis answers again: back to the shared budget of %d", self.name, self.limit
         )
 
+    def _fallback_text(self) -> str:
+        return (
+            f"{self._fallback_limit} {self.unit} per {self.window_s}s"
+            f" (1/{max(1, round(self.limit / self._fallback_limit))} of {self.limit})"
+        )
+
+    def _local_window(self) -> tuple[int, int]:
+        """(amount, seconds) of the in-memory window: the whole budget, or the fallback share."""
+        return (self._fallback_limit if self.shared else self.limit), self.window_s
+
     def _local_limiter(self) -> tuple[MovingWindowRateLimiter, RateLimitItem]:
-        amount = self._fallback_limit if self.shared else self.limit
+        amount, seconds = self._local_window()
         with self._lock:
-            if self._local is None or self._local_item is None or self._local_item.amount != amount:
-                self._local = MovingWindowRateLimiter(MemoryStorage())
-                self._local_item = RateLimitItemPerSecond(amount, self.window_s)
-            return self._local, self._local_item
+            item = self._local_item
+            if self._local is None or item is None or (item.amount, item.multiples) != (amount, seconds):
+                item = RateLimitItemPerSecond(amount, seconds)
+                self._local, self._local_item = MovingWindowRateLimiter(MemoryStorage()), item
+            return self._local, item
 
     def _note_peer(self, client: redis.Redis) -> None:
         now = time.monotonic()
@@ -255,8 +273,8 @@ class EgressBudget:
         key, wall = f"{self.key_prefix}:peers", time.time()
         pipe = client.pipeline(transaction=False)
         pipe.zadd(key, {f"{socket.gethostname()}:{os.getpid()}": wall})
-        pipe.zremrangebyscore(key, "-inf", wall - PEER_TTL_S)
-        pipe.expire(key, int(PEER_TTL_S))
+        pipe.zremrangebyscore(key, "-inf", wall - self.peer_ttl_s)
+        pipe.expire(key, int(self.peer_ttl_s))
         pipe.zcard(key)
         self._peers = max(1, int(pipe.execute()[-1]))
 
@@ -269,22 +287,22 @@ class EgressBudget:
             client, limiter = shared
             try:
                 cost = min(max(1, weight), self.limit)  # a call heavier than the window takes all of it
-                if limiter.hit(self._item, "weight", cost=cost):
+                if limiter.hit(self._item, self.resource, cost=cost):
                     self._redis_ok()
                     try:
                         self._note_peer(client)
-                    except _REDIS_ERRORS as e:  # the weight is taken: never take it again locally
+                    except REDIS_ERRORS as e:  # the weight is taken: never take it again locally
                         self._redis_failed(e)
                     return True, 0.0
-                stats = limiter.get_window_stats(self._item, "weight")
+                stats = limiter.get_window_stats(self._item, self.resource)
                 self._redis_ok()
                 return False, max(0.0, stats.reset_time - time.time())
-            except _REDIS_ERRORS as e:
+            except REDIS_ERRORS as e:
                 self._redis_failed(e)
         local, item = self._local_limiter()
-        if local.hit(item, "weight", cost=min(max(1, weight), item.amount)):
+        if local.hit(item, self.resource, cost=min(max(1, weight), item.amount)):
             return True, 0.0
-        return False, max(0.0, local.get_window_stats(item, "weight").reset_time - time.time())
+        return False, max(0.0, local.get_window_stats(item, self.resource).reset_time - time.time())
 
     def acquire(self, weight: int, stop: threading.Event, max_wait_s: float = MAX_WAIT_S) -> float:
         """Take ``weight`` before a call is sent, waiting while the window is full: the seconds waited.
@@ -315,11 +333,11 @@ class EgressBudget:
         shared = self._redis()
         if shared is not None:
             try:
-                return int(shared[1].get_window_stats(self._item, "weight").remaining)
-            except _REDIS_ERRORS as e:
+                return int(shared[1].get_window_stats(self._item, self.resource).remaining)
+            except REDIS_ERRORS as e:
                 self._redis_failed(e)
         local, item = self._local_limiter()
-        return int(local.get_window_stats(item, "weight").remaining)
+        return int(local.get_window_stats(item, self.resource).remaining)
 
     # ------------------------------------------------------------------ 429 / 418
     def block(self, status: int, retry_after_s: float) -> float:
@@ -338,7 +356,7 @@ class EgressBudget:
             try:
                 self._ban_script(keys=[f"{self.key_prefix}:ban"], args=[f"{status}:{ms}", ms])
                 self._redis_ok()
-            except _REDIS_ERRORS as e:
+            except REDIS_ERRORS as e:
                 self._redis_failed(e)
         return max(0.0, self._blocked_until - now)
 
@@ -358,7 +376,7 @@ class EgressBudget:
             pipe.pttl(f"{self.key_prefix}:ban")
             value, ttl_ms = pipe.execute()
             self._redis_ok()
-        except _REDIS_ERRORS as e:
+        except REDIS_ERRORS as e:
             self._redis_failed(e)
             return None
         if value is None or not isinstance(ttl_ms, int) or ttl_ms <= 0:
@@ -411,7 +429,8 @@ def budget_key(namespace: str, egress: str, rest_url: str) -> str:
     return f"{namespace}:egress:{egress}:{urlsplit(rest_url).netloc or rest_url}"
 
 
-def _cached(key: tuple[Any, ...], build: Callable[[], EgressBudget]) -> EgressBudget:
+def cached_budget(key: tuple[Any, ...], build: Callable[[], EgressBudget]) -> EgressBudget:
+    """The one budget object of this process for ``key`` (built on first use)."""
     with _budgets_lock:
         budget = _budgets.get(key)
         if budget is None:
@@ -426,7 +445,7 @@ def shared_budget(settings: Settings) -> EgressBudget:
     egress = egress_id(settings)
     key = budget_key(settings.redis_namespace, egress, b.rest_url)
     host = urlsplit(b.rest_url).netloc or b.rest_url
-    return _cached(
+    return cached_budget(
         ("redis", settings.redis_url, key, limit),
         lambda: EgressBudget(f"{egress}@{host}", limit, redis_url=settings.redis_url, key_prefix=key),
     )
@@ -434,7 +453,7 @@ def shared_budget(settings: Settings) -> EgressBudget:
 
 def local_budget(base_url: str, weight_per_min: int) -> EgressBudget:
     """A process-local budget for clients built without settings (the whole ``weight_per_min``)."""
-    return _cached(("local", base_url, weight_per_min), lambda: EgressBudget(base_url, weight_per_min))
+    return cached_budget(("local", base_url, weight_per_min), lambda: EgressBudget(base_url, weight_per_min))
 
 
 def reset_budgets() -> None:
@@ -444,17 +463,3 @@ def reset_budgets() -> None:
         _budgets.clear()
     for budget in budgets:
         budget.clear_local()
-
-
-__all__ = [
-    "Block",
-    "BudgetExhausted",
-    "EgressBudget",
-    "budget_key",
-    "egress_id",
-    "fallback_limit",
-    "local_budget",
-    "reset_budgets",
-    "resume_spread_s",
-    "shared_budget",
-]

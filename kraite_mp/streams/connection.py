@@ -12,6 +12,14 @@ immediate. The server's own close of a healthy connection (Binance ends every on
 planned too; of a young one it is a failure. The URL may carry a secret (the listenKey): it is
 never logged nor put in an error.
 
+Pacing (Binance counts every connection attempt per IP): each attempt first asks ``before_connect``,
+the stream's hook onto the egress's connection budget (``binance.connections.ConnectionBudget``; this module
+knows no Redis). Without a token nothing is sent: the loop waits, state ``paced``, beating and cut
+short by ``stop``, and asks again. A reconnect the stream did not choose itself (a drop, a server close,
+a failure, an expired key) waits up to ``Liveness.reconnect_spread_s`` longer, at random, so that a mass
+drop does not bring every stream back in the same instant; the planned rollover at ``max_age_s`` is
+spread already, per account (``jittered_max_age``).
+
 Graceful close (on stop and on a planned reconnect) drains: it sends the close frame, then keeps
 receiving and hands every data frame to ``on_frame`` until the server's close frame or
 ``Liveness.drain_timeout_s``, because whatever the server sent before it saw our close is already
@@ -22,6 +30,8 @@ connection is just dropped.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +45,8 @@ from kraite_mp.logs import describe_error
 
 #: Default of ``Liveness.drain_timeout_s``: a graceful close reads the server's last frames this long at most.
 DRAIN_TIMEOUT_S = 2.0
+#: Spreads the per-account connection ages: frac(id * this) is evenly spread over consecutive ids.
+GOLDEN_RATIO_CONJUGATE = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 class Reason(StrEnum):
@@ -106,6 +118,8 @@ class Liveness:
     #: A graceful close reads (and hands to ``on_frame``) what the server sent until its close frame,
     #: for this long at most; then the socket is dropped.
     drain_timeout_s: float = DRAIN_TIMEOUT_S
+    #: A reconnect other than the planned max-age rollover waits up to this much longer (uniform random).
+    reconnect_spread_s: float = 0.0
 
 
 def describe(e: BaseException) -> str:
@@ -127,6 +141,16 @@ def reconnect_delay(attempts: Attempts, planned: bool, uptime_s: float | None) -
             attempts.count = 1
         return 0.0
     return attempts.next_delay()
+
+
+def jittered_max_age(max_age_s: float, jitter_ratio: float, account_id: int) -> float:
+    """The connection age after which account ``account_id`` rolls over: within the last ``jitter_ratio`` of
+    ``max_age_s``, fixed per account, spread evenly over consecutive ids (the golden-ratio sequence: n
+    consecutive ids leave gaps of about 1/n of the range or more), so that daily rollovers never coincide."""
+    if jitter_ratio <= 0:
+        return max_age_s
+    fraction = (account_id * GOLDEN_RATIO_CONJUGATE) % 1.0
+    return max_age_s * (1.0 - min(jitter_ratio, 1.0) * fraction)
 
 
 class WebSocketStream:
@@ -151,6 +175,12 @@ class WebSocketStream:
         self._ping_sent_at: float | None = None
         self._ping_payload = b""
         self._pings = 0
+        #: Waiting for a connection token (``before_connect`` said no): the loop beats ``paced``.
+        self.paced = False
+        #: Connection attempts refused by ``before_connect`` (each is a wait, nothing was sent).
+        self.paced_waits = 0
+        #: The random part (``Liveness.reconnect_spread_s``) of the delay last given to ``on_disconnected``.
+        self.last_spread_s = 0.0
 
     # -- what a stream provides ------------------------------------------------------------------
     def connect_url(self) -> str | None:
@@ -161,11 +191,24 @@ class WebSocketStream:
         """Handle one text/binary frame; True if it proves the stream alive (resets the silence watchdog)."""
         raise NotImplementedError
 
+    def before_connect(self) -> float:
+        """Called right before each handshake: 0.0 to go (a connection token is taken), or the seconds to
+        wait before asking again (nothing is sent). The stream's hook onto the egress's connection budget."""
+        return 0.0
+
     def on_connected(self) -> None:
         """Called once per connection, right after the handshake."""
 
     def on_disconnected(self, d: Disconnect, delay_s: float) -> None:
-        """Called after a connection ended (or failed to open); the next connect is ``delay_s`` away."""
+        """Called after a connection ended (or failed to open); the next connect is ``delay_s`` away, of which
+        ``last_spread_s`` is the random spread."""
+
+    def delay_text(self, delay_s: float) -> str:
+        """``1.0s``, or ``0.0s + 1.3s spread``: the backoff and the random spread of a reconnect delay."""
+        spread = min(self.last_spread_s, delay_s)
+        if spread <= 0:
+            return f"{delay_s:.1f}s"
+        return f"{delay_s - spread:.1f}s + {spread:.1f}s spread"
 
     def check(self) -> Reason | None:
         """Called before each receive: a reason of the stream's own to leave the connection."""
@@ -196,7 +239,7 @@ class WebSocketStream:
         if self.ws is None:
             wait = self._next_connect_at - time.monotonic()
             if wait > 0:
-                self.beat("backoff")
+                self.beat("paced" if self.paced else "backoff")
                 self.stop.wait(min(wait, self.liveness.recv_timeout_s))
                 return
             self._connect()
@@ -223,6 +266,8 @@ class WebSocketStream:
             url = self.connect_url()
             if url is None:
                 return
+            if self._paced_wait():
+                return
             ws = websocket.create_connection(
                 url,
                 timeout=self.liveness.connect_timeout_s,
@@ -247,6 +292,31 @@ class WebSocketStream:
         self._ping_due_at = now + self.liveness.ping_interval_s
         self._ping_sent_at = None
         self.on_connected()
+
+    def _paced_wait(self) -> bool:
+        """Ask ``before_connect`` for a token; True (and the next try scheduled) if the attempt must wait.
+
+        A failing hook is logged and never fatal: the attempt goes ahead (a stream kept dark by a bug in
+        its pacing would be worse than one unpaced attempt)."""
+        try:
+            wait = self.before_connect()
+        except Exception:  # noqa: BLE001 - a hook never kills the stream
+            self.log.exception("connection pacing failed; connecting without a token")
+            wait = 0.0
+        if wait <= 0:
+            if self.paced:
+                self.log.info("connection token taken after %d wait(s)", self.paced_waits)
+            self.paced, self.paced_waits = False, 0
+            return False
+        if not self.paced:
+            self.log.info(
+                "the egress's connection attempts are spent: waiting for a token (next try in %.1fs)", wait
+            )
+        self.paced = True
+        self.paced_waits += 1
+        self._next_connect_at = time.monotonic() + wait
+        self.beat("paced")
+        return True
 
     def _liveness_problem(self, now: float) -> Disconnect | None:
         lv = self.liveness
@@ -313,6 +383,10 @@ class WebSocketStream:
         if self.stop.is_set() or self.exit_code is not None:
             return
         delay = max(reconnect_delay(self.attempts, d.planned, uptime), d.retry_after_s)
+        self.last_spread_s = 0.0
+        if d.reason is not Reason.MAX_AGE and self.liveness.reconnect_spread_s > 0:
+            self.last_spread_s = random.uniform(0.0, self.liveness.reconnect_spread_s)
+            delay += self.last_spread_s
         self._next_connect_at = now + delay
         self.last_reason = d.reason
         self.on_disconnected(d, delay)

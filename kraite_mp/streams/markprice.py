@@ -31,6 +31,7 @@ import psycopg2
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
+from kraite_mp.binance.connections import ConnectionBudget, connection_budget
 from kraite_mp.binance.market import MARK_PRICE_ROUTE, FrameError, PriceText, parse_mark_price_frame
 from kraite_mp.config import Settings
 from kraite_mp.store import db as kdb
@@ -324,6 +325,7 @@ class MarkPriceStreamer(WebSocketStream):
                 silence_s=mp.watchdog_s,
                 recv_timeout_s=RECV_TIMEOUT_S,
                 connect_timeout_s=CONNECT_TIMEOUT_S,
+                reconnect_spread_s=settings.binance.reconnect_spread_s,
             ),
             Attempts.from_settings(settings.supervisor),
             ctx.stop,
@@ -334,6 +336,8 @@ class MarkPriceStreamer(WebSocketStream):
         self.url = settings.binance.ws_url.rstrip("/") + MARK_PRICE_ROUTE
         self.writer = PriceWriter(settings)
         self.stats = StreamStats()
+        #: The egress's connection attempts (built in ``initialize``, after the fork).
+        self.connections: ConnectionBudget | None = None
         self._connection_ticks = 0
         self._bad_logged = (0, 0)
         self._bad_logged_at = 0.0
@@ -350,6 +354,7 @@ class MarkPriceStreamer(WebSocketStream):
             mp.watchdog_s,
             mp.reload_s,
         )
+        self.connections = connection_budget(self.settings)
         self.writer.start()
         self.ctx.beat("connecting", force=True)
 
@@ -369,6 +374,9 @@ class MarkPriceStreamer(WebSocketStream):
         self.ctx.beat("stopped", force=True)
 
     # the connection hooks
+    def before_connect(self) -> float:
+        return 0.0 if self.connections is None else self.connections.take()
+
     def connect_url(self) -> str:
         return self.url
 
@@ -387,7 +395,7 @@ class MarkPriceStreamer(WebSocketStream):
         if d.reason is Reason.SILENT:
             st.watchdog_reconnects += 1
         level = logging.INFO if d.planned else logging.WARNING
-        log.log(level, "mark-price stream: %s; reconnecting in %.1fs", d, delay_s)
+        log.log(level, "mark-price stream: %s; reconnecting in %s", d, self.delay_text(delay_s))
 
     def handle_frame(self, raw: bytes | str) -> bool:
         """One text frame: parse, count, hand the prices to the writer; True if it was a tick (never raises)."""

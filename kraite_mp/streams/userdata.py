@@ -10,6 +10,10 @@ Threads (all started after the fork, by ``run_user_data_child``):
 - **keepalive**: ``PUT /fapi/v1/listenKey`` every ``keepalive_interval_s``. -1125 makes the main
   loop get a new key and reconnect; -2015 makes the child exit FATAL.
 
+Every connection attempt takes a token of the egress's connection budget first (``before_connect``,
+``binance.connections.connection_budget``, built after the fork); the planned rollover comes at this
+account's own age (``jittered_max_age``), reconnects after a drop are spread (``reconnect_spread_s``).
+
 After every (re)connect a REST reconciliation of the account is requested (frames in the gap are
 lost); the request goes through the spool like a frame, so a Redis outage cannot lose it either.
 The listenKey is registered for log redaction and is never logged, in the title or in an exception.
@@ -28,11 +32,19 @@ from kraite_mp.backoff import Attempts
 from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, scrub_text
 from kraite_mp.logs import redact, register_secret
 from kraite_mp.messages import FrameIds, build_producer_broker, frame_record, reconcile_record
-from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream, describe
+from kraite_mp.streams.connection import (
+    Disconnect,
+    Liveness,
+    Reason,
+    WebSocketStream,
+    describe,
+    jittered_max_age,
+)
 from kraite_mp.streams.sender import SENDER_DRAIN_S, SpoolSender
 from kraite_mp.streams.spool import Spool, SpoolError
 
 if TYPE_CHECKING:
+    from kraite_mp.binance.connections import ConnectionBudget
     from kraite_mp.binance.rest import BinanceRest
     from kraite_mp.config import Settings
     from kraite_mp.store.accounts import Account
@@ -58,8 +70,12 @@ def spool_directory(settings: Settings, account_id: int) -> str:
     return os.path.join(settings.user_data_stream.spool_dir, str(account_id))
 
 
-def liveness(settings: Settings) -> Liveness:
+def liveness(settings: Settings, account_id: int | None = None) -> Liveness:
+    """How a user-data connection is judged; with ``account_id``, that account's own max age."""
     cfg = settings.user_data_stream
+    max_age = cfg.max_connection_age_s
+    if account_id is not None:
+        max_age = jittered_max_age(max_age, cfg.max_connection_age_jitter_ratio, account_id)
     return Liveness(
         ping_interval_s=cfg.ping_interval_s,
         pong_timeout_s=cfg.pong_timeout_s,
@@ -67,8 +83,9 @@ def liveness(settings: Settings) -> Liveness:
         silence_s=cfg.ping_interval_s + cfg.pong_timeout_s,
         recv_timeout_s=max(0.05, min(RECV_POLL_S, cfg.ping_interval_s / 2, cfg.pong_timeout_s / 2)),
         connect_timeout_s=WS_CONNECT_TIMEOUT_S,
-        max_age_s=cfg.max_connection_age_s,
+        max_age_s=max_age,
         drain_timeout_s=cfg.drain_timeout_s,
+        reconnect_spread_s=settings.binance.reconnect_spread_s,
     )
 
 
@@ -77,7 +94,7 @@ class UserDataStream(WebSocketStream):
 
     def __init__(self, ctx: ChildContext, account: Account) -> None:
         super().__init__(
-            liveness(ctx.settings),
+            liveness(ctx.settings, account.id),
             Attempts.from_settings(ctx.settings.supervisor),
             ctx.stop,
             logging.getLogger(f"{__name__}.account{account.id}"),
@@ -93,6 +110,7 @@ class UserDataStream(WebSocketStream):
         self.spool: Spool | None = None
         self.sender: SpoolSender | None = None
         self.rest: BinanceRest | None = None
+        self.connections: ConnectionBudget | None = None
         self._key: str | None = None
         self._key_expired = False
         self._key_lost = threading.Event()
@@ -117,6 +135,9 @@ class UserDataStream(WebSocketStream):
         except SecretKeyError as e:
             self.exit_code = self.ctx.fatal(str(e), code=exitcodes.EXIT_FATAL_CONFIG)
             return
+        from kraite_mp.binance.connections import connection_budget
+
+        self.connections = connection_budget(self.settings)
         threading.Thread(target=self._keepalive_loop, name="listenkey-keepalive", daemon=True).start()
 
     def loop(self) -> None:
@@ -164,6 +185,13 @@ class UserDataStream(WebSocketStream):
         self.ctx.beat(state, **self._fields())
 
     # -- the connection hooks --------------------------------------------------------------------
+    def before_connect(self) -> float:
+        from kraite_mp.binance.connections import MARK_PRICE_RESERVE
+
+        if self.connections is None:
+            return 0.0
+        return self.connections.take(reserve=MARK_PRICE_RESERVE)  # the mark-price stream goes first
+
     def connect_url(self) -> str | None:
         from kraite_mp.binance.errors import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
 
@@ -224,7 +252,7 @@ class UserDataStream(WebSocketStream):
             self._key = None  # the server does not know the key: get another
         self.reconnects += 1
         level = logging.INFO if d.planned else logging.WARNING
-        self.log.log(level, "disconnected (%s); reconnecting in %.1fs", d, delay_s)
+        self.log.log(level, "disconnected (%s); reconnecting in %s", d, self.delay_text(delay_s))
 
     def _credentials_fatal(self, error: str) -> int:
         error = redact(error)
