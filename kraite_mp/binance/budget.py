@@ -93,8 +93,7 @@ end
 return 1
 """
 
-#: What an unreachable or failing Redis raises through redis-py and ``limits``.
-#: What a failing Redis raises: the budget falls back to its local share.
+#: What an unreachable or failing Redis raises through redis-py and ``limits``: the local share decides.
 REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, OSError)
 
 

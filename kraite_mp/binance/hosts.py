@@ -1,8 +1,6 @@
-"""What every client of one Binance base URL shares inside this process: the block in force after a
-429/418, the last X-MBX-USED-WEIGHT-1M reading and the server-time offset.
-
-It is the fast path in front of the egress's shared budget (``kraite_mp.binance.budget``): a block
-seen once is remembered here, so a refused call costs no Redis round trip while the block lasts.
+"""What every client of one Binance base URL shares inside this process: the last X-MBX-USED-WEIGHT-1M
+reading and the server-time offset. A 429/418 block lives in the egress budget
+(``kraite_mp.binance.budget``), which every process shares.
 """
 
 from __future__ import annotations
@@ -17,10 +15,6 @@ from kraite_mp.binance.budget import reset_budgets
 class HostState:
     """What all clients of one base URL (one IP's limits) share in this process."""
 
-    #: ``time.monotonic()`` before which no request may be sent (after a 429/418), 0 = none.
-    blocked_until: float = 0.0
-    #: 429 or 418: what caused ``blocked_until``.
-    blocked_status: int = 0
     #: Last X-MBX-USED-WEIGHT-1M seen, and the (server-clock) minute it was seen in.
     used_weight: int = 0
     used_weight_minute: int = -1
@@ -33,7 +27,7 @@ _hosts_lock = threading.Lock()
 
 
 def host_state(base_url: str) -> HostState:
-    """The shared rate-limit/ban/clock state of a base URL."""
+    """The shared used-weight and clock state of a base URL."""
     with _hosts_lock:
         state = _hosts.get(base_url)
         if state is None:

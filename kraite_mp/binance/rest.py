@@ -2,8 +2,8 @@
 
 One ``BinanceRest`` per account, one ``requests.Session`` under it, a timeout on every call; errors
 are translated at this boundary into ``kraite_mp.binance.errors``. Every request first takes its
-weight from the egress's shared budget (``kraite_mp.binance.budget``); the per-process host state
-is the fast path in front of it. Signing, the -1021 time-offset retry and the slow-down near the
+weight from the egress's shared budget (``kraite_mp.binance.budget``), which also holds the 429/418
+block every process of the egress obeys. Signing, the -1021 time-offset retry and the slow-down near the
 weight limit follow docs/PROTOCOL.md. No message ever holds the API secret, a signature or a
 listenKey: requests' own exception texts (which quote the signed URL) are never passed on.
 """
@@ -177,18 +177,10 @@ class BinanceRest:
         return self._blocked()[1]
 
     def _blocked(self) -> tuple[int, float]:
-        """(429 or 418, seconds left) of the block in force, (0, 0.0) if none."""
-        host = self._host
-        left = host.blocked_until - time.monotonic()
-        if left > 0:
-            return host.blocked_status or 429, left
+        """(429 or 418, seconds left) of the block in force, (0, 0.0) if none: the budget keeps it (a block
+        it already knows costs no Redis round trip)."""
         block = self.budget.blocked()
-        if block is None:
-            return 0, 0.0
-        # remembered locally: no Redis round trip per refused call while the block lasts
-        host.blocked_until = max(host.blocked_until, time.monotonic() + block.left_s)
-        host.blocked_status = block.status
-        return block.status, block.left_s
+        return (0, 0.0) if block is None else (block.status, block.left_s)
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000) + self._host.time_offset_ms
@@ -439,13 +431,8 @@ class BinanceRest:
         if status in (429, 418):
             default = DEFAULT_418_RETRY_AFTER_S if status == 418 else DEFAULT_429_RETRY_AFTER_S
             retry_after = parse_retry_after(resp.headers.get("Retry-After"), default)
-            host = self._host
             # every process of the egress learns it (through Redis); each resumes a little after the deadline
-            waits = self.budget.block(status, retry_after)
-            now = time.monotonic()
-            if status == 418 or host.blocked_status != 418 or host.blocked_until <= now:
-                host.blocked_status = status  # a ban in force stays a ban
-            host.blocked_until = max(host.blocked_until, now + waits)
+            self.budget.block(status, retry_after)
             what = "IP banned" if status == 418 else "rate limited"
             log.error(
                 "%s: %s by Binance for %.0fs: no requests to %s until then",
