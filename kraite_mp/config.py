@@ -146,6 +146,17 @@ class UserDataStreamSettings:
     spool_dir: str = "var/spool"
     #: fsync the spool after every frame: survives power loss, not just a child crash (costs latency).
     spool_fsync: bool = False
+    #: A spool keeps every frame until its audit row is committed (end-to-end acknowledgement), so that a
+    #: broker that lost its data can be replayed. Past this many bytes per account the oldest frames that
+    #: Redis accepted (but no worker acknowledged yet) are dropped from the spool, never unsent ones.
+    spool_max_bytes: int = 256 * 1024 * 1024
+    #: The active segment rotates at this size or age, so acknowledged frames of an idle account are
+    #: deleted too.
+    spool_segment_bytes: int = 4 * 1024 * 1024
+    spool_segment_max_age_s: float = 60.0
+    #: While the disk refuses writes (full, read-only), frames wait in memory, this many at most, and go
+    #: straight to Redis; write-ahead resumes once the disk takes them again.
+    spool_memory_frames: int = 100_000
     queue_name: str = "user-data-stream"
     events: list[str] = field(default_factory=lambda: list(USER_DATA_EVENTS))
     binance: BinanceUserDataSettings = field(default_factory=BinanceUserDataSettings)
@@ -178,6 +189,9 @@ class JobsSettings:
     retry_max_backoff_ms: int = 300_000
     #: Longest idle sleep of the user-data-stream consumer between empty fetches (ms); see kraite_mp.jobs.
     idle_poll_ms: int = 5
+    #: A worker that stopped heartbeating this long ago is dead: its unacknowledged messages are
+    #: requeued (Dramatiq's default is 60 s). Every live worker heartbeats about once per second.
+    heartbeat_timeout_s: float = 10.0
 
 
 @dataclass
@@ -343,6 +357,18 @@ def validate(settings: Settings) -> None:
         raise ConfigError("mark_price.chunk_size: must be >= 0")
     if not settings.user_data_stream.drain_timeout_s > 0:
         raise ConfigError("user_data_stream.drain_timeout_s: must be > 0")
+    if uds_bad := [
+        k
+        for k in ("spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "spool_memory_frames")
+        if not getattr(settings.user_data_stream, k) > 0
+    ]:
+        raise ConfigError(f"user_data_stream.{uds_bad[0]}: must be > 0")
+    if settings.user_data_stream.spool_max_bytes < 2 * settings.user_data_stream.spool_segment_bytes:
+        raise ConfigError("user_data_stream.spool_max_bytes: must be at least twice spool_segment_bytes")
+    if not settings.jobs.heartbeat_timeout_s >= 2:
+        raise ConfigError(
+            f"jobs.heartbeat_timeout_s: must be >= 2 s, got {settings.jobs.heartbeat_timeout_s!r}"
+        )
     if settings.supervisor.backoff_cap_exponent < 0:
         raise ConfigError("supervisor.backoff_cap_exponent: must be >= 0")
     if not 0 < settings.binance.weight_share <= 1:
