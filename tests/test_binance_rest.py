@@ -191,6 +191,27 @@ def test_used_weight_is_read_from_every_reply(simulator: Any) -> None:
 
 
 @pytest.mark.integration
+def test_positions_and_balances_cost_their_weight_from_the_budget_and_say_when_they_were_asked(
+    simulator: Any,
+) -> None:
+    sim = simulator
+    key = sim.accounts[0].api_key
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.010")
+    with client(sim) as rest:
+        left = rest.budget.remaining()
+        before_ms = int(time.time() * 1000)
+        positions = rest.position_risk()
+        assert before_ms <= rest.sent_at_ms <= int(time.time() * 1000)
+        assert [(p["symbol"], p["positionAmt"]) for p in positions] == [("BTCUSDT", "0.010")]
+        assert rest.position_risk("ETHUSDT")[0]["symbol"] == "ETHUSDT"
+        balances = rest.balances()
+        assert {b["asset"] for b in balances} >= {"USDT"}
+        assert rest.weight_spent == 15 and rest.requests_sent == 3
+        assert left is not None and rest.budget.remaining() == left - 15  # taken from the egress budget
+        assert rest.used_weight_1m >= 15  # what the exchange counted
+
+
+@pytest.mark.integration
 def test_near_the_weight_limit_the_client_waits_for_the_window(simulator: Any) -> None:
     sim = simulator
     with client(sim, weight_limit_per_min=100, slowdown_ratio=0.5) as rest:

@@ -210,3 +210,138 @@ def test_config_imports_the_lists_instead_of_repeating_them() -> None:
     assert KNOWN_EVENTS == set(USER_DATA_EVENTS) and len(USER_DATA_EVENTS) == len(KNOWN_EVENTS)
     assert set(config.DEFAULT_DISPATCHED_EXECUTIONS) <= KNOWN_DISPATCH_KEYS
     assert len(KNOWN_DISPATCH_KEYS) == 15
+
+
+# -- REST snapshots of positions and balances ---------------------------------------------------------
+
+ACCOUNT_REST_2026 = Path(__file__).resolve().parent / "fixtures" / "account_rest_2026.json"
+
+
+def account_rest_2026() -> dict[str, Any]:
+    with open(ACCOUNT_REST_2026) as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def _dec(text: str | None) -> Decimal | None:
+    return None if text is None else Decimal(text)
+
+
+def test_position_risk_replies_parse_with_their_side_margin_type_and_event_time() -> None:
+    data = account_rest_2026()
+    parsed = user.positions_from_rest([c["reply"] for c in data["position_risk"]], data["asked_at_ms"])
+    assert len(parsed) == len(data["position_risk"])
+    for case, (position, time_ms) in zip(data["position_risk"], parsed, strict=True):
+        want = case["expect"]
+        assert position == Position(
+            symbol=want["symbol"],
+            position_side=want["side"],
+            amount=_dec(want["amount"]),
+            entry_price=_dec(want["entry"]),
+            breakeven_price=_dec(want["breakeven"]),
+            unrealized_pnl=_dec(want["upnl"]),
+            margin_type=want["margin_type"],
+            isolated_wallet=_dec(want["isolated_wallet"]),
+        ), case["note"]
+        assert time_ms == want["time"], case["note"]
+
+
+def test_balance_replies_parse_without_a_balance_change() -> None:
+    data = account_rest_2026()
+    parsed = user.balances_from_rest([c["reply"] for c in data["balance"]], data["asked_at_ms"])
+    for case, (balance, time_ms) in zip(data["balance"], parsed, strict=True):
+        want = case["expect"]
+        assert balance == Balance(want["asset"], Decimal(want["wallet"]), Decimal(want["cross"]), None)
+        assert time_ms == want["time"]
+    assert user.balances_from_rest([], 5) == [] and user.positions_from_rest([], 5) == []
+
+
+@pytest.mark.parametrize("case", account_rest_2026()["broken"], ids=lambda c: str(c["note"]))
+def test_a_broken_snapshot_item_refuses_the_whole_snapshot(case: dict[str, Any]) -> None:
+    data = account_rest_2026()
+    items = [c["reply"] for c in data[case["kind"]]]
+    items[-1] = {k: v for k, v in {**items[-1], **case["patch"]}.items() if v is not None}
+    parse = user.positions_from_rest if case["kind"] == "position_risk" else user.balances_from_rest
+    with pytest.raises(FrameError, match=re.escape(case["error"])):
+        parse(items, data["asked_at_ms"])
+    with pytest.raises(FrameError, match="not a list"):
+        parse({"code": -1, "msg": "x"}, 1)
+    with pytest.raises(FrameError, match=r"\[0\]: not an object"):
+        parse(["x"], 1)
+
+
+@pytest.mark.parametrize(
+    "parser", [user.positions_from_rest, user.balances_from_rest], ids=lambda p: p.__name__
+)
+def test_each_snapshot_parser_docstring_sample_is_real_and_parses(parser: Any) -> None:
+    doc = parser.__doc__ or ""
+    payload = json.loads(doc.split("::", 1)[1])
+    parsed = parser(payload, 7)
+    assert len(parsed) == 1 and parsed[0][1] == max(7, payload[0]["updateTime"])
+
+
+def test_a_combined_stream_frame_is_the_event_it_carries_without_its_listen_key() -> None:
+    inner = json.loads(sample("Binance doc ACCOUNT_UPDATE sample"))
+    wrapped = json.dumps({"stream": "k" * 64, "data": inner})
+    event = parse_frame(3, wrapped)
+    assert event.kind == "event" and event.event_type == "ACCOUNT_UPDATE" and event.account is not None
+    assert event.error is None and "k" * 64 not in (event.payload_text or "")
+    assert json.loads(event.payload_text or "") == inner
+    # anything else shaped like an envelope is left as it is
+    assert parse_frame(3, json.dumps({"stream": "x", "data": [1]})).kind == "not_object"
+    assert parse_frame(3, json.dumps({"stream": "x", "data": {"e": "X"}, "more": 1})).kind == "not_object"
+
+
+SIM_FRAMES_2026 = Path(__file__).resolve().parent / "fixtures" / "sim_frames_2026.jsonl"
+
+
+def test_recorded_simulator_frames_of_every_2026_kind_parse_unwrapped_and_scrubbed() -> None:
+    """Frames recorded from the simulator on /private/stream (two keys, wrapped): every kind the
+    exchange sends in 2026. ``outcome`` is what ``jobs.decide`` made of each with every dispatch key on."""
+    with open(SIM_FRAMES_2026) as f:
+        recorded = [json.loads(line) for line in f if line.strip()]
+    assert len(recorded) >= 25
+    kinds = set()
+    for r in recorded:
+        event = parse_frame(1, r["frame"])
+        assert event.kind == "event" and event.known and event.error is None, r["note"]
+        assert (event.event_type, event.dispatch_key) == (r["event_type"], r["dispatch_key"]), r["note"]
+        assert "FakeListenKeyForTheFixtures" not in (event.payload_text or ""), r["note"]
+        if r["outcome"] == "dispatched":
+            assert event.order is not None, r["note"]
+        elif r["outcome"] == "applied":
+            assert event.account is not None and event.account.balances, r["note"]
+        kinds.add((event.event_type, event.dispatch_key))
+        if event.order is not None and event.order.status == "EXPIRED_IN_MATCH":
+            kinds.add(("status", "EXPIRED_IN_MATCH"))
+        if event.account is not None:
+            kinds |= {("side", p.position_side) for p in event.account.positions}
+            kinds |= {("margin", p.margin_type) for p in event.account.positions}
+    assert {
+        ("ORDER_TRADE_UPDATE", "AMENDMENT"),
+        ("ORDER_TRADE_UPDATE", "CALCULATED"),
+        ("status", "EXPIRED_IN_MATCH"),
+        ("ALGO_UPDATE", "ALGO_TRIGGERING"),
+        ("side", "LONG"),
+        ("side", "SHORT"),
+        ("margin", "isolated"),
+        ("MARGIN_CALL", None),
+        ("ACCOUNT_CONFIG_UPDATE", None),
+        ("STRATEGY_UPDATE", None),
+        ("GRID_UPDATE", None),
+        ("CONDITIONAL_ORDER_TRIGGER_REJECT", None),
+        ("listenKeyExpired", None),
+    } <= kinds
+
+
+def test_check_events_refuses_a_list_that_silences_the_stream_and_warns_about_trade_lite() -> None:
+    errors, warnings = user.check_events(list(USER_DATA_EVENTS))
+    assert errors == [] and len(warnings) == 1 and "TRADE_LITE" in warnings[0]
+    lean = ["ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE", "ALGO_UPDATE", "listenKeyExpired"]
+    assert user.check_events(lean) == ([], [])
+    errors, _ = user.check_events(["ORDER_TRADE_UPDATE", "ACCOUNT_UPDATE"])
+    assert [e.split()[0] for e in errors] == ["listenKeyExpired", "ALGO_UPDATE"]
+    errors, warnings = user.check_events([*lean[:1], "order_trade_update", *lean[2:], "listenKeyExpired"])
+    assert any("order_trade_update" in e for e in errors) and any("twice" in e for e in errors)
+    assert any("ACCOUNT_UPDATE" in w for w in warnings)
+    assert set(user.REQUIRED_EVENTS) <= KNOWN_EVENTS

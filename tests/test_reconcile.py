@@ -17,10 +17,11 @@ import pytest
 from kraite_mp.binance.hosts import reset_host_state
 from kraite_mp.binance.orders import algo_from_rest, order_from_rest, order_from_ws
 from kraite_mp.binance.rest import BinanceRest
+from kraite_mp.binance.user import account_update_from_ws
 from kraite_mp.config import Settings
 from kraite_mp.reconcile.runner import reconcile_accounts, run_sync_child
 from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, choose_mode, reconcile_account
-from kraite_mp.store import orders
+from kraite_mp.store import account_state, orders
 from kraite_mp.store.accounts import Account, add_account, get_account
 from kraite_mp.supervisor.context import ChildContext
 from kraite_mp.supervisor.runfiles import last_full_sweep_ms
@@ -111,6 +112,76 @@ def audit_rows(db: Any, account_id: int) -> list[tuple[str, str, str, dict[str, 
     return rows
 
 
+def audit_event_types(db: Any, account_id: int) -> set[str]:
+    with db.cursor() as cur:
+        cur.execute("SELECT DISTINCT event_type FROM api_data_stream WHERE account_id = %s", (account_id,))
+        types = {r[0] for r in cur.fetchall()}
+    db.commit()
+    return types
+
+
+def db_positions(db: Any, account_id: int) -> dict[tuple[str, str], dict[str, Any]]:
+    """(symbol, side) -> the stored position row."""
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT symbol, position_side, amount, entry_price, unrealized_pnl, margin_type, event_time_ms"
+            " FROM account_positions WHERE account_id = %s",
+            (account_id,),
+        )
+        rows = cur.fetchall()
+    db.commit()
+    names = ("amount", "entry", "upnl", "margin_type", "event_time_ms")
+    return {(r[0], r[1]): dict(zip(names, r[2:], strict=True)) for r in rows}
+
+
+def db_balances(db: Any, account_id: int) -> dict[str, dict[str, Any]]:
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT asset, wallet_balance, cross_wallet_balance, event_time_ms FROM account_balances"
+            " WHERE account_id = %s",
+            (account_id,),
+        )
+        rows = cur.fetchall()
+    db.commit()
+    return {r[0]: {"wallet": r[1], "cross": r[2], "event_time_ms": r[3]} for r in rows}
+
+
+def stream_saw_account(db: Any, account: Account, truth: dict[str, Any], event_time_ms: int) -> None:
+    """Pretend the stream delivered an ACCOUNT_UPDATE with these positions and this wallet at that time."""
+    frame = {
+        "e": "ACCOUNT_UPDATE",
+        "E": event_time_ms,
+        "T": event_time_ms,
+        "a": {
+            "m": "ORDER",
+            "B": [{"a": "USDT", "wb": truth["wallet_balance"], "cw": truth["wallet_balance"], "bc": "0"}],
+            "P": truth["positions"],
+        },
+    }
+    with db.cursor() as cur:
+        account_state.apply_account_update(cur, account_update_from_ws(account.id, frame))
+    db.commit()
+
+
+def assert_account_equals_truth(db: Any, account_id: int, truth: dict[str, Any]) -> None:
+    """Every open position and the USDT wallet as the exchange has them; every other stored position is 0."""
+    stored = db_positions(db, account_id)
+    expected = {(p["s"], p["ps"]): p for p in truth["positions"]}
+    open_rows = {k for k, row in stored.items() if row["amount"] != 0}
+    assert open_rows == set(expected), f"open {sorted(open_rows)}, exchange {sorted(expected)}"
+    for k, p in expected.items():
+        assert stored[k]["amount"] == Decimal(p["pa"]) and stored[k]["entry"] == Decimal(p["ep"]), (
+            k,
+            stored[k],
+            p,
+        )
+    usdt = db_balances(db, account_id).get("USDT")
+    assert usdt is not None and usdt["wallet"] == Decimal(truth["wallet_balance"]), (
+        usdt,
+        truth["wallet_balance"],
+    )
+
+
 def write_heartbeat(
     settings: Settings, account_id: int, started: float, state: str = "streaming", **fields: Any
 ) -> None:
@@ -142,7 +213,7 @@ def test_result_is_typed_and_prints_the_strings_operators_see() -> None:
     result = ReconcileResult(7, "alice", mode="targeted", status=ReconcileStatus.RATE_LIMITED, error="429")
     assert result.summary() == (
         "account=7 name=alice mode=targeted status=rate_limited checked=0 updated=0"
-        " transitions=0 not_found=0 requests=0 weight=0 error='429'"
+        " transitions=0 not_found=0 positions=0 balances=0 requests=0 weight=0 error='429'"
     )
     assert ReconcileResult(1, "x").status is ReconcileStatus.OK
 
@@ -273,9 +344,9 @@ def test_an_algo_order_placed_triggered_and_filled_inside_a_gap_is_reconciled(en
     after = sim.stats()["requests"]
     assert result.status == "ok" and result.mode == "full" and result.not_found == 0
     assert after["/fapi/v1/allAlgoOrders"] - before.get("/fapi/v1/allAlgoOrders", 0) == 1
-    # 80 for the two no-symbol listings + 5 allOrders + 5 allAlgoOrders for the one active symbol;
-    # both ended algo orders and the regular order come from the histories: no lookup
-    assert result.weight == 90 and result.requests == 4
+    # 5 positionRisk + 5 balance, 80 for the two no-symbol listings + 5 allOrders + 5 allAlgoOrders for
+    # the one active symbol; both ended algo orders and the regular order come from the histories: no lookup
+    assert result.weight == 100 and result.requests == 6
     stored = db_orders(db, account.id)
     algo_row = stored[("algo", gap_algo)]
     assert algo_row["status"] == "FINISHED" and algo_row["source"] == "rest"
@@ -293,6 +364,149 @@ def test_an_algo_order_placed_triggered_and_filled_inside_a_gap_is_reconciled(en
     # idempotent: the same answers again change nothing
     again = reconcile_account(db, settings, account)
     assert again.status == "ok" and again.transitions == 0 and again.updated == 0
+
+
+@pytest.mark.integration
+def test_positions_and_balances_changed_in_a_gap_equal_the_exchange_after_reconcile(
+    env: dict[str, Any],
+) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    account, key = env["accounts"][0], sim.accounts[0].api_key
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.010")
+    sim.place_order(key, symbol="ETHUSDT", side="SELL", type="MARKET", quantity="1.000")
+    resting = sim.place_order(key, symbol="SOLUSDT", side="BUY", type="LIMIT", quantity="2", price="100.000")
+    before = sim.truth(key)
+    stream_saw(db, account, before)
+    stream_saw_account(db, account, before, sim.engine.now_ms())
+    assert_account_equals_truth(db, account.id, before)
+
+    # ---- the gap: no stream is connected, every event is lost ----
+    sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.010")  # BTC closed
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="MARKET", quantity="0.400")  # ETH reduced
+    sim.fill(key, resting)  # SOL opened by a resting order
+    sim.place_order(key, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")  # a symbol never seen
+    truth = sim.truth(key)
+    assert truth["wallet_balance"] != before["wallet_balance"]
+    assert {p["s"] for p in truth["positions"]} == {"ETHUSDT", "SOLUSDT", "DOGEUSDT"}
+    assert not sim.stats()["current_connections"].get(key)
+
+    result = reconcile_account(db, settings, account)
+    assert result.status == "ok" and result.mode == "full"
+    assert_account_equals_truth(db, account.id, truth)
+    stored = db_positions(db, account.id)
+    assert stored[("BTCUSDT", "BOTH")]["amount"] == 0 and stored[("BTCUSDT", "BOTH")]["upnl"] == 0
+    assert stored[("DOGEUSDT", "BOTH")]["margin_type"] == "cross"
+    assert result.positions >= 4 and result.balances >= 1
+    # a position opened in the gap makes its symbol active: the market order that opened it is found too
+    assert_equals_truth(db, account.id, truth)
+    assert {"REST_POSITIONS", "REST_BALANCES"} <= audit_event_types(db, account.id)
+
+    # the same answers again: nothing new to audit, nothing changes
+    audited = len(audit_rows(db, account.id))
+    again = reconcile_account(db, settings, account)
+    assert again.status == "ok" and len(audit_rows(db, account.id)) == audited
+    assert_account_equals_truth(db, account.id, sim.truth(key))
+
+    # everything closed in the next gap: positionRisk answers an empty list, every position becomes 0
+    for p in truth["positions"]:
+        side = "SELL" if Decimal(p["pa"]) > 0 else "BUY"
+        sim.place_order(key, symbol=p["s"], side=side, type="MARKET", quantity=str(abs(Decimal(p["pa"]))))
+    assert sim.truth(key)["positions"] == []
+    reconcile_account(db, settings, account)
+    assert {row["amount"] for row in db_positions(db, account.id).values()} == {0}
+    assert_account_equals_truth(db, account.id, sim.truth(key))
+
+
+@pytest.mark.integration
+def test_hedge_mode_and_isolated_positions_converge_side_by_side(env: dict[str, Any]) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    account, key = env["accounts"][1], sim.accounts[1].api_key
+    sim.set_position_mode(key, dual_side=True)
+    sim.set_margin_type(key, "ETHUSDT", "ISOLATED")
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.010", position_side="LONG")
+    sim.place_order(
+        key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.020", position_side="SHORT"
+    )
+    before = sim.truth(key)
+    stream_saw_account(db, account, before, sim.engine.now_ms())
+    # ---- the gap ----
+    sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.010", position_side="LONG")
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="MARKET", quantity="1.000", position_side="LONG")
+    truth = sim.truth(key)
+    assert {(p["s"], p["ps"]) for p in truth["positions"]} == {("BTCUSDT", "SHORT"), ("ETHUSDT", "LONG")}
+    assert reconcile_account(db, settings, account).status == "ok"
+    assert_account_equals_truth(db, account.id, truth)
+    stored = db_positions(db, account.id)
+    assert stored[("BTCUSDT", "LONG")]["amount"] == 0  # the long side closed, the short side untouched
+    assert stored[("BTCUSDT", "SHORT")]["amount"] == Decimal("-0.020")
+    assert stored[("ETHUSDT", "LONG")]["margin_type"] == "isolated"
+    assert stored[("BTCUSDT", "SHORT")]["margin_type"] == "cross"
+
+
+@pytest.mark.integration
+def test_a_rest_snapshot_never_regresses_a_newer_streamed_position_and_an_older_frame_loses_to_it(
+    env: dict[str, Any],
+) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    account, key = env["accounts"][0], sim.accounts[0].api_key
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.020")
+    truth = sim.truth(key)
+    # the stream is ahead of REST: frames newer than the sweep's request (E an hour from now) say BTC is
+    # 0.5 and ETH is open; the exchange's answer (taken earlier) must not overwrite them
+    future = sim.engine.now_ms() + 3_600_000
+    ahead = dict(truth, wallet_balance="12345.00000000")
+    ahead["positions"] = [
+        dict(truth["positions"][0], pa="0.500"),
+        dict(truth["positions"][0], s="ETHUSDT", pa="-2.000"),
+    ]
+    stream_saw_account(db, account, ahead, future)
+    result = reconcile_account(db, settings, account)
+    assert result.status == "ok"
+    stored = db_positions(db, account.id)
+    assert stored[("BTCUSDT", "BOTH")]["amount"] == Decimal("0.500")
+    assert stored[("ETHUSDT", "BOTH")]["amount"] == Decimal("-2.000")  # absent from REST, yet newer: kept
+    assert db_balances(db, account.id)["USDT"]["wallet"] == Decimal("12345.00000000")
+
+    # without the frames from the future the snapshot wins; then a frame older than it, processed late,
+    # changes nothing, and a newer one does
+    with db.cursor() as cur:
+        cur.execute("DELETE FROM account_positions WHERE account_id = %s", (account.id,))
+        cur.execute("DELETE FROM account_balances WHERE account_id = %s", (account.id,))
+    db.commit()
+    old_frame_ms = sim.engine.now_ms()
+    stream_saw_account(db, account, ahead, old_frame_ms - 1)  # ETH "open" as of just before the sweep
+    reconcile_account(db, settings, account)
+    assert_account_equals_truth(db, account.id, truth)
+    snapshot_ms = db_positions(db, account.id)[("BTCUSDT", "BOTH")]["event_time_ms"]
+    assert snapshot_ms >= old_frame_ms and db_positions(db, account.id)[("ETHUSDT", "BOTH")]["amount"] == 0
+    stream_saw_account(db, account, ahead, old_frame_ms)  # older than the snapshot: loses
+    assert_account_equals_truth(db, account.id, truth)
+    stream_saw_account(db, account, ahead, snapshot_ms + 1)  # newer: wins
+    assert db_positions(db, account.id)[("BTCUSDT", "BOTH")]["amount"] == Decimal("0.500")
+
+
+@pytest.mark.integration
+def test_an_unusable_position_snapshot_is_audited_and_changes_nothing(env: dict[str, Any]) -> None:
+    db, settings, account = env["db"], env["settings"], env["accounts"][0]
+    key = env["sim"].accounts[0].api_key
+    env["sim"].place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.010")
+    stream_saw_account(db, account, env["sim"].truth(key), 1)
+
+    class BrokenPositions(BinanceRest):
+        def position_risk(self, symbol: str | None = None) -> list[dict[str, Any]]:
+            items = super().position_risk(symbol)
+            return [*items, {"symbol": "ETHUSDT", "positionSide": "BOTH", "positionAmt": 1.5}]  # a float
+
+    rest = BrokenPositions.for_account(settings, account)
+    try:
+        result = reconcile_account(db, settings, account, rest=rest)
+    finally:
+        rest.close()
+    assert result.status == "ok" and result.invalid == 1
+    # the broken snapshot is audited as an error and applied not at all (not even its good item)
+    assert db_positions(db, account.id)[("BTCUSDT", "BOTH")]["event_time_ms"] == 1
+    rows = [r for r in audit_rows(db, account.id) if r[0].startswith(f"rest:{account.id}:positions:")]
+    assert len(rows) == 1 and rows[0][2] == "error"
 
 
 @pytest.mark.integration
@@ -518,8 +732,11 @@ def test_shadow_mode_audits_only(env: dict[str, Any]) -> None:
     assert result.shadow and result.transitions == 0 and result.audited >= 2
     assert set(db_orders(db, account.id)) == {("regular", oid)}
     assert db_orders(db, account.id)[("regular", oid)]["status"] == "NEW"
+    assert db_positions(db, account.id) == {} and db_balances(db, account.id) == {}
+    assert result.positions == 0 and result.balances == 0
     rows = audit_rows(db, account.id)
     assert {r[2] for r in rows} == {"shadow"} and {r[1] for r in rows} == {"rest"}
+    assert {"REST_POSITIONS", "REST_BALANCES"} <= audit_event_types(db, account.id)
     assert OBSERVED == []
 
 

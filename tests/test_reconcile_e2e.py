@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 from support import wait_for
-from test_reconcile import assert_equals_truth, db_orders, stream_saw
+from test_reconcile import (
+    assert_account_equals_truth,
+    assert_equals_truth,
+    db_orders,
+    db_positions,
+    stream_saw,
+)
 
 from kraite_mp.store.accounts import add_account
 
@@ -124,6 +130,43 @@ def test_orders_changed_while_the_stream_was_silent_equal_truth_after_reconnect(
     stored = db_orders(db, account.id)
     assert stored[("regular", ids[0])]["status"] == "FILLED" and stored[("regular", new)]["status"] == "NEW"
     assert rest_transitions(db, account.id) > before_rest  # the gap was closed by REST, not by frames
+
+
+def account_matches_truth(db: Any, account_id: int, truth: dict[str, Any]) -> bool:
+    try:
+        assert_account_equals_truth(db, account_id, truth)
+    except AssertionError:
+        return False
+    return True
+
+
+@pytest.mark.e2e
+def test_positions_and_balances_changed_while_the_stream_was_silent_equal_truth_after_reconnect(
+    daemon: dict[str, Any],
+) -> None:
+    sim, db, account, key = daemon["sim"], daemon["db"], daemon["account"], daemon["key"]
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.020")
+    sim.place_order(key, symbol="ETHUSDT", side="SELL", type="MARKET", quantity="1.000")
+    wait_for(
+        lambda: account_matches_truth(db, account.id, sim.truth(key)),
+        timeout=60,
+        message="the stream to deliver the first positions",
+    )
+    lost_before = sim.stats()["events_lost"].get(key, 0)
+
+    sim.go_silent(key, 4.0)  # every ACCOUNT_UPDATE from now on is lost
+    sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.020")  # closed
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="MARKET", quantity="0.250")  # reduced
+    sim.place_order(key, symbol="XRPUSDT", side="BUY", type="MARKET", quantity="50")  # opened
+    assert sim.stats()["events_lost"].get(key, 0) > lost_before
+
+    wait_for(
+        lambda: account_matches_truth(db, account.id, sim.truth(key)),
+        timeout=60,
+        message="reconciliation after the reconnect to make positions and balances equal the exchange's",
+    )
+    assert db_positions(db, account.id)[("BTCUSDT", "BOTH")]["amount"] == 0
+    streamed_until_equal(daemon, "the orders table to equal the truth too")
 
 
 @pytest.mark.e2e

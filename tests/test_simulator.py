@@ -482,6 +482,69 @@ def test_truth_matches_rest_after_scenario(sim: Simulator) -> None:
     assert sim.truth(sim.accounts[1].api_key)["orders"] == []  # accounts are independent
 
 
+#: GET /fapi/v3/positionRisk item fields (Position Information V3).
+POSITION_RISK_FIELDS = {
+    "symbol", "positionSide", "positionAmt", "entryPrice", "breakEvenPrice", "markPrice", "unRealizedProfit",
+    "liquidationPrice", "isolatedMargin", "notional", "marginAsset", "isolatedWallet", "initialMargin",
+    "maintMargin", "positionInitialMargin", "openOrderInitialMargin", "adl", "bidNotional", "askNotional",
+    "updateTime",
+}  # fmt: skip
+#: GET /fapi/v3/balance item fields (Futures Account Balance V3).
+BALANCE_FIELDS = {
+    "accountAlias", "asset", "balance", "crossWalletBalance", "crossUnPnl", "availableBalance",
+    "maxWithdrawAmount", "marginAvailable", "updateTime",
+}  # fmt: skip
+
+
+def test_position_risk_and_balance_answer_the_v3_shapes_and_weights(sim: Simulator) -> None:
+    acct = sim.accounts[0]
+    key = acct.api_key
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="MARKET", quantity="0.020")
+    sim.place_order(key, symbol="ETHUSDT", side="SELL", type="MARKET", quantity="1.000")
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="MARKET", quantity="1.000")  # ETH closed
+    sim.place_order(key, symbol="SOLUSDT", side="BUY", type="LIMIT", quantity="2", price="100.000")  # resting
+    truth = sim.truth(key)
+
+    first = signed(sim, acct, "/fapi/v3/positionRisk")
+    assert first.status_code == 200, first.text
+    rows = first.json()
+    # only what holds a position or an open order; the closed ETH position is absent
+    assert [r["symbol"] for r in rows] == ["BTCUSDT", "SOLUSDT"]
+    assert all(set(r) == POSITION_RISK_FIELDS for r in rows)
+    btc, sol = rows
+    [want] = [p for p in truth["positions"] if p["s"] == "BTCUSDT"]
+    assert btc["positionAmt"] == want["pa"] == "0.020" and btc["entryPrice"] == want["ep"]
+    assert btc["positionSide"] == "BOTH" and Decimal(btc["isolatedWallet"]) == 0 and btc["updateTime"] > 0
+    assert Decimal(btc["notional"]) == Decimal(btc["positionAmt"]) * Decimal(btc["markPrice"])
+    assert Decimal(sol["positionAmt"]) == 0 and Decimal(sol["bidNotional"]) == Decimal("200.000")
+    assert all(
+        EIGHT_DECIMALS.match(r[f]) for r in rows for f in ("markPrice", "unRealizedProfit", "notional")
+    )
+    # one symbol asked: that one, even flat
+    eth = signed(sim, acct, "/fapi/v3/positionRisk", {"symbol": "ETHUSDT"})
+    assert [(r["symbol"], Decimal(r["positionAmt"])) for r in eth.json()] == [("ETHUSDT", 0)]
+    assert int(eth.headers["X-MBX-USED-WEIGHT-1M"]) - int(first.headers["X-MBX-USED-WEIGHT-1M"]) == 5
+
+    balance = signed(sim, acct, "/fapi/v3/balance")
+    assert int(balance.headers["X-MBX-USED-WEIGHT-1M"]) - int(eth.headers["X-MBX-USED-WEIGHT-1M"]) == 5
+    assets = {b["asset"]: b for b in balance.json()}
+    assert all(set(b) == BALANCE_FIELDS for b in assets.values()) and "USDT" in assets
+    usdt = assets["USDT"]
+    assert usdt["balance"] == usdt["crossWalletBalance"] == truth["wallet_balance"] != "10000.00000000"
+    assert Decimal(usdt["crossUnPnl"]) == Decimal(btc["unRealizedProfit"]) and usdt["updateTime"] > 0
+    assert all(b["balance"] == "0.00000000" for a, b in assets.items() if a != "USDT")
+    account = signed(sim, acct, "/fapi/v3/account")
+    assert int(account.headers["X-MBX-USED-WEIGHT-1M"]) - int(balance.headers["X-MBX-USED-WEIGHT-1M"]) == 5
+    info = account.json()
+    assert info["totalWalletBalance"] == truth["wallet_balance"]
+    assert [(p["symbol"], p["positionAmt"]) for p in info["positions"]] == [
+        (r["symbol"], r["positionAmt"]) for r in rows
+    ]
+    assert {a["asset"] for a in info["assets"]} == set(assets)
+    assert signed(sim, acct, "/fapi/v3/balance", secret="x" * 64).json()["code"] == -1022
+    assert signed(sim, sim.accounts[1], "/fapi/v3/positionRisk").json() == []  # accounts are independent
+
+
 def test_scenario_is_deterministic_for_a_seed(make_sim: Callable[..., Simulator]) -> None:
     first, second = make_sim(accounts=1, seed=42), make_sim(accounts=1, seed=42)
     assert first.accounts == second.accounts
@@ -735,6 +798,27 @@ def test_expire_listen_key_on_demand(sim: Simulator, sockets: list[websocket.Web
     fresh = user_stream(sim, sockets, acct)
     sim.place_order(acct.api_key)
     assert recv_json(fresh)["e"] == "ORDER_TRADE_UPDATE"
+
+
+def test_deleting_a_listen_key_pushes_listen_key_expired_then_closes(
+    sim: Simulator, sockets: list[websocket.WebSocket]
+) -> None:
+    acct = sim.accounts[0]
+    ws = user_stream(sim, sockets, acct)
+    key = sim.truth(acct.api_key)["listen_key"]
+    sim.set_listen_key_expired_e(as_string=False)  # the SDK's schema: an int
+    headers = {"X-MBX-APIKEY": acct.api_key}
+    assert requests.delete(f"{sim.rest_url}/fapi/v1/listenKey", headers=headers, timeout=5).json() == {}
+    expired = recv_json(ws)
+    assert expired == {"e": "listenKeyExpired", "E": expired["E"], "listenKey": key}
+    assert isinstance(expired["E"], int)
+    wait_closed(ws, 3)
+    assert sim.stats()["closed"].get("listenKey deleted") == 1
+    # the docs' string form is the default, and what an expiry sends
+    sim.set_listen_key_expired_e()
+    ws2 = user_stream(sim, sockets, acct)
+    sim.expire_listen_key(acct.api_key)
+    assert isinstance(recv_json(ws2)["E"], str)
 
 
 def test_lose_or_keep_events_while_disconnected(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
@@ -1008,7 +1092,7 @@ def test_cli_prints_one_json_line_and_exits_0_on_sigterm() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # bounded by the test timeout
         info = json.loads(line)
-        assert set(info) == {"rest_url", "ws_url", "control_url", "accounts"}
+        assert set(info) == {"rest_url", "ws_url", "control_url", "ws_api_url", "accounts"}
         assert len(info["accounts"]) == 2 and set(info["accounts"][0]) == {"api_key", "api_secret"}
         assert info["rest_url"].startswith("http://127.0.0.1:") and info["ws_url"].startswith(
             "ws://127.0.0.1:"

@@ -5,6 +5,8 @@ A ``UserEvent`` holds the envelope fields plus ``.order`` (``kraite_mp.binance.o
 it cannot use it says in ``kind`` and ``error``, so every frame can still be audited. The child uses
 ``scrub_text`` before a frame is spooled, so no listenKey ever reaches disk, Redis or a log line.
 This module also owns the lists config validates against (``USER_DATA_EVENTS``, ``KNOWN_DISPATCH_KEYS``).
+The REST snapshots of the same balances and positions (``positions_from_rest``, ``balances_from_rest``)
+are parsed here too, into the ACCOUNT_UPDATE types, so the store has one write path for both.
 Prices and quantities stay ``Decimal``; a float is refused.
 """
 
@@ -24,6 +26,7 @@ from kraite_mp.binance.fields import (
     array,
     dec,
     event_time,
+    opt_int,
     req_str,
 )
 from kraite_mp.binance.orders import OrderState, algo_from_ws, order_from_ws
@@ -55,6 +58,9 @@ USER_DATA_EVENTS: tuple[str, ...] = (
 )
 #: Every user-data event type we know; others are audited as ``unknown``.
 KNOWN_EVENTS: frozenset[str] = frozenset(USER_DATA_EVENTS)
+#: ``events`` is an allow-list (listenKeyExpired included): without these the stream goes silently wrong
+#: (no expiry notice, no conditional orders, no orders at all).
+REQUIRED_EVENTS: tuple[str, ...] = (LISTEN_KEY_EXPIRED, ORDER_TRADE_UPDATE, ALGO_UPDATE)
 #: Every dispatch key (see ``dispatch_key``); anything else in the allowlist is a config error.
 KNOWN_DISPATCH_KEYS: frozenset[str] = frozenset(
     {"NEW", "CANCELED", "CALCULATED", "EXPIRED", "TRADE", "AMENDMENT", "REJECTED"}
@@ -136,6 +142,36 @@ class UserEvent:
     dispatch_key: str | None = None
     order: OrderState | None = None
     account: AccountUpdate | None = None
+
+
+def check_events(events: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a ``user_data_stream.events`` list, for config validation.
+
+    Errors: a required event missing (``REQUIRED_EVENTS``), a name that is no event type (they are the
+    exact ``e`` values), a repeat. Warnings: TRADE_LITE (every fill then arrives twice: one more frame
+    to spool, queue and audit per fill, and never a second fill), ACCOUNT_UPDATE missing (balances and
+    positions then change only through the REST sweep).
+    """
+    errors = [
+        f"{name} is required: the events list is an allow-list"
+        for name in REQUIRED_EVENTS
+        if name not in events
+    ]
+    unknown = [e for e in events if e not in KNOWN_EVENTS]
+    if unknown:
+        errors.append(
+            f"not user-data event types: {', '.join(sorted(set(unknown)))} (names are the exact 'e' values)"
+        )
+    if len(set(events)) != len(events):
+        errors.append("an event is listed twice")
+    warnings = []
+    if TRADE_LITE in events:
+        warnings.append(
+            "TRADE_LITE doubles the frames per fill (audited only: its fill comes in ORDER_TRADE_UPDATE)"
+        )
+    if ACCOUNT_UPDATE not in events:
+        warnings.append("without ACCOUNT_UPDATE balances and positions change only through the REST sweep")
+    return errors, warnings
 
 
 # -- scrubbing --------------------------------------------------------------------------------------
@@ -240,6 +276,88 @@ def account_update_from_ws(account_id: int, frame: Mapping[str, Any]) -> Account
     return AccountUpdate(account_id, e_time, balances, positions)
 
 
+def _rest_items(items: Any, what: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    if not isinstance(items, list):
+        raise FrameError(f"{what}: not a list")
+    for i, item in enumerate(items):
+        name = f"{what}[{i}]"
+        if not isinstance(item, Mapping):
+            raise FrameError(f"{name}: not an object")
+        yield name, item
+
+
+def _snapshot_time(item: Mapping[str, Any], name: str, asked_at_ms: int) -> int:
+    """The event time of one REST item: when it was asked, or its ``updateTime`` if that is later (the
+    local estimate of the server clock is behind)."""
+    updated = opt_int(item.get("updateTime"), f"{name}.updateTime")
+    return max(asked_at_ms, updated or 0)
+
+
+def positions_from_rest(items: Any, asked_at_ms: int) -> list[tuple[Position, int]]:
+    """A ``GET /fapi/v3/positionRisk`` answer -> (Position, event time ms) per item; FrameError if any
+    item is unusable (a snapshot is used whole or not at all: it also says which positions are gone).
+
+    The event time is ``asked_at_ms`` (the server time the request was sent): the answer holds every
+    change before it, so an older frame processed late loses and a newer one wins. v3 has no
+    ``marginType``: an open position with an isolated wallet is ``isolated``, another ``cross``, and a
+    zero one says nothing (the stored type stays). Binance doc sample (abbreviated)::
+
+        [{"symbol": "ADAUSDT", "positionSide": "BOTH", "positionAmt": "30", "entryPrice": "0.385",
+          "breakEvenPrice": "0.385077", "markPrice": "0.41047590", "unRealizedProfit": "0.76427700",
+          "liquidationPrice": "0", "isolatedMargin": "0", "notional": "12.31427700",
+          "marginAsset": "USDT", "isolatedWallet": "0", "initialMargin": "0.61571385",
+          "maintMargin": "0.08004280", "positionInitialMargin": "0.61571385",
+          "openOrderInitialMargin": "0", "adl": 2, "bidNotional": "0", "askNotional": "0",
+          "updateTime": 1720736417660}]
+    """
+    out = []
+    for n, p in _rest_items(items, "positionRisk"):
+        amount = dec(p.get("positionAmt"), f"{n}.positionAmt")
+        if amount is None:
+            raise FrameError(f"{n}.positionAmt: missing")
+        isolated_wallet = dec(p.get("isolatedWallet"), f"{n}.isolatedWallet")
+        margin_type = None
+        if amount != 0:
+            margin_type = "isolated" if isolated_wallet else "cross"
+        position = Position(
+            symbol=req_str(p, "symbol", f"{n}.symbol"),
+            position_side=req_str(p, "positionSide", f"{n}.positionSide"),
+            amount=amount,
+            entry_price=dec(p.get("entryPrice"), f"{n}.entryPrice"),
+            breakeven_price=dec(p.get("breakEvenPrice"), f"{n}.breakEvenPrice"),
+            unrealized_pnl=dec(p.get("unRealizedProfit"), f"{n}.unRealizedProfit"),
+            margin_type=margin_type,
+            isolated_wallet=isolated_wallet,
+        )
+        out.append((position, _snapshot_time(p, n, asked_at_ms)))
+    return out
+
+
+def balances_from_rest(items: Any, asked_at_ms: int) -> list[tuple[Balance, int]]:
+    """A ``GET /fapi/v3/balance`` answer -> (Balance, event time ms) per asset; FrameError if any item is
+    unusable. Event times as in ``positions_from_rest``; a snapshot has no ``balance_change`` (None).
+    Binance doc sample::
+
+        [{"accountAlias": "SgsR", "asset": "USDT", "balance": "122607.35137903",
+          "crossWalletBalance": "23.72469206", "crossUnPnl": "0.00000000",
+          "availableBalance": "23.72469206", "maxWithdrawAmount": "23.72469206",
+          "marginAvailable": true, "updateTime": 1617939110373}]
+    """
+    out = []
+    for n, b in _rest_items(items, "balance"):
+        wallet = dec(b.get("balance"), f"{n}.balance")
+        if wallet is None:
+            raise FrameError(f"{n}.balance: missing")
+        balance = Balance(
+            asset=req_str(b, "asset", f"{n}.asset"),
+            wallet_balance=wallet,
+            cross_wallet_balance=dec(b.get("crossWalletBalance"), f"{n}.crossWalletBalance"),
+            balance_change=None,
+        )
+        out.append((balance, _snapshot_time(b, n, asked_at_ms)))
+    return out
+
+
 def dispatch_key(frame: Mapping[str, Any]) -> str | None:
     """The allowlist key of a frame: ``x`` for ORDER_TRADE_UPDATE, ``ALGO_<X>`` for ALGO_UPDATE.
 
@@ -266,8 +384,22 @@ def dispatch_key(frame: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _is_wrapped(payload: Any) -> bool:
+    """The combined-stream envelope ``{"stream": .., "data": {"e": ..}}``: its ``stream`` is the listenKey."""
+    return (
+        isinstance(payload, dict)
+        and len(payload) == 2
+        and isinstance(payload.get("stream"), str)
+        and isinstance(payload.get("data"), dict)
+        and isinstance(payload["data"].get("e"), str)
+    )
+
+
 def parse_frame(account_id: int, text: str) -> UserEvent:
-    """One raw frame of ``account_id`` -> UserEvent; never raises (every frame gets audited)."""
+    """One raw frame of ``account_id`` -> UserEvent; never raises (every frame gets audited).
+
+    A frame in the combined-stream envelope (``/private/stream``: ``{"stream": <listenKey>, "data":
+    {...}}``) is the event it carries: audited unwrapped, so its listenKey is never stored."""
     if len(text) > MAX_FRAME_CHARS:
         return UserEvent(
             kind=FrameKind.OVERSIZED,
@@ -283,8 +415,11 @@ def parse_frame(account_id: int, text: str) -> UserEvent:
             error=f"invalid JSON: {str(e)[:200]}",
         )
     changed = False
+    if _is_wrapped(payload):  # a /private/stream frame: {"stream": <listenKey>, "data": {...}}
+        payload, changed = payload["data"], True
     if "listenKey" in text:  # the only secret a frame can carry; skip the walk for all other frames
-        payload, changed = scrub_payload(payload)
+        payload, sub_changed = scrub_payload(payload)
+        changed = changed or sub_changed
     # keep the exact text (numbers as sent) unless something had to be scrubbed out of it
     payload_text = scrub_text(orjson.dumps(payload).decode() if changed else text)
     if not isinstance(payload, dict) or not isinstance(payload.get("e"), str):

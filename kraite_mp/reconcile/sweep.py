@@ -4,10 +4,15 @@ Frames lost while a stream reconnects (or after a listenKey expiry) are gone for
 tell what happened meanwhile. ``reconcile_account`` asks Binance about the account's orders and writes
 every answer through the same ordered, idempotent update as the stream
 (``kraite_mp.store.orders.apply_order_update``), so a stale REST answer never overwrites a newer
-streamed one. Every REST result is audited once (source ``rest``, frame id
-``rest:<account>:<kind>:<id>:<updateTime>:<status>``: an unchanged order is not audited again), and
-observers run after COMMIT, as for streamed frames. In shadow mode (empty
-``user_data_stream.binance.dispatched_executions``) results are audited only.
+streamed one. A full sweep also reads the account's positions and balances (positionRisk, balance) and
+writes them through the stream's monotonic ACCOUNT_UPDATE write (``kraite_mp.store.account_state``), as
+of the server time the request was sent: a position the answer no longer lists was closed meanwhile and
+is set to zero, and a streamed row newer than the request is never overwritten. Every REST result is
+audited once (source ``rest``, frame id ``rest:<account>:<kind>:<id>:<updateTime>:<status>`` for an
+order, ``rest:<account>:positions|balances:<digest>`` for a snapshot, ``:error`` appended to an
+unusable one: an unchanged answer is not audited again), and observers run after COMMIT, as for
+streamed frames. In shadow mode (empty ``user_data_stream.binance.dispatched_executions``) results
+are audited only.
 
 Modes: ``full`` (every open order, plus the history of the active symbols since the last full
 sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``auto`` (full when
@@ -15,18 +20,21 @@ one is due or the stream may have missed frames, else targeted). Failures stay p
 back as a ``ReconcileResult`` (a 429/418 also ends the pass); what was fetched before a failure is
 still written; only database errors propagate.
 Known gap: orders placed *and* ended inside a gap are found only on an active symbol (one with an
-order, regular or algo, the database saw in the window, or an open position): on any other symbol,
-and on an account the database knows no order of yet, they are not.
+order, regular or algo, the database saw in the window, or an open position, stored or listed by
+positionRisk): on any other symbol (orders that left no position behind), and on an account the
+database knows no order of yet, they are not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +48,9 @@ from kraite_mp.binance.errors import (
 from kraite_mp.binance.fields import FrameError
 from kraite_mp.binance.orders import OrderState, algo_from_rest, order_from_rest
 from kraite_mp.binance.rest import BinanceRest
+from kraite_mp.binance.user import balances_from_rest, positions_from_rest
 from kraite_mp.observers import run_observers
-from kraite_mp.store import audit, orders
+from kraite_mp.store import account_state, audit, orders
 from kraite_mp.store.accounts import Account, mark_credentials_invalid
 from kraite_mp.supervisor import runfiles
 
@@ -75,6 +84,31 @@ class _Fetched:
     received_at: datetime
 
 
+@dataclass
+class _Snapshot:
+    """One REST answer about the whole account: its positions or its balances."""
+
+    kind: str  # "positions" | "balances"
+    data: list[dict[str, Any]]
+    asked_at_ms: int  #: server time (as the client knows it) the request was sent
+    received_at: datetime
+
+
+#: The fields of a snapshot item that identify an observation (not markPrice, PnL: they move all the time).
+_SNAPSHOT_IDENTITY: dict[str, tuple[str, ...]] = {
+    "positions": (
+        "symbol",
+        "positionSide",
+        "positionAmt",
+        "entryPrice",
+        "breakEvenPrice",
+        "isolatedWallet",
+        "updateTime",
+    ),
+    "balances": ("asset", "balance", "crossWalletBalance", "updateTime"),
+}
+
+
 class ReconcileStatus(StrEnum):
     """How one reconciliation of one account ended (the values are what ``summary()`` prints)."""
 
@@ -105,6 +139,8 @@ class ReconcileResult:
     not_found: int = 0  #: orders the exchange no longer knows (-2013)
     audited: int = 0  #: audit rows written (unchanged answers are not audited again)
     invalid: int = 0  #: answers that could not be parsed
+    positions: int = 0  #: position rows the snapshot made newer (closed ones set to zero included)
+    balances: int = 0  #: balance rows the snapshot made newer
     requests: int = 0  #: REST requests sent
     weight: int = 0  #: request weight they cost
     error: str | None = None  #: what went wrong, when status is not ok
@@ -115,7 +151,8 @@ class ReconcileResult:
         text = (
             f"account={self.account_id} name={self.account_name} mode={self.mode} status={self.status}"
             f" checked={self.checked} updated={self.updated} transitions={self.transitions}"
-            f" not_found={self.not_found} requests={self.requests} weight={self.weight}"
+            f" not_found={self.not_found} positions={self.positions} balances={self.balances}"
+            f" requests={self.requests} weight={self.weight}"
         )
         if self.shadow:
             text += " shadow=yes"
@@ -186,6 +223,13 @@ class _Sweep:
         self.fetched: dict[tuple[str, int], _Fetched] = {}
         self.listed_regular: set[int] = set()
         self.listed_algo: set[int] = set()
+        self.snapshots: list[_Snapshot] = []
+
+    def snapshot(self, kind: str, fetch: Callable[[], list[dict[str, Any]]]) -> _Snapshot:
+        data = fetch()
+        snap = _Snapshot(kind, data, self.rest.sent_at_ms, datetime.now(UTC))
+        self.snapshots.append(snap)
+        return snap
 
     def add(self, kind: str, items: list[dict[str, Any]], *, listed: bool = False) -> None:
         now = datetime.now(UTC)
@@ -246,10 +290,11 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
     """All REST calls of one sweep. Raises BinanceError subclasses; what was fetched stays in the sweep.
 
     Request weight: openOrders / openAlgoOrders cost 1 with a symbol, 40 without; order / algoOrder 1;
-    allOrders and allAlgoOrders 5 each. ``full``: the two no-symbol listings (80: every open order,
-    including ones the database never saw), allOrders and allAlgoOrders for each active symbol since
-    the previous full sweep (regular and algo orders placed *and* ended in the gap), then the lookups
-    below: 80 + 10 per active symbol (5 + 5) + 1 per missed order.
+    allOrders, allAlgoOrders, positionRisk and balance 5 each. ``full``: positionRisk and balance (10:
+    the account's positions and balances; a symbol holding a position is active), the two no-symbol
+    listings (80: every open order, including ones the database never saw), allOrders and allAlgoOrders
+    for each active symbol since the previous full sweep (regular and algo orders placed *and* ended in
+    the gap), then the lookups below: 90 + 10 per active symbol (5 + 5) + 1 per missed order.
     ``targeted``: one listing per symbol holding open orders in the database (the no-symbol call from
     ``NO_SYMBOL_WEIGHT`` symbols on), then the lookups: 2 for open orders on one symbol per kind, 0 for
     an account with nothing open; it cannot see an order the database never heard of (the next full
@@ -265,6 +310,9 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
     }
 
     if result.mode == "full":
+        # positions first: a symbol where a position opened during the gap is active (its history is read)
+        positions = sweep.snapshot("positions", rest.position_risk)
+        sweep.snapshot("balances", rest.balances)
         sweep.add("regular", rest.open_orders(), listed=True)
         sweep.add("algo", rest.open_algo_orders(), listed=True)
         now_ms = int(time.time() * 1000)
@@ -272,6 +320,7 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
         if since is not None:
             symbols = orders.active_symbols(conn, account.id, since) | regular_symbols
             symbols |= {str(f.data["symbol"]) for f in sweep.fetched.values() if f.data.get("symbol")}
+            symbols |= _position_symbols(positions.data)
             for symbol in sorted(symbols):
                 history = rest.all_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
                 _warn_if_truncated(account.id, symbol, "orders", history)
@@ -294,6 +343,20 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
             sweep.lookup_algo(oid)
 
     _follow_triggered(conn, account.id, sweep)
+
+
+def _position_symbols(items: list[dict[str, Any]]) -> set[str]:
+    """Symbols of the positionRisk items that hold a position (a zero one is listed for its open orders)."""
+    found = set()
+    for item in items:
+        symbol = item.get("symbol")
+        try:
+            amount = Decimal(str(item.get("positionAmt")))
+        except InvalidOperation:
+            continue  # unusable: the snapshot is audited as such when it is written
+        if isinstance(symbol, str) and symbol and amount.is_finite() and amount != 0:
+            found.add(symbol)
+    return found
 
 
 def _warn_if_truncated(account_id: int, symbol: str, what: str, history: list[dict[str, Any]]) -> None:
@@ -381,6 +444,8 @@ def _write(conn: Any, settings: Settings, account: Account, sweep: _Sweep, resul
                     result.updated += 1
                 if transition is not None:
                     transitions.append(transition)
+            for snap in sweep.snapshots:
+                _write_snapshot(cur, account.id, snap, result)
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -390,6 +455,57 @@ def _write(conn: Any, settings: Settings, account: Account, sweep: _Sweep, resul
     result.transition_list = transitions
     if transitions:
         run_observers(settings, transitions)
+
+
+def _snapshot_frame_id(account_id: int, snap: _Snapshot) -> str:
+    fields = _SNAPSHOT_IDENTITY[snap.kind]
+    identity = sorted(_json([item.get(f) for f in fields]) for item in snap.data)
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
+    return f"rest:{account_id}:{snap.kind}:{digest}"
+
+
+def _write_snapshot(cur: Any, account_id: int, snap: _Snapshot, result: ReconcileResult) -> None:
+    """Audit one positions/balances answer and (unless shadow) apply it through the monotonic write.
+
+    A snapshot is used whole or not at all: one unusable item and nothing of it is applied (it also
+    says which positions are gone, which a partial one cannot)."""
+    result.checked += 1
+    error = None
+    positions = balances = None
+    try:
+        if snap.kind == "positions":
+            positions = positions_from_rest(snap.data, snap.asked_at_ms)
+        else:
+            balances = balances_from_rest(snap.data, snap.asked_at_ms)
+    except FrameError as e:
+        error = str(e)
+        result.invalid += 1
+        log.warning("account %s: unusable %s REST result: %s", account_id, snap.kind, e)
+    outcome = "error" if error else ("shadow" if result.shadow else "processed")
+    if audit.write(
+        cur,
+        frame_id=_snapshot_frame_id(account_id, snap) + (":error" if error else ""),
+        account_id=account_id,
+        source="rest",
+        event_type="REST_POSITIONS" if snap.kind == "positions" else "REST_BALANCES",
+        event_time_ms=snap.asked_at_ms or None,
+        payload_text=_json(snap.data),
+        received_at=snap.received_at,
+        outcome=outcome,
+        error=error,
+    ):
+        result.audited += 1
+    if result.shadow:
+        return
+    # rows are locked in key order, as the orders above: two sweeps of one account never deadlock
+    if positions is not None:
+        positions.sort(key=lambda pt: (pt[0].symbol, pt[0].position_side))
+        result.positions += account_state.upsert_positions(cur, account_id, positions)
+        present = {(p.symbol, p.position_side) for p, _ in positions}
+        result.positions += account_state.zero_absent_positions(cur, account_id, present, snap.asked_at_ms)
+    if balances is not None:
+        balances.sort(key=lambda bt: bt[0].asset)
+        result.balances += account_state.upsert_balances(cur, account_id, balances)
 
 
 def reconcile_account(
@@ -439,7 +555,7 @@ def reconcile_with(
         except BinanceError as e:
             result.status, result.error = ReconcileStatus.ERROR, str(e)
             log.error("account %s: %s", account.id, e)
-        if sweep.fetched:
+        if sweep.fetched or sweep.snapshots:
             _write(conn, settings, account, sweep, result)
         if result.status is ReconcileStatus.OK and result.mode == "full":
             runfiles.remember_full_sweep(settings.run_dir, account.id, started_ms)

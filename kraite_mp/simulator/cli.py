@@ -47,6 +47,11 @@ WAIT_SLICE_S = 0.5
     "--listen-key-ttl", default=3600.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
 )
 @click.option("--seed", default=1, show_default=True, type=int)
+@click.option(
+    "--tradfi",
+    default="",
+    help="Comma-separated TradFi symbols (e.g. XAUUSDT,TSLAUSDT): a second mark-price array each tick.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def simulate(
     host: str,
@@ -59,6 +64,7 @@ def simulate(
     mark_price_interval: float,
     listen_key_ttl: float,
     seed: int,
+    tradfi: str,
     log_level: str,
 ) -> None:
     """Run a local Binance USD-M compatible exchange simulator."""
@@ -89,6 +95,7 @@ def simulate(
         seed=seed,
         host=host,
         port=port,
+        tradfi_symbols=[s.strip() for s in tradfi.split(",") if s.strip()],
     )
     sim.start()
     try:
@@ -96,6 +103,7 @@ def simulate(
             "rest_url": sim.rest_url,
             "ws_url": sim.ws_url,
             "control_url": sim.control_url,
+            "ws_api_url": sim.ws_api_url,
             "accounts": [{"api_key": a.api_key, "api_secret": a.api_secret} for a in sim.accounts],
         }
         sys.stdout.write(json.dumps(line) + "\n")

@@ -35,6 +35,12 @@ DEFAULT_MAX_OPEN_ALGOS = 10
 DEFAULT_MAX_KEPT_ORDERS = 100_000
 #: Starting USDT wallet balance of every account.
 START_WALLET = Decimal("10000.00000000")
+#: Assets ``GET /fapi/v3/balance`` lists besides USDT (the scenario never moves them: always zero).
+OTHER_ASSETS: tuple[str, ...] = ("USDC", "BNB")
+#: Leverage of a symbol nobody set one for (ACCOUNT_CONFIG_UPDATE changes it).
+DEFAULT_LEVERAGE = 20
+#: Maintenance margin rate of the positionRisk answers (one flat tier: enough for a stand-in).
+MAINT_MARGIN_RATE = Decimal("0.004")
 
 #: Commission rate of a taker fill (Binance USD-M regular tier).
 TAKER_FEE = Decimal("0.0005")
@@ -166,6 +172,8 @@ class Order:
     stp_mode: str = "EXPIRE_MAKER"
     good_till_date: int = 0
     algo_id: int | None = None
+    activation_price: Decimal | None = None  #: TRAILING_STOP_MARKET only (``AP``, ``activatePrice``)
+    callback_rate: Decimal | None = None  #: TRAILING_STOP_MARKET only (``cr``, ``priceRate``)
 
     @property
     def is_open(self) -> bool:
@@ -201,6 +209,11 @@ class Order:
             "goodTillDate": self.good_till_date,
             "time": self.time,
             "updateTime": self.update_time,
+            **(
+                {"activatePrice": str(self.activation_price), "priceRate": str(self.callback_rate)}
+                if self.activation_price is not None and self.callback_rate is not None
+                else {}
+            ),
         }
 
 
@@ -234,6 +247,8 @@ class AlgoOrder:
     trigger_time: int = 0
     good_till_date: int = 0
     reason: str = ""
+    activation_price: Decimal | None = None  #: TRAILING_STOP_MARKET only
+    callback_rate: Decimal | None = None  #: TRAILING_STOP_MARKET only
 
     @property
     def is_open(self) -> bool:
@@ -300,6 +315,7 @@ class AlgoOrder:
             "tt": self.trigger_time,
             "gtd": self.good_till_date,
             "rm": self.reason,
+            "ia": False,
         }
 
 
@@ -316,9 +332,47 @@ def _rest_rows(items: Iterable[Order | AlgoOrder], symbol: str | None) -> list[d
 @dataclass
 class Position:
     symbol: str
+    position_side: str = "BOTH"  #: BOTH in one-way mode, LONG or SHORT in hedge mode
     amount: Decimal = _ZERO
     entry_price: Decimal = _ZERO
     realized: Decimal = _ZERO
+    update_time: int = 0  #: the last fill that changed it (positionRisk ``updateTime``)
+    isolated: bool = False  #: margin type ISOLATED (else CROSSED)
+    isolated_wallet: Decimal = _ZERO  #: the margin held by an isolated position (entry notional / leverage)
+
+    def unrealized(self, mark: Decimal) -> Decimal:
+        return (mark - self.entry_price) * self.amount if self.amount else _ZERO
+
+    def to_rest(
+        self, mark: Decimal, leverage: int, margin_asset: str, bids: Decimal, asks: Decimal
+    ) -> dict[str, Any]:
+        """One item of ``GET /fapi/v3/positionRisk``."""
+        notional = self.amount * mark
+        initial = abs(notional) / leverage
+        open_initial = (bids + asks) / leverage
+        isolated_margin = self.isolated_wallet + self.unrealized(mark) if self.isolated else _ZERO
+        return {
+            "symbol": self.symbol,
+            "positionSide": self.position_side,
+            "positionAmt": str(self.amount),
+            "entryPrice": fmt8(self.entry_price),
+            "breakEvenPrice": fmt8(self.entry_price),
+            "markPrice": fmt8(mark),
+            "unRealizedProfit": fmt8(self.unrealized(mark)),
+            "liquidationPrice": "0",
+            "isolatedMargin": fmt8(isolated_margin),
+            "notional": fmt8(notional),
+            "marginAsset": margin_asset,
+            "isolatedWallet": fmt8(self.isolated_wallet),
+            "initialMargin": fmt8(initial + open_initial),
+            "maintMargin": fmt8(abs(notional) * MAINT_MARGIN_RATE),
+            "positionInitialMargin": fmt8(initial),
+            "openOrderInitialMargin": fmt8(open_initial),
+            "adl": 1 if self.amount else 0,
+            "bidNotional": fmt8(bids),
+            "askNotional": fmt8(asks),
+            "updateTime": self.update_time,
+        }
 
     def to_event(self, mark: Decimal) -> dict[str, Any]:
         return {
@@ -327,10 +381,10 @@ class Position:
             "ep": fmt8(self.entry_price),
             "bep": fmt8(self.entry_price),
             "cr": fmt8(self.realized),
-            "up": fmt8((mark - self.entry_price) * self.amount if self.amount else _ZERO),
-            "mt": "cross",
-            "iw": "0",
-            "ps": "BOTH",
+            "up": fmt8(self.unrealized(mark)),
+            "mt": "isolated" if self.isolated else "cross",
+            "iw": fmt8(self.isolated_wallet),
+            "ps": self.position_side,
         }
 
 
@@ -348,13 +402,17 @@ class _Account:
     last_ms: int = 0
     seq: int = 0
     wallet: Decimal = START_WALLET
+    wallet_update_time: int = 0  #: the last fill that changed the wallet (balance ``updateTime``)
     orders: dict[int, Order] = field(default_factory=dict)
     open_orders: dict[int, Order] = field(default_factory=dict)  #: index of the NEW/PARTIALLY_FILLED ones
     orders_by_client_id: dict[str, int] = field(default_factory=dict)
     algos: dict[int, AlgoOrder] = field(default_factory=dict)
     open_algos: dict[int, AlgoOrder] = field(default_factory=dict)  #: index of the NEW/TRIGGERING ones
     algos_by_client_id: dict[str, int] = field(default_factory=dict)
-    positions: dict[str, Position] = field(default_factory=dict)
+    positions: dict[tuple[str, str], Position] = field(default_factory=dict)  #: by (symbol, side)
+    dual_side: bool = False  #: hedge mode: positions LONG and SHORT per symbol
+    isolated_symbols: set[str] = field(default_factory=set)  #: margin type ISOLATED
+    multi_assets: bool = False
     prices: dict[str, Decimal] = field(default_factory=dict)
     leverage: dict[str, int] = field(default_factory=dict)
     steps: int = 0
@@ -389,6 +447,8 @@ class Engine:
         self.max_open_algos = max_open_algos  #: ... and this many algo orders, per account
         self.max_kept_orders = max_kept_orders  #: terminal orders kept per account (older ones: -2013)
         self.clock_offset_ms = 0  #: added to the server time (clock-skew tests)
+        #: ``E`` of listenKeyExpired as a string (Binance's docs example) or an int (the SDK's schema).
+        self.expired_e_as_string = True
         self._sink: EventSink | None = None
         self._key_rng = random.Random(f"{seed}:listenkeys")
         self._accounts: dict[str, _Account] = {}
@@ -489,15 +549,15 @@ class Engine:
             return acct.listen_key
 
     def listen_key_delete(self, api_key: str, listen_key: str | None = None) -> str | None:
-        """Invalidate the account's key; returns it so the hub can close its connections."""
+        """Invalidate the account's key: listenKeyExpired goes to its connections (as on Binance), and the
+        key is returned so the hub can close them after it."""
         with self.lock:
             self.secret_for(api_key)
             acct = self._accounts[api_key]
             key = acct.listen_key
             if key is None or (listen_key and listen_key != key):
                 raise unknown_listen_key()
-            acct.listen_key = None
-            self._listen_keys.pop(key, None)
+            self._kill_listen_key(acct)
             return key
 
     def account_for_listen_key(self, listen_key: str) -> str | None:
@@ -512,20 +572,29 @@ class Engine:
         """Kill the account's key now: listenKeyExpired goes out, then the key is unknown."""
         with self.lock:
             acct = self._acct(api_key)
-            key = acct.listen_key
-            if key is None:
+            if acct.listen_key is None:
                 return None
-            acct.listen_key = None
-            self._listen_keys.pop(key, None)
-            event_ms = self._tick(acct)
-            # Binance sends E as a string in this event (docs/PROTOCOL.md): keep that quirk.
-            self._emit(
-                acct,
-                [("listenKeyExpired", {"e": "listenKeyExpired", "E": str(event_ms), "listenKey": key})],
-                key,
-            )
+            key = self._kill_listen_key(acct)
             log.info("account=%d listenKey expired", acct.index)
             return key
+
+    def set_listen_key_expired_e(self, as_string: bool = True) -> None:
+        """``E`` of listenKeyExpired from now on: a string (the docs' example) or an int (the SDK)."""
+        with self.lock:
+            self.expired_e_as_string = bool(as_string)
+
+    def _kill_listen_key(self, acct: _Account) -> str:
+        key = acct.listen_key
+        assert key is not None
+        acct.listen_key = None
+        self._listen_keys.pop(key, None)
+        event_ms = self._tick(acct)
+        # Binance's docs show E as a string in this event, the SDK's schema an int (docs/PROTOCOL.md)
+        e_value: int | str = str(event_ms) if self.expired_e_as_string else event_ms
+        self._emit(
+            acct, [("listenKeyExpired", {"e": "listenKeyExpired", "E": e_value, "listenKey": key})], key
+        )
+        return key
 
     def expire_due_listen_keys(self) -> None:
         now = time.monotonic()
@@ -611,6 +680,146 @@ class Engine:
         with self.lock:
             return _rest_rows(self._accounts[api_key].open_algos.values(), symbol)
 
+    def position_risk(self, api_key: str, symbol: str | None) -> list[dict[str, Any]]:
+        """GET /fapi/v3/positionRisk: without ``symbol`` only the symbols holding a position or an open
+        order (a closed position is absent); with one, that symbol's item even when it is flat."""
+        with self.lock:
+            acct = self._accounts[api_key]
+            if symbol is not None:
+                symbols = {symbol}
+            else:
+                symbols = {p.symbol for p in acct.positions.values() if p.amount != 0}
+                symbols |= {o.symbol for o in acct.open_orders.values()}
+            sides = ("LONG", "SHORT") if acct.dual_side else ("BOTH",)
+            rows = []
+            for sym, side in ((sym, side) for sym in sorted(symbols) for side in sides):
+                position = acct.positions.get((sym, side)) or Position(
+                    sym, side, isolated=sym in acct.isolated_symbols
+                )
+                mine = [o for o in acct.open_orders.values() if o.symbol == sym and o.position_side == side]
+                bids = sum((o.remaining * o.price for o in mine if o.side == "BUY"), _ZERO)
+                asks = sum((o.remaining * o.price for o in mine if o.side == "SELL"), _ZERO)
+                leverage = acct.leverage.get(sym, DEFAULT_LEVERAGE)
+                rows.append(
+                    position.to_rest(
+                        self._price(acct, sym), leverage, self._info(sym).quote_asset, bids, asks
+                    )
+                )
+            return rows
+
+    def balances(self, api_key: str) -> list[dict[str, Any]]:
+        """GET /fapi/v3/balance: USDT (the wallet every fill moves) and the other assets, at zero."""
+        with self.lock:
+            acct = self._accounts[api_key]
+            alias = hashlib.sha256(acct.creds.api_key.encode()).hexdigest()[:8]
+            upnl = sum(
+                (
+                    p.unrealized(self._price(acct, p.symbol))
+                    for p in acct.positions.values()
+                    if p.amount and not p.isolated
+                ),
+                _ZERO,
+            )
+            available = self._cross_wallet(acct) + upnl
+            rows = [
+                {
+                    "accountAlias": alias,
+                    "asset": "USDT",
+                    "balance": fmt8(acct.wallet),
+                    "crossWalletBalance": fmt8(self._cross_wallet(acct)),
+                    "crossUnPnl": fmt8(upnl),
+                    "availableBalance": fmt8(available),
+                    "maxWithdrawAmount": fmt8(max(available, _ZERO)),
+                    "marginAvailable": True,
+                    "updateTime": acct.wallet_update_time,
+                }
+            ]
+            zero = fmt8(_ZERO)
+            for asset in OTHER_ASSETS:
+                rows.append(
+                    {
+                        "accountAlias": alias,
+                        "asset": asset,
+                        "balance": zero,
+                        "crossWalletBalance": zero,
+                        "crossUnPnl": zero,
+                        "availableBalance": zero,
+                        "maxWithdrawAmount": zero,
+                        "marginAvailable": True,
+                        "updateTime": 0,
+                    }
+                )
+            return rows
+
+    def account_info(self, api_key: str) -> dict[str, Any]:
+        """GET /fapi/v3/account: totals, the assets (as ``balances``) and the positions (as positionRisk,
+        only those holding a position or an open order), in that endpoint's fields."""
+        with self.lock:
+            balances = self.balances(api_key)
+            risks = self.position_risk(api_key, None)
+            by_asset = {b["asset"]: b for b in balances}
+            usdt = by_asset["USDT"]
+            position_im = sum((Decimal(r["positionInitialMargin"]) for r in risks), _ZERO)
+            order_im = sum((Decimal(r["openOrderInitialMargin"]) for r in risks), _ZERO)
+            maint = sum((Decimal(r["maintMargin"]) for r in risks), _ZERO)
+            upnl = sum((Decimal(r["unRealizedProfit"]) for r in risks), _ZERO)
+            wallet = Decimal(usdt["balance"])
+            assets = []
+            for b in balances:
+                mine = b is usdt
+                assets.append(
+                    {
+                        "asset": b["asset"],
+                        "walletBalance": b["balance"],
+                        "unrealizedProfit": fmt8(upnl) if mine else b["crossUnPnl"],
+                        "marginBalance": fmt8(wallet + upnl) if mine else b["balance"],
+                        "maintMargin": fmt8(maint if mine else _ZERO),
+                        "initialMargin": fmt8(position_im + order_im if mine else _ZERO),
+                        "positionInitialMargin": fmt8(position_im if mine else _ZERO),
+                        "openOrderInitialMargin": fmt8(order_im if mine else _ZERO),
+                        "crossWalletBalance": b["crossWalletBalance"],
+                        "crossUnPnl": b["crossUnPnl"],
+                        "availableBalance": b["availableBalance"],
+                        "maxWithdrawAmount": b["maxWithdrawAmount"],
+                        "updateTime": b["updateTime"],
+                    }
+                )
+            positions = [
+                {
+                    "symbol": r["symbol"],
+                    "positionSide": r["positionSide"],
+                    "positionAmt": r["positionAmt"],
+                    "unrealizedProfit": r["unRealizedProfit"],
+                    "isolatedMargin": r["isolatedMargin"],
+                    "notional": r["notional"],
+                    "isolatedWallet": r["isolatedWallet"],
+                    "initialMargin": r["initialMargin"],
+                    "maintMargin": r["maintMargin"],
+                    "updateTime": r["updateTime"],
+                }
+                for r in risks
+            ]
+            return {
+                "totalInitialMargin": fmt8(position_im + order_im),
+                "totalMaintMargin": fmt8(maint),
+                "totalWalletBalance": usdt["balance"],
+                "totalUnrealizedProfit": fmt8(upnl),
+                "totalMarginBalance": fmt8(wallet + upnl),
+                "totalPositionInitialMargin": fmt8(position_im),
+                "totalOpenOrderInitialMargin": fmt8(order_im),
+                "totalCrossWalletBalance": usdt["crossWalletBalance"],
+                "totalCrossUnPnl": usdt["crossUnPnl"],
+                "availableBalance": usdt["availableBalance"],
+                "maxWithdrawAmount": usdt["maxWithdrawAmount"],
+                "assets": assets,
+                "positions": positions,
+            }
+
+    @staticmethod
+    def _cross_wallet(acct: _Account) -> Decimal:
+        """The wallet less what isolated positions hold."""
+        return acct.wallet - sum((p.isolated_wallet for p in acct.positions.values()), _ZERO)
+
     def truth(self, api_key: str) -> dict[str, Any]:
         with self.lock:
             acct = self._acct(api_key)
@@ -638,6 +847,7 @@ class Engine:
         commission: Decimal = _ZERO,
         maker: bool = False,
         realized: Decimal = _ZERO,
+        modify_id: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         bids = sum(
             (
@@ -693,6 +903,10 @@ class Engine:
             "gtd": order.good_till_date,
             "er": "0",
         }
+        if order.activation_price is not None and order.callback_rate is not None:
+            body["AP"], body["cr"] = str(order.activation_price), str(order.callback_rate)
+        if modify_id is not None:  # only on an AMENDMENT that carried one (2026-07)
+            body["M"] = modify_id
         return "ORDER_TRADE_UPDATE", {"e": "ORDER_TRADE_UPDATE", "E": self._tick(acct), "T": ts, "o": body}
 
     def _algo_event(self, acct: _Account, algo: AlgoOrder) -> tuple[str, dict[str, Any]]:
@@ -715,6 +929,7 @@ class Engine:
         client_order_id: str | None = None,  # None: a generated one
         time_in_force: str | None = None,  # None: GTC
         reduce_only: bool = False,
+        position_side: str | None = None,  # hedge mode: LONG or SHORT (one-way mode: BOTH, the default)
     ) -> int:
         """Place a regular order (NEW event). MARKET orders fill at once, as on the exchange (and
         ignore ``price``)."""
@@ -729,9 +944,14 @@ class Engine:
             raise SimulatorError("LIMIT orders need a positive price")
         with self.lock:
             acct = self._acct(api_key)
+            ps = position_side or ("" if acct.dual_side else "BOTH")
+            if (ps in ("LONG", "SHORT")) != acct.dual_side or ps not in ("LONG", "SHORT", "BOTH"):
+                mode = "hedge mode needs LONG or SHORT" if acct.dual_side else "one-way mode takes BOTH"
+                raise SimulatorError(f"position_side {position_side!r}: {mode} (-4061)")
             order = self._create_order(
                 acct, symbol, side, type, type, qty, limit_price, client_order_id, time_in_force, reduce_only
             )
+            order.position_side = ps
             events: EventBatch = [self._order_event(acct, order, "NEW", order.time)]
             if type == "MARKET":
                 events += self._fill_events(
@@ -820,9 +1040,16 @@ class Engine:
         return order
 
     def _fill_events(
-        self, acct: _Account, order: Order, qty: Decimal, price: Decimal, maker: bool
+        self,
+        acct: _Account,
+        order: Order,
+        qty: Decimal,
+        price: Decimal,
+        maker: bool,
+        execution: str = "TRADE",
     ) -> EventBatch:
-        """One fill: TRADE_LITE, ORDER_TRADE_UPDATE x=TRADE, ACCOUNT_UPDATE (+ ALGO_UPDATE FINISHED)."""
+        """One fill: TRADE_LITE, ORDER_TRADE_UPDATE x=TRADE, ACCOUNT_UPDATE (+ ALGO_UPDATE FINISHED).
+        A liquidation (``execution`` CALCULATED) has no TRADE_LITE."""
         if qty <= 0 or qty > order.remaining:
             raise SimulatorError(f"fill qty {qty} outside (0, {order.remaining}]")
         ts = self._tick(acct)
@@ -838,8 +1065,10 @@ class Engine:
         if algo is not None and algo.actual_order_id == order.order_id:  # its actualQty/actualPrice
             algo.executed_qty, algo.cum_quote, algo.update_time = order.executed_qty, order.cum_quote, ts
         commission = (qty * price * (MAKER_FEE if maker else TAKER_FEE)).quantize(_EIGHT_DP)
-        realized = self._apply_position(acct, order.symbol, qty if order.side == "BUY" else -qty, price)
+        key = (order.symbol, order.position_side)
+        realized = self._apply_position(acct, key, qty if order.side == "BUY" else -qty, price)
         acct.wallet += realized - commission
+        acct.positions[key].update_time = acct.wallet_update_time = ts
         events: EventBatch = [
             (
                 "TRADE_LITE",
@@ -859,9 +1088,11 @@ class Engine:
                     "i": order.order_id,
                 },
             ),
-            self._order_event(acct, order, "TRADE", ts, qty, price, trade_id, commission, maker, realized),
+            self._order_event(acct, order, execution, ts, qty, price, trade_id, commission, maker, realized),
         ]
-        position = acct.positions[order.symbol]
+        if execution != "TRADE":
+            del events[0]
+        position = acct.positions[key]
         info = self._info(order.symbol)
         events.append(
             (
@@ -876,7 +1107,7 @@ class Engine:
                             {
                                 "a": info.quote_asset,
                                 "wb": fmt8(acct.wallet),
-                                "cw": fmt8(acct.wallet),
+                                "cw": fmt8(self._cross_wallet(acct)),
                                 "bc": "0",
                             }
                         ],
@@ -889,9 +1120,14 @@ class Engine:
             events += self._finish_algo_of(acct, order)
         return events
 
-    def _apply_position(self, acct: _Account, symbol: str, delta: Decimal, price: Decimal) -> Decimal:
-        """Update the one-way position; return the realized PnL of the closing part."""
-        pos = acct.positions.setdefault(symbol, Position(symbol))
+    def _apply_position(
+        self, acct: _Account, key: tuple[str, str], delta: Decimal, price: Decimal
+    ) -> Decimal:
+        """Update the (symbol, side) position; return the realized PnL of the closing part."""
+        symbol = key[0]
+        pos = acct.positions.get(key)
+        if pos is None:
+            pos = acct.positions[key] = Position(symbol, key[1], isolated=symbol in acct.isolated_symbols)
         realized = _ZERO
         if pos.amount == 0 or (pos.amount > 0) == (delta > 0):
             total = pos.amount + delta
@@ -909,6 +1145,9 @@ class Engine:
                 pos.entry_price = _ZERO
             elif (pos.amount > 0) == (delta > 0):  # flipped: the rest opens at the fill price
                 pos.entry_price = price
+        if pos.isolated:
+            leverage = acct.leverage.get(symbol, DEFAULT_LEVERAGE)
+            pos.isolated_wallet = (abs(pos.amount) * pos.entry_price / leverage).quantize(_EIGHT_DP)
         acct.prices[symbol] = price
         return realized
 
@@ -939,14 +1178,14 @@ class Engine:
                 acct, self._fill_events(acct, order, fill_qty, fill_price, maker=order.type == "LIMIT")
             )
 
-    def _end_order(self, api_key: str, order_id: int, status: str) -> None:
+    def _end_order(self, api_key: str, order_id: int, status: str, execution: str | None = None) -> None:
         with self.lock:
             acct = self._acct(api_key)
             order = self._open_order(acct, order_id)
             ts = self._tick(acct)
             self._set_status(acct, order, status)
             order.update_time = ts
-            events = [self._order_event(acct, order, status, ts)]
+            events = [self._order_event(acct, order, execution or status, ts)]
             events += self._finish_algo_of(acct, order)
             self._emit(acct, events)
 
@@ -956,10 +1195,20 @@ class Engine:
     def expire(self, api_key: str, order_id: int) -> None:
         self._end_order(api_key, order_id, "EXPIRED")
 
+    def expire_in_match(self, api_key: str, order_id: int) -> None:
+        """Self-trade prevention expired the order while matching: x=EXPIRED, X=EXPIRED_IN_MATCH."""
+        self._end_order(api_key, order_id, "EXPIRED_IN_MATCH", "EXPIRED")
+
     def amend(
-        self, api_key: str, order_id: int, price: str | None = None, quantity: str | None = None
+        self,
+        api_key: str,
+        order_id: int,
+        price: str | None = None,
+        quantity: str | None = None,
+        modify_id: str | None = None,
     ) -> None:
-        """Modify price and/or quantity of an open LIMIT order (x=AMENDMENT)."""
+        """Modify price and/or quantity of an open LIMIT order (x=AMENDMENT; ``o.M`` = ``modify_id`` when
+        given, a string, as since 2026-07)."""
         with self.lock:
             acct = self._acct(api_key)
             order = self._open_order(acct, order_id)
@@ -977,7 +1226,7 @@ class Engine:
                 order.price = new_price
             ts = self._tick(acct)
             order.update_time = ts
-            self._emit(acct, [self._order_event(acct, order, "AMENDMENT", ts)])
+            self._emit(acct, [self._order_event(acct, order, "AMENDMENT", ts, modify_id=modify_id)])
 
     # ------------------------------------------------------------------ algo orders
     def place_algo(
@@ -991,11 +1240,16 @@ class Engine:
         price: str = "0",  # the limit price of STOP and TAKE_PROFIT (unused by the *_MARKET types)
         client_algo_id: str | None = None,  # None: a generated one
         reduce_only: bool = False,
+        activation_price: str | None = None,  # TRAILING_STOP_MARKET: AP (default: the trigger price)
+        callback_rate: str | None = None,  # TRAILING_STOP_MARKET: cr in percent (default "1.0")
     ) -> int:
         """Place a conditional order of the algo service (ALGO_UPDATE NEW); ``trigger_algo`` triggers it."""
         if type not in ALGO_ORDER_TYPES:
             raise SimulatorError(f"algo order type must be one of {sorted(ALGO_ORDER_TYPES)}")
         _check_side(side)
+        trailing = type == "TRAILING_STOP_MARKET"
+        if not trailing and (activation_price is not None or callback_rate is not None):
+            raise SimulatorError("activation_price and callback_rate belong to TRAILING_STOP_MARKET")
         with self.lock:
             acct = self._acct(api_key)
             ts = self._tick(acct)
@@ -1012,6 +1266,8 @@ class Engine:
                 create_time=ts,
                 update_time=ts,
                 reduce_only=reduce_only,
+                activation_price=Decimal(activation_price or trigger_price) if trailing else None,
+                callback_rate=Decimal(callback_rate or "1.0") if trailing else None,
             )
             acct.algos[algo.algo_id] = algo
             acct.open_algos[algo.algo_id] = algo
@@ -1033,10 +1289,13 @@ class Engine:
         Returns the regular order id."""
         with self.lock:
             acct = self._acct(api_key)
-            algo = self._new_algo(acct, algo_id)
-            self._set_algo_status(acct, algo, "TRIGGERING")
-            events: EventBatch = [self._algo_event(acct, algo)]
-            algo.trigger_time = algo.update_time
+            algo = acct.algos.get(algo_id)
+            events: EventBatch = []
+            if algo is None or algo.status != "TRIGGERING":  # a stuck one (start_triggering) goes on
+                algo = self._new_algo(acct, algo_id)
+                self._set_algo_status(acct, algo, "TRIGGERING")
+                events.append(self._algo_event(acct, algo))
+                algo.trigger_time = algo.update_time
             market = algo.order_type.endswith("MARKET")
             order = self._create_order(
                 acct,
@@ -1052,6 +1311,7 @@ class Engine:
                 stop_price=algo.trigger_price,
                 algo_id=algo.algo_id,
             )
+            order.activation_price, order.callback_rate = algo.activation_price, algo.callback_rate
             events.append(self._order_event(acct, order, "NEW", order.time))
             self._set_algo_status(acct, algo, "TRIGGERED")
             algo.actual_order_id = order.order_id
@@ -1062,9 +1322,28 @@ class Engine:
             self._emit(acct, events)
             return order.order_id
 
+    def start_triggering(self, api_key: str, algo_id: int) -> None:
+        """NEW -> TRIGGERING, and there it stays (it can, for a long time, on Binance): still listed by
+        openAlgoOrders, not cancellable (-2011); ``trigger_algo`` or ``reject_algo`` ends it."""
+        with self.lock:
+            acct = self._acct(api_key)
+            algo = self._new_algo(acct, algo_id)
+            self._set_algo_status(acct, algo, "TRIGGERING")
+            events = [self._algo_event(acct, algo)]
+            algo.trigger_time = algo.update_time
+            self._emit(acct, events)
+
     def _end_algo(self, api_key: str, algo_id: int, status: str, reason: str = "") -> None:
         with self.lock:
             acct = self._acct(api_key)
+            stuck = acct.algos.get(algo_id)
+            if stuck is not None and stuck.status == "TRIGGERING":
+                if status != "REJECTED":  # Binance answers -2011 to a cancel of a triggering algo
+                    raise SimulatorError(f"algo order {algo_id} is TRIGGERING: -2011 Unknown order sent")
+                self._set_algo_status(acct, stuck, status)
+                stuck.reason = reason
+                self._emit(acct, [self._algo_event(acct, stuck)])
+                return
             algo = self._new_algo(acct, algo_id)
             events: EventBatch = []
             if status == "REJECTED":  # the matching engine refuses it at trigger time
@@ -1097,6 +1376,190 @@ class Engine:
                 "ac": {"s": symbol, "l": leverage},
             }
             self._emit(acct, [("ACCOUNT_CONFIG_UPDATE", event)])
+
+    # ------------------------------------------------------------------ account modes and events
+    def set_position_mode(self, api_key: str, dual_side: bool = True) -> None:
+        """Hedge mode (LONG and SHORT positions per symbol) or one-way; refused (-4068/-4067) while a
+        position or an order is open, as on Binance. No event."""
+        with self.lock:
+            acct = self._acct(api_key)
+            if any(p.amount for p in acct.positions.values()):
+                raise SimulatorError("-4068 the position side cannot be changed if there exists position")
+            if acct.open_orders:
+                raise SimulatorError("-4067 the position side cannot be changed if there exists open orders")
+            acct.dual_side = bool(dual_side)
+
+    def set_margin_type(self, api_key: str, symbol: str = "BTCUSDT", margin_type: str = "ISOLATED") -> None:
+        """ISOLATED or CROSSED for a symbol; refused (-4048) while one of its positions is open. No event."""
+        if margin_type not in ("ISOLATED", "CROSSED"):
+            raise SimulatorError("margin_type is ISOLATED or CROSSED")
+        with self.lock:
+            acct = self._acct(api_key)
+            if any(p.amount for p in acct.positions.values() if p.symbol == symbol):
+                raise SimulatorError("-4048 margin type cannot be changed if there exists position")
+            if margin_type == "ISOLATED":
+                acct.isolated_symbols.add(symbol)
+            else:
+                acct.isolated_symbols.discard(symbol)
+            for pos in acct.positions.values():
+                if pos.symbol == symbol:
+                    pos.isolated, pos.isolated_wallet = margin_type == "ISOLATED", _ZERO
+
+    def _wallet_event(
+        self, acct: _Account, reason: str, change: Decimal, symbol: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """ACCOUNT_UPDATE of a wallet change that is no fill (``a.S``: the symbol of a FUNDING_FEE)."""
+        ts = self._tick(acct)
+        acct.wallet += change
+        acct.wallet_update_time = ts
+        update: dict[str, Any] = {
+            "m": reason,
+            "B": [
+                {
+                    "a": "USDT",
+                    "wb": fmt8(acct.wallet),
+                    "cw": fmt8(self._cross_wallet(acct)),
+                    "bc": fmt8(change),
+                }
+            ],
+            "P": [],
+        }
+        if symbol is not None:
+            update["S"] = symbol
+        return "ACCOUNT_UPDATE", {"e": "ACCOUNT_UPDATE", "E": self._tick(acct), "T": ts, "a": update}
+
+    def deposit(self, api_key: str, amount: str = "100.00000000") -> None:
+        """USDT arrives in (or, negative, leaves) the futures wallet: ACCOUNT_UPDATE m=DEPOSIT / WITHDRAW."""
+        change = Decimal(amount)
+        with self.lock:
+            acct = self._acct(api_key)
+            self._emit(acct, [self._wallet_event(acct, "DEPOSIT" if change >= 0 else "WITHDRAW", change)])
+
+    def funding_fee(self, api_key: str, symbol: str = "BTCUSDT", amount: str = "-0.12345678") -> None:
+        """A funding payment of a cross position: ACCOUNT_UPDATE m=FUNDING_FEE with ``a.S``, no ``P``."""
+        with self.lock:
+            acct = self._acct(api_key)
+            self._emit(acct, [self._wallet_event(acct, "FUNDING_FEE", Decimal(amount), symbol)])
+
+    def margin_call(self, api_key: str) -> None:
+        """MARGIN_CALL listing every open position (a stand-in: no margin model decides when)."""
+        with self.lock:
+            acct = self._acct(api_key)
+            positions = []
+            for pos in acct.positions.values():
+                if not pos.amount:
+                    continue
+                mark = self._price(acct, pos.symbol)
+                positions.append(
+                    {
+                        "s": pos.symbol,
+                        "ps": pos.position_side,
+                        "pa": str(pos.amount),
+                        "mt": "ISOLATED" if pos.isolated else "CROSSED",
+                        "iw": fmt8(pos.isolated_wallet),
+                        "mp": fmt8(mark),
+                        "up": fmt8(pos.unrealized(mark)),
+                        "mm": fmt8(abs(pos.amount) * mark * MAINT_MARGIN_RATE),
+                    }
+                )
+            event = {
+                "e": "MARGIN_CALL",
+                "E": self._tick(acct),
+                "cw": fmt8(self._cross_wallet(acct)),
+                "p": positions,
+            }
+            self._emit(acct, [("MARGIN_CALL", event)])
+
+    def liquidate(self, api_key: str, symbol: str = "BTCUSDT", position_side: str = "BOTH") -> int:
+        """The exchange closes a position: one ORDER_TRADE_UPDATE x=CALCULATED (type LIQUIDATION, client
+        id ``autoclose-...``, FILLED at the current price) and its ACCOUNT_UPDATE. Returns the order id."""
+        with self.lock:
+            acct = self._acct(api_key)
+            pos = acct.positions.get((symbol, position_side))
+            if pos is None or not pos.amount:
+                raise SimulatorError(f"no open {symbol} {position_side} position to liquidate")
+            ts = self._tick(acct)
+            order = self._create_order(
+                acct,
+                symbol,
+                "SELL" if pos.amount > 0 else "BUY",
+                "LIQUIDATION",
+                "LIQUIDATION",
+                abs(pos.amount),
+                self._price(acct, symbol),
+                f"autoclose-{ts}",
+                "IOC",
+                True,
+            )
+            order.position_side = position_side
+            events = self._fill_events(
+                acct, order, order.remaining, self._price(acct, symbol), maker=False, execution="CALCULATED"
+            )
+            self._emit(acct, events)
+            return order.order_id
+
+    def multi_assets_mode(self, api_key: str, enabled: bool = True) -> None:
+        """ACCOUNT_CONFIG_UPDATE with ``ai`` (multi-assets mode), not ``ac``."""
+        with self.lock:
+            acct = self._acct(api_key)
+            acct.multi_assets = bool(enabled)
+            ts = self._tick(acct)
+            event = {
+                "e": "ACCOUNT_CONFIG_UPDATE",
+                "E": self._tick(acct),
+                "T": ts,
+                "ai": {"j": acct.multi_assets},
+            }
+            self._emit(acct, [("ACCOUNT_CONFIG_UPDATE", event)])
+
+    def strategy_update(
+        self, api_key: str, strategy_id: int = 8000, status: str = "NEW", symbol: str = "BTCUSDT"
+    ) -> None:
+        """STRATEGY_UPDATE of a (grid) trading strategy: NEW, WORKING, CANCELLED, EXPIRED."""
+        with self.lock:
+            acct = self._acct(api_key)
+            ts = self._tick(acct)
+            body = {"si": strategy_id, "st": "GRID", "ss": status, "s": symbol, "ut": ts, "c": 8007}
+            self._emit(
+                acct,
+                [("STRATEGY_UPDATE", {"e": "STRATEGY_UPDATE", "T": ts, "E": self._tick(acct), "su": body})],
+            )
+
+    def grid_update(self, api_key: str, strategy_id: int = 8000, symbol: str = "BTCUSDT") -> None:
+        """GRID_UPDATE of a grid strategy (realized PnL, unmatched average price and quantity, ...)."""
+        with self.lock:
+            acct = self._acct(api_key)
+            ts = self._tick(acct)
+            body = {
+                "si": strategy_id,
+                "st": "GRID",
+                "ss": "WORKING",
+                "s": symbol,
+                "r": "-0.00300716",
+                "up": str(self._price(acct, symbol)),
+                "uq": "-0.001",
+                "uf": "-0.00300716",
+                "mp": "0.0",
+                "ut": ts,
+            }
+            self._emit(
+                acct, [("GRID_UPDATE", {"e": "GRID_UPDATE", "T": ts, "E": self._tick(acct), "gu": body})]
+            )
+
+    def conditional_order_trigger_reject(
+        self, api_key: str, symbol: str = "BTCUSDT", order_id: int = 0, reason: str = "Reduce only reject"
+    ) -> None:
+        """CONDITIONAL_ORDER_TRIGGER_REJECT (``or``: symbol, order id, reason)."""
+        with self.lock:
+            acct = self._acct(api_key)
+            ts = self._tick(acct)
+            event = {
+                "e": "CONDITIONAL_ORDER_TRIGGER_REJECT",
+                "E": self._tick(acct),
+                "T": ts,
+                "or": {"s": symbol, "i": order_id, "r": reason},
+            }
+            self._emit(acct, [("CONDITIONAL_ORDER_TRIGGER_REJECT", event)])
 
     # ------------------------------------------------------------------ scenario
     def step(self, api_key: str, n: int = 1) -> None:

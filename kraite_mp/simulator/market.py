@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 #: Default number of symbols in the mark-price array (production showed 568).
 DEFAULT_SYMBOL_COUNT = 570
@@ -77,8 +78,18 @@ KNOWN_SYMBOLS: tuple[tuple[str, str, int], ...] = (
     ("ENAUSDT", "0.41230", 0),
 )
 
+#: TradFi perpetuals (metals, equities) with a real-looking price: they arrive as a separate array.
+TRADFI_SYMBOLS: tuple[tuple[str, str, int], ...] = (
+    ("XAUUSDT", "4012.35", 3),
+    ("XAGUSDT", "48.123", 1),
+    ("TSLAUSDT", "431.27", 2),
+    ("NVDAUSDT", "181.44", 2),
+)
+
 #: ``KNOWN_SYMBOLS`` by name: symbol -> (base price, quantity precision).
-_KNOWN_BY_NAME = {name: (price, qty_precision) for name, price, qty_precision in KNOWN_SYMBOLS}
+_KNOWN_BY_NAME = {
+    name: (price, qty_precision) for name, price, qty_precision in KNOWN_SYMBOLS + TRADFI_SYMBOLS
+}
 
 
 @dataclass
@@ -96,6 +107,7 @@ class MarketSymbol:
     funding_rate: Decimal
     override: str | None = None
     walk: Decimal | None = None  #: unrounded walk state, so sub-tick moves accumulate
+    tradfi: bool = False  #: a TradFi perpetual (gold, stocks): its own array in each tick
 
     @property
     def price_precision(self) -> int:
@@ -162,12 +174,24 @@ def fmt8(value: Decimal) -> str:
 class Market:
     """Thread-safe symbol table and mark-price walk; ``tick()`` builds one array frame."""
 
-    def __init__(self, symbols: int | Sequence[str], seed: int) -> None:
+    def __init__(self, symbols: int | Sequence[str], seed: int, tradfi: Sequence[str] = ()) -> None:
         self._lock = threading.Lock()
         self._rng = random.Random(f"{seed}:market")
         names = default_symbol_names(symbols, self._rng) if isinstance(symbols, int) else list(symbols)
         self._symbols: dict[str, MarketSymbol] = {}
         self._set(names)
+        self._tradfi: dict[str, MarketSymbol] = {}
+        self.set_tradfi_symbols(tradfi)
+
+    def set_tradfi_symbols(self, symbols: Iterable[str]) -> None:
+        """The TradFi symbols: each tick sends them as a second array (none: one array per tick)."""
+        with self._lock:
+            old = self._tradfi
+            self._tradfi = {}
+            for name in dict.fromkeys(symbols):
+                sym = old.get(name) or make_symbol(name, self._rng)
+                sym.tradfi = True
+                self._tradfi[name] = sym
 
     def _set(self, names: Iterable[str]) -> None:
         old = self._symbols
@@ -179,16 +203,17 @@ class Market:
             self._set(symbols)
 
     def symbols(self) -> list[tuple[str, int]]:
+        """(symbol, st) of every symbol, the TradFi ones last."""
         with self._lock:
-            return [(s.symbol, s.st) for s in self._symbols.values()]
+            return [(s.symbol, s.st) for s in (*self._symbols.values(), *self._tradfi.values())]
 
     def get(self, symbol: str) -> MarketSymbol | None:
         with self._lock:
-            return self._symbols.get(symbol)
+            return self._symbols.get(symbol) or self._tradfi.get(symbol)
 
     def usdm_symbols(self) -> list[MarketSymbol]:
         with self._lock:
-            return [s for s in self._symbols.values() if s.st == 1]
+            return [s for s in (*self._symbols.values(), *self._tradfi.values()) if s.st == 1]
 
     def set_override(self, symbol: str, price: str | None) -> None:
         """Pin the mark price ``p`` (and ``ap``) of a symbol to ``price`` verbatim; None releases it."""
@@ -205,38 +230,50 @@ class Market:
                 sym.walk = None
 
     def tick(self, now_ms: int | None = None) -> list[dict[str, object]]:
-        """Advance every symbol one step and return the markPriceUpdate array."""
+        """Advance every symbol one step and return the markPriceUpdate array (TradFi ones last)."""
+        return [item for array in self.tick_messages(now_ms) for item in array]
+
+    def tick_messages(self, now_ms: int | None = None) -> list[list[dict[str, Any]]]:
+        """Advance every symbol one step: the arrays of the tick, the crypto one and, if there are TradFi
+        symbols, theirs (Binance sends them as a separate message in the same tick)."""
+        with self._lock:
+            crypto = self._tick(self._symbols.values(), now_ms)
+            if not self._tradfi:
+                return [crypto]
+            return [crypto, self._tick(self._tradfi.values(), now_ms)]
+
+    def _tick(self, symbols: Iterable[MarketSymbol], now_ms: int | None) -> list[dict[str, Any]]:
         event_ms = int(time.time() * 1000) if now_ms is None else now_ms
         funding_ms = next_funding_time_ms(event_ms)
-        frame: list[dict[str, object]] = []
-        with self._lock:
-            rng = self._rng
-            for sym in self._symbols.values():
-                if sym.override is None:
-                    walk = sym.mark if sym.walk is None else sym.walk
-                    walk = (walk * (1 + Decimal(rng.randint(-30, 30)) / 100000)).quantize(_WALK_DP)
-                    sym.walk = max(walk, sym.tick)
-                    sym.mark = sym.walk.quantize(sym.tick)
-                basis = Decimal(rng.randint(-200, 200)) / 1000000
-                sym.index = sym.mark * (1 + basis)
-                sym.funding_rate = min(
-                    Decimal("0.003"),
-                    max(Decimal("-0.003"), sym.funding_rate + Decimal(rng.randint(-2, 2)).scaleb(-6)),
-                )
-                settle = (sym.mark + sym.index) / 2
-                p = sym.override if sym.override is not None else fmt8(sym.mark)
-                frame.append(
-                    {
-                        "e": "markPriceUpdate",
-                        "E": event_ms,
-                        "s": sym.symbol,
-                        "p": p,
-                        "ap": p,
-                        "P": fmt8(settle),
-                        "i": fmt8(sym.index),
-                        "r": fmt8(sym.funding_rate),
-                        "T": funding_ms,
-                        "st": sym.st,
-                    }
-                )
+        frame: list[dict[str, Any]] = []
+        # the caller holds the lock
+        rng = self._rng
+        for sym in symbols:
+            if sym.override is None:
+                walk = sym.mark if sym.walk is None else sym.walk
+                walk = (walk * (1 + Decimal(rng.randint(-30, 30)) / 100000)).quantize(_WALK_DP)
+                sym.walk = max(walk, sym.tick)
+                sym.mark = sym.walk.quantize(sym.tick)
+            basis = Decimal(rng.randint(-200, 200)) / 1000000
+            sym.index = sym.mark * (1 + basis)
+            sym.funding_rate = min(
+                Decimal("0.003"),
+                max(Decimal("-0.003"), sym.funding_rate + Decimal(rng.randint(-2, 2)).scaleb(-6)),
+            )
+            settle = (sym.mark + sym.index) / 2
+            p = sym.override if sym.override is not None else fmt8(sym.mark)
+            frame.append(
+                {
+                    "e": "markPriceUpdate",
+                    "E": event_ms,
+                    "s": sym.symbol,
+                    "p": p,
+                    "ap": p,
+                    "P": fmt8(settle),
+                    "i": fmt8(sym.index),
+                    "r": fmt8(sym.funding_rate),
+                    "T": funding_ms,
+                    "st": sym.st,
+                }
+            )
         return frame

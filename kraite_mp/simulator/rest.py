@@ -61,6 +61,9 @@ WEIGHTS: dict[tuple[str, str], int | Callable[[web.Request], int]] = {
     ("GET", "/fapi/v1/algoOrder"): 1,
     ("GET", "/fapi/v1/allOrders"): 5,
     ("GET", "/fapi/v1/allAlgoOrders"): 5,
+    ("GET", "/fapi/v3/positionRisk"): 5,
+    ("GET", "/fapi/v3/balance"): 5,
+    ("GET", "/fapi/v3/account"): 5,
     ("GET", "/fapi/v1/time"): 1,
     ("GET", "/fapi/v1/ping"): 1,
     ("GET", "/fapi/v1/exchangeInfo"): 1,
@@ -250,6 +253,9 @@ class RestApi:
         app.router.add_get("/fapi/v1/openAlgoOrders", self.open_algo_orders)
         app.router.add_get("/fapi/v1/algoOrder", self.query_algo_order)
         app.router.add_get("/fapi/v1/allAlgoOrders", self.all_algo_orders)
+        app.router.add_get("/fapi/v3/positionRisk", self.position_risk)
+        app.router.add_get("/fapi/v3/balance", self.balance)
+        app.router.add_get("/fapi/v3/account", self.account)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -465,6 +471,19 @@ class RestApi:
             raise ApiError(400, -4166, "Search window is restricted to recent 7 days only.")
         algos = self.engine.all_algos(api_key, symbol, _int_param(params, "algoId"), start, end, limit)
         return web.json_response(algos)
+
+    async def position_risk(self, request: web.Request) -> web.Response:
+        """Without ``symbol`` only the symbols with a position or an open order; with it, that one."""
+        api_key, params = await self._signed(request)
+        return web.json_response(self.engine.position_risk(api_key, params.get("symbol") or None))
+
+    async def balance(self, request: web.Request) -> web.Response:
+        api_key, _ = await self._signed(request)
+        return web.json_response(self.engine.balances(api_key))
+
+    async def account(self, request: web.Request) -> web.Response:
+        api_key, _ = await self._signed(request)
+        return web.json_response(self.engine.account_info(api_key))
 
 
 def _strip_signature(raw: str) -> tuple[str, str | None]:

@@ -29,6 +29,7 @@ from kraite_mp.simulator.engine import (
 from kraite_mp.simulator.market import DEFAULT_SYMBOL_COUNT, Market
 from kraite_mp.simulator.rest import DEFAULT_BAN_S, DEFAULT_WEIGHT_LIMIT_1M, RateLimiter, RestApi
 from kraite_mp.simulator.streams import DEFAULT_CONNECTION_LIMIT, DEFAULT_CONNECTION_WINDOW_S, StreamHub
+from kraite_mp.simulator.wsapi import WsApi
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,25 @@ CONTROL_METHODS = frozenset(
         "reject_algo",
         "expire_algo",
         "account_config_update",
+        "expire_in_match",
+        "start_triggering",
+        "set_position_mode",
+        "set_margin_type",
+        "deposit",
+        "funding_fee",
+        "margin_call",
+        "liquidate",
+        "multi_assets_mode",
+        "strategy_update",
+        "grid_update",
+        "conditional_order_trigger_reject",
         "truth",
         "drop_connections",
         "go_silent",
         "send_raw",
         "send_market_raw",
         "expire_listen_key",
+        "set_listen_key_expired_e",
         "set_max_connection_age",
         "set_lose_while_disconnected",
         "invalidate_api_key",
@@ -74,6 +88,7 @@ CONTROL_METHODS = frozenset(
         "refuse_connections",
         "set_connection_limit",
         "set_symbols",
+        "set_tradfi_symbols",
         "set_mark_price_override",
         "set_clock_offset",
         "stats",
@@ -103,12 +118,13 @@ class Simulator:
         connection_window_s: float = DEFAULT_CONNECTION_WINDOW_S,
         host: str = "127.0.0.1",
         port: int = 0,
+        tradfi_symbols: Sequence[str] = (),
     ) -> None:
         if host not in LOOPBACK_HOSTS:
             raise ValueError(f"the simulator binds loopback only, not {host!r}")
         self.host = host
         self.port = port
-        self.market = Market(symbols, seed)
+        self.market = Market(symbols, seed, tradfi_symbols)
         self.engine = Engine(accounts, self.market, seed, listen_key_ttl_s, max_open_orders)
         self.hub = StreamHub(
             self.engine,
@@ -122,6 +138,8 @@ class Simulator:
         self.hub.lose_while_disconnected = lose_while_disconnected
         self.limiter = RateLimiter(weight_limit_1m, ban_s)
         self.rest = RestApi(self.engine, self.limiter, self.hub.close_listen_key)
+        self.ws_api = WsApi(self.engine, self.limiter, self.hub)
+        self.hub.ws_api = self.ws_api.handle
         self.control_requests: dict[str, int] = {}
         self._rate = float(rate)
         self._rate_since = time.monotonic()
@@ -150,9 +168,23 @@ class Simulator:
         self.reject_algo = engine.reject_algo
         self.expire_algo = engine.expire_algo
         self.account_config_update = engine.account_config_update
+        self.expire_in_match = engine.expire_in_match
+        self.start_triggering = engine.start_triggering
+        self.set_position_mode = engine.set_position_mode
+        self.set_margin_type = engine.set_margin_type
+        self.deposit = engine.deposit
+        self.funding_fee = engine.funding_fee
+        self.margin_call = engine.margin_call
+        self.liquidate = engine.liquidate
+        self.multi_assets_mode = engine.multi_assets_mode
+        self.strategy_update = engine.strategy_update
+        self.grid_update = engine.grid_update
+        self.conditional_order_trigger_reject = engine.conditional_order_trigger_reject
         self.truth = engine.truth
         self.expire_listen_key = engine.expire_listen_key
+        self.set_listen_key_expired_e = engine.set_listen_key_expired_e
         self.set_symbols = self.market.set_symbols
+        self.set_tradfi_symbols = self.market.set_tradfi_symbols
         self.set_mark_price_override = self.market.set_override
 
     # ------------------------------------------------------------------ lifecycle
@@ -163,6 +195,11 @@ class Simulator:
     @property
     def ws_url(self) -> str:
         return f"ws://{self._url_host}:{self.port}"
+
+    @property
+    def ws_api_url(self) -> str:
+        """The WebSocket API (like wss://ws-fapi.binance.com/ws-fapi/v1)."""
+        return f"{self.ws_url}/ws-fapi/v1"
 
     @property
     def control_url(self) -> str:
@@ -238,8 +275,15 @@ class Simulator:
         app = web.Application(middlewares=[self.rest.middleware], client_max_size=1 << 20)
         self.rest.add_routes(app)
         app.router.add_get("/private/ws", self.hub.handle_private)
+        app.router.add_get("/private/ws/{key}", self.hub.handle_dead)
+        app.router.add_get("/private/stream", self.hub.handle_private_stream)
+        app.router.add_get("/market/ws", self.hub.handle_market_ws)
         app.router.add_get("/market/ws/{stream}", self.hub.handle_market_ws)
         app.router.add_get("/market/stream", self.hub.handle_market_stream)
+        app.router.add_get("/public/ws", self.hub.handle_public_ws)
+        app.router.add_get("/public/ws/{stream}", self.hub.handle_public_ws)
+        app.router.add_get("/public/stream", self.hub.handle_public_stream)
+        app.router.add_get("/ws-fapi/v1", self.hub.handle_ws_api)
         app.router.add_get("/ws", self.hub.handle_retired)
         app.router.add_get("/ws/{tail:.*}", self.hub.handle_retired)
         app.router.add_get("/stream", self.hub.handle_retired)
@@ -285,7 +329,7 @@ class Simulator:
                 delay = 0.0
             await asyncio.sleep(max(0.0, delay))
             try:
-                self.hub.publish_market(self.market.tick(self.engine.now_ms()))
+                self.hub.publish_market(self.market.tick_messages(self.engine.now_ms()))
             except Exception:
                 log.exception("mark price tick failed")
 

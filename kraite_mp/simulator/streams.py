@@ -1,16 +1,32 @@
-"""WebSocket side of the simulator: user-data, mark-price and retired routes, pings, faults.
+"""WebSocket side of the simulator: user-data, market, public and retired routes, the WebSocket API,
+pings, faults.
 
 Every connection has one writer task fed by an outbox queue, so frames, pings, pongs and the
 close are written in order by a single task. All methods run on the server's event loop,
 except ``sink`` which the engine calls from any thread (it hops onto the loop).
 
-Routes (as production since 2026-04-23):
-- ``/private/ws?listenKey=K&events=A/B``: user data. Unknown key -> HTTP 400 before the upgrade
-  (body ``{"code":-1125,...}``). ``events`` is an allow-list applied to every event, including
-  ``listenKeyExpired``; without ``events`` everything is delivered (sources disagree).
-- ``/market/ws/!markPrice@arr@1s`` and ``/market/stream?streams=...``: mark-price arrays.
-- ``/ws/<anything>`` and ``/stream?streams=``: retired; the handshake works and SUBSCRIBE is
-  acknowledged, but nothing is ever delivered.
+Routes (as production since 2026-04-23), every access style:
+- ``/private/ws?listenKey=K&events=A/B``: user data, raw frames. Unknown key -> HTTP 400 before the
+  upgrade (body ``{"code":-1125,...}``). ``events`` is an allow-list applied to every event, including
+  ``listenKeyExpired``; without ``events`` everything is delivered. Without ``listenKey`` the
+  connection starts empty and takes ``SUBSCRIBE ["<listenKey>"]``.
+- ``/private/stream?listenKey=A&events=..&listenKey=B&events=..``: several keys on one connection
+  (each ``events`` belongs to the key before it), frames wrapped ``{"stream": <listenKey>, "data":
+  ...}``; ``SUBSCRIBE`` adds keys (the official SDK's way). The path form ``/private/ws/<key>`` is dead.
+- ``/market/ws/<stream>``, ``/market/ws`` + ``SUBSCRIBE``, ``/market/stream?streams=a/b`` (wrapped):
+  ``!markPrice@arr@1s`` / ``!markPrice@arr`` (every array of a tick: TradFi symbols come as a
+  second one), ``<symbol>@markPrice@1s`` / ``<symbol>@markPrice`` (one object); the forms without
+  ``@1s`` send every third tick (3 s at the default ``mark_price_interval_s``).
+- ``/public/ws/<stream>``, ``/public/stream?streams=``: ``<symbol>@bookTicker``,
+  ``<symbol>@depth<5|10|20>[@100ms|@250ms|@500ms]`` and ``<symbol>@depth[@..ms]``, one frame per
+  mark-price tick, built around the mark price.
+- ``/ws/<stream>`` and ``/stream?streams=``: the retired unrouted forms, which serve the public
+  category only: a listenKey or a market stream there is accepted (even a SUBSCRIBE is acked)
+  and never delivers.
+- ``/ws-fapi/v1``: the WebSocket API (``userDataStream.start/ping/stop``, ``kraite_mp.simulator.wsapi``).
+A SUBSCRIBE of another route's stream, or of one the simulator does not model (aggTrade, kline,
+ticker, forceOrder ...), is acked and stays silent; more than ``MAX_STREAMS_PER_CONNECTION``
+streams on one connection is refused with an error reply.
 
 Admission, before anything else on every route (so before the listenKey check): each handshake
 attempt of a client IP is counted, refused or not; during a maintenance window every attempt is
@@ -27,10 +43,12 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -51,6 +69,25 @@ CLOSE_TIMEOUT_S = 1.0
 ORDERED_CLOSE_DEADLINE_S = 5.0
 #: Stream names of the all-symbols mark-price array (``@1s``, and the 3 s default).
 MARK_PRICE_STREAMS = frozenset({"!markPrice@arr@1s", "!markPrice@arr"})
+#: One symbol's mark price (``btcusdt@markPrice@1s``): served on /market.
+SYMBOL_MARK_PRICE_RE = re.compile(r"^([a-z0-9_]+)@markPrice(@1s)?$")
+#: Other market-route streams: accepted, not modelled (silent).
+OTHER_MARKET_RE = re.compile(
+    r"^(![a-zA-Z]+@arr|[a-z0-9_]+@(aggTrade|kline_\w+|continuousKline_\w+|ticker|miniTicker|forceOrder))$"
+)
+#: Public-route streams the simulator serves: book ticker, partial and diff depth.
+PUBLIC_RE = re.compile(r"^([a-z0-9_]+)@(bookTicker|depth(5|10|20)?(@(100|250|500)ms)?)$")
+#: At most this many streams on one connection (USD-M's limit; 1024 is spot's).
+MAX_STREAMS_PER_CONNECTION = 200
+#: Route category each connection kind delivers (the retired unrouted forms: public only).
+SERVES = {"market": "market", "public": "public", "retired": "public"}
+#: Half the spread, and the step between depth levels, of the synthetic book (relative to the mark).
+BOOK_STEP = Decimal("0.0001")
+#: The mark-price streams without ``@1s`` send one tick of this many (3 s at the 1 s default).
+SLOW_STREAM_TICKS = 3
+#: Depth levels of a diff-depth frame.
+DIFF_DEPTH_LEVELS = 10
+_EIGHT_DP = Decimal("0.00000001")
 #: WebSocket handshake attempts allowed per client IP per window (docs/PROTOCOL.md: 300 / 5 min).
 DEFAULT_CONNECTION_LIMIT = 300
 #: Length of the rolling window ``DEFAULT_CONNECTION_LIMIT`` applies to.
@@ -71,21 +108,41 @@ except ImportError:  # pragma: no cover
         return json.dumps(obj, separators=(",", ":"))
 
 
+#: Texts remembered per account to count an event written on two overlapping connections once.
+RECENT_TEXTS = 4096
+
+
+def stream_route(name: str) -> str | None:
+    """The route category of a stream name ("market", "public"), None for no known stream."""
+    if name in MARK_PRICE_STREAMS or SYMBOL_MARK_PRICE_RE.match(name) or OTHER_MARKET_RE.match(name):
+        return "market"
+    if PUBLIC_RE.match(name) or name == "!bookTicker":
+        return "public"
+    return None
+
+
+@dataclass
+class Sub:
+    """One listenKey on a private connection."""
+
+    api_key: str
+    events: frozenset[str] | None = None  #: allow-list; None: every event
+    muted: bool = False  #: the key expired: nothing more for it
+
+
 @dataclass(eq=False)
 class Conn:
     """One accepted WebSocket connection."""
 
     conn_id: int
-    kind: str  #: "private", "market" or "retired"
+    kind: str  #: "private", "market", "public", "retired" or "wsapi"
     ws: web.WebSocketResponse
     request: web.Request
-    api_key: str | None = None
-    listen_key: str | None = None
-    events: frozenset[str] | None = None
-    stream_name: str | None = None  #: set for /market/stream: frames wrapped {"stream","data"}
+    subs: dict[str, Sub] = field(default_factory=dict)  #: private: listenKey -> subscription
+    streams: list[str] = field(default_factory=list)  #: market / public / retired, in order
+    wrapped: bool = False  #: a /stream route: frames wrapped {"stream","data"}
     opened_at: float = field(default_factory=time.monotonic)
     outbox: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
-    muted: bool = False  #: listenKey expired: nothing more on this connection
     silent_until: float = 0.0
     pending_pings: dict[bytes, float] = field(default_factory=dict)
     next_ping_at: float = 0.0
@@ -95,8 +152,15 @@ class Conn:
     queued_bytes: int = 0
 
     @property
+    def targets(self) -> list[str]:
+        """What stats and faults name it by: the api_keys of a private connection, else its kind."""
+        if self.kind == "private":
+            return list(dict.fromkeys(sub.api_key for sub in self.subs.values())) or ["private"]
+        return [self.kind]
+
+    @property
     def target(self) -> str:
-        return self.api_key if self.kind == "private" and self.api_key else self.kind
+        return self.targets[0]
 
     def silent(self, now: float) -> bool:
         return now < self.silent_until
@@ -154,7 +218,15 @@ class StreamHub:
         self.opened: dict[str, int] = {}
         self.frames: dict[str, int] = {}
         self.lost: dict[str, int] = {}
+        #: Events written to at least one of the account's connections (an event sent on two overlapping
+        #: connections counts once here, twice in ``frames``); the recent texts written, per account.
+        self.delivered: dict[str, int] = {}
+        self._recent: dict[str, tuple[deque[str], set[str]]] = {}
         self.closed_reasons: dict[str, int] = {}
+        #: The WebSocket API's request handler (``/ws-fapi/v1``), set by the server.
+        self.ws_api: Callable[[Conn, dict[str, Any]], dict[str, Any]] | None = None
+        self._book_ids: dict[str, int] = {}
+        self._ticks = 0
 
     # ------------------------------------------------------------------ engine -> connections
     def sink(self, api_key: str, events: EventBatch, expired_key: str | None) -> None:
@@ -166,17 +238,24 @@ class StreamHub:
         with contextlib.suppress(RuntimeError):  # loop closing during shutdown
             loop.call_soon_threadsafe(self._deliver, api_key, items, expired_key)
 
-    def _account_conns(self, api_key: str) -> list[Conn]:
-        return [c for c in self.conns if c.kind == "private" and c.api_key == api_key and not c.closing]
+    def _account_subs(self, api_key: str) -> list[tuple[Conn, str, Sub]]:
+        """(connection, listenKey, subscription) of every open private subscription of an account."""
+        return [
+            (conn, key, sub)
+            for conn in self.conns
+            if conn.kind == "private" and not conn.closing
+            for key, sub in conn.subs.items()
+            if sub.api_key == api_key
+        ]
 
     def _deliver(self, api_key: str, items: list[tuple[str, str]], expired_key: str | None) -> None:
         if expired_key is not None:
-            for conn in self._account_conns(api_key):
-                if conn.listen_key == expired_key and not conn.muted:
-                    self._send_filtered(conn, items)
-                    conn.muted = True
+            for conn, key, sub in self._account_subs(api_key):
+                if key == expired_key and not sub.muted:
+                    self._send_filtered(conn, key, sub, items)
+                    sub.muted = True
             return
-        live = [c for c in self._account_conns(api_key) if not c.muted]
+        live = [(conn, key, sub) for conn, key, sub in self._account_subs(api_key) if not sub.muted]
         if not live:
             if self.lose_while_disconnected:
                 self.lost[api_key] = self.lost.get(api_key, 0) + len(items)
@@ -184,13 +263,26 @@ class StreamHub:
                 backlog = self._backlog.setdefault(api_key, deque(maxlen=MAX_BACKLOG_EVENTS))
                 backlog.extend(items)
             return
-        for conn in live:
-            self._send_filtered(conn, items)
+        for conn, key, sub in live:
+            self._send_filtered(conn, key, sub, items)
 
-    def _send_filtered(self, conn: Conn, items: Iterable[tuple[str, str]]) -> None:
+    def _send_filtered(self, conn: Conn, listen_key: str, sub: Sub, items: Iterable[tuple[str, str]]) -> None:
         for name, text in items:
-            if conn.events is None or name in conn.events:
+            if sub.events is None or name in sub.events:
+                if conn.wrapped:
+                    text = f'{{"stream":{dumps(listen_key)},"data":{text}}}'
                 self._enqueue(conn, "text", text)
+
+    def _subscribe_key(self, conn: Conn, listen_key: str, events: frozenset[str] | None) -> bool:
+        """Add a listenKey to a private connection (and hand it the account's backlog); False if unknown."""
+        api_key = self.engine.account_for_listen_key(listen_key)
+        if api_key is None:
+            return False
+        sub = conn.subs[listen_key] = Sub(api_key, events)
+        backlog = self._backlog.pop(api_key, None)
+        if backlog:
+            self._send_filtered(conn, listen_key, sub, backlog)
+        return True
 
     def _enqueue(self, conn: Conn, kind: str, data: Any) -> None:
         if conn.closing:
@@ -203,19 +295,72 @@ class StreamHub:
             conn.queued_bytes += len(data)
         conn.outbox.put_nowait((kind, data))
 
-    def publish_market(self, frame: list[dict[str, Any]]) -> None:
-        conns = [c for c in self.conns if c.kind == "market" and not c.closing]
+    def publish_market(self, arrays: list[list[dict[str, Any]]]) -> None:
+        """One mark-price tick, its arrays (crypto, then TradFi if any), to every subscribed market and
+        public stream."""
+        self._ticks += 1
+        conns = [c for c in self.conns if c.kind in SERVES and not c.closing and c.streams]
         if not conns:
             return
-        text = dumps(frame)
-        wrapped: dict[str, str] = {}
+        # the mark-price streams without @1s update every 3 s: every third tick of the 1 s default
+        slow_tick = self._ticks % SLOW_STREAM_TICKS == 1
+        texts: dict[str, list[str]] = {}
+        by_symbol: dict[str, dict[str, Any]] | None = None
         for conn in conns:
-            if conn.stream_name is None:
-                self._enqueue(conn, "text", text)
-            else:
-                if conn.stream_name not in wrapped:
-                    wrapped[conn.stream_name] = f'{{"stream":{dumps(conn.stream_name)},"data":{text}}}'
-                self._enqueue(conn, "text", wrapped[conn.stream_name])
+            serves = SERVES[conn.kind]
+            for name in conn.streams:
+                if stream_route(name) != serves:
+                    continue  # another route's stream, or none: acked, silent
+                if not slow_tick and _is_slow(name):
+                    continue
+                if name not in texts:
+                    if name in MARK_PRICE_STREAMS:
+                        texts[name] = [dumps(a) for a in arrays if a]
+                    else:
+                        if by_symbol is None:
+                            by_symbol = {str(item["s"]): item for a in arrays for item in a}
+                        texts[name] = self._symbol_stream(name, by_symbol)
+                for text in texts[name]:
+                    if conn.wrapped:
+                        text = f'{{"stream":{dumps(name)},"data":{text}}}'
+                    self._enqueue(conn, "text", text)
+
+    def _symbol_stream(self, name: str, by_symbol: dict[str, dict[str, Any]]) -> list[str]:
+        """The frames of one symbol stream for this tick (none for a symbol without a mark price)."""
+        mark = SYMBOL_MARK_PRICE_RE.match(name)
+        if mark:
+            item = by_symbol.get(mark.group(1).upper())
+            return [dumps(item)] if item is not None else []
+        public = PUBLIC_RE.match(name)
+        if public is None:
+            return []  # modelled nowhere: silent
+        symbol = public.group(1).upper()
+        item = by_symbol.get(symbol)
+        if item is None:
+            return []
+        price, now_ms = Decimal(str(item["p"])), int(item["E"])
+        first = self._book_ids.get(symbol, 0) + 1
+        last = self._book_ids[symbol] = first + 2
+        if public.group(2) == "bookTicker":
+            bid, ask = _book_level(price, -1), _book_level(price, 1)
+            body = {"e": "bookTicker", "u": last, "s": symbol, "b": bid, "B": "1.000", "a": ask, "A": "1.000"}
+            return [dumps({**body, "T": now_ms, "E": now_ms})]
+        levels = int(public.group(3) or DIFF_DEPTH_LEVELS)
+        return [
+            dumps(
+                {
+                    "e": "depthUpdate",
+                    "E": now_ms,
+                    "T": now_ms,
+                    "s": symbol,
+                    "U": first,
+                    "u": last,
+                    "pu": first - 1,
+                    "b": [[_book_level(price, -i), f"{i}.000"] for i in range(1, levels + 1)],
+                    "a": [[_book_level(price, i), f"{i}.000"] for i in range(1, levels + 1)],
+                }
+            )
+        ]
 
     # ------------------------------------------------------------------ faults
     def close(
@@ -242,10 +387,10 @@ class StreamHub:
             self.loop.call_later(delay, _abort, conn)
 
     def select(self, target: str | None) -> list[Conn]:
-        """Connections of an api_key, "market", "retired", or all (None)."""
+        """Connections of an api_key, "market", "public", "retired", "wsapi", or all (None)."""
         if target is None:
             return [c for c in self.conns if not c.closing]
-        return [c for c in self.conns if c.target == target and not c.closing]
+        return [c for c in self.conns if target in c.targets and not c.closing]
 
     def drop(self, target: str | None, abrupt: bool = False) -> int:
         conns = self.select(target)
@@ -271,9 +416,22 @@ class StreamHub:
         return len(conns)
 
     def close_listen_key(self, listen_key: str) -> None:
+        """Close the connections of a deleted key, after its listenKeyExpired (which the engine handed to
+        ``sink`` just before: queued on the loop ahead of this). A connection that holds other keys too
+        only drops this one."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            self._close_listen_key_now(listen_key)
+        else:
+            loop.call_soon_threadsafe(self._close_listen_key_now, listen_key)
+
+    def _close_listen_key_now(self, listen_key: str) -> None:
         for conn in list(self.conns):
-            if conn.kind == "private" and conn.listen_key == listen_key:
-                self.close(conn, 1000, "listenKey deleted")
+            if conn.kind == "private" and listen_key in conn.subs:
+                if set(conn.subs) == {listen_key}:
+                    self.close(conn, 1000, "listenKey deleted")
+                else:
+                    del conn.subs[listen_key]
 
     # ------------------------------------------------------------------ housekeeping
     def housekeep(self) -> None:
@@ -306,11 +464,13 @@ class StreamHub:
         current: dict[str, int] = {}
         for conn in self.conns:
             if not conn.closing:
-                current[conn.target] = current.get(conn.target, 0) + 1
+                for target in conn.targets:
+                    current[target] = current.get(target, 0) + 1
         return {
             "ws_opened": dict(self.opened),
             "frames_sent": dict(self.frames),
             "events_lost": dict(self.lost),
+            "events_delivered": dict(self.delivered),
             "current_connections": current,
             "closed": dict(self.closed_reasons),
             "ws_handshakes": self.handshake_report(),
@@ -384,48 +544,78 @@ class StreamHub:
 
     # ------------------------------------------------------------------ handlers
     async def handle_private(self, request: web.Request) -> web.StreamResponse:
+        """``/private/ws?listenKey=K&events=..``: raw frames; no listenKey: SUBSCRIBE later."""
         refused = self.admit(request)
         if refused is not None:
             return refused
         listen_key = request.query.get("listenKey", "")
-        api_key = self.engine.account_for_listen_key(listen_key) if listen_key else None
-        if api_key is None:
-            return web.json_response({"code": -1125, "msg": "This listenKey does not exist."}, status=400)
-        events_param = request.query.get("events")
-        events = frozenset(e for e in events_param.split("/") if e) if events_param is not None else None
-        return await self._serve(request, "private", api_key=api_key, listen_key=listen_key, events=events)
+        if listen_key and self.engine.account_for_listen_key(listen_key) is None:
+            return _unknown_listen_key()
+        events = _events(request.query.get("events"))
+        return await self._serve(request, "private", keys=[(listen_key, events)] if listen_key else [])
 
-    async def handle_market_ws(self, request: web.Request) -> web.StreamResponse:
+    async def handle_private_stream(self, request: web.Request) -> web.StreamResponse:
+        """``/private/stream?listenKey=A&events=..&listenKey=B&events=..``: wrapped frames, several keys."""
         refused = self.admit(request)
         if refused is not None:
             return refused
-        stream = request.match_info.get("stream", "")
-        return await self._serve(request, "market" if stream in MARK_PRICE_STREAMS else "retired")
+        keys: list[tuple[str, frozenset[str] | None]] = []
+        for name, value in request.query.items():
+            if name == "listenKey":
+                if self.engine.account_for_listen_key(value) is None:
+                    return _unknown_listen_key()
+                keys.append((value, None))
+            elif name == "events" and keys:
+                keys[-1] = (keys[-1][0], _events(value))
+        return await self._serve(request, "private", keys=keys, wrapped=True)
 
-    async def handle_market_stream(self, request: web.Request) -> web.StreamResponse:
-        refused = self.admit(request)
-        if refused is not None:
-            return refused
-        streams = [s for s in request.query.get("streams", "").split("/") if s]
-        mark = next((s for s in streams if s in MARK_PRICE_STREAMS), None)
-        if mark is None:
-            return await self._serve(request, "retired")
-        return await self._serve(request, "market", stream_name=mark)
-
-    async def handle_retired(self, request: web.Request) -> web.StreamResponse:
+    async def handle_dead(self, request: web.Request) -> web.StreamResponse:
+        """``/private/ws/<key>``: dead on mainnet: the handshake works, nothing ever arrives."""
         refused = self.admit(request)
         if refused is not None:
             return refused
         return await self._serve(request, "retired")
 
+    async def handle_market_ws(self, request: web.Request) -> web.StreamResponse:
+        return await self._routed(request, "market", wrapped=False)
+
+    async def handle_market_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._routed(request, "market", wrapped=True)
+
+    async def handle_public_ws(self, request: web.Request) -> web.StreamResponse:
+        return await self._routed(request, "public", wrapped=False)
+
+    async def handle_public_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._routed(request, "public", wrapped=True)
+
+    async def handle_retired(self, request: web.Request) -> web.StreamResponse:
+        """``/ws/<stream>`` and ``/stream?streams=``: the unrouted forms, public streams only."""
+        return await self._routed(request, "retired", wrapped=request.path == "/stream")
+
+    async def handle_ws_api(self, request: web.Request) -> web.StreamResponse:
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
+        return await self._serve(request, "wsapi")
+
+    async def _routed(self, request: web.Request, kind: str, *, wrapped: bool) -> web.StreamResponse:
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
+        if wrapped:
+            streams = [s for s in request.query.get("streams", "").split("/") if s]
+        else:
+            tail = request.match_info.get("stream") or request.match_info.get("tail") or ""
+            streams = [tail] if tail else []
+        return await self._serve(request, kind, streams=streams[:MAX_STREAMS_PER_CONNECTION], wrapped=wrapped)
+
     async def _serve(
         self,
         request: web.Request,
         kind: str,
-        api_key: str | None = None,
-        listen_key: str | None = None,
-        events: frozenset[str] | None = None,
-        stream_name: str | None = None,
+        keys: Iterable[tuple[str, frozenset[str] | None]] = (),
+        streams: Iterable[str] = (),
+        wrapped: bool = False,
     ) -> web.StreamResponse:
         ws = web.WebSocketResponse(
             autoping=False, compress=False, timeout=CLOSE_TIMEOUT_S, max_msg_size=1 << 20
@@ -437,19 +627,16 @@ class StreamHub:
             kind,
             ws,
             request,
-            api_key=api_key,
-            listen_key=listen_key,
-            events=events,
-            stream_name=stream_name,
+            streams=list(dict.fromkeys(streams)),
+            wrapped=wrapped,
             next_ping_at=now + self.ping_interval_s,
         )
         self.conns.add(conn)
-        self.opened[conn.target] = self.opened.get(conn.target, 0) + 1
-        log.info("conn=%d %s opened (%s)", conn.conn_id, conn.target, request.path_qs[:120])
-        if kind == "private" and api_key is not None:
-            backlog = self._backlog.pop(api_key, None)
-            if backlog:
-                self._send_filtered(conn, backlog)
+        for listen_key, events in keys:
+            self._subscribe_key(conn, listen_key, events)
+        for target in conn.targets:
+            self.opened[target] = self.opened.get(target, 0) + 1
+        log.info("conn=%d %s opened (%s)", conn.conn_id, conn.target, request.path)
         writer = asyncio.create_task(self._writer(conn), name=f"sim-ws-writer-{conn.conn_id}")
         try:
             await self._reader(conn)
@@ -509,12 +696,47 @@ class StreamHub:
         if not isinstance(request, dict) or "method" not in request:
             self._enqueue(conn, "text", dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": None}))
             return
-        method = request.get("method")
-        if method == "LIST_SUBSCRIPTIONS":
-            result: Any = [conn.stream_name] if conn.stream_name else []
-        else:
-            result = None
-        self._enqueue(conn, "text", dumps({"result": result, "id": request.get("id")}))
+        if conn.kind == "wsapi":
+            if self.ws_api is not None:
+                self._enqueue(conn, "text", dumps(self.ws_api(conn, request)))
+            return
+        method, params, rid = request.get("method"), request.get("params"), request.get("id")
+        result: Any = None
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+                self._enqueue(
+                    conn, "text", dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": rid})
+                )
+                return
+            if method == "SUBSCRIBE":
+                if len(set(conn.subs) | set(conn.streams) | set(params)) > MAX_STREAMS_PER_CONNECTION:
+                    msg = f"Invalid request: at most {MAX_STREAMS_PER_CONNECTION} streams per connection"
+                    self._enqueue(conn, "text", dumps({"error": {"code": 2, "msg": msg}, "id": rid}))
+                    return
+                for name in params:
+                    # a private connection takes listenKeys (an unknown one is acked, silent)
+                    if conn.kind != "private" or not self._subscribe_key(conn, name, None):
+                        if name not in conn.streams:
+                            conn.streams.append(name)
+            else:
+                for name in params:
+                    conn.subs.pop(name, None)
+                    if name in conn.streams:
+                        conn.streams.remove(name)
+        elif method == "LIST_SUBSCRIPTIONS":
+            result = list(conn.subs) + conn.streams
+        self._enqueue(conn, "text", dumps({"result": result, "id": rid}))
+
+    def _count_delivered(self, api_key: str, text: str) -> None:
+        """One more event written, unless the same text went out on another connection just before."""
+        recent, seen = self._recent.setdefault(api_key, (deque(), set()))
+        if text in seen:
+            return
+        self.delivered[api_key] = self.delivered.get(api_key, 0) + 1
+        recent.append(text)
+        seen.add(text)
+        if len(recent) > RECENT_TEXTS:
+            seen.discard(recent.popleft())
 
     async def _writer(self, conn: Conn) -> None:
         ws = conn.ws
@@ -539,12 +761,14 @@ class StreamHub:
                 if kind == "text":
                     conn.queued_bytes -= len(data)
                 if time.monotonic() < write_silent_until:
-                    if kind == "text" and conn.kind == "private" and conn.api_key:
-                        self.lost[conn.api_key] = self.lost.get(conn.api_key, 0) + 1
+                    if kind == "text" and conn.kind == "private" and conn.subs:
+                        self.lost[conn.target] = self.lost.get(conn.target, 0) + 1
                     continue
                 if kind == "text":
                     await ws.send_str(data)
                     self.frames[conn.target] = self.frames.get(conn.target, 0) + 1
+                    if conn.kind == "private" and conn.subs:
+                        self._count_delivered(conn.target, data)
                 elif kind == "ping":
                     await ws.ping(data)
                 elif kind == "pong":
@@ -553,6 +777,27 @@ class StreamHub:
             log.info("conn=%d %s: write failed: %s", conn.conn_id, conn.target, exc)
             conn.closing = True
             _abort(conn)
+
+
+def _is_slow(name: str) -> bool:
+    """``!markPrice@arr`` and ``<symbol>@markPrice``: the 3 s variants."""
+    return name == "!markPrice@arr" or (
+        name.endswith("@markPrice") and SYMBOL_MARK_PRICE_RE.match(name) is not None
+    )
+
+
+def _events(param: str | None) -> frozenset[str] | None:
+    return frozenset(e for e in param.split("/") if e) if param is not None else None
+
+
+def _unknown_listen_key() -> web.Response:
+    return web.json_response({"code": -1125, "msg": "This listenKey does not exist."}, status=400)
+
+
+def _book_level(mark: Decimal, level: int) -> str:
+    """The price ``level`` steps from the mark (negative: bids), 8 decimals."""
+    price = mark * (1 + BOOK_STEP * level)
+    return f"{price.quantize(_EIGHT_DP, rounding=ROUND_HALF_EVEN):.8f}"
 
 
 def _refusal(status: int, code: int, msg: str, retry_after_s: float) -> web.Response:
