@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -89,3 +90,83 @@ def test_check_config_cli_redacts_and_fails_clearly(tmp_path) -> None:
     assert bad.returncode == 78
     assert "mark_price.strategy" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.unit
+def test_every_duration_is_checked_for_range() -> None:
+    from kraite_mp.config import POSITIVE_DURATIONS, Settings, _durations
+
+    paths = {path for path, _ in _durations(Settings())}
+    assert POSITIVE_DURATIONS <= paths  # no typo in the list of the ones that must be > 0
+    for path in sorted(paths):
+        env = {"KRAITE__" + path.replace(".", "__"): "-1"}
+        with pytest.raises(ConfigError, match="^" + re.escape(path) + ": must be >"):
+            load_settings(None, environ=env)
+    for path in sorted(POSITIVE_DURATIONS):
+        with pytest.raises(ConfigError, match="must be > 0"):
+            load_settings(None, environ={"KRAITE__" + path.replace(".", "__"): "0"})
+    # 0 stays valid where it means "off"
+    assert (
+        load_settings(None, environ={"KRAITE__supervisor__sync_interval_s": "0"}).supervisor.sync_interval_s
+        == 0
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("redis://127.0.0.1:6379/0", True),
+        ("rediss://user:pw@redis.example:6380/3", True),
+        ("unix:///run/redis.sock?db=1", True),
+        ("redis://127.0.0.1:port/0", False),
+        ("redis://127.0.0.1:6379/db0", False),
+        ("redis:///0", False),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", False),
+    ],
+)
+def test_redis_url_must_parse(url: str, ok: bool) -> None:
+    if ok:
+        assert load_settings(None, environ={"KRAITE_REDIS_URL": url}).redis_url == url
+    else:
+        with pytest.raises(ConfigError, match="^redis_url: ") as e:
+            load_settings(None, environ={"KRAITE_REDIS_URL": url})
+        assert "pw" not in str(e.value)
+
+
+@pytest.mark.unit
+def test_env_typos_suggest_the_closest_known_name() -> None:
+    from kraite_mp.config import env_typos
+
+    environ = {
+        "KRAITE_DATABSE_URL": "x",
+        "KRAITE_REDIS_NAMESPCE": "x",
+        "KRAITE_DATABASE_URL": "x",
+        "KRAITE_SECRET_KEY_FILE": "x",  # a *_FILE variant of a known name is not a typo
+        "KRAITE_TEST_DATABASE_URL": "x",
+        "KRAITE__supervisor__shard": "all",
+        "KRAITE_MP_HOME": "/opt/kraite-mp",
+        "KRAITE_SOMETHING_ELSE_ENTIRELY": "x",  # nothing close: not guessed at
+    }
+    assert env_typos(environ) == [
+        ("KRAITE_DATABSE_URL", "KRAITE_DATABASE_URL"),
+        ("KRAITE_REDIS_NAMESPCE", "KRAITE_REDIS_NAMESPACE"),
+    ]
+
+
+@pytest.mark.unit
+def test_preflight_names_a_bad_secret_key_and_unloadable_observers() -> None:
+    from kraite_mp.config import Settings
+    from kraite_mp.ops.cli import preflight
+
+    settings = Settings(secret_key="")
+    settings.jobs.observers = [
+        "kraite_mp.observers.no_such",
+        "nosuchpkg.fn",
+        "kraite_mp.observers.publish_transition",
+    ]
+    problems = preflight(settings)
+    assert problems[0].startswith("secret_key is not set")
+    assert problems[1].startswith("jobs.observers: cannot load 'kraite_mp.observers.no_such':")
+    assert problems[2].startswith("jobs.observers: cannot load 'nosuchpkg.fn':")
+    assert len(problems) == 3

@@ -19,3 +19,34 @@ def test_migrate_twice_is_a_noop(database_url: str) -> None:
             assert any(o.startswith("fillfactor=") for o in cur.fetchone()[0])
     finally:
         conn.close()
+
+
+@pytest.mark.integration
+def test_check_schema_names_what_is_missing(pg_admin_url: str) -> None:
+    import uuid
+
+    name = f"kraite_schema_{uuid.uuid4().hex[:8]}"
+    url = kdb.create_database(pg_admin_url, name)
+    try:
+        conn = kdb.connect(url)
+        try:
+            everything = [v for v, _ in kdb.migrations()]
+            assert kdb.pending_migrations(conn) == everything
+            with pytest.raises(
+                kdb.SchemaNotReady,
+                match=r"^the database has no kraite-mp schema: run `kraite-mp db migrate`$",
+            ):
+                kdb.check_schema(conn)
+            kdb.migrate(conn)
+            kdb.check_schema(conn)
+            with conn.cursor() as cur:  # as if this release brought a migration the database has not seen
+                cur.execute("DELETE FROM schema_migrations WHERE version = %s", (everything[-1],))
+            conn.commit()
+            with pytest.raises(
+                kdb.SchemaNotReady, match=rf"behind \(1 migration\(s\) pending: {everything[-1]}\)"
+            ):
+                kdb.check_schema(conn)
+        finally:
+            conn.close()
+    finally:
+        kdb.drop_database(pg_admin_url, name)

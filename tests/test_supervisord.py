@@ -1,7 +1,8 @@
 """The shipped supervisord program files, run by real supervisord against the simulator.
 
-The test includes ``etc/supervisord.d/*.conf`` unchanged; only ``KRAITE_MP_HOME`` (a temporary
-directory whose ``.venv`` links to this virtualenv) and the KRAITE_* environment are the test's.
+The test includes ``etc/supervisord.d/*.conf`` unchanged, copied into a temporary install directory
+(``%(here)s/../..``, whose ``.venv`` links to this virtualenv) as an operator would include them in
+place; only that directory and the KRAITE_* environment are the test's (no KRAITE_MP_HOME).
 Every process the test causes carries a unique marker in its environment, so that leftovers
 (orphans) are found by scanning /proc, and killed at teardown whatever happened.
 """
@@ -79,7 +80,8 @@ class Supervisord:
             f"childlogdir={self.workdir}\nnodaemon=true\nloglevel=info\n\n"
             "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n"
             f"[supervisorctl]\nserverurl=unix://{sock}\n\n"
-            f"[include]\nfiles = {SUPERVISORD_D}/kraite-mp.conf {SUPERVISORD_D}/kraite-mp-worker.conf\n"
+            f"[include]\nfiles = {self.home}/etc/supervisord.d/kraite-mp.conf"
+            f" {self.home}/etc/supervisord.d/kraite-mp-worker.conf\n"
         )
         # supervisorctl gets a config without [include]: it must not depend on the programs' environment
         self.ctl_conf = self.workdir / "supervisorctl.conf"
@@ -162,10 +164,12 @@ class Supervisord:
 
 
 def _make_home(base: Path) -> Path:
-    """A KRAITE_MP_HOME like a real install: .venv (linked to ours), var/log; no etc/kraite-mp.toml."""
+    """An install directory like a real one: .venv (linked to ours), var/log, the shipped
+    etc/supervisord.d (copied unchanged); no etc/kraite-mp.toml."""
     home = base / "home"
     (home / "var" / "log").mkdir(parents=True)
     (home / ".venv").symlink_to(VENV_BIN.parent, target_is_directory=True)
+    shutil.copytree(SUPERVISORD_D, home / "etc" / "supervisord.d")
     return home
 
 
@@ -178,7 +182,7 @@ def supervisord_factory(kraite_env: dict[str, str]) -> Iterator[Any]:
     def make(extra_env: dict[str, str]) -> Supervisord:
         marker = uuid.uuid4().hex
         home = _make_home(workdir)
-        env = dict(kraite_env, KRAITE_MP_HOME=str(home), **extra_env)
+        env = dict(kraite_env, **extra_env)
         env[MARKER_VAR] = marker
         sup = Supervisord(workdir=workdir, home=home, env=env, marker=marker)
         started.append(sup)
@@ -211,7 +215,10 @@ def test_program_files_are_consistent_with_graceful_timeouts() -> None:
         assert section["stopasgroup"] == "false"
         assert section["killasgroup"] == "true"
         assert section["redirect_stderr"] == "true"
-        assert "%(ENV_KRAITE_MP_HOME)s" in section["command"]
+        # paths relative to the file itself: nothing depends on supervisord's environment
+        assert section["command"].startswith("%(here)s/../../.venv/bin/kraite-mp ")
+        assert section["directory"] == "%(here)s/../.."
+        assert "ENV_" not in "".join(section.values())
     # supervisord must outwait kraite-mp's own SIGTERM -> SIGKILL timeout, with a margin
     assert int(main["stopwaitsecs"]) >= settings.supervisor.graceful_timeout_s + 10
     assert main["command"].endswith("kraite-mp run")
@@ -219,7 +226,8 @@ def test_program_files_are_consistent_with_graceful_timeouts() -> None:
         m = re.search(r"--worker-shutdown-timeout (\d+)", section["command"])
         assert m, "the workers must set dramatiq's shutdown timeout explicitly (its default is 10 minutes)"
         assert int(section["stopwaitsecs"]) >= int(m.group(1)) / 1000 + 5
-        assert "dramatiq kraite_mp.jobs" in section["command"]
+        # the wrapper checks the configuration (one line, exit 78) and runs the installed package
+        assert "kraite-mp worker --queues" in section["command"]
         # supervisord starts the workers before the supervisor (lower priority number)
         assert int(section["priority"]) < int(main["priority"])
     # frames and reconciliations in separate pools: a rate-limited REST sweep never holds frame threads
@@ -229,30 +237,36 @@ def test_program_files_are_consistent_with_graceful_timeouts() -> None:
 
 @pytest.mark.unit
 def test_supervisord_parses_the_program_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """supervisord's own config parser accepts the files and expands KRAITE_MP_HOME."""
+    """supervisord's own parser accepts the files included in place, without KRAITE_MP_HOME in its
+    environment (a missing variable used to make supervisord reject its whole configuration)."""
     from supervisor.options import ServerOptions
 
-    home = tmp_path / "opt" / "kraite-mp"
-    (home / "var" / "log").mkdir(parents=True)  # supervisord refuses a log path in a missing directory
-    monkeypatch.setenv("KRAITE_MP_HOME", str(home))
+    monkeypatch.delenv("KRAITE_MP_HOME", raising=False)
+    home = _make_home(tmp_path / "opt")
     conf = tmp_path / "supervisord.conf"
     conf.write_text(
         f"[supervisord]\nlogfile={tmp_path / 'x.log'}\npidfile={tmp_path / 'x.pid'}\n"
-        f"[include]\nfiles = {SUPERVISORD_D}/*.conf\n"
+        f"[include]\nfiles = {home}/etc/supervisord.d/*.conf\n"
     )
     options = ServerOptions()
     options.realize(args=["-c", str(conf)])
     programs = {g.name: g.process_configs[0] for g in options.process_group_configs}
     assert set(programs) == set(PROGRAMS)
     main = programs["kraite-mp"]
-    assert main.command == f"{home}/.venv/bin/kraite-mp run"
-    assert main.directory == str(home)
+    program, *args = main.command.split()
+    assert os.path.normpath(program) == f"{home}/.venv/bin/kraite-mp" and args == ["run"]
+    assert os.path.normpath(main.directory) == str(home)
     assert main.stopsignal == signal.SIGTERM
     assert main.stopasgroup is False and main.killasgroup is True
-    assert main.stdout_logfile == f"{home}/var/log/kraite-mp.log"
+    assert os.path.normpath(main.stdout_logfile) == f"{home}/var/log/kraite-mp.log"
     assert main.environment == {"PYTHONUNBUFFERED": "1"}
     worker = programs["kraite-mp-worker"]
-    assert worker.command.startswith(f"{home}/.venv/bin/dramatiq kraite_mp.jobs ")
+    program, *args = worker.command.split()
+    assert os.path.normpath(program) == f"{home}/.venv/bin/kraite-mp" and args[:3] == [
+        "worker",
+        "--queues",
+        "user-data-stream",
+    ]
 
 
 def _uncommented(example: str) -> str:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from kraite_mp import exitcodes
 from kraite_mp.logs import redact
 from kraite_mp.supervisor.publish import STATUS_TTL_S, status_pattern
+
+if TYPE_CHECKING:
+    from kraite_mp.config import Settings
 
 #: A heartbeat older than this is shown as STALE (a healthy process publishes every few seconds).
 STALE_AFTER_S = 30.0
@@ -319,6 +322,7 @@ def status_command(
         entries = [e for e in entries if e.host in hosts]
     stale = sum(1 for e in entries if e.stale)
     fatal = sum(1 for e in entries if str(e.data.get("state", "")).lower() == "fatal")
+    dead = dead_letter_counts(settings)
     if as_json:
         click.echo(json.dumps([e.as_json() for e in entries], default=str))
     elif not entries:
@@ -335,5 +339,20 @@ def status_command(
         if fatal:
             summary += f", {fatal} FATAL"
         click.echo(summary)
-    if check and (stale or fatal or not entries):
+    if any(dead.values()) and not as_json:
+        listed = ", ".join(f"{q} {n}" for q, n in dead.items() if n)
+        click.echo(f"DEAD LETTERS: {listed} (see `kraite-mp dead-letters list`, then `replay --all`)")
+    if check and (stale or fatal or not entries or any(dead.values())):
         ctx.exit(exitcodes.EXIT_ERROR)
+
+
+def dead_letter_counts(settings: Settings) -> dict[str, int]:
+    """Dead letters per queue (``<ns>:dramatiq:<queue>.XQ``); {} when Redis cannot be read just now."""
+    from kraite_mp.messages import RECONCILE_QUEUE, broker_namespace
+    from kraite_mp.ops.deadletters import DeadLettersUnavailable, counts
+
+    queues = [settings.user_data_stream.queue_name, RECONCILE_QUEUE]
+    try:
+        return counts(settings.redis_url, broker_namespace(settings), queues)
+    except DeadLettersUnavailable:
+        return {}

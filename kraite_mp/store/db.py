@@ -30,6 +30,20 @@ class DatabaseUnavailable(RuntimeError):
     """PostgreSQL could not be reached; the message carries no password."""
 
 
+class DatabaseRefused(DatabaseUnavailable):
+    """The server answered but refuses this ``database_url`` (no such database or role, wrong password,
+    no pg_hba.conf entry): a configuration error, not an outage, for a command that starts."""
+
+
+#: Connection errors in which the server itself refused the URL's database, user or password.
+_REFUSED_PATTERNS = (
+    re.compile(r'database ".*" does not exist'),
+    re.compile(r'role ".*" does not exist'),
+    re.compile(r"password authentication failed"),
+    re.compile(r"no pg_hba\.conf entry"),
+)
+
+
 #: psycopg2 errors that mean "the server is gone (or the transaction lost a deadlock): try again later".
 _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg2.OperationalError,
@@ -51,7 +65,11 @@ def connect(url: str, *, application_name: str = "kraite-mp", autocommit: bool =
     try:
         conn = psycopg2.connect(url, connect_timeout=CONNECT_TIMEOUT_S, application_name=application_name)
     except psycopg2.OperationalError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "connection failed"
+        text = str(e).strip()
+        first_line = text.splitlines()[0] if text else "connection failed"
+        refused = next((m.group(0) for m in (p.search(text) for p in _REFUSED_PATTERNS) if m), None)
+        if refused is not None:
+            raise DatabaseRefused(f"PostgreSQL refused database_url: {refused}") from None
         raise DatabaseUnavailable(f"PostgreSQL unavailable: {first_line}") from None
     conn.autocommit = autocommit
     return conn
@@ -65,6 +83,35 @@ def migrations() -> list[tuple[str, str]]:
         if m:
             found.append((entry.name[:-4], entry.read_text()))
     return sorted(found)
+
+
+class SchemaNotReady(RuntimeError):
+    """The database has no kraite-mp schema, or bundled migrations are not applied yet."""
+
+
+def pending_migrations(conn: Any) -> list[str]:
+    """The bundled migrations this database has not applied (all of them on an empty database)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        done: set[str] = set()
+        if cur.fetchone()[0]:
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {r[0] for r in cur.fetchall()}
+    conn.commit()
+    return [version for version, _ in migrations() if version not in done]
+
+
+def check_schema(conn: Any) -> None:
+    """Raise SchemaNotReady (one line that says what to run) unless every bundled migration is applied."""
+    pending = pending_migrations(conn)
+    if not pending:
+        return
+    if len(pending) == len(migrations()):
+        raise SchemaNotReady("the database has no kraite-mp schema: run `kraite-mp db migrate`")
+    raise SchemaNotReady(
+        f"the database schema is behind ({len(pending)} migration(s) pending: {', '.join(pending)}):"
+        " run `kraite-mp db migrate`"
+    )
 
 
 def migrate(conn: Any) -> list[str]:
