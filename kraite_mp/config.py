@@ -118,9 +118,15 @@ class SupervisorSettings:
     sync_full_interval_s: float = 3600.0
     #: A periodic sync child still running after this long is stopped.
     sync_timeout_s: float = 900.0
-    #: Which accounts this supervisor owns: "all" or "I/N" (account id modulo N == I).
+    #: Which accounts this supervisor owns with ownership = "shard": "all" or "I/N" (account id modulo N == I).
     shard: str = "all"
-    #: Run the mark-price child in this supervisor.
+    #: "all" (every active account, one host), "shard" (``shard``) or "fleet" (hosts share the accounts
+    #: through Redis: membership, rendezvous hashing, a lease per account; see kraite_mp.supervisor.fleet).
+    #: A shard other than "all" with ownership "all" means "shard" (configurations written before this).
+    ownership: str = "all"
+    #: This supervisor's name in the fleet and in status keys; "" = the host name.
+    host_id: str = ""
+    #: Run the mark-price child in this supervisor; with ownership = "fleet": may lead it (one per fleet).
     mark_price: bool = True
 
 
@@ -195,6 +201,22 @@ class JobsSettings:
 
 
 @dataclass
+class MetricsSettings:
+    #: host:port of the Prometheus endpoint (/metrics, /healthz, /readyz) a small child of `kraite-mp run`
+    #: serves for every process of the host; "" disables metrics.
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass
+class FleetSettings:
+    #: A dead host's accounts stream elsewhere within about this long (leases and membership expire at
+    #: two thirds of it and are renewed every sixth).
+    failover_s: float = 15.0
+    #: A handover (the assigned host streams, the old holder waits for it) ends after this long anyway.
+    handover_timeout_s: float = 30.0
+
+
+@dataclass
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/kraite"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -209,6 +231,8 @@ class Settings:
     user_data_stream: UserDataStreamSettings = field(default_factory=UserDataStreamSettings)
     mark_price: MarkPriceSettings = field(default_factory=MarkPriceSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: Where the settings came from (for check-config).
     source: str = "defaults"
 
@@ -307,6 +331,14 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return data
 
 
+def parse_listen(spec: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); ValueError naming what is wrong."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port (empty disables it), got {spec!r}")
+    return host.strip("[]"), int(port)
+
+
 def parse_shard(spec: str) -> tuple[int, int] | None:
     """``"all"`` -> None; ``"I/N"`` -> (I, N) with 0 <= I < N."""
     if spec == "all":
@@ -321,6 +353,94 @@ def parse_shard(spec: str) -> tuple[int, int] | None:
     return index, count
 
 
+#: Duration settings (``*_s``) that must be > 0: zero would mean "never wait" (a kill-and-restart loop, a
+#: busy loop or an instant timeout). Every other ``*_s``/``*_ms`` setting must be >= 0 (0 = off where the
+#: README says so).
+POSITIVE_DURATIONS: frozenset[str] = frozenset(
+    {
+        "binance.rest_timeout_s",
+        "supervisor.accounts_refresh_s",
+        "supervisor.heartbeat_timeout_s",
+        "supervisor.graceful_timeout_s",
+        "supervisor.sync_timeout_s",
+        "supervisor.backoff_base_s",
+        "user_data_stream.keepalive_interval_s",
+        "user_data_stream.ping_interval_s",
+        "user_data_stream.pong_timeout_s",
+        "user_data_stream.max_connection_age_s",
+        "user_data_stream.drain_timeout_s",
+        "mark_price.watchdog_s",
+        "mark_price.reload_s",
+        "mark_price.ping_interval_s",
+        "mark_price.pong_timeout_s",
+    }
+)
+
+
+def _durations(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every ``*_s``/``*_ms`` number of ``obj`` (recursively), as (dotted path, value)."""
+    found: list[tuple[str, float]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _durations(value, f"{prefix}{f.name}.")
+        elif (
+            f.name.endswith(("_s", "_ms")) and isinstance(value, int | float) and not isinstance(value, bool)
+        ):
+            found.append((f"{prefix}{f.name}", float(value)))
+    return found
+
+
+def _check_durations(settings: Settings) -> None:
+    for path, value in _durations(settings):
+        if path in POSITIVE_DURATIONS and not 0 < value < math.inf:
+            raise ConfigError(f"{path}: must be > 0, got {value!r}")
+        if math.isnan(value) or value < 0:
+            raise ConfigError(f"{path}: must be >= 0, got {value!r}")
+
+
+def _check_redis_url(url: str) -> None:
+    """The URL parses the way redis-py will parse it in every child (port, database number, options)."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise ConfigError(f"redis_url: {e} ({redact_url(url)})") from None
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"redis_url: a unix:// URL needs a socket path ({redact_url(url)})")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"redis_url: no host ({redact_url(url)})")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"redis_url: the path must be a database number such as /0, got /{db}")
+
+
+#: KRAITE_* variables kraite-mp reads that are not settings (or belong to the test and bench tooling).
+OTHER_ENV_VARS: frozenset[str] = frozenset({"KRAITE_CONFIG", "KRAITE_MP_HOME"})
+#: Prefixes of variables that are never settings: the tests' and benchmarks' own, and the path form.
+OTHER_ENV_PREFIXES: tuple[str, ...] = ("KRAITE__", "KRAITE_TEST_", "KRAITE_BENCH_")
+
+
+def env_typos(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, closest known name) for each ``KRAITE_*`` variable that is unknown but close to a known one."""
+    import difflib
+
+    known = set(ENV_VARS) | OTHER_ENV_VARS
+    known_or_file = known | {f"{name}_FILE" for name in ENV_VARS}
+    typos = []
+    for name in sorted(environ):
+        if not name.startswith("KRAITE_") or name.startswith(OTHER_ENV_PREFIXES) or name in known_or_file:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        if close:
+            typos.append((name, close[0]))
+    return typos
+
+
 def validate(settings: Settings) -> None:
     """Cross-field checks that the type coercion cannot do."""
     for key in ("database_url",):
@@ -328,6 +448,8 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"{key}: expected a postgresql:// URL")
     if urlsplit(settings.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url: expected a redis://, rediss:// or unix:// URL")
+    _check_redis_url(settings.redis_url)
+    _check_durations(settings)
     for key, url, schemes in (
         ("binance.rest_url", settings.binance.rest_url, ("http", "https")),
         ("binance.ws_url", settings.binance.ws_url, ("ws", "wss")),
@@ -408,6 +530,29 @@ def validate(settings: Settings) -> None:
         parse_shard(settings.supervisor.shard)
     except ValueError as e:
         raise ConfigError(f"supervisor.shard: {e}") from None
+    if settings.supervisor.ownership not in ("all", "shard", "fleet"):
+        raise ConfigError(
+            f"supervisor.ownership: expected all/shard/fleet, got {settings.supervisor.ownership!r}"
+        )
+    host_id = settings.supervisor.host_id
+    if host_id and (host_id != host_id.strip() or ":" in host_id or not host_id.isprintable()):
+        raise ConfigError(
+            "supervisor.host_id: no ':', control characters or surrounding spaces (empty: the host name)"
+        )
+    if not 3 <= settings.fleet.failover_s <= 3600:
+        raise ConfigError(f"fleet.failover_s: must be >= 3 and <= 3600 s, got {settings.fleet.failover_s!r}")
+    if not settings.fleet.handover_timeout_s > 0:
+        raise ConfigError("fleet.handover_timeout_s: must be > 0")
+    from kraite_mp.binance.user import check_events
+
+    event_errors, _warnings = check_events(settings.user_data_stream.events)
+    if event_errors:
+        raise ConfigError(f"user_data_stream.events: {'; '.join(event_errors)}")
+    if settings.metrics.listen:
+        try:
+            parse_listen(settings.metrics.listen)
+        except ValueError as e:
+            raise ConfigError(f"metrics.listen: {e}") from None
 
 
 def load_settings(
@@ -429,6 +574,10 @@ def load_settings(
             raise ConfigError(f"config file {path}: not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 (byte {e.start}): {e.reason}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror or e}") from None
         _apply(settings, data)
         sources.append(str(path))
     overrides = env_overrides(environ)

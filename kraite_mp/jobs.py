@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -34,12 +35,15 @@ from kraite_mp.messages import (
     PROCESS_ACTOR,
     RECONCILE_ACTOR,
     RECONCILE_QUEUE,
+    acknowledge,
     broker_namespace,
     redis_client,
 )
+from kraite_mp.metrics import series
 from kraite_mp.observers import run_observers
 from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, reconcile_account
 from kraite_mp.store import audit
+from kraite_mp.store.account_state import apply_account_update
 from kraite_mp.store.accounts import get_account
 from kraite_mp.store.db import connect, is_transient
 from kraite_mp.store.orders import Transition, apply_order_update
@@ -54,25 +58,6 @@ MAX_FRAME_ID_CHARS = 200
 DEFAULT_RATE_LIMIT_DELAY_S = 60.0
 #: ... and the shortest one ever asked of Dramatiq (seconds).
 MIN_RATE_LIMIT_DELAY_S = 1.0
-
-# monotonic by event time: an older ACCOUNT_UPDATE processed late changes nothing
-_BALANCE_UPSERT = (
-    "INSERT INTO account_balances AS b (account_id, asset, wallet_balance, cross_wallet_balance, balance_change,"
-    " event_time_ms) VALUES (%s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (account_id, asset) DO UPDATE SET wallet_balance = EXCLUDED.wallet_balance,"
-    " cross_wallet_balance = EXCLUDED.cross_wallet_balance, balance_change = EXCLUDED.balance_change,"
-    " event_time_ms = EXCLUDED.event_time_ms, updated_at = now()"
-    " WHERE EXCLUDED.event_time_ms >= b.event_time_ms"
-)
-_POSITION_UPSERT = (
-    "INSERT INTO account_positions AS p (account_id, symbol, position_side, amount, entry_price, breakeven_price,"
-    " unrealized_pnl, margin_type, isolated_wallet, event_time_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (account_id, symbol, position_side) DO UPDATE SET amount = EXCLUDED.amount,"
-    " entry_price = EXCLUDED.entry_price, breakeven_price = EXCLUDED.breakeven_price,"
-    " unrealized_pnl = EXCLUDED.unrealized_pnl, margin_type = EXCLUDED.margin_type,"
-    " isolated_wallet = EXCLUDED.isolated_wallet, event_time_ms = EXCLUDED.event_time_ms, updated_at = now()"
-    " WHERE EXCLUDED.event_time_ms >= p.event_time_ms"
-)
 
 
 class KraiteRedisBroker(RedisBroker):
@@ -169,42 +154,8 @@ def apply_outcome(cur: Any, outcome: Outcome, frame_id: str) -> list[Transition]
         transition = apply_order_update(cur, outcome.order, frame_id=frame_id)
         if transition is not None:
             transitions.append(transition)
-    update = outcome.account
-    if update is not None:
-        if update.balances:
-            cur.executemany(
-                _BALANCE_UPSERT,
-                [
-                    (
-                        update.account_id,
-                        b.asset,
-                        b.wallet_balance,
-                        b.cross_wallet_balance,
-                        b.balance_change,
-                        update.event_time_ms,
-                    )
-                    for b in update.balances
-                ],
-            )
-        if update.positions:
-            cur.executemany(
-                _POSITION_UPSERT,
-                [
-                    (
-                        update.account_id,
-                        p.symbol,
-                        p.position_side,
-                        p.amount,
-                        p.entry_price,
-                        p.breakeven_price,
-                        p.unrealized_pnl,
-                        p.margin_type,
-                        p.isolated_wallet,
-                        update.event_time_ms,
-                    )
-                    for p in update.positions
-                ],
-            )
+    if outcome.account is not None:
+        apply_account_update(cur, outcome.account)
     return transitions
 
 
@@ -228,6 +179,10 @@ def finish_reconcile(account_id: int, reason: str, result: ReconcileResult) -> N
             "reconcile of account %s (%s) ended with %s: %s", account_id, reason, result.status, result.error
         )
     else:
+        found = series().RECONCILE_FOUND
+        for kind in ("updated", "transitions", "not_found", "positions", "balances"):
+            if getattr(result, kind, 0):
+                found.labels(kind).inc(getattr(result, kind))
         log.info(
             "reconciled account %s (%s): checked %s, updated %s",
             account_id,
@@ -350,6 +305,11 @@ class JobRunner:
                 if is_transient(e2):
                     raise self._retry(f"frame {frame_id}", e2) from None
                 raise
+        if result.outcome is not AuditOutcome.DUPLICATE:
+            m = series()
+            m.FRAME_TO_COMMIT.observe(max(0.0, (datetime.now(UTC) - received).total_seconds()))
+            if result.outcome is AuditOutcome.DISPATCHED and result.order is not None:
+                m.ORDERS_UPDATED.labels(result.order.execution_type or "unknown").inc()
         if transitions:
             run_observers(self.settings, transitions)
         return result.outcome
@@ -438,9 +398,19 @@ def declare_actors(broker: dramatiq.Broker, settings: Settings) -> JobRunner:
     """Declare both actors on ``broker`` (Redis in production, a StubBroker in unit tests), bound to ``settings``."""
     runner = JobRunner(settings)
 
+    ack_client = getattr(broker, "client", None)  # a StubBroker has none: nothing to acknowledge to
+
     # actors return None: Dramatiq warns about discarded results otherwise
-    def process_user_data_event(account_id: int, frame: str, frame_id: str, received_at: Any = None) -> None:
+    def process_user_data_event(
+        account_id: int, frame: str, frame_id: str, received_at: Any = None, ack: Any = None
+    ) -> None:
         runner.process_user_data_event(account_id, frame, frame_id, received_at)
+        # committed (or already audited): the spool may forget it. A Redis error here retries the message,
+        # whose second audit is a no-op, and acknowledges it then.
+        if ack is not None and ack_client is not None and not acknowledge(ack_client, ack):
+            log.warning(
+                "frame %s: malformed acknowledgement token ignored", str(frame_id)[:MAX_FRAME_ID_CHARS]
+            )
 
     def reconcile_account_job(account_id: int, reason: str = "") -> None:
         runner.reconcile_account_job(account_id, reason)
@@ -465,7 +435,42 @@ def job_middleware(settings: Settings) -> list[Middleware]:
             max_backoff=jobs.retry_max_backoff_ms,
         )
     )
+    middleware.append(WorkerHeartbeat(interval_s=min(1.0, jobs.heartbeat_timeout_s / 5)))
     return middleware
+
+
+#: Broker calls per million that also sweep dead workers' messages back: 1 in 100 (Dramatiq's default:
+#: 1,000 per million, 1 in 1,000).
+MAINTENANCE_CHANCE = 10_000
+
+
+class WorkerHeartbeat(Middleware):
+    """Refreshes this worker's Dramatiq heartbeat every ``interval_s`` from a thread of its own.
+
+    Dramatiq's Redis broker refreshes a worker's heartbeat only when one of its consumers talks to Redis,
+    and a consumer whose prefetch is full does not; with ``jobs.heartbeat_timeout_s`` far below Dramatiq's
+    60 s a busy worker would be taken for dead and its messages requeued. This keeps the heartbeat
+    (``<namespace>:__heartbeats__``, the worker's ``broker_id``) fresh while the process lives.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        if isinstance(broker, RedisBroker):
+            threading.Thread(target=self._beat, args=(broker,), name="kraite-heartbeat", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        self._stop.set()
+
+    def _beat(self, broker: RedisBroker) -> None:
+        key = f"{broker.namespace}:__heartbeats__"
+        while not self._stop.wait(self.interval_s):
+            try:
+                broker.client.zadd(key, {broker.broker_id: int(time.time() * 1000)})
+            except Exception as e:  # noqa: BLE001 - Redis down: the consumers fail loudly already
+                log.debug("worker heartbeat not refreshed: %s", describe_error(e))
 
 
 def build_broker(settings: Settings, *, middleware: list[Middleware] | None = None) -> KraiteRedisBroker:
@@ -479,6 +484,11 @@ def build_broker(settings: Settings, *, middleware: list[Middleware] | None = No
         client=redis_client(settings.redis_url),
         namespace=broker_namespace(settings),
         middleware=job_middleware(settings) if middleware is None else middleware,
+        heartbeat_timeout=int(settings.jobs.heartbeat_timeout_s * 1000),
+        # the dead-worker sweep runs with one Redis call in 100 (Dramatiq: 1 in 1,000); an idle worker
+        # polls the frame queue ~200 times a second, so a dead worker's messages wait ~0.5 s past the
+        # heartbeat timeout, not ~5 s; a sweep is a few cheap sorted-set reads
+        maintenance_chance=MAINTENANCE_CHANCE,
     )
     broker.runner = declare_actors(broker, settings)
     return broker

@@ -1,11 +1,13 @@
 """The queue contract between the stream children (producers) and ``dramatiq kraite_mp.jobs`` (consumers).
 
 Both sides import this module and nothing of each other: actor and queue names, the broker's Redis
-namespace, the spool record <-> Dramatiq message mapping, and the frame ids minted on receipt.
+namespace, the spool record <-> Dramatiq message mapping, the end-to-end acknowledgement keys, and the frame
+ids minted on receipt (a frame's identity comes from its content).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -34,12 +36,28 @@ def broker_namespace(settings: Settings) -> str:
     return f"{settings.redis_namespace}:dramatiq"
 
 
+_driver_info: Any = None
+
+
+def redis_driver_info() -> Any:
+    """redis-py's DriverInfo (CLIENT SETINFO), built once per process tree: redis-py would otherwise
+    scan the installed packages' metadata (``importlib.metadata``) for every new connection, which
+    costs ~1 MB of private memory in every forked child (the supervisor builds it before forking)."""
+    global _driver_info
+    if _driver_info is None:
+        from redis.driver_info import DriverInfo
+
+        _driver_info = DriverInfo()
+    return _driver_info
+
+
 def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         health_check_interval=30,
+        driver_info=redis_driver_info(),
     )
 
 
@@ -48,6 +66,35 @@ def build_producer_broker(settings: Settings) -> RedisBroker:
     return RedisBroker(  # type: ignore[no-untyped-call]  # dramatiq's __init__ is unannotated
         client=redis_client(settings.redis_url), namespace=broker_namespace(settings), middleware=[]
     )
+
+
+#: An acknowledgement key lives this long after its last acknowledgement (a spool that is gone leaves
+#: nothing behind for long).
+ACK_KEY_TTL_S = 7 * 86400
+
+
+def ack_key(namespace: str, spool_id: str) -> str:
+    """The sorted set of the spool positions whose audit a worker committed (``streams.sender``)."""
+    return f"{namespace}:spool-ack:{spool_id}"
+
+
+def epoch_key(namespace: str) -> str:
+    """A random value set once per broker lifetime: a broker that lost its data has another or none."""
+    return f"{namespace}:broker-epoch"
+
+
+def acknowledge(client: redis.Redis, ack: Any) -> bool:
+    """Record a committed frame's acknowledgement token (``[ack_key, position]``); False if malformed."""
+    if not isinstance(ack, (list, tuple)) or len(ack) != 2:
+        return False
+    key, position = ack
+    if not isinstance(key, str) or not key or isinstance(position, bool) or not isinstance(position, int):
+        return False
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(key, {str(position): position})
+    pipe.expire(key, ACK_KEY_TTL_S)
+    pipe.execute()
+    return True
 
 
 def frame_record(queue_name: str, account_id: int, frame: str, frame_id: str, received_at_ms: float) -> bytes:
@@ -72,8 +119,11 @@ def reconcile_record(account_id: int, reason: str) -> bytes:
     )
 
 
-def record_message(data: bytes) -> dramatiq.Message[Any]:
-    """The Dramatiq message of a spool record; ValueError when the record is not one."""
+def record_message(data: bytes, ack: Any = None) -> dramatiq.Message[Any]:
+    """The Dramatiq message of a spool record; ValueError when the record is not one.
+
+    ``ack`` (``[ack_key, position]``) is added to a frame message: the worker acknowledges it once the
+    frame's audit row is committed."""
     try:
         rec = orjson.loads(data)
         queue_name, actor_name, kwargs = rec["q"], rec["a"], rec["k"]
@@ -81,14 +131,54 @@ def record_message(data: bytes) -> dramatiq.Message[Any]:
         raise ValueError("not a spool record") from None
     if not isinstance(queue_name, str) or not isinstance(actor_name, str) or not isinstance(kwargs, dict):
         raise ValueError("not a spool record")
+    if ack is not None and actor_name == PROCESS_ACTOR:
+        kwargs["ack"] = ack
     return dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=(), kwargs=kwargs, options={})
 
 
-class FrameIds:
-    """Unique, time-ordered frame ids: ``<account>-<receive µs, 16 digits>-<run>-<seq>``.
+#: Hex digits of the content digest in a frame id (96 bits: no two different frames of one account share it).
+FRAME_DIGEST_BYTES = 12
 
-    ``run`` is random per process, so two incarnations of a child (or two processes, by mistake)
-    never mint the same id even if the clock steps back; ``seq`` orders frames within one run.
+
+def event_time_ms(text: str) -> int | None:
+    """The frame's event time ``E`` (a number or a numeric string; inside ``data`` of a wrapped frame)."""
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(payload, dict) and "E" not in payload and isinstance(payload.get("data"), dict):
+        payload = payload["data"]
+    if not isinstance(payload, dict):
+        return None
+    value = payload.get("E")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def event_type_of(text: str) -> str:
+    """The frame's event type ``e`` for a metric label: one of a few dozen names, else "other"."""
+    start = text.find('"e":"')
+    if start < 0:
+        return "other"
+    start += 5
+    end = text.find('"', start, start + 40)
+    name = text[start:end] if end > 0 else ""
+    return name if name.replace("_", "").isalnum() else "other"
+
+
+class FrameIds:
+    """Frame ids: the frame's identity from its content, so every copy of one event gets the same id.
+
+    ``<account>-e<event time E, ms, 13 digits>-<digest of the text>`` for every frame with an event time:
+    the same event received on two connections (a make-before-break rollover, two hosts during a
+    handover) or delivered twice in any way is audited once. A frame without one (malformed, unknown)
+    cannot be recognised again and gets a unique id, ``<account>-r<receive µs, 16 digits>-<run>-<seq>``:
+    ``run`` is random per process, so two incarnations (or two hosts) never mint the same one.
     """
 
     def __init__(self, account_id: int) -> None:
@@ -97,10 +187,21 @@ class FrameIds:
         self._seq = 0
         self._lock = threading.Lock()
 
+    def for_frame(self, text: str, received_us: int | None = None) -> str:
+        """The id of a received frame (``text`` as it is audited: scrubbed of the listenKey)."""
+        event_time = event_time_ms(text)
+        if event_time is None:
+            return self.next(received_us)
+        digest = hashlib.blake2b(
+            text.encode("utf-8", "surrogatepass"), digest_size=FRAME_DIGEST_BYTES
+        ).hexdigest()
+        return f"{self.account_id}-e{event_time:013d}-{digest}"
+
     def next(self, received_us: int | None = None) -> str:
+        """A unique, time-ordered id (for what has no content identity)."""
         if received_us is None:
             received_us = time.time_ns() // 1000
         with self._lock:
             self._seq += 1
             seq = self._seq
-        return f"{self.account_id}-{received_us:016d}-{self.run}-{seq:010d}"
+        return f"{self.account_id}-r{received_us:016d}-{self.run}-{seq:010d}"

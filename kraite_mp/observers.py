@@ -88,7 +88,9 @@ def _redis(url: str) -> redis.Redis:
             client = _clients.get(key)
             if client is None:
                 client = redis.Redis.from_url(
-                    url, socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S
+                    url,
+                    socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                    socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
                 )
                 _clients[key] = client
     return client

@@ -134,6 +134,8 @@ def kraite_env(
         KRAITE__user_data_stream__spool_dir=os.path.join(run_dir, "spool"),
         KRAITE_LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
+        # no metrics endpoint unless a test asks for one (they would all want the same port)
+        KRAITE__metrics__listen="",
     )
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -122,6 +122,7 @@ def test_stopping_the_parent_mid_stream_loses_no_frame_the_server_sent(
         )
         for key in accounts.values():
             sim.step(key, BURST_STEPS)
+        lost_before_stop = sim.stats()["events_lost"]
         os.kill(sup.pid, sig)  # mid-burst; the scenario keeps running while the children stop
         wait_for(
             lambda: not any(alive(pid) for pid in [sup.pid, *children.values()]),
@@ -131,15 +132,37 @@ def test_stopping_the_parent_mid_stream_loses_no_frame_the_server_sent(
         sim.set_rate(0.0)
         stats = sim.stats()
         assert not any(stats["current_connections"].get(k, 0) for k in accounts.values())
-        sent = {i: stats["frames_sent"][k] for i, k in accounts.items()}
+        # events written to at least one connection: during a make-before-break rollover an event may go
+        # out on both connections (two frames sent, one event, audited once by its content)
+        sent = {i: stats["events_delivered"][k] for i, k in accounts.items()}
+        wire = {i: stats["frames_sent"][k] for i, k in accounts.items()}
         # the worker audits what the senders enqueued; nothing arrives later, so the counts settle
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(audited(db, i)[0] < n for i, n in sent.items()):
             time.sleep(0.2)
+        if any(audited(db, i)[0] < n for i, n in sent.items()):
+            # a child stopped before its sender was done (a loaded machine: the graceful timeout ran out)
+            # left frames in its spool, not lost: the next run sends them first. Restart to see them come.
+            print(f"\n{case}: frames still spooled after the stop; restarting `kraite-mp run` to send them")
+            restarted = Supervisor(
+                processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "restart.log"
+            )
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and any(audited(db, i)[0] < n for i, n in sent.items()):
+                    time.sleep(0.2)
+                    # what the server held for a disconnected account is delivered on the new connection
+                    sent = {i: sim.stats()["events_delivered"][k] for i, k in accounts.items()}
+            finally:
+                os.kill(restarted.pid, signal.SIGTERM)
+                restarted.proc.wait(timeout=30)
+                restarted.close()
         time.sleep(1.0)  # a late duplicate would show up now
         result = {i: audited(db, i) for i in accounts}
         lost = {i: sent[i] - result[i][1] for i in accounts}
-        print(f"\n{case}: frames sent {sent}, (audited, distinct) {result}, lost {lost}")
+        print(
+            f"\n{case}: events sent {sent} (frames on the wire {wire}), (audited, distinct) {result}, lost {lost}"
+        )
         assert all(n > FRAMES_BEFORE_STOP for n in sent.values())
         assert result == {i: (n, n) for i, n in sent.items()}, (
             f"sent {sent}; lost {lost}; worker log:\n{worker.log()[-3000:]}"
@@ -147,8 +170,11 @@ def test_stopping_the_parent_mid_stream_loses_no_frame_the_server_sent(
         assert sup.lines(
             r"closed: \d+ frame\(s\) received after our close frame, until the server's close frame"
         )
-        if case == "max-connection-age":
-            assert sup.lines(r"disconnected \(max-connection-age\); reconnecting in 0\.0s")
+        if case == "max-connection-age":  # make before break: the old connection closes after the new opened
+            assert sup.lines(r"rolled over to a new connection \(max-connection-age\), no gap")
+            assert not sup.lines(r"disconnected \(max-connection-age\)")
+            # ... so no event fell between two connections (the stop itself leaves a gap, after this)
+            assert not any(lost_before_stop.get(k, 0) for k in accounts.values())
         if case == "server-close":  # the exchange's rollover of a healthy connection: planned, no warning
             assert sup.lines(r"INFO .*disconnected \(server-closed\); reconnecting in 0\.0s")
             assert not sup.lines(r"WARNING .*disconnected \(server-closed\)")

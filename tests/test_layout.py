@@ -26,7 +26,7 @@ FLOORS: list[set[str]] = [
     {"store"},
     {"config"},
     {"binance"},
-    {"logs", "exitcodes", "backoff", "messages", "observers"},
+    {"logs", "exitcodes", "backoff", "messages", "observers", "metrics"},
 ]
 
 pytestmark = pytest.mark.unit

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from fixtures.userdata_helpers import add_sim_accounts, sim_env, start_child
 from support import title_of, wait_for
 
@@ -127,6 +128,29 @@ def test_the_user_data_children_leave_the_mark_price_stream_its_reserve(
     assert mark_price.take() > 0 and user_data.remaining() == 0
     single = ConnectionBudget("one", 1, redis_url=redis_url, key_prefix=key + "-1", window_s=60)
     assert single.take(reserve=reserve) == 0.0  # a window of one keeps no reserve
+
+
+@pytest.mark.integration
+def test_scarce_connection_tokens_go_to_the_longest_dark_streams_first(
+    redis_url: str, redis_namespace: str
+) -> None:
+    key = f"{redis_namespace}:egress:pacing-{uuid.uuid4().hex[:8]}:127.0.0.1:1:ws"
+    budget = ConnectionBudget("user-data", 3, redis_url=redis_url, key_prefix=key, window_s=2)
+    assert [budget.take() for _ in range(3)] == [0.0] * 3  # the window is spent
+    # five streams wait in line; "old" has been dark for an hour, the others since a moment ago
+    now = time.time()
+    darks = {"old": now - 3600, "a": now - 5, "b": now - 4, "c": now - 3, "d": now - 2}
+    order = ["d", "c", "b", "a", "old"]  # they ask in the order that would favour the newest
+    assert all(budget.take(who=who, dark_since=darks[who]) > 0 for who in order)
+    wait_for(lambda: budget.remaining() == 3, 10, interval=0.1, message="the window moved on")
+    got = {who: budget.take(who=who, dark_since=darks[who]) for who in order}
+    # the three attempts went to the three longest-dark waiters, though they asked last
+    assert {who for who, wait in got.items() if wait == 0.0} == {"old", "a", "b"}, got
+    client = redis.Redis.from_url(redis_url)
+    try:  # they left the line; the others are still in it, longest dark first
+        assert [m.decode() for m in client.zrange(f"{key}:waiting", 0, -1)] == ["c", "d"]
+    finally:
+        client.close()
 
 
 #: The scaled-down limits (Binance: 300 per 300 s): the simulator refuses beyond LIMIT per WINDOW_S,

@@ -536,7 +536,7 @@ def test_run_command_refuses_clearly(kraite_env, run_dir, processes, tmp_path) -
 
     # PostgreSQL unreachable: a clear message and EXIT_TEMPFAIL, no traceback
     env = {**kraite_env, "KRAITE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"}
-    proc = processes.kraite("run", env=env)
+    proc = processes.kraite("run", "--fail-fast", env=env)  # (without it `run` waits for PostgreSQL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == exitcodes.EXIT_TEMPFAIL, err
     assert b"PostgreSQL unavailable" in err and b"Traceback" not in err
@@ -755,5 +755,47 @@ def test_kraite_mp_run_parent_sigkill_closes_every_stream(
         wait_for(
             lambda: not any(sim.stats()["current_connections"].values()), 10, message="no connection left"
         )
+    finally:
+        sup.close()
+
+
+@pytest.mark.e2e
+def test_a_child_that_cannot_open_its_spool_says_why_in_the_snapshot(
+    db, secret_key, kraite_env, run_dir, processes, simulator, tmp_path
+) -> None:
+    """A spool directory that cannot be used: the child backs off, and ``supervisor.json`` (so
+    ``kraite-mp status``) carries the reason, not only an exit code."""
+    acct = simulator.accounts[0]
+    account_id = add_account(
+        db, secret_key, name="nospool", api_key=acct.api_key, api_secret=acct.api_secret
+    ).id
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the spool directory should be")
+    env = {
+        **kraite_env,
+        **FAST_ENV,
+        "KRAITE__supervisor__backoff_base_s": "0.5",
+        "KRAITE__supervisor__mark_price": "false",
+        "KRAITE_BINANCE_REST_URL": simulator.rest_url,
+        "KRAITE_BINANCE_WS_URL": simulator.ws_url,
+        "KRAITE__user_data_stream__spool_dir": str(blocker),
+    }
+    sup = Supervisor(
+        processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log"
+    )
+    try:
+
+        def last_exit() -> str:
+            snap = read_snapshot(kraite_env["KRAITE_RUN_DIR"]) or {}
+            child = next((c for c in snap.get("children", []) if c.get("account_id") == account_id), {})
+            return str(child.get("last_exit") or "")
+
+        wait_for(
+            lambda: "spool" in last_exit(),
+            60,
+            message=f"the reason in the snapshot; log:\n{sup.log()[-3000:]}",
+        )
+        assert "code 75" in last_exit() and "Not a directory" in last_exit()
+        assert sup.lines(r"exited with code 75 .*: spool directory .*; restarting in")
     finally:
         sup.close()

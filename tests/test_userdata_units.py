@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,82 @@ def test_records_round_trip_and_url(tmp_path: Path) -> None:
     url = stream_url(settings, "KEY")
     assert url.startswith("ws://127.0.0.1:9/private/ws?listenKey=KEY&events=ORDER_TRADE_UPDATE/")
     assert "/ALGO_UPDATE/" in url and url.endswith("/listenKeyExpired")
+
+
+def _segment_files(path: Path) -> list[str]:
+    return sorted(p for p in os.listdir(path) if p.endswith(".seg"))
+
+
+def test_acknowledged_spool_keeps_sent_records_until_acked_and_replays_them(tmp_path: Path) -> None:
+    with Spool(str(tmp_path), segment_bytes=64, ack_required=True).open() as spool:
+        for i in range(10):
+            spool.append(f"record-{i:02d}-".encode() * 2)
+        records = spool.read(100, timeout=0)
+        assert len(records) == 10
+        spool.commit(records[-1], 10, "epoch-a")
+        assert spool.backlog == 0
+        assert len(_segment_files(tmp_path)) > 2  # sent is not enough: all kept
+        spool.ack(records[4].position)
+        kept = _segment_files(tmp_path)
+        assert all(int(name[:12]) >= records[4].segment for name in kept)
+        assert spool.rewind() == 5  # a broker that lost its data: the unacknowledged five again
+        assert [r.data for r in spool.read(100, timeout=0)] == [r.data for r in records[5:]]
+    # a new run starts reading at the acknowledged position and knows what it sent, and to whom
+    with Spool(str(tmp_path), segment_bytes=64, ack_required=True).open() as spool:
+        assert spool.sent_epoch == "epoch-a"
+        assert spool.sent_position == records[-1].position
+        assert spool.acked_position == records[4].position
+        assert [r.data for r in spool.read(100, timeout=0)] == [r.data for r in records[5:]]
+        spool_id = spool.spool_id
+    with Spool(str(tmp_path), ack_required=True).open() as spool:
+        assert spool.spool_id == spool_id and len(spool_id) == 16
+
+
+def test_retention_gives_up_only_sent_segments(tmp_path: Path) -> None:
+    with Spool(str(tmp_path), segment_bytes=100, ack_required=True, max_bytes=250).open() as spool:
+        for i in range(20):
+            spool.append(b"y" * 40 + str(i).encode())
+        assert spool.over_retention()
+        assert spool.give_up_oldest() is None  # nothing sent yet: unsent records are never given up
+        records = spool.read(100, timeout=0)
+        spool.commit(records[9], 10)
+        while spool.over_retention() and spool.give_up_oldest() is not None:
+            pass
+        assert spool.acked_position <= spool.sent_position
+        assert spool.give_up_oldest() is None  # stops where the sent records end
+        assert spool.backlog == 10  # the unsent half is all there
+        remaining = {r.data for r in records[10:]}
+        spool.rewind()
+        assert remaining <= {r.data for r in spool.read(100, timeout=0)}
+
+
+def test_idle_acknowledged_spool_deletes_its_last_segment_after_its_age(tmp_path: Path) -> None:
+    with Spool(str(tmp_path), ack_required=True, segment_max_age_s=0.05).open() as spool:
+        spool.append(b"only")
+        assert not spool.expire_idle()  # not acknowledged: kept whatever its age
+        (rec,) = spool.read(10, timeout=0)
+        spool.commit(rec, 1)
+        spool.ack(rec.position)
+        deadline = time.monotonic() + 5
+        while not spool.expire_idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert spool.disk_bytes() == 0  # the acknowledged frame is gone once its segment is old
+        spool.append(b"next")
+        assert [r.data for r in spool.read(10, timeout=0)] == [b"next"]
+    with Spool(str(tmp_path), ack_required=True).open() as spool:  # and a new run sends only that one
+        assert [r.data for r in spool.read(10, timeout=0)] == [b"next"]
+
+
+def test_frame_identity_comes_from_the_content() -> None:
+    frame = '{"e":"ORDER_TRADE_UPDATE","E":1796133037082,"T":1,"o":{"s":"BTCUSDT"}}'
+    a, b = FrameIds(7), FrameIds(7)
+    assert a.for_frame(frame, 1) == b.for_frame(frame, 999)  # two connections, two hosts: one id
+    assert a.for_frame(frame).startswith("7-e1796133037082-")
+    assert a.for_frame(frame.replace('"T":1', '"T":2')) != a.for_frame(frame)
+    assert FrameIds(8).for_frame(frame) != a.for_frame(frame)  # the account is part of it
+    assert a.for_frame(frame.replace("1796133037082", '"1796133037082"')).startswith("7-e1796133037082-")
+    wrapped = '{"stream":"k","data":{"e":"X","E":5}}'
+    assert a.for_frame(wrapped).startswith("7-e0000000000005-")
+    junk = "not json"
+    assert a.for_frame(junk, 5) != a.for_frame(junk, 5)  # no identity: every copy is its own frame
+    assert a.for_frame(junk, 5).startswith("7-r")

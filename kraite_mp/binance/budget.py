@@ -47,6 +47,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kraite_mp.logs import redact
+from kraite_mp.messages import redis_driver_info
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
@@ -211,6 +212,7 @@ class EgressBudget:
                     "socket_timeout": REDIS_TIMEOUT_S,
                     "socket_connect_timeout": REDIS_TIMEOUT_S,
                     "retry": Retry(NoBackoff(), 0),
+                    "driver_info": redis_driver_info(),
                 }
                 storage = RedisStorage(self.redis_url, key_prefix=self.key_prefix, **options)
                 client = cast(redis.Redis, storage.get_connection())

@@ -7,6 +7,12 @@ before its handshake, from the same kind of moving window under ``<ns>:egress:<e
 (``:LIMITER/connections/...``, ``:peers``); without a token it connects nothing and tries again when the
 oldest attempt leaves the window; the user-data children leave the last attempt of
 the window to the mark-price stream (``MARK_PRICE_RESERVE``).
+
+Longest dark first: a stream that asks with ``dark_since`` (when it lost, or never had, its connection)
+joins the egress's waiting line (``:ws:waiting``, a sorted set by dark-since time, refreshed by each ask,
+forgotten ``WAITER_TTL_S`` after the last one); while attempts are scarce a token goes only to a stream
+among the ``remaining`` longest-dark waiters, so that after a mass drop the accounts that have been dark
+longest connect first and none starves behind streams that dropped later.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ CONNECT_POLL_JITTER_S = 2.0
 CONNECTION_PEER_TTL_S = 25 * 3600.0
 #: Connection attempts of the shared window the user-data children leave to the mark-price stream.
 MARK_PRICE_RESERVE = 1
+#: A waiter that stopped asking this long ago (its process died) leaves the waiting line.
+WAITER_TTL_S = 30.0
 
 
 class ConnectionBudget(EgressBudget):
@@ -53,21 +61,86 @@ class ConnectionBudget(EgressBudget):
     #: A stream connects at least once a day (the 24 h limit): a peer stays counted that long.
     peer_ttl_s = CONNECTION_PEER_TTL_S
 
-    def take(self, reserve: int = 0) -> float:
+    def take(self, reserve: int = 0, *, who: str | None = None, dark_since: float | None = None) -> float:
         """Take one attempt now: 0.0, or the seconds until the next try (the stream connects nothing).
 
         ``reserve``: leave that many attempts of the shared window to streams that ask without one (the
         user-data children leave ``MARK_PRICE_RESERVE`` to the mark-price stream, which every account's
         trading depends on, so that it never queues behind hundreds of accounts after a mass drop). The
         check and the take are two steps: a race can only spend the reserve, never exceed the window.
+        ``who`` (a stable name of the stream) and ``dark_since`` (wall time it has been without a
+        connection since) put it in the egress's waiting line: longest dark first (module doc).
         """
         reserve = min(max(0, reserve), self.limit - 1)
         if reserve:
             room, retry_in = self._room(1 + reserve)
             if not room:
+                if who is not None and dark_since is not None:
+                    self._queue(who, dark_since)
                 return self._next_try_s(retry_in)
+        if who is not None and dark_since is not None and not self._my_turn(who, dark_since, reserve):
+            return self._next_try_s(0.0)
         taken, retry_in = self.try_take(1)
+        if taken and who is not None:
+            self._leave_queue(who)
         return 0.0 if taken else self._next_try_s(retry_in)
+
+    # -- the waiting line (longest dark first) ---------------------------------------------------
+    def _queue(self, who: str, dark_since: float) -> None:
+        shared = self._redis()
+        if shared is None:
+            return
+        now = time.time()
+        try:
+            pipe = shared[0].pipeline(transaction=False)
+            pipe.zadd(f"{self.key_prefix}:waiting", {who: dark_since})
+            pipe.zadd(f"{self.key_prefix}:waiting-seen", {who: now})
+            pipe.expire(f"{self.key_prefix}:waiting", int(WAITER_TTL_S * 4))
+            pipe.expire(f"{self.key_prefix}:waiting-seen", int(WAITER_TTL_S * 4))
+            pipe.execute()
+        except REDIS_ERRORS as e:
+            self._redis_failed(e)
+
+    def _my_turn(self, who: str, dark_since: float, reserve: int) -> bool:
+        """Whether ``who`` is among the longest-dark waiters that the attempts left now can serve (True
+        without Redis, or when nobody else waits)."""
+        shared = self._redis()
+        if shared is None:
+            return True
+        client, limiter = shared
+        waiting, seen = f"{self.key_prefix}:waiting", f"{self.key_prefix}:waiting-seen"
+        now = time.time()
+        try:
+            stale: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]  # sync client
+                seen, "-inf", now - WAITER_TTL_S
+            )
+            pipe = client.pipeline(transaction=False)
+            if stale:
+                pipe.zrem(waiting, *stale)
+                pipe.zrem(seen, *stale)
+            pipe.zadd(waiting, {who: dark_since})
+            pipe.zadd(seen, {who: now})
+            pipe.zrank(waiting, who)
+            rank = pipe.execute()[-1]
+            if not rank:  # first in line (or the line was lost): go
+                return True
+            remaining = int(limiter.get_window_stats(self._item, self.resource).remaining) - reserve
+            return int(rank) < max(1, remaining)
+        except REDIS_ERRORS as e:
+            self._redis_failed(e)
+            return True
+
+    def _leave_queue(self, who: str) -> None:
+        shared = self._redis()
+        if shared is None:
+            return
+        try:
+            pipe = shared[0].pipeline(transaction=False)
+            pipe.zrem(f"{self.key_prefix}:waiting", who)
+            pipe.zrem(f"{self.key_prefix}:waiting-seen", who)
+            pipe.execute()
+        except REDIS_ERRORS as e:
+            self._redis_failed(e)
 
     @staticmethod
     def _next_try_s(retry_in: float) -> float:

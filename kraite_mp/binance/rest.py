@@ -1,4 +1,5 @@
-"""Binance USD-M Futures REST client: listenKeys and the signed order queries reconciliation needs.
+"""Binance USD-M Futures REST client: listenKeys and the signed order, position and balance queries
+reconciliation needs.
 
 One ``BinanceRest`` per account, one ``requests.Session`` under it, a timeout on every call; errors
 are translated at this boundary into ``kraite_mp.binance.errors``. Every request first takes its
@@ -47,6 +48,7 @@ from kraite_mp.binance.errors import (
 )
 from kraite_mp.binance.hosts import host_state
 from kraite_mp.logs import redact, register_secret
+from kraite_mp.metrics import series
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
@@ -68,6 +70,9 @@ ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v1/algoOrder", False): 1,
     ("GET", "/fapi/v1/allOrders", True): 5,
     ("GET", "/fapi/v1/allAlgoOrders", True): 5,
+    ("GET", "/fapi/v3/positionRisk", False): 5,
+    ("GET", "/fapi/v3/positionRisk", True): 5,
+    ("GET", "/fapi/v3/balance", False): 5,
     ("GET", "/fapi/v1/time", False): 1,
     ("POST", "/fapi/v1/listenKey", False): 1,
     ("PUT", "/fapi/v1/listenKey", False): 1,
@@ -128,6 +133,8 @@ class BinanceRest:
         #: Seconds slept for the weight slowdown, and waited for the egress budget, by this client.
         self.slowdown_slept_s = 0.0
         self.budget_waited_s = 0.0
+        #: When the last request left, on the server's clock as this client knows it (ms; 0: none yet).
+        self.sent_at_ms = 0
 
     @classmethod
     def for_account(cls, settings: Settings, account: Account, **kwargs: Any) -> BinanceRest:
@@ -292,6 +299,17 @@ class BinanceRest:
         data = self._request("GET", "/fapi/v1/allAlgoOrders", params, signed=True)
         return self._list(data, "allAlgoOrders")
 
+    def position_risk(self, symbol: str | None = None) -> list[dict[str, Any]]:
+        """GET /fapi/v3/positionRisk (weight 5): the account's positions. Without ``symbol`` only the
+        symbols holding a position or an open order are listed (a closed position is simply absent);
+        in hedge mode one item per side. ``sent_at_ms`` is when it was asked."""
+        data = self._request("GET", "/fapi/v3/positionRisk", {"symbol": symbol}, signed=True)
+        return self._list(data, "positionRisk")
+
+    def balances(self) -> list[dict[str, Any]]:
+        """GET /fapi/v3/balance (weight 5): one item per asset of the futures wallet."""
+        return self._list(self._request("GET", "/fapi/v3/balance", signed=True), "balance")
+
     @staticmethod
     def _list(data: Any, what: str) -> list[dict[str, Any]]:
         if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
@@ -361,6 +379,7 @@ class BinanceRest:
             return
         self._host.used_weight = used
         self._host.used_weight_minute = self._server_minute()
+        series().REST_WEIGHT_USED.labels(self.budget.name.split("@", 1)[0]).set(used)
 
     def _take_budget(self, method: str, path: str, weight: int) -> None:
         """Take the call's weight from the egress budget before it is sent (waiting while it is spent)."""
@@ -399,6 +418,7 @@ class BinanceRest:
         url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
         self.requests_sent += 1
         self.weight_spent += weight
+        self.sent_at_ms = self._now_ms()
         try:
             resp = self.session.request(method, url, headers=headers, timeout=self.timeout_s)
         except requests.Timeout as e:
@@ -415,6 +435,7 @@ class BinanceRest:
 
     def _handle(self, method: str, path: str, resp: requests.Response) -> Any:
         status = resp.status_code
+        series().REST_RESPONSES.labels(str(status)).inc()
         try:
             data: Any = json.loads(resp.content, parse_float=Decimal) if resp.content else None
         except ValueError:

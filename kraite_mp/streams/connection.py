@@ -20,6 +20,12 @@ a failure, an expired key) waits up to ``Liveness.reconnect_spread_s`` longer, a
 drop does not bring every stream back in the same instant; the planned rollover at ``max_age_s`` is
 spread already, per account (``jittered_max_age``).
 
+Make-before-break rollover (``overlap_rollover``): at ``max_age_s`` the new connection is opened (a
+connection token first) while the old one keeps streaming, then the old one is drained and closed,
+so no event falls between them; the few seen on both are one frame for the stream (its frame ids
+come from the content). A rollover that cannot open its new connection keeps the old one and tries
+again ``ROLLOVER_RETRY_S`` later; the server ends the old one at 24 h at the latest.
+
 Graceful close (on stop and on a planned reconnect) drains: it sends the close frame, then keeps
 receiving and hands every data frame to ``on_frame`` until the server's close frame or
 ``Liveness.drain_timeout_s``, because whatever the server sent before it saw our close is already
@@ -45,6 +51,10 @@ from kraite_mp.logs import describe_error
 
 #: Default of ``Liveness.drain_timeout_s``: a graceful close reads the server's last frames this long at most.
 DRAIN_TIMEOUT_S = 2.0
+#: A stream without a connection token asks the budget again at least this often.
+PACED_RECHECK_S = 10.0
+#: A rollover whose new connection failed (or had no token) tries again this much later, the old one streaming.
+ROLLOVER_RETRY_S = 5.0
 #: Spreads the per-account connection ages: frac(id * this) is evenly spread over consecutive ids.
 GOLDEN_RATIO_CONJUGATE = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -181,6 +191,16 @@ class WebSocketStream:
         self.paced_waits = 0
         #: The random part (``Liveness.reconnect_spread_s``) of the delay last given to ``on_disconnected``.
         self.last_spread_s = 0.0
+        #: Wall time since which the stream has had no connection (start, or the last one's end): the
+        #: egress's connection tokens go longest dark first (``before_connect``).
+        self.dark_since = time.time()
+        #: Open the next connection before closing the old one at ``max_age_s`` (see the module doc).
+        self.overlap_rollover = False
+        #: True during the ``on_connected`` of a make-before-break rollover (no gap to reconcile).
+        self.rolled_over = False
+        #: Make-before-break rollovers done, and when the next try may come after a failed one.
+        self.rollovers = 0
+        self._rollover_retry_at = 0.0
 
     # -- what a stream provides ------------------------------------------------------------------
     def connect_url(self) -> str | None:
@@ -246,6 +266,10 @@ class WebSocketStream:
             return
         reason = self.check()
         problem = Disconnect(reason) if reason is not None else self._liveness_problem(time.monotonic())
+        if problem is not None and problem.reason is Reason.MAX_AGE and self.overlap_rollover:
+            if self._roll_over():
+                return
+            problem = None  # the old connection goes on until the next try
         if problem is not None:
             self.disconnect(problem)
             return
@@ -293,6 +317,68 @@ class WebSocketStream:
         self._ping_sent_at = None
         self.on_connected()
 
+    def _roll_over(self) -> bool:
+        """Make before break: open the next connection, then drain and close the old one. False (and the old
+        one kept) while it cannot: no token, or the new connection failed; it is tried again later."""
+        old = self.ws
+        now = time.monotonic()
+        if old is None or now < self._rollover_retry_at:
+            return False
+        self._rollover_retry_at = now + ROLLOVER_RETRY_S
+        try:
+            url = self.connect_url()
+            if url is None:
+                return True  # the stream chose an exit code
+            wait = self.before_connect()
+            if wait > 0:
+                self._rollover_retry_at = now + wait
+                self.log.info("rollover waits %.1fs for a connection token; the old connection streams", wait)
+                return False
+            new = websocket.create_connection(
+                url,
+                timeout=self.liveness.connect_timeout_s,
+                skip_utf8_validation=True,
+                enable_multithread=True,
+            )
+        except Disconnect as d:
+            self.log.warning("rollover: no new connection (%s); the old one streams, retrying", d)
+            return False
+        except websocket.WebSocketBadStatusException as e:
+            self.log.warning(
+                "rollover: handshake refused (HTTP %s); the old one streams, retrying", e.status_code
+            )
+            return False
+        except (websocket.WebSocketException, OSError) as e:
+            self.log.warning("rollover: cannot connect (%s); the old one streams, retrying", describe(e))
+            return False
+        except Exception:  # noqa: BLE001 - a failing hook never kills a working connection
+            self.log.exception("rollover failed; the old connection streams")
+            return False
+        new.settimeout(self.liveness.recv_timeout_s)
+        # both are open: whatever the server sends from now on reaches the new one; the old one's frames
+        # (some also on the new one, one frame by content) are read to its close frame first
+        self.ws = None
+        try:
+            self.drain(old)
+        finally:
+            try:
+                old.shutdown()  # type: ignore[no-untyped-call]
+            except Exception:  # noqa: BLE001
+                pass
+        now = time.monotonic()
+        self.ws = new
+        self.connected_at = self._last_alive_at = now
+        self._ping_due_at = now + self.liveness.ping_interval_s
+        self._ping_sent_at = None
+        self.last_reason = Reason.MAX_AGE
+        self.rollovers += 1
+        self.rolled_over = True
+        try:
+            self.on_connected()
+        finally:
+            self.rolled_over = False
+        return True
+
     def _paced_wait(self) -> bool:
         """Ask ``before_connect`` for a token; True (and the next try scheduled) if the attempt must wait.
 
@@ -308,6 +394,9 @@ class WebSocketStream:
                 self.log.info("connection token taken after %d wait(s)", self.paced_waits)
             self.paced, self.paced_waits = False, 0
             return False
+        # ask again at least this often: a wait computed from a local share (Redis was unreachable) or
+        # a window that refills early must not keep a stream dark for minutes
+        wait = min(wait, PACED_RECHECK_S)
         if not self.paced:
             self.log.info(
                 "the egress's connection attempts are spent: waiting for a token (next try in %.1fs)", wait
@@ -378,6 +467,8 @@ class WebSocketStream:
         """Close the connection (if any) and schedule the next connect by ``reconnect_delay``."""
         now = time.monotonic()
         uptime = None if self.connected_at is None else now - self.connected_at
+        if self.ws is not None:
+            self.dark_since = time.time()
         # a closed connection has nothing left to read: only one we leave while it works is drained
         self.close(graceful=d.planned and d.reason is not Reason.SERVER_CLOSED)
         if self.stop.is_set() or self.exit_code is not None:

@@ -34,6 +34,7 @@ from kraite_mp.backoff import Attempts
 from kraite_mp.binance.connections import ConnectionBudget, connection_budget
 from kraite_mp.binance.market import MARK_PRICE_ROUTE, FrameError, PriceText, parse_mark_price_frame
 from kraite_mp.config import Settings
+from kraite_mp.metrics import series
 from kraite_mp.store import db as kdb
 from kraite_mp.store.symbols import BulkWriter, SymbolMap, load_symbol_map, resolve_rows
 from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream
@@ -237,7 +238,14 @@ class PriceWriter:
         started = time.perf_counter()
         rows, matched, unknown = resolve_rows(prices, self.symbol_map)
         updated = self.bulk.write(conn, rows)
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        elapsed_s = time.perf_counter() - started
+        elapsed_ms = elapsed_s * 1000.0
+        m = series()
+        m.MARK_PRICE_WRITE.observe(elapsed_s)
+        m.MARK_PRICE_ROWS.inc(updated)
+        m.MARK_PRICE_LAST_TICK.set(time.time())
+        if unknown:
+            m.MARK_PRICE_SKIPPED.labels("unknown-symbol").inc(unknown)
         st = self.stats
         st.writes += 1
         st.symbols = matched
@@ -404,6 +412,7 @@ class MarkPriceStreamer(WebSocketStream):
             parsed = parse_mark_price_frame(raw, include_coin_m=self.settings.mark_price.include_coin_m)
         except FrameError as e:
             st.bad_frames += 1
+            series().MARK_PRICE_SKIPPED.labels("bad-frame").inc()
             self._log_bad_input(str(e))
             return False
         st.ticks += 1
@@ -412,9 +421,11 @@ class MarkPriceStreamer(WebSocketStream):
         st.coin_m_ignored += parsed.coin_m
         if parsed.bad_entries:
             st.bad_entries += parsed.bad_entries
+            series().MARK_PRICE_SKIPPED.labels("bad-entry").inc(parsed.bad_entries)
             self._log_bad_input(f"{parsed.bad_entries} bad entries in the last frame")
         if parsed.prices and self.writer.mailbox.put(parsed.prices):
             st.skipped += 1
+            series().MARK_PRICE_SKIPPED.labels("coalesced").inc()
         return True
 
     def _log_bad_input(self, last: str) -> None:

@@ -3,20 +3,33 @@
 It reads the spool after the receive path wrote it, so a slow or dead Redis never delays receiving.
 While Redis is down it retries with the shared capped backoff and the backlog grows on disk; the
 cursor advances only past records Redis accepted, so nothing is lost and nothing skips the queue.
+
+End-to-end acknowledgement (``Acks``, with a spool that has ``ack_required``): every frame message
+names its spool position; the worker that committed its audit row adds the position to the spool's
+acknowledgement key (``messages.ack_key``). The sender keeps the positions it sent and moves the
+spool's acknowledged cursor over the longest acknowledged prefix, so the spool holds exactly what a
+broker could still lose. A broker that lost its data (its epoch key, ``messages.epoch_key``, changed or
+vanished: a restart without persistence, a failover to an empty replica, a flush) is replayed: the
+sender re-sends everything unacknowledged from the spool (the audit's exactly-once by frame id absorbs
+what was not lost) and asks for a reconciliation of the account, which also covers what retention gave
+up. Idle accounts (nothing unacknowledged) cost Redis nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from kraite_mp.backoff import Attempts
-from kraite_mp.messages import record_message
+from kraite_mp.messages import PROCESS_ACTOR, ack_key, epoch_key, reconcile_record, record_message
 from kraite_mp.streams.connection import describe
 from kraite_mp.streams.spool import Spool, SpoolRecord
 
@@ -30,33 +43,87 @@ SENDER_RETRY_CAP_EXPONENT = 4
 BACKLOG_LOG_INTERVAL_S = 10.0
 #: On stop, the sender may keep sending what is spooled for this long; the rest waits for the next run.
 SENDER_DRAIN_S = 5.0
-#: How long one spool read waits for a record ...
-READ_WAIT_S = 0.5
+#: How long one spool read waits for a record (the writer wakes it at once, and so does ``join``) ...
+READ_WAIT_S = 5.0
 #: ... and while draining on stop.
 DRAIN_READ_WAIT_S = 0.2
+#: While frames are unacknowledged, read the acknowledgements (and the broker's epoch) this often.
+ACK_POLL_S = 0.5
+#: Before sending, check the broker's epoch if it was last seen longer ago than this.
+EPOCH_CHECK_S = 2.0
+#: Acknowledgements read at once.
+ACK_READ_BATCH = 2048
+#: Check the spool's size against its retention bound at most this often.
+RETENTION_CHECK_S = 10.0
+
+
+@dataclass(frozen=True)
+class Acks:
+    """Where the acknowledgements of one spool and the broker's epoch live."""
+
+    client: redis.Redis
+    #: ``messages.ack_key`` of this spool.
+    key: str
+    #: ``messages.epoch_key`` of the deployment.
+    epoch_key: str
+    #: Account whose reconciliation a replay asks for.
+    account_id: int
+
+    @classmethod
+    def for_spool(cls, client: redis.Redis, namespace: str, spool: Spool, account_id: int) -> Acks:
+        return cls(client, ack_key(namespace, spool.spool_id), epoch_key(namespace), account_id)
 
 
 class SpoolSender:
     """Drains the spool to Redis in order; never loses a record, never blocks the writer."""
 
-    def __init__(self, spool: Spool, broker: RedisBroker, log: logging.Logger) -> None:
+    def __init__(
+        self, spool: Spool, broker: RedisBroker, log: logging.Logger, acks: Acks | None = None
+    ) -> None:
         self.spool = spool
         self.broker = broker
         self.log = log
+        self.acks = acks if spool.ack_required else None
         self.stop = threading.Event()
         self.redis_ok = True
         self.sent = 0
         self.skipped = 0
+        #: Replays after a broker lost its data, and the frames re-sent by them.
+        self.replays = 0
+        self.replayed = 0
+        #: Frames given up by the retention bound before their audit was acknowledged.
+        self.given_up = 0
         self.attempts = Attempts(base_s=SENDER_RETRY_BASE_S, cap_exponent=SENDER_RETRY_CAP_EXPONENT)
+        #: (position, monotonic time sent) of the frames sent and not acknowledged, in spool order.
+        self._unacked: deque[tuple[int, float]] = deque()
+        self._epoch = ""
+        self._epoch_checked_at = -1e9
+        #: Records up to this position were sent to the current broker by an earlier run: not again.
+        self._skip_until = -1
+        self._ack_polled_at = 0.0
+        self._retention_checked_at = 0.0
         self._thread = threading.Thread(target=self._run, name="spool-sender", daemon=True)
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    def ack_lag_s(self) -> float:
+        """Age of the oldest sent frame no worker acknowledged yet (0 when there is none)."""
+        try:
+            return max(0.0, time.monotonic() - self._unacked[0][1])
+        except IndexError:
+            return 0.0
 
     def start(self) -> None:
         self._thread.start()
 
     def join(self, timeout: float) -> None:
         self.stop.set()
+        self.spool.wake()  # a read waiting for the writer returns now
         self._thread.join(timeout)
 
+    # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         pending: list[SpoolRecord] = []
         last_log = 0.0
@@ -66,29 +133,27 @@ class SpoolSender:
                 drain_deadline = time.monotonic() + SENDER_DRAIN_S
             if drain_deadline is not None and time.monotonic() > drain_deadline:
                 break
-            if not pending:
-                try:
-                    pending = self.spool.read(
-                        SEND_BATCH, timeout=DRAIN_READ_WAIT_S if self.stop.is_set() else READ_WAIT_S
-                    )
-                except OSError:
-                    self.log.exception("cannot read the spool")
-                    if self.stop.wait(1.0):
-                        break
-                    continue
-                if not pending:
-                    if self.stop.is_set():
-                        break
-                    continue
-            done = 0
             try:
-                for rec in pending:
-                    self._send(rec)
-                    done += 1
+                if self.acks is not None:
+                    if self._check_epoch():
+                        pending = []  # replaying: the spool was rewound
+                    self._poll_acks()
+                if not pending:
+                    try:
+                        pending = self.spool.read(
+                            SEND_BATCH, timeout=DRAIN_READ_WAIT_S if self.stop.is_set() else self._read_wait()
+                        )
+                    except OSError:
+                        self.log.exception("cannot read the spool")
+                        if self.stop.wait(1.0):
+                            break
+                        continue
+                    if not pending:
+                        if self.stop.is_set():
+                            break
+                        continue
+                pending = self._send_batch(pending)
             except (redis.RedisError, dramatiq.errors.DramatiqError, OSError) as e:
-                if done:
-                    self.spool.commit(pending[done - 1], done)
-                    pending = pending[done:]
                 now = time.monotonic()
                 if self.redis_ok or now - last_log >= BACKLOG_LOG_INTERVAL_S:
                     self.log.warning(
@@ -98,23 +163,163 @@ class SpoolSender:
                     )
                     last_log = now
                 self.redis_ok = False
+                self._epoch_checked_at = -1e9  # a Redis that comes back may be another one: look first
                 if self.stop.is_set():
                     break  # what is left is sent by the next run
                 self.stop.wait(self.attempts.next_delay())
                 continue
-            self.spool.commit(pending[-1], len(pending))
-            pending = []
             if not self.redis_ok:
                 self.log.warning("Redis is back: spooled frames sent, backlog=%d", self.spool.backlog)
                 self.redis_ok = True
             self.attempts.reset()
 
-    def _send(self, rec: SpoolRecord) -> None:
+    def _read_wait(self) -> float:
+        if self._unacked:
+            return ACK_POLL_S
+        if self.acks is not None:  # idle: wake for the idle-spool expiry and the retention check only
+            return min(READ_WAIT_S, RETENTION_CHECK_S)
+        return READ_WAIT_S
+
+    def _send_batch(self, pending: list[SpoolRecord]) -> list[SpoolRecord]:
+        """Send ``pending`` in order; on a Redis error commit what went and raise (the rest: returned on retry)."""
+        done = sent = 0
         try:
-            message = record_message(rec.data)
+            for rec in pending:
+                if self._send(rec):
+                    sent += 1
+                done += 1
+        finally:
+            if done:
+                self.spool.commit(pending[done - 1], sent, self._epoch)
+                if done < len(pending):
+                    pending[:] = pending[done:]  # the caller keeps the rest for the retry
+        return []
+
+    def _send(self, rec: SpoolRecord) -> bool:
+        """Enqueue one record; False if it was not sent now (unreadable, or sent by an earlier run)."""
+        position = rec.position
+        tracked = self.acks is not None and not rec.in_memory  # a record held in memory cannot be replayed
+        try:
+            message = record_message(rec.data, ack=self._ack_token(position) if tracked else None)
         except ValueError:
             self.skipped += 1
             self.log.error("skipping an unreadable spool record (%d bytes)", len(rec.data))
-            return
+            return False
+        if rec.in_memory:
+            self.broker.enqueue(message)
+            self.sent += 1
+            return True
+        is_frame = tracked and message.actor_name == PROCESS_ACTOR
+        if position <= self._skip_until:
+            if is_frame:
+                self._unacked.append((position, time.monotonic()))
+            return False
         self.broker.enqueue(message)
         self.sent += 1
+        if is_frame:
+            self._unacked.append((position, time.monotonic()))
+        return True
+
+    def _ack_token(self, position: int) -> list[object]:
+        assert self.acks is not None
+        return [self.acks.key, position]
+
+    # -- acknowledgements and the broker's epoch ------------------------------------------------
+    def _check_epoch(self) -> bool:
+        """Learn the broker's epoch; True if it changed, i.e. the broker lost data and a replay began."""
+        assert self.acks is not None
+        now = time.monotonic()
+        if now - self._epoch_checked_at < (ACK_POLL_S if self._unacked else EPOCH_CHECK_S):
+            return False
+        client = self.acks.client
+        epoch = client.get(self.acks.epoch_key)
+        if epoch is None:
+            client.set(self.acks.epoch_key, os.urandom(8).hex(), nx=True)
+            epoch = client.get(self.acks.epoch_key)
+        self._epoch_checked_at = now
+        current = epoch.decode("ascii", "replace") if isinstance(epoch, bytes) else str(epoch or "")
+        if not self._epoch:  # first contact in this run: what did the last run send to?
+            self._epoch = current
+            if self.spool.sent_epoch == current:
+                self._skip_until = self.spool.sent_position
+                return False
+            if self.spool.sent_position > self.spool.acked_position and self.spool.sent_epoch:
+                self._replay(
+                    "the broker's epoch changed while this child was down"
+                    f" ({self.spool.sent_epoch[:8]} -> {current[:8]})"
+                )
+                return True
+            self._skip_until = -1  # a first run: send everything unacknowledged
+            return False
+        if current == self._epoch:
+            return False
+        previous, self._epoch = self._epoch, current
+        self._replay(f"the broker's epoch changed ({previous[:8]} -> {current[:8]})")
+        return True
+
+    def _replay(self, why: str) -> None:
+        lost = self.spool.sent_position > self.spool.acked_position  # sent and not acknowledged: gone?
+        self._unacked.clear()
+        self._skip_until = -1
+        count = self.spool.rewind()
+        if not lost:
+            self.log.info("the broker is new (%s); nothing of this account was in flight", why)
+            return
+        self.replays += 1
+        self.replayed += count
+        self.log.warning(
+            "Redis lost its data (%s): re-sending %d unacknowledged record(s) from the spool and asking"
+            " for a reconciliation",
+            why,
+            count,
+        )
+        assert self.acks is not None
+        self.spool.append(reconcile_record(self.acks.account_id, "broker-lost-data"))
+
+    def _poll_acks(self) -> None:
+        assert self.acks is not None
+        now = time.monotonic()
+        if not self._unacked or now - self._ack_polled_at < ACK_POLL_S:
+            self._check_retention(now)
+            return
+        self._ack_polled_at = now
+        first = self._unacked[0][0]
+        found: list[bytes] = self.acks.client.zrangebyscore(  # type: ignore[assignment]  # sync client
+            self.acks.key, first, "+inf", start=0, num=ACK_READ_BATCH
+        )
+        acked = {int(m) for m in found}
+        last = None
+        while self._unacked and self._unacked[0][0] in acked:
+            last = self._unacked.popleft()[0]
+        if last is not None:
+            # with nothing left unacknowledged, what needs no acknowledgement (reconcile requests) is done too
+            self.spool.ack(last if self._unacked else max(last, self.spool.sent_position))
+            self.acks.client.zremrangebyscore(self.acks.key, "-inf", last)
+        self._check_retention(now)
+
+    def _check_retention(self, now: float) -> None:
+        if now - self._retention_checked_at < RETENTION_CHECK_S:
+            return
+        self._retention_checked_at = now
+        if not self._unacked:
+            self.spool.expire_idle()
+        if self.spool.max_bytes is None:
+            return
+        while self.spool.over_retention():
+            position = self.spool.give_up_oldest()
+            if position is None:
+                return
+            dropped = 0
+            while self._unacked and self._unacked[0][0] <= position:
+                self._unacked.popleft()
+                dropped += 1
+            self.given_up += dropped
+            self.log.error(
+                "spool over its %d-byte retention: %d sent frame(s) whose audit no worker acknowledged"
+                " are no longer kept (a broker that loses them now cannot be replayed; a reconciliation"
+                " is requested)",
+                self.spool.max_bytes,
+                dropped,
+            )
+            assert self.acks is not None
+            self.spool.append(reconcile_record(self.acks.account_id, "spool-retention"))

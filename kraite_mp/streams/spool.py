@@ -8,17 +8,25 @@ reads the spool in order and enqueues each record to Redis, then advances a pers
 - The child dies (or is restarted): the next incarnation finds the segments and the cursor and
   sends what was not yet sent. Delivery is at-least-once (a crash between an enqueue and the
   cursor write re-sends a record); the job is idempotent by frame id, so this is harmless.
+- End-to-end acknowledgement (``ack_required``): a record stays on disk after Redis accepted it,
+  until a worker acknowledged its audit commit (``ack``, driven by the sender), so a broker that lost
+  its data can be replayed from the spool (``rewind``). Retention is bounded by ``max_bytes``: past
+  it the oldest sent-but-unacknowledged segment is given up (``give_up_oldest``), never unsent ones.
 
 Layout (``<spool_dir>/<account_id>/``)::
 
     000000000007.seg   records, one per line (a JSON object, so it holds no raw newline)
     000000000008.seg   the active segment (the writer appends here)
-    cursor             {"segment": 7, "offset": 1234}: everything before it was sent
+    cursor             {"segment": 7, "offset": 1234, "epoch": "..."}: everything before it was sent
+                       (to the broker whose epoch is named, see ``streams.sender``)
+    acked              {"segment": 7, "offset": 1000}: everything before it was audited
+    id                 this spool's random id (names its acknowledgement key in Redis)
 
 The writer never appends to a segment written by an earlier process (a crash may have left a torn
 last line there): ``open()`` always starts a new segment. The writer rotates to a new segment at
-``segment_bytes``; the reader deletes a segment once the cursor moved past it, so a drained spool
-holds at most one (partly filled) segment.
+``segment_bytes`` or ``segment_max_age_s``; a segment is deleted once the acknowledged cursor (the
+sent one without ``ack_required``) moved past it, so a drained spool holds at most one (partly
+filled) segment, and an idle one none with frames older than ``segment_max_age_s``.
 
 A record is written with one ``write()`` on an ``O_APPEND`` descriptor: it survives the process
 being killed at any point. ``fsync=True`` also makes it survive power loss, at the price of one
@@ -35,7 +43,9 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,12 @@ DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
 #: Read at most this many bytes from a segment at once.
 READ_CHUNK_BYTES = 1024 * 1024
 CURSOR_FILE = "cursor"
+ACKED_FILE = "acked"
+ID_FILE = "id"
+#: ``SpoolRecord.segment`` of a record that waited in memory (the disk refused it).
+MEMORY_SEGMENT = -1
+#: Bits of a record's end offset in its position (``SpoolRecord.position``).
+POSITION_OFFSET_BITS = 40
 SEGMENT_SUFFIX = ".seg"
 _SEGMENT_RE = re.compile(r"^(\d{12})\.seg$")
 
@@ -61,6 +77,20 @@ class SpoolRecord:
     #: Offset just past this record's newline.
     end_offset: int
 
+    @property
+    def in_memory(self) -> bool:
+        """Held in memory while the disk refused writes: sent, never acknowledged nor replayed."""
+        return self.segment == MEMORY_SEGMENT
+
+    @property
+    def position(self) -> int:
+        """Where this record ends, as one number that grows with every record of this spool."""
+        return (self.segment << POSITION_OFFSET_BITS) | self.end_offset
+
+
+def position_of(segment: int, offset: int) -> int:
+    return (segment << POSITION_OFFSET_BITS) | offset
+
 
 def segment_name(number: int) -> str:
     return f"{number:012d}{SEGMENT_SUFFIX}"
@@ -70,29 +100,57 @@ class Spool:
     """Append records (bytes without newlines); read them back in order; commit what was sent."""
 
     def __init__(
-        self, directory: str, *, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+        self,
+        directory: str,
+        *,
+        fsync: bool = False,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        segment_max_age_s: float | None = None,
+        ack_required: bool = False,
+        max_bytes: int | None = None,
+        memory_limit: int = 0,
     ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.segment_bytes = segment_bytes
+        self.segment_max_age_s = segment_max_age_s
+        #: Keep records until ``ack`` (not just ``commit``).
+        self.ack_required = ack_required
+        #: Retention bound of the spool's segments (bytes); None: unbounded.
+        self.max_bytes = max_bytes
+        #: Random id of this spool directory (persisted); set by ``open``.
+        self.spool_id = ""
+        #: Records that may wait in memory while the disk refuses writes (0: none, append raises).
+        self.memory_limit = memory_limit
+        self._memory: deque[bytes] = deque()
+        #: Since when the disk refuses writes (monotonic), and how often it began to.
+        self.memory_since: float | None = None
+        self.memory_episodes = 0
         self._cond = threading.Condition(threading.Lock())
         # writer state
         self._active = 0
         self._active_fd = -1
         self._active_size = 0
+        self._active_opened_at = 0.0
         # reader state: the next record to hand out
         self._read_segment = 0
         self._read_offset = 0
         self._read_fd = -1
         self._read_fd_segment = -1
-        # committed (persisted) position
+        # committed (persisted) position: sent to Redis ...
         self._commit_segment = 0
         self._commit_offset = 0
+        #: ... to the broker of this epoch (see ``streams.sender``; "" = unknown)
+        self.sent_epoch = ""
+        # ... and acknowledged (audited); == the sent position without ``ack_required``
+        self._acked_segment = 0
+        self._acked_offset = 0
         #: Records appended (or found at open) and not yet committed.
         self.backlog = 0
         #: Records dropped because they were unreadable (torn last line of a crashed writer).
         self.dropped = 0
         self._closed = False
+        self._wakeups = 0
 
     # -- setup -----------------------------------------------------------------------------------
     def open(self) -> Spool:
@@ -101,23 +159,36 @@ class Spool:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"spool directory {self.directory}: {e.strerror}") from None
+        self.spool_id = self._load_id()
         segments = self._segments()
         cursor = self._load_cursor()
-        if cursor is not None and (not segments or cursor[0] >= segments[0]):
-            self._commit_segment, self._commit_offset = cursor
+        acked = self._load_position(ACKED_FILE) if self.ack_required else None
+        if acked is None or (cursor is not None and acked > cursor[:2]):
+            acked = cursor[:2] if cursor is not None else None  # a spool written before acks: sent = audited
+        if acked is not None and (not segments or acked[0] >= segments[0]):
+            self._acked_segment, self._acked_offset = acked
         elif segments:
-            self._commit_segment, self._commit_offset = segments[0], 0
-        # segments wholly before the cursor were sent: remove them
+            self._acked_segment, self._acked_offset = segments[0], 0
+        if cursor is not None and cursor[:2] >= (self._acked_segment, self._acked_offset):
+            self._commit_segment, self._commit_offset, self.sent_epoch = cursor
+        else:
+            self._commit_segment, self._commit_offset = self._acked_segment, self._acked_offset
+        # segments wholly before the acknowledged position are done: remove them
         for number in segments:
-            if number < self._commit_segment:
+            if number < self._acked_segment:
                 self._unlink(number)
-        segments = [n for n in segments if n >= self._commit_segment]
-        self._read_segment, self._read_offset = self._commit_segment, self._commit_offset
-        self.backlog = self._count_pending(segments)
+        segments = [n for n in segments if n >= self._acked_segment]
+        # the reader starts at the acknowledged position; the sender skips what it knows it sent
+        self._read_segment, self._read_offset = self._acked_segment, self._acked_offset
+        self.backlog = self._count_from(segments, self._commit_segment, self._commit_offset)
         self._active = (segments[-1] + 1) if segments else max(self._commit_segment, 1)
         if not segments:
             self._read_segment, self._read_offset = self._active, 0
             self._commit_segment, self._commit_offset = self._active, 0
+            self._acked_segment, self._acked_offset = self._active, 0
+        if self.ack_required:  # from now on a missing file means a spool written before acknowledgements
+            position = {"segment": self._acked_segment, "offset": self._acked_offset}
+            self._write_file(ACKED_FILE, json.dumps(position).encode(), quiet=True)
         self._open_active()
         if self.backlog:
             log.warning(
@@ -138,21 +209,58 @@ class Spool:
     def _path(self, number: int) -> str:
         return os.path.join(self.directory, segment_name(number))
 
-    def _load_cursor(self) -> tuple[int, int] | None:
+    def _load_id(self) -> str:
+        path = os.path.join(self.directory, ID_FILE)
         try:
-            with open(os.path.join(self.directory, CURSOR_FILE)) as f:
-                data = json.load(f)
-            return int(data["segment"]), int(data["offset"])
+            with open(path, "rb") as f:
+                found = f.read(64).decode("ascii", "replace").strip()
+            if re.fullmatch(r"[0-9a-f]{16,64}", found):
+                return found
         except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SpoolError(f"spool {self.directory}: cannot read its id: {e.strerror}") from None
+        spool_id = os.urandom(8).hex()
+        self._write_file(ID_FILE, spool_id.encode())
+        return spool_id
+
+    def _load_cursor(self) -> tuple[int, int, str] | None:
+        data = self._load_json(CURSOR_FILE)
+        if data is None:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
+        try:
+            epoch = data.get("epoch", "")
+            return int(data["segment"]), int(data["offset"]), epoch if isinstance(epoch, str) else ""
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("spool %s: unreadable cursor, re-sending from the oldest segment", self.directory)
             return None
 
-    def _count_pending(self, segments: list[int]) -> int:
+    def _load_position(self, name: str) -> tuple[int, int] | None:
+        data = self._load_json(name)
+        if data is None:
+            return None
+        try:
+            return int(data["segment"]), int(data["offset"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("spool %s: unreadable %s file, keeping every segment", self.directory, name)
+            return None
+
+    def _load_json(self, name: str) -> Any:
+        try:
+            with open(os.path.join(self.directory, name), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            log.warning("spool %s: unreadable %s file", self.directory, name)
+            return None
+
+    def _count_from(self, segments: list[int], segment: int, offset: int) -> int:
         count = 0
         for number in segments:
-            start = self._commit_offset if number == self._commit_segment else 0
+            if number < segment:
+                continue
+            start = offset if number == segment else 0
             try:
                 with open(self._path(number), "rb") as f:
                     f.seek(start)
@@ -169,41 +277,104 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"spool segment {path}: {e.strerror}") from None
         self._active_size = os.fstat(self._active_fd).st_size
+        self._active_opened_at = time.monotonic()
 
     # -- writer ----------------------------------------------------------------------------------
     def append(self, record: bytes) -> None:
-        """Write one record durably (see module doc); raises SpoolError when the disk refuses."""
+        """Write one record durably (see module doc). While the disk refuses writes (full, read-only) the
+        record waits in memory (``memory_limit`` records at most) and write-ahead resumes once the memory
+        queue is sent and the disk takes a write again; SpoolError when neither can take it."""
         line = record + b"\n"
         with self._cond:
             if self._closed:
                 raise SpoolError("spool is closed")
-            if self._active_size >= self.segment_bytes:
-                self._rotate()
-            try:
-                written = os.write(self._active_fd, line)
-                while written < len(line):  # regular files write all at once; be correct anyway
-                    written += os.write(self._active_fd, line[written:])
-                if self.fsync:
-                    os.fsync(self._active_fd)
-            except OSError as e:
-                raise SpoolError(f"cannot write spool {self.directory}: {e.strerror}") from None
-            self._active_size += len(line)
+            if self._memory:  # keep the order: nothing goes to disk before the memory queue is sent
+                self._to_memory(record, None)
+            else:
+                try:
+                    self._write_line(line)
+                except SpoolError as e:
+                    if not self.memory_limit:
+                        raise
+                    self._to_memory(record, e)
             self.backlog += 1
             self._cond.notify_all()
 
+    def _write_line(self, line: bytes) -> None:
+        if self._active_size >= self.segment_bytes or self._active_expired():
+            self._rotate()
+        try:
+            written = os.write(self._active_fd, line)
+            while written < len(line):  # a full disk may take part of it: the next write raises
+                written += os.write(self._active_fd, line[written:])
+            if self.fsync:
+                os.fsync(self._active_fd)
+        except OSError as e:
+            try:  # no torn record in the middle of a segment: cut back what went in
+                os.ftruncate(self._active_fd, self._active_size)
+            except OSError:
+                pass
+            raise SpoolError(f"cannot write spool {self.directory}: {e.strerror}") from None
+        self._active_size += len(line)
+        if self.memory_since is not None:
+            log.warning(
+                "spool %s: the disk takes writes again after %.0fs: write-ahead resumes",
+                self.directory,
+                time.monotonic() - self.memory_since,
+            )
+            self.memory_since = None
+
+    def _to_memory(self, record: bytes, error: SpoolError | None) -> None:
+        if len(self._memory) >= self.memory_limit:
+            raise SpoolError(
+                f"spool {self.directory}: the disk refuses writes and {self.memory_limit} frames already"
+                " wait in memory"
+            )
+        if self.memory_since is None:
+            self.memory_since = time.monotonic()
+            self.memory_episodes += 1
+            log.error(
+                "spool %s: %s; frames wait in memory (at most %d) and go straight to Redis until the disk"
+                " takes them again",
+                self.directory,
+                error or "the disk refuses writes",
+                self.memory_limit,
+            )
+        self._memory.append(record)
+
+    @property
+    def in_memory(self) -> bool:
+        """The disk refused a write and write-ahead has not resumed yet."""
+        return self.memory_since is not None
+
+    def _active_expired(self) -> bool:
+        return (
+            self.segment_max_age_s is not None
+            and self._active_size > 0
+            and time.monotonic() - self._active_opened_at >= self.segment_max_age_s
+        )
+
     def _rotate(self) -> None:
-        os.close(self._active_fd)
+        """Start the next segment; if the disk refuses it, the current one stays active (SpoolError)."""
+        old_fd, old_size, old_opened = self._active_fd, self._active_size, self._active_opened_at
         self._active += 1
-        self._open_active()
+        try:
+            self._open_active()
+        except SpoolError:
+            self._active -= 1
+            self._active_fd, self._active_size, self._active_opened_at = old_fd, old_size, old_opened
+            raise
+        os.close(old_fd)
 
     # -- reader ----------------------------------------------------------------------------------
     def read(self, max_records: int = 256, timeout: float | None = None) -> list[SpoolRecord]:
         """The next records after the last ones read (not necessarily committed); waits up to ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        wakeups = self._wakeups
         while True:
             with self._cond:
                 records = self._read_locked(max_records)
-                if records or self._closed:
+                if records or self._closed or self._wakeups != wakeups:
                     return records
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -211,6 +382,19 @@ class Spool:
                 self._cond.wait(remaining)
 
     def _read_locked(self, max_records: int) -> list[SpoolRecord]:
+        records = self._read_disk_locked(max_records)
+        if not records and self._memory:  # the disk is read to its end: what waits in memory comes next
+            while self._memory and len(records) < max_records:
+                records.append(SpoolRecord(self._memory.popleft(), MEMORY_SEGMENT, 0))
+        return records
+
+    def wake(self) -> None:
+        """Make a ``read`` that waits for the writer return now (the sender is stopping)."""
+        with self._cond:
+            self._wakeups += 1
+            self._cond.notify_all()
+
+    def _read_disk_locked(self, max_records: int) -> list[SpoolRecord]:
         records: list[SpoolRecord] = []
         while len(records) < max_records:
             segment = self._read_segment
@@ -266,18 +450,108 @@ class Spool:
                 self._read_fd = -1
         return self._read_fd
 
-    def commit(self, record: SpoolRecord, count: int) -> None:
-        """``count`` records up to and including ``record`` were sent: persist the cursor past them."""
+    def commit(self, record: SpoolRecord, count: int, epoch: str = "") -> None:
+        """``count`` records up to and including ``record`` were sent (to the broker of ``epoch``): persist
+        the cursor past them. Without ``ack_required`` they are acknowledged too."""
         with self._cond:
-            moved_segment = record.segment != self._commit_segment
-            self._commit_segment, self._commit_offset = record.segment, record.end_offset
             self.backlog = max(0, self.backlog - count)
+            if record.in_memory:  # never on disk: no cursor to move
+                return
+            self._commit_segment, self._commit_offset = record.segment, record.end_offset
+            self.sent_epoch = epoch
+        payload: dict[str, object] = {"segment": record.segment, "offset": record.end_offset}
+        if epoch:
+            payload["epoch"] = epoch
+        self._write_file(CURSOR_FILE, json.dumps(payload).encode(), quiet=True)
+        if not self.ack_required:
+            self._acknowledge(record.segment, record.end_offset)
+
+    @property
+    def sent_position(self) -> int:
+        """Where the sent cursor is (``SpoolRecord.position`` of the last record sent)."""
+        return position_of(self._commit_segment, self._commit_offset)
+
+    @property
+    def acked_position(self) -> int:
+        return position_of(self._acked_segment, self._acked_offset)
+
+    def ack(self, position: int) -> None:
+        """Everything up to ``position`` (a ``SpoolRecord.position``) was audited: persist the acknowledged
+        cursor, delete the segments wholly behind it (the active one too, once it is acknowledged and older
+        than ``segment_max_age_s``)."""
+        segment, offset = position >> POSITION_OFFSET_BITS, position & ((1 << POSITION_OFFSET_BITS) - 1)
+        if (segment, offset) <= (self._acked_segment, self._acked_offset):
+            return
+        self._write_file(ACKED_FILE, json.dumps({"segment": segment, "offset": offset}).encode(), quiet=True)
+        self._acknowledge(segment, offset)
+
+    def _acknowledge(self, segment: int, offset: int) -> None:
+        with self._cond:
+            moved = segment != self._acked_segment
+            self._acked_segment, self._acked_offset = segment, offset
+            if (
+                segment == self._active
+                and offset >= self._active_size
+                and self._active_expired()
+                and not self._closed
+            ):
+                self._rotate()  # an idle account: its last, acknowledged frames go now
+                moved = True
             active = self._active
-        self._save_cursor(record.segment, record.end_offset)
-        if moved_segment:  # segments wholly behind the cursor are done
-            for number in self._segments_before(record.segment):
-                if number < active:
-                    self._unlink(number)
+        if not moved:
+            return
+        for number in self._segments_before(active):  # never the active segment
+            if number < segment or (number == segment and self._size(number) <= offset):
+                self._unlink(number)
+
+    def expire_idle(self) -> bool:
+        """An idle spool whose every record is acknowledged: once its active segment is older than
+        ``segment_max_age_s``, rotate and delete it (no frame stays on disk longer than it must)."""
+        with self._cond:
+            if (self._acked_segment, self._acked_offset) != (self._active, self._active_size):
+                return False
+            if not self._active_expired() or self._closed:
+                return False
+            old = self._active
+            self._rotate()
+            self._acked_segment, self._acked_offset = self._active, 0
+            if self._commit_segment == old and self._commit_offset >= self._size(old):
+                self._commit_segment, self._commit_offset = self._active, 0
+        self._write_file(
+            ACKED_FILE, json.dumps({"segment": self._acked_segment, "offset": 0}).encode(), quiet=True
+        )
+        self._unlink(old)
+        return True
+
+    def _size(self, number: int) -> int:
+        try:
+            return os.stat(self._path(number)).st_size
+        except OSError:
+            return 0
+
+    def rewind(self) -> int:
+        """Read again from the acknowledged position (a broker lost what it had); the records to re-send."""
+        with self._cond:
+            self._read_segment, self._read_offset = self._acked_segment, self._acked_offset
+            self._commit_segment, self._commit_offset = self._acked_segment, self._acked_offset
+            segments = [n for n in self._segments() if n >= self._acked_segment]
+            self.backlog = self._count_from(segments, self._acked_segment, self._acked_offset)
+            self._cond.notify_all()
+            return self.backlog
+
+    def over_retention(self) -> bool:
+        return self.max_bytes is not None and self.disk_bytes() > self.max_bytes
+
+    def give_up_oldest(self) -> int | None:
+        """Over ``max_bytes``: acknowledge the oldest segment without its audit (it was sent, not
+        acknowledged); the new acknowledged position, or None when no segment may go (unsent ones never)."""
+        with self._cond:
+            oldest = self._acked_segment
+            if oldest >= self._commit_segment or oldest >= self._active:
+                return None  # its records are not all sent yet
+            segment, offset = oldest + 1, 0
+        self.ack(position_of(segment, offset))
+        return position_of(segment, offset)
 
     def _segments_before(self, segment: int) -> list[int]:
         try:
@@ -285,21 +559,24 @@ class Spool:
         except OSError:
             return []
 
-    def _save_cursor(self, segment: int, offset: int) -> None:
-        path = os.path.join(self.directory, CURSOR_FILE)
+    def _write_file(self, name: str, data: bytes, *, quiet: bool = False) -> None:
+        """Replace ``name`` atomically (fsync'd with ``fsync``); ``quiet``: a failure is only logged
+        (a cursor that cannot be saved costs a re-send, never a loss)."""
+        path = os.path.join(self.directory, name)
         tmp = path + ".tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, json.dumps({"segment": segment, "offset": offset}).encode())
+                os.write(fd, data)
                 if self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as e:
-            # the records are sent; at worst the next run sends them again (idempotent by frame id)
-            log.warning("spool %s: cannot save cursor: %s", self.directory, e.strerror)
+            if not quiet:
+                raise SpoolError(f"spool {self.directory}: cannot write {name}: {e.strerror}") from None
+            log.warning("spool %s: cannot save %s: %s", self.directory, name, e.strerror)
 
     def _unlink(self, number: int) -> None:
         try:
@@ -320,6 +597,13 @@ class Spool:
 
     def close(self) -> None:
         with self._cond:
+            if self._memory:
+                log.error(
+                    "spool %s: closed with %d frame(s) that the full disk never took and Redis did not get"
+                    " (the reconnect's reconciliation covers their effect)",
+                    self.directory,
+                    len(self._memory),
+                )
             self._closed = True
             for fd in (self._active_fd, self._read_fd):
                 if fd >= 0:

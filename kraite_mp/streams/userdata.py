@@ -15,7 +15,12 @@ Every connection attempt takes a token of the egress's connection budget first (
 account's own age (``jittered_max_age``), reconnects after a drop are spread (``reconnect_spread_s``).
 
 After every (re)connect a REST reconciliation of the account is requested (frames in the gap are
-lost); the request goes through the spool like a frame, so a Redis outage cannot lose it either.
+lost); the request goes through the spool like a frame, so a Redis outage cannot lose it either. The
+planned rollover at the connection's age is make-before-break (``overlap_rollover``): the new
+connection opens first, the old one is drained and closed after, so there is no gap to reconcile;
+an event seen on both has one frame id (``FrameIds.for_frame``: from its content) and is audited once.
+The spool keeps each frame until a worker acknowledged its audit (``streams.sender``); while its disk
+refuses writes, frames wait in memory (``spool_memory_frames``) and the title shows ``spool=memory``.
 The listenKey is registered for log redaction and is never logged, in the title or in an exception.
 """
 
@@ -31,7 +36,8 @@ from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
 from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, scrub_text
 from kraite_mp.logs import redact, register_secret
-from kraite_mp.messages import FrameIds, build_producer_broker, frame_record, reconcile_record
+from kraite_mp.messages import FrameIds, build_producer_broker, event_type_of, frame_record, reconcile_record
+from kraite_mp.metrics import series
 from kraite_mp.streams.connection import (
     Disconnect,
     Liveness,
@@ -40,7 +46,7 @@ from kraite_mp.streams.connection import (
     describe,
     jittered_max_age,
 )
-from kraite_mp.streams.sender import SENDER_DRAIN_S, SpoolSender
+from kraite_mp.streams.sender import SENDER_DRAIN_S, Acks, SpoolSender
 from kraite_mp.streams.spool import Spool, SpoolError
 
 if TYPE_CHECKING:
@@ -54,10 +60,16 @@ if TYPE_CHECKING:
 WS_CONNECT_TIMEOUT_S = 10.0
 #: Longest blocking receive: how often the loop checks stop, pings and the watchdog.
 RECV_POLL_S = 1.0
+#: The series of a child are written at most this often (and on every state change).
+METRICS_INTERVAL_S = 1.0
+#: The keepalive thread looks at its deadline (and a listenKey that changed) at least this often.
+KEEPALIVE_MAX_SLEEP_S = 60.0
 #: After a failed keepalive (network, 5xx), retry this soon.
 KEEPALIVE_RETRY_S = 60.0
 #: Handshake statuses that mean the server does not know the key (it expired between POST and connect).
-KEY_REFUSED_STATUSES = frozenset({400, 401, 403, 404, 410})
+KEY_REFUSED_STATUSES = frozenset({400, 401, 403, 410})
+#: A handshake answered 404: the server has no such route, i.e. ``binance.ws_url`` is wrong (not the key).
+ROUTE_UNKNOWN_STATUS = 404
 
 
 def stream_url(settings: Settings, listen_key: str) -> str:
@@ -104,6 +116,12 @@ class UserDataStream(WebSocketStream):
         self.account = account
         self.cfg = ctx.settings.user_data_stream
         self.ids = FrameIds(account.id)
+        self.overlap_rollover = True  # one listenKey serves several connections: roll over without a gap
+        self._account_label = str(account.id)
+        #: Frames per event type not yet added to ``kraite_user_data_frames_total`` (``beat`` adds them:
+        #: a metric write per frame would cost a third of the receive path, bench/metrics_cost.py).
+        self._frame_counts: dict[str, int] = {}
+        self._metrics_at = 0.0
         self.frames = 0
         self.reconnects = 0
         self.last_frame_at: float | None = None
@@ -123,12 +141,20 @@ class UserDataStream(WebSocketStream):
 
         try:
             self.spool = Spool(
-                spool_directory(self.settings, self.account.id), fsync=self.cfg.spool_fsync
+                spool_directory(self.settings, self.account.id),
+                fsync=self.cfg.spool_fsync,
+                segment_bytes=self.cfg.spool_segment_bytes,
+                segment_max_age_s=self.cfg.spool_segment_max_age_s,
+                ack_required=True,
+                max_bytes=self.cfg.spool_max_bytes,
+                memory_limit=self.cfg.spool_memory_frames,
             ).open()
         except SpoolError as e:
             self._spool_failed(e)
             return
-        self.sender = SpoolSender(self.spool, build_producer_broker(self.settings), self.log)
+        broker = build_producer_broker(self.settings)
+        acks = Acks.for_spool(broker.client, self.settings.redis_namespace, self.spool, self.account.id)
+        self.sender = SpoolSender(self.spool, broker, self.log, acks)
         self.sender.start()
         try:
             self.rest = self._rest()
@@ -161,6 +187,7 @@ class UserDataStream(WebSocketStream):
             self.rest.close()
         if self.spool is None:
             return
+        self._flush_metrics(self._fields())
         self.ctx.beat("stopping", force=True, **self._fields())
         if self.sender is not None:
             self.sender.join(SENDER_DRAIN_S + 1.0)
@@ -169,6 +196,7 @@ class UserDataStream(WebSocketStream):
     def _spool_failed(self, e: SpoolError) -> None:
         self.log.error("%s", e)
         self.ctx.fail(str(e))
+        self.ctx.beat("failed", force=True)  # the reason reaches the supervisor and `kraite-mp status`
         self.exit_code = exitcodes.EXIT_TEMPFAIL
 
     def _rest(self) -> BinanceRest:
@@ -179,10 +207,31 @@ class UserDataStream(WebSocketStream):
     def _fields(self) -> dict[str, Any]:
         last = "-" if self.last_frame_at is None else f"{int(time.monotonic() - self.last_frame_at)}s"
         backlog = self.spool.backlog if self.spool is not None else 0
-        return {"frames": self.frames, "last": last, "backlog": backlog}
+        fields: dict[str, Any] = {"frames": self.frames, "last": last, "backlog": backlog}
+        if self.sender is not None:
+            # sent to Redis, audit not acknowledged yet (kept in the spool for a replay), and for how long
+            fields["unacked"] = self.sender.unacked
+            fields["ack_lag"] = f"{int(self.sender.ack_lag_s())}s"
+        if self.spool is not None and (self.spool.in_memory or self.spool.memory_episodes):
+            fields["spool"] = "memory" if self.spool.in_memory else "disk"  # the disk refused writes
+        return fields
 
     def beat(self, state: str | None = None) -> None:
-        self.ctx.beat(state, **self._fields())
+        fields = self._fields()
+        now = time.monotonic()
+        if state is not None or now - self._metrics_at >= METRICS_INTERVAL_S:
+            self._metrics_at = now
+            self._flush_metrics(fields)
+        self.ctx.beat(state, **fields)
+
+    def _flush_metrics(self, fields: dict[str, Any]) -> None:
+        m = series()
+        if self._frame_counts:
+            counts, self._frame_counts = self._frame_counts, {}
+            for event, n in counts.items():
+                m.USER_DATA_FRAMES.labels(self._account_label, event).inc(n)
+        m.SPOOL_BACKLOG.labels(self._account_label).set(fields["backlog"])
+        m.SPOOL_UNACKED.labels(self._account_label).set(fields.get("unacked", 0))
 
     # -- the connection hooks --------------------------------------------------------------------
     def before_connect(self) -> float:
@@ -190,7 +239,10 @@ class UserDataStream(WebSocketStream):
 
         if self.connections is None:
             return 0.0
-        return self.connections.take(reserve=MARK_PRICE_RESERVE)  # the mark-price stream goes first
+        # the mark-price stream goes first; among the accounts, the longest dark
+        return self.connections.take(
+            reserve=MARK_PRICE_RESERVE, who=f"user-data-{self.account.id}", dark_since=self.dark_since
+        )
 
     def connect_url(self) -> str | None:
         from kraite_mp.binance.errors import BinanceError, InvalidCredentials, ListenKeyNotFound, RateLimited
@@ -214,9 +266,13 @@ class UserDataStream(WebSocketStream):
         return stream_url(self.settings, self._key)
 
     def on_connected(self) -> None:
-        self.log.info("connected (%s)", self.connect_reason)
         assert self.spool is not None
-        self.spool.append(reconcile_record(self.account.id, self.connect_reason))
+        if self.rolled_over:  # make before break: no gap, nothing to reconcile
+            self.log.info("rolled over to a new connection (%s), no gap", Reason.MAX_AGE.value)
+        else:
+            self.log.info("connected (%s)", self.connect_reason)
+            self.spool.append(reconcile_record(self.account.id, self.connect_reason))
+        series().USER_DATA_CONNECTED.labels(self._account_label).set(1)
         self.beat("streaming")
 
     def on_frame(self, data: bytes) -> bool:
@@ -229,11 +285,17 @@ class UserDataStream(WebSocketStream):
         assert self.spool is not None
         self.spool.append(
             frame_record(
-                self.cfg.queue_name, self.account.id, text, self.ids.next(received_us), received_us / 1000
+                self.cfg.queue_name,
+                self.account.id,
+                text,
+                self.ids.for_frame(text, received_us),
+                received_us / 1000,
             )
         )
         self.frames += 1
         self.last_frame_at = time.monotonic()
+        event = event_type_of(text)
+        self._frame_counts[event] = self._frame_counts.get(event, 0) + 1  # to the metric at the next beat
         if is_listen_key_expired(text):
             self._key_expired = True
         return True
@@ -248,9 +310,21 @@ class UserDataStream(WebSocketStream):
         return None
 
     def on_disconnected(self, d: Disconnect, delay_s: float) -> None:
+        if d.reason is Reason.HANDSHAKE_REFUSED and d.status == ROUTE_UNKNOWN_STATUS:
+            # the key is fine (it was just created); the URL is not: a configuration error, not a retry loop
+            ws_url = self.settings.binance.ws_url
+            self.exit_code = self.ctx.fatal(
+                f"binance.ws_url {ws_url!r}: the server answered HTTP 404 at the handshake of"
+                " /private/ws (no such route): check binance.ws_url",
+                code=exitcodes.EXIT_FATAL_CONFIG,
+            )
+            return
         if d.reason is Reason.HANDSHAKE_REFUSED and d.status in KEY_REFUSED_STATUSES:
             self._key = None  # the server does not know the key: get another
         self.reconnects += 1
+        m = series()
+        m.USER_DATA_CONNECTED.labels(self._account_label).set(0)
+        m.USER_DATA_RECONNECTS.labels(self._account_label, d.reason.value).inc()
         level = logging.INFO if d.planned else logging.WARNING
         self.log.log(level, "disconnected (%s); reconnecting in %s", d, self.delay_text(delay_s))
 
@@ -284,7 +358,10 @@ class UserDataStream(WebSocketStream):
             self.log.exception("keepalive disabled: cannot build the REST client")
             return
         try:
-            while not self._keepalive_stop.wait(max(0.05, min(1.0, next_at - time.monotonic()))):
+            # sleeps until the next keepalive (the stop event wakes it), not in 1 s steps
+            while not self._keepalive_stop.wait(
+                max(0.05, min(KEEPALIVE_MAX_SLEEP_S, next_at - time.monotonic()))
+            ):
                 if time.monotonic() < next_at:
                     continue
                 if self._key is None:

@@ -28,10 +28,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from kraite_mp import exitcodes
+from kraite_mp import exitcodes, metrics
 from kraite_mp.config import ConfigError, Settings, load_settings
 from kraite_mp.supervisor import ownership, process, runfiles
 from kraite_mp.supervisor.context import (
@@ -44,7 +44,7 @@ from kraite_mp.supervisor.context import (
 )
 from kraite_mp.supervisor.process import WAITING_STATES, AfterStop, Child, ChildState, change_state
 from kraite_mp.supervisor.publish import Reporters
-from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_SYNC, ROLE_USER_DATA
+from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_METRICS, ROLE_SYNC, ROLE_USER_DATA
 from kraite_mp.supervisor.signals import SignalQueue
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ DEFAULT_TARGETS: dict[str, str] = {
     ROLE_USER_DATA: "kraite_mp.streams.userdata:run_user_data_child",
     ROLE_MARK_PRICE: "kraite_mp.streams.markprice:run_mark_price_child",
     ROLE_SYNC: "kraite_mp.reconcile.runner:run_sync_child",
+    ROLE_METRICS: "kraite_mp.supervisor.metrics_child:run_metrics_child",
 }
 
 #: The main loop wakes at least this often even when nothing is due.
@@ -100,6 +101,10 @@ class Arbiter:
         self.stopping = False
         self.restarts = 0
         self.accounts_count = 0
+        #: ``supervisor.ownership = "fleet"``: the hosts share the accounts (the active ones, read from
+        #: PostgreSQL, are ``fleet_accounts``; the fleet's view says which are streamed here).
+        self.fleet = ownership.fleet_from_settings(settings)
+        self.fleet_accounts: list[Account] = []
         now, sup = time.monotonic(), settings.supervisor
         self.started_wall = time.time()
         self.bucket = process.TokenBucket(sup.spawn_rate_per_s, sup.spawn_burst, now)
@@ -138,12 +143,16 @@ class Arbiter:
         os.makedirs(runfiles.heartbeat_dir(self.settings.run_dir), exist_ok=True)
         self.lock_fd = runfiles.acquire_lock(self.settings.run_dir, self.pid)
         given = self._targets_given
+        ownership.prepare_metrics(self.settings)  # before anything imports prometheus_client
         self.targets = given if given is not None else load_targets(DEFAULT_TARGETS)
+        if given is None:  # the real supervisor (tests that give targets run it inside pytest)
+            process.prepare_to_fork()
         self.signals.install()
         sup = self.settings.supervisor
         msg = "supervisor starting pid=%s shard=%s mark_price=%s spawn_rate=%.2f/s burst=%d"
         log.info(msg, self.pid, sup.shard, sup.mark_price, sup.spawn_rate_per_s, sup.spawn_burst)
         self._sync_mark_price_child()
+        ownership.converge_metrics(self.children, self.settings, time.monotonic(), self.stop_child)
         self.refresh_accounts("start")
         self.update_title(force=True)
 
@@ -178,7 +187,9 @@ class Arbiter:
         log.info("SIGHUP: reloading configuration and accounts")
         self.reload_settings()
         self._sync_mark_price_child()
+        ownership.converge_metrics(self.children, self.settings, time.monotonic(), self.stop_child)
         self.refresh_accounts("SIGHUP")
+        self.retry_fatal(lambda child: True, "SIGHUP")
         mark = self.children.get(ROLE_MARK_PRICE)
         if mark is not None and mark.pid is not None and mark.state != ChildState.STOPPING:
             mark.kill(signal.SIGHUP)
@@ -194,6 +205,9 @@ class Arbiter:
         now = time.monotonic()
         if now >= self.next_refresh_at:
             self.refresh_accounts("periodic")
+            gc.collect()  # the parent's own garbage, between forks (its collector is off)
+        elif self.fleet is not None and now >= self.fleet.next_step_at:
+            self.fleet_step("periodic")
         self.enforce_stop_deadlines(now)
         if now >= self.next_heartbeat_check_at:
             self.check_heartbeats(now)
@@ -219,6 +233,8 @@ class Arbiter:
             wake = min(wake, self.stop_deadline)
         if not self.stopping:
             wake = min(wake, self.next_refresh_at, self.next_heartbeat_check_at)
+            if self.fleet is not None:
+                wake = min(wake, self.fleet.next_step_at)
             if self.settings.supervisor.sync_interval_s > 0:
                 wake = min(wake, self.next_sync_at)
             sync = self.children.get(ROLE_SYNC)
@@ -228,7 +244,31 @@ class Arbiter:
 
     # -- desired children -------------------------------------------------------------------------
     def _sync_mark_price_child(self) -> None:
-        ownership.converge_mark_price(self.children, self.settings, time.monotonic(), self.stop_child)
+        run = self.settings.supervisor.mark_price if self.fleet is None else self.fleet.view.lead_mark_price
+        ownership.converge_mark_price(
+            self.children, self.settings, time.monotonic(), self.stop_child, run=run
+        )
+
+    def fleet_step(self, reason: str) -> None:
+        """Fleet ownership: renew membership and leases, then follow what the fleet says is ours."""
+        assert self.fleet is not None
+        streaming = {
+            c.account.id for c in self.children.values() if c.account is not None and c.pid is not None
+        }
+        view = self.fleet.step(
+            [a.id for a in self.fleet_accounts], streaming, may_lead=self.settings.supervisor.mark_price
+        )
+        if not view.ok:
+            return  # Redis unreachable: keep streaming what is owned, take nothing new
+        owned = [a for a in self.fleet_accounts if a.id in view.owned]
+        counts = ownership.converge_accounts(self.children, owned, time.monotonic(), self.stop_child)
+        self._sync_mark_price_child()
+        self.accounts_count = len(owned)
+        if any(counts) or reason != "periodic":
+            msg = "fleet (%s): %d member(s), %d of %d accounts here, %d new, %d removed, %d changed%s"
+            lead = ", mark-price leader" if view.lead_mark_price else ""
+            log.info(msg, reason, len(view.members), len(owned), len(self.fleet_accounts), *counts, lead)
+        self._status_dirty = True
 
     def refresh_accounts(self, reason: str) -> None:
         """Converge the user-data children on the owned accounts; keep everything if the DB is down."""
@@ -237,11 +277,33 @@ class Arbiter:
         if accounts is None:
             return
         self.accounts_count = len(accounts)
-        counts = ownership.converge_accounts(self.children, accounts, time.monotonic(), self.stop_child)
+        if self.fleet is not None:
+            self.fleet_accounts = accounts
+            self.fleet_step(reason)
+            counts = (0, 0, 0)
+        else:
+            counts = ownership.converge_accounts(self.children, accounts, time.monotonic(), self.stop_child)
+        # `accounts enable` cleared the error the child recorded before exiting 77: retry now, not after
+        # fatal_retry_s (an account that is still marked keeps waiting)
+        cleared = {runfiles.child_key(ROLE_USER_DATA, a.id) for a in accounts if a.credentials_error is None}
+        self.retry_fatal(
+            lambda c: c.key in cleared and c.last_exit_code == exitcodes.EXIT_FATAL_CREDENTIALS,
+            "credentials cleared",
+        )
         self._status_dirty = True
-        if any(counts) or reason != "periodic":
+        if self.fleet is None and (any(counts) or reason != "periodic"):
             msg = "accounts (%s): %d owned, %d new, %d removed, %d changed"
             log.info(msg, reason, len(accounts), *counts)
+
+    def retry_fatal(self, which: Callable[[Child], bool], reason: str) -> None:
+        """Make the FATAL children ``which`` selects due now (the operator fixed something)."""
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.pid is None and child.state == ChildState.FATAL and which(child):
+                child.attempt = 0
+                change_state(child, ChildState.PENDING, now)
+                self._status_dirty = True
+                log.info("%s: retrying FATAL %s now", reason, child.label)
 
     def _read_accounts(self) -> list[Account] | None:
         try:
@@ -284,7 +346,8 @@ class Arbiter:
             self._warned_threads = True  # a thread's locks would be copied held into every child
             log.error("the supervisor has %d threads; forking is unsafe", threading.active_count())
         self.reporters.before_fork()  # no socket crosses the fork
-        gc.collect()
+        # (the parent runs with the collector off, see process.prepare_to_fork: no collection before the
+        # fork frees holes in shared pages for the child to write into)
         gc.freeze()  # objects allocated so far are never touched by the collector: pages stay shared
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
         try:
@@ -307,6 +370,7 @@ class Arbiter:
             child.restarts += 1
             if not child.one_shot:
                 self.restarts += 1
+                metrics.series().CHILD_RESTARTS.labels(child.role).inc()
         child.spawns += 1
         child.pid = pid
         change_state(child, ChildState.STARTING, now)
@@ -324,6 +388,7 @@ class Arbiter:
         self.lock_fd = None
         self.children = {}
         self.pids = {}
+        gc.enable()  # the child collects its own garbage; the frozen parent objects stay untouched
 
     # -- exits ------------------------------------------------------------------------------------
     def reap(self) -> None:
@@ -335,6 +400,7 @@ class Arbiter:
             if pid == 0:
                 return
             child = self.pids.pop(pid, None)
+            metrics.process_dead(pid)
             if child is not None:
                 self.child_exited(child, pid, status)
 
@@ -399,6 +465,8 @@ class Arbiter:
                 self.stop_child(child, AfterStop.EXIT, "sync timeout")
         if sup.sync_interval_s <= 0 or now < self.next_sync_at:
             return
+        if self.fleet is not None and not self.fleet.view.lead_mark_price:
+            return  # one periodic sync per fleet: the mark-price leader's
         self.next_sync_at = now + sup.sync_interval_s
         if ROLE_SYNC not in self.targets:
             return
@@ -446,6 +514,8 @@ class Arbiter:
             while self.pids and time.monotonic() < deadline:
                 self.sleep(0.05)
                 self.reap()
+        if self.fleet is not None:
+            self.fleet.release_all()  # the streams are down: the next owners may take them now
         log.info("supervisor stopped (restarts=%d)", self.restarts)
 
     # -- reporting --------------------------------------------------------------------------------

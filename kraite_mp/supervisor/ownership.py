@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Protocol
 from kraite_mp.config import parse_shard
 from kraite_mp.supervisor import runfiles
 from kraite_mp.supervisor.process import AfterStop, Child, ChildState, change_state
-from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_USER_DATA
+from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_METRICS, ROLE_USER_DATA
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
     from kraite_mp.store.accounts import Account
+    from kraite_mp.supervisor.fleet import FleetOwnership
 
 
 class AccountsUnavailable(RuntimeError):
@@ -50,8 +51,20 @@ class ModuloShard:
 
 
 def ownership_from_settings(settings: Settings) -> AccountOwnership:
+    """The static owner: every account, or the shard (with "fleet" every account is a candidate)."""
+    if settings.supervisor.ownership == "fleet":
+        return AllAccounts()
     shard = parse_shard(settings.supervisor.shard)
     return AllAccounts() if shard is None else ModuloShard(*shard)
+
+
+def fleet_from_settings(settings: Settings) -> FleetOwnership | None:
+    """The fleet side of a supervisor with ``supervisor.ownership = "fleet"``, else None."""
+    if settings.supervisor.ownership != "fleet":
+        return None
+    from kraite_mp.supervisor.fleet import FleetOwnership, host_id_of
+
+    return FleetOwnership(settings, host_id_of(settings))
 
 
 def owned_accounts(conn: object, settings: Settings) -> list[Account]:
@@ -116,13 +129,49 @@ def converge_accounts(
 
 
 def converge_mark_price(
+    children: dict[str, Child],
+    settings: Settings,
+    now: float,
+    stop_child: StopChild,
+    *,
+    run: bool | None = None,
+) -> None:
+    """One mark-price child while ``run`` (default ``supervisor.mark_price``; in a fleet: this supervisor
+    leads), none otherwise."""
+    run = settings.supervisor.mark_price if run is None else run
+    child = children.get(ROLE_MARK_PRICE)
+    if run and child is None:
+        children[ROLE_MARK_PRICE] = Child(key=ROLE_MARK_PRICE, role=ROLE_MARK_PRICE, due_at=now)
+    elif run and child is not None and child.after_stop is AfterStop.REMOVE:
+        child.after_stop = AfterStop.RESTART  # re-enabled while it was stopping
+    elif not run and child is not None and child.after_stop is not AfterStop.REMOVE:
+        stop_child(child, AfterStop.REMOVE, "mark-price not led here")
+
+
+def prepare_metrics(settings: Settings) -> None:
+    """With ``metrics.listen``: every process of this host writes its series under ``<run_dir>/metrics``
+    (``PROMETHEUS_MULTIPROC_DIR``, inherited by the children; set before prometheus_client is imported)."""
+    import os
+
+    from kraite_mp import metrics
+
+    if not settings.metrics.listen:
+        return
+    directory = os.environ.setdefault(metrics.MULTIPROC_ENV, os.path.join(settings.run_dir, "metrics"))
+    metrics.prepare_dir(directory)
+
+
+def converge_metrics(
     children: dict[str, Child], settings: Settings, now: float, stop_child: StopChild
 ) -> None:
-    """One mark-price child while ``supervisor.mark_price`` is on, none otherwise."""
-    child = children.get(ROLE_MARK_PRICE)
-    if settings.supervisor.mark_price and child is None:
-        children[ROLE_MARK_PRICE] = Child(key=ROLE_MARK_PRICE, role=ROLE_MARK_PRICE, due_at=now)
-    elif settings.supervisor.mark_price and child is not None and child.after_stop is AfterStop.REMOVE:
-        child.after_stop = AfterStop.RESTART  # re-enabled while it was stopping
-    elif not settings.supervisor.mark_price and child is not None:
-        stop_child(child, AfterStop.REMOVE, "mark_price disabled")
+    """One metrics child while ``metrics.listen`` is set (and the metrics directory is in place)."""
+    from kraite_mp import metrics
+
+    child = children.get(ROLE_METRICS)
+    run = bool(settings.metrics.listen) and metrics.multiprocess_dir() is not None
+    if run and child is None:
+        children[ROLE_METRICS] = Child(key=ROLE_METRICS, role=ROLE_METRICS, due_at=now)
+    elif run and child is not None and child.after_stop is AfterStop.REMOVE:
+        child.after_stop = AfterStop.RESTART
+    elif not run and child is not None and child.after_stop is not AfterStop.REMOVE:
+        stop_child(child, AfterStop.REMOVE, "metrics.listen disabled")

@@ -160,6 +160,8 @@ class StatusPublisher:
             from redis.backoff import NoBackoff
             from redis.retry import Retry
 
+            from kraite_mp.messages import redis_driver_info
+
             self._client = redis.Redis.from_url(
                 self.redis_url,
                 socket_connect_timeout=self.socket_timeout_s,
@@ -168,6 +170,7 @@ class StatusPublisher:
                 retry=Retry(NoBackoff(), 0),
                 retry_on_timeout=False,
                 health_check_interval=0,
+                driver_info=redis_driver_info(),
             )
             self._client_pid = os.getpid()
         return self._client
@@ -316,10 +319,16 @@ class RedisStatus(Reporter):
 
     def publisher_for(self, settings: Settings) -> StatusPublisher:
         pub = self.publisher
-        if pub is None or pub.redis_url != settings.redis_url or pub.namespace != settings.redis_namespace:
+        host = settings.supervisor.host_id or host_name()  # a fleet member's status is under its host id
+        if (
+            pub is None
+            or pub.redis_url != settings.redis_url
+            or pub.namespace != settings.redis_namespace
+            or pub.host != host
+        ):
             if pub is not None:
                 pub.close()
-            pub = self.publisher = StatusPublisher(settings.redis_url, settings.redis_namespace)
+            pub = self.publisher = StatusPublisher(settings.redis_url, settings.redis_namespace, host=host)
         return pub
 
     def before_fork(self) -> None:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 ROLE_USER_DATA = "user-data"
 ROLE_MARK_PRICE = "mark-price"
 ROLE_SYNC = "sync-orders"
+ROLE_METRICS = "metrics"
 
 #: Heartbeat files live in this folder of the run_dir.
 HEARTBEATS_DIR = "heartbeats"
