@@ -189,6 +189,7 @@ class JobsSettings:
     #: Dotted paths of observers called with (old, new) after each committed status change.
     observers: list[str] = field(default_factory=lambda: ["kraite_mp.observers.publish_transition"])
     transitions_channel: str = "order-transitions"
+    #: Retries of a job that failed for a reason of its own; a transient one (dramatiq.Retry) has no limit.
     max_retries: int = 20
     #: Retry backoff of failed jobs (PostgreSQL down): min, max (ms).
     retry_min_backoff_ms: int = 1000

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -424,6 +424,17 @@ def declare_actors(broker: dramatiq.Broker, settings: Settings) -> JobRunner:
     return runner
 
 
+def transient_retry_policy(max_retries: int) -> Callable[[int, BaseException], bool]:
+    """Dramatiq's ``retry_when``: a job that asked to be retried (``dramatiq.Retry``: PostgreSQL down, a
+    429/418, the exchange unreachable) is retried without limit, with the capped backoff, so no frame
+    is ever dead-lettered for a transient cause; anything else (a bug) ``max_retries`` times."""
+
+    def retry_when(retries: int, exception: BaseException) -> bool:
+        return isinstance(exception, dramatiq.Retry) or retries < max_retries
+
+    return retry_when
+
+
 def job_middleware(settings: Settings) -> list[Middleware]:
     """Dramatiq's default middleware, with ``Retries`` set from ``settings.jobs``."""
     jobs = settings.jobs
@@ -433,6 +444,7 @@ def job_middleware(settings: Settings) -> list[Middleware]:
             max_retries=jobs.max_retries,
             min_backoff=jobs.retry_min_backoff_ms,
             max_backoff=jobs.retry_max_backoff_ms,
+            retry_when=transient_retry_policy(jobs.max_retries),
         )
     )
     middleware.append(WorkerHeartbeat(interval_s=min(1.0, jobs.heartbeat_timeout_s / 5)))

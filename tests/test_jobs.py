@@ -21,6 +21,7 @@ import dramatiq
 import pytest
 import redis
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Retries
 from fixtures.userdata_helpers import (
     ALL_DISPATCH_KEYS,
     FIXTURES,
@@ -829,3 +830,13 @@ def test_redact_filter_and_describe_error_keep_secrets_out_of_log_lines() -> Non
     assert describe_error(ValueError("bad S3CR3TS3CR3TS3CR3T\nsecond line")) == "bad ***"
     assert describe_error(ValueError("  ")) == "ValueError"
     assert describe_error(KeyError(), "lookup failed") == "lookup failed"
+
+
+@pytest.mark.unit
+def test_transient_failures_are_retried_without_limit_and_bugs_max_retries_times() -> None:
+    policy = jobs.transient_retry_policy(3)
+    retry = dramatiq.Retry("PostgreSQL unavailable: OperationalError")
+    assert all(policy(n, retry) for n in (0, 3, 20, 10_000))  # a database outage never dead-letters a frame
+    assert [policy(n, ValueError("bug")) for n in range(5)] == [True, True, True, False, False]
+    retries = next(m for m in jobs.job_middleware(load_settings(None, environ={})) if isinstance(m, Retries))
+    assert retries.retry_when is not None and retries.retry_when(500, retry)

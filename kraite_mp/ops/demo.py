@@ -300,6 +300,11 @@ class Demo(DemoStack):
             f"  KRAITE_REDIS_URL={display_url(self.redis_url)} KRAITE_REDIS_NAMESPACE={self.namespace} "
             "kraite-mp status"
         )
+        listen = self.env.get("KRAITE__metrics__listen", "127.0.0.1:9464")
+        if listen:
+            c.line(
+                f"  metrics (Prometheus; docs/METRICS.md): curl http://{listen}/metrics  (also /healthz, /readyz)"
+            )
         c.line(f"  logs: {self.workdir / 'logs'}")
         if self.embedded_pg or self.embedded_redis:
             if self.options.hold:
