@@ -74,8 +74,8 @@ WEIGHT_SHARE = 0.5
 CONNECTION_SHARE = 0.5
 #: Supervisor spawn pacing as deployed (supervisor.spawn_rate_per_s), to bound the first wait.
 SPAWN_RATE_PER_S = 0.9
-#: Request weight of the full sweep every connect queues when the account has no history (80).
-FIRST_SWEEP_WEIGHT = 80
+#: Request weight of the full sweep every first connect queues when the account has no history (90).
+FIRST_SWEEP_WEIGHT = 90
 #: Open LIMIT orders given to each account before the drop: symbol, quantity, price (far from the market).
 SEED_ORDERS: tuple[tuple[str, str, str], ...] = (
     ("BTCUSDT", "0.010", "43000.10"),

@@ -113,9 +113,13 @@ class SupervisorSettings:
     spawn_burst: int = 20
     #: Periodic REST reconciliation of all owned accounts (0 disables).
     sync_interval_s: float = 300.0
-    #: Periodic sync: a full sweep (openOrders/openAlgoOrders without symbol, weight 80, plus allOrders history)
+    #: Periodic sync: a full sweep (positions, balances, openOrders/openAlgoOrders without symbol: weight 90, plus history)
     #: at least this often per account; targeted per-symbol sweeps (weight ~1 per symbol) in between.
     sync_full_interval_s: float = 3600.0
+    #: A reconnect whose gap (disconnect -> reconnect) is known and at most this long is reconciled with the
+    #: cheap gap sweep (positions, balances, open orders per symbol, the history of the active symbols from
+    #: the gap's start); a longer or unknown one gets a full sweep.
+    gap_sweep_max_s: float = 900.0
     #: A periodic sync child still running after this long is stopped.
     sync_timeout_s: float = 900.0
     #: Which accounts this supervisor owns with ownership = "shard": "all" or "I/N" (account id modulo N == I).

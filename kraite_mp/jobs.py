@@ -41,7 +41,7 @@ from kraite_mp.messages import (
 )
 from kraite_mp.metrics import series
 from kraite_mp.observers import run_observers
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, reconcile_account
+from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, mode_for_gap, reconcile_account
 from kraite_mp.store import audit
 from kraite_mp.store.account_state import apply_account_update
 from kraite_mp.store.accounts import get_account
@@ -366,7 +366,9 @@ class JobRunner:
         return failed
 
     # -- reconcile_account_job -------------------------------------------------------------------
-    def reconcile_account_job(self, account_id: int, reason: str = "") -> ReconcileResult | None:
+    def reconcile_account_job(
+        self, account_id: int, reason: str = "", gap_start_ms: int | None = None
+    ) -> ReconcileResult | None:
         """REST reconciliation of one account after a (re)connect; PostgreSQL down retries.
 
         Exchange trouble comes back in the result, and ``finish_reconcile`` decides on a retry.
@@ -382,7 +384,11 @@ class JobRunner:
             log.info("reconcile of account %s (%s) skipped: no such active account", account_id, reason)
             return None
         try:
-            result = reconcile_account(conn, self.settings, account)
+            gap = (
+                gap_start_ms if isinstance(gap_start_ms, int) and not isinstance(gap_start_ms, bool) else None
+            )
+            mode = mode_for_gap(self.settings, gap)
+            result = reconcile_account(conn, self.settings, account, mode=mode, gap_start_ms=gap)
         except Exception as e:
             if is_transient(e):
                 raise self._retry(f"reconcile of account {account_id}", e) from None
@@ -412,8 +418,8 @@ def declare_actors(broker: dramatiq.Broker, settings: Settings) -> JobRunner:
                 "frame %s: malformed acknowledgement token ignored", str(frame_id)[:MAX_FRAME_ID_CHARS]
             )
 
-    def reconcile_account_job(account_id: int, reason: str = "") -> None:
-        runner.reconcile_account_job(account_id, reason)
+    def reconcile_account_job(account_id: int, reason: str = "", gap_start_ms: int | None = None) -> None:
+        runner.reconcile_account_job(account_id, reason, gap_start_ms)
 
     dramatiq.actor(actor_name=PROCESS_ACTOR, queue_name=settings.user_data_stream.queue_name, broker=broker)(
         process_user_data_event

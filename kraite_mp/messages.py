@@ -113,10 +113,12 @@ def frame_record(queue_name: str, account_id: int, frame: str, frame_id: str, re
     )
 
 
-def reconcile_record(account_id: int, reason: str) -> bytes:
-    return orjson.dumps(
-        {"q": RECONCILE_QUEUE, "a": RECONCILE_ACTOR, "k": {"account_id": account_id, "reason": reason}}
-    )
+def reconcile_record(account_id: int, reason: str, gap_start_ms: int | None = None) -> bytes:
+    """A reconcile request; ``gap_start_ms``: since when the stream was down (known after a reconnect)."""
+    kwargs: dict[str, Any] = {"account_id": account_id, "reason": reason}
+    if gap_start_ms is not None:
+        kwargs["gap_start_ms"] = gap_start_ms
+    return orjson.dumps({"q": RECONCILE_QUEUE, "a": RECONCILE_ACTOR, "k": kwargs})
 
 
 def record_message(data: bytes, ack: Any = None) -> dramatiq.Message[Any]:

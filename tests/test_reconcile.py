@@ -20,7 +20,13 @@ from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.binance.user import account_update_from_ws
 from kraite_mp.config import Settings
 from kraite_mp.reconcile.runner import reconcile_accounts, run_sync_child
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, choose_mode, reconcile_account
+from kraite_mp.reconcile.sweep import (
+    ReconcileResult,
+    ReconcileStatus,
+    choose_mode,
+    mode_for_gap,
+    reconcile_account,
+)
 from kraite_mp.store import account_state, orders
 from kraite_mp.store.accounts import Account, add_account, get_account
 from kraite_mp.supervisor.context import ChildContext
@@ -289,6 +295,40 @@ def test_oracle_orders_changed_while_disconnected_equal_truth_after_reconcile(en
     assert again.transitions == 0 and again.updated == 0 and again.audited == 0
     assert len(audit_rows(db, account.id)) == audited and OBSERVED == []
     assert_equals_truth(db, account.id, truth)
+
+
+@pytest.mark.integration
+def test_a_known_gap_is_reconciled_cheaply_and_completely_on_the_active_symbols(env: dict[str, Any]) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    account = env["accounts"][0]
+    key = sim.accounts[0].api_key
+    o_fill = sim.place_order(
+        key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0"
+    )
+    o_cancel = sim.place_order(
+        key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.020", price="99000.0"
+    )
+    stream_saw(db, account, sim.truth(key))
+    gap_start_ms = int(time.time() * 1000)
+    # ---- the stream is down from gap_start_ms: all of this is lost ----
+    sim.fill(key, o_fill)
+    sim.cancel(key, o_cancel)
+    sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.005")  # placed and filled
+    assert mode_for_gap(settings, gap_start_ms) == "gap"
+    assert mode_for_gap(settings, None) == "full"  # the first connect: the gap is unknown
+    assert (
+        mode_for_gap(settings, gap_start_ms - int(settings.supervisor.gap_sweep_max_s * 1000) - 1) == "full"
+    )
+    result = reconcile_account(db, settings, account, mode="gap", gap_start_ms=gap_start_ms)
+    assert result.status is ReconcileStatus.OK and result.mode == "gap"
+    assert_equals_truth(db, account.id, sim.truth(key))
+    # positions + balances (10), BTCUSDT's open orders (1), its history of both kinds (10), the lookups
+    assert result.weight <= 25, result.summary()
+    assert last_full_sweep_ms(settings.run_dir, account.id) is None  # not a full sweep
+    # an idle account with nothing open and no activity: positions and balances only
+    idle = env["accounts"][1]
+    quiet = reconcile_account(db, settings, idle, mode="gap", gap_start_ms=int(time.time() * 1000) - 5000)
+    assert quiet.status is ReconcileStatus.OK and quiet.weight == 10, quiet.summary()
 
 
 @pytest.mark.integration

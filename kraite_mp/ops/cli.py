@@ -711,7 +711,7 @@ def warn_if_redis_down(settings: Settings) -> bool:
     "--mode",
     type=click.Choice(RECONCILE_MODES),
     default=None,
-    help="full: complete (weight 80+ per account); targeted: per-symbol check of the open orders the "
+    help="full: complete (weight 90+ per account); targeted: per-symbol check of the open orders the "
     "database knows (~1 per symbol); auto: targeted with a periodic full sweep. "
     "Default: full for one pass, auto with --every.",
 )

@@ -207,6 +207,8 @@ class DemoStack:
         self.console.detail(f"migrations applied: {', '.join(applied) if applied else 'none needed'}")
         secret_key = generate_secret_key()
         self.console.detail("generated a secret key (encrypts the API secrets at rest; not printed)")
+        from kraite_mp.ops.embedded import free_port
+
         package_root = str(Path(__file__).resolve().parents[2])
         env = {k: v for k, v in self.environ.items() if not k.startswith("KRAITE")}
         env.update(
@@ -217,6 +219,8 @@ class DemoStack:
                 "KRAITE_SECRET_KEY": secret_key,
                 "KRAITE_RUN_DIR": self.run_dir,
                 "KRAITE__user_data_stream__spool_dir": str(self.workdir / "spool"),
+                # a free port: the demo must not depend on 9464 being free (or steal it from a deployment)
+                "KRAITE__metrics__listen": f"127.0.0.1:{free_port()}",
                 "KRAITE_LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": package_root

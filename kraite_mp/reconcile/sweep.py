@@ -15,8 +15,12 @@ streamed frames. In shadow mode (empty ``user_data_stream.binance.dispatched_exe
 are audited only.
 
 Modes: ``full`` (every open order, plus the history of the active symbols since the last full
-sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``auto`` (full when
-one is due or the stream may have missed frames, else targeted). Failures stay per account and come
+sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``gap`` (after a
+reconnect whose gap is known, ``gap_start_ms`` to now: positions and balances, the per-symbol open
+listings of what the database holds open, and the history of the symbols active around the gap from
+its start; what it cannot see, an order placed inside the gap on a symbol with no activity and still
+open, the next full sweep finds), ``auto`` (full when one is due or the stream may have missed
+frames, else targeted). Failures stay per account and come
 back as a ``ReconcileResult`` (a 429/418 also ends the pass); what was fetched before a failure is
 still written; only database errors propagate.
 Known gap: orders placed *and* ended inside a gap are found only on an active symbol (one with an
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The sweeps ``reconcile_account`` can run (``auto`` picks one of the other two).
-MODES = ("full", "targeted", "auto")
+MODES = ("full", "targeted", "gap", "auto")
 #: At this many symbols one no-symbol call (weight 40) is cheaper than one call per symbol.
 NO_SYMBOL_WEIGHT = 40
 #: allOrders and allAlgoOrders: the exchange answers at most this many orders per call ...
@@ -286,7 +290,9 @@ def _history_window(conn: Any, settings: Settings, account_id: int, now_ms: int)
     return max(since - HISTORY_OVERLAP_MS, now_ms - ALL_ORDERS_MAX_LOOKBACK_MS)
 
 
-def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> None:
+def _fetch(
+    conn: Any, settings: Settings, account: Account, sweep: _Sweep, gap_start_ms: int | None = None
+) -> None:
     """All REST calls of one sweep. Raises BinanceError subclasses; what was fetched stays in the sweep.
 
     Request weight: openOrders / openAlgoOrders cost 1 with a symbol, 40 without; order / algoOrder 1;
@@ -328,6 +334,19 @@ def _fetch(conn: Any, settings: Settings, account: Account, sweep: _Sweep) -> No
                 algo_history = rest.all_algo_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
                 _warn_if_truncated(account.id, symbol, "algo orders", algo_history)
                 sweep.add("algo", algo_history)
+    elif result.mode == "gap":
+        # a known gap: 10 (positions, balances) + 1 per symbol holding open orders per kind + 10 per symbol
+        # active from the gap's start; an idle account with nothing open and no position costs 10
+        assert gap_start_ms is not None
+        positions = sweep.snapshot("positions", rest.position_risk)
+        sweep.snapshot("balances", rest.balances)
+        _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
+        _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
+        since = gap_start_ms - HISTORY_OVERLAP_MS
+        symbols = orders.active_symbols(conn, account.id, since) | _position_symbols(positions.data)
+        for symbol in sorted(symbols):
+            sweep.add("regular", rest.all_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT))
+            sweep.add("algo", rest.all_algo_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT))
     else:
         _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
         _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
@@ -515,6 +534,7 @@ def reconcile_account(
     *,
     rest: BinanceRest | None = None,
     mode: str = "full",
+    gap_start_ms: int | None = None,
 ) -> ReconcileResult:
     """Reconcile one account's orders with the exchange; see the module docstring for the modes.
 
@@ -523,11 +543,28 @@ def reconcile_account(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return reconcile_with(conn, settings, account, rest=rest, mode=mode)
+    if mode == "gap" and gap_start_ms is None:
+        raise ValueError("mode 'gap' needs gap_start_ms")
+    return reconcile_with(conn, settings, account, rest=rest, mode=mode, gap_start_ms=gap_start_ms)
+
+
+def mode_for_gap(settings: Settings, gap_start_ms: int | None, now_ms: int | None = None) -> str:
+    """The sweep after a reconnect: ``gap`` for a known gap up to ``supervisor.gap_sweep_max_s`` long,
+    else ``full`` (the gap is unknown, or so long that only a full sweep is sure)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if gap_start_ms is None or not 0 <= now_ms - gap_start_ms <= settings.supervisor.gap_sweep_max_s * 1000:
+        return "full"
+    return "gap"
 
 
 def reconcile_with(
-    conn: Any, settings: Settings, account: Account, *, rest: BinanceRest | None, mode: str
+    conn: Any,
+    settings: Settings,
+    account: Account,
+    *,
+    rest: BinanceRest | None,
+    mode: str,
+    gap_start_ms: int | None = None,
 ) -> ReconcileResult:
     started_ms = int(time.time() * 1000)
     result = ReconcileResult(account.id, account.name)
@@ -539,7 +576,7 @@ def reconcile_with(
     sweep = _Sweep(client, result)
     try:
         try:
-            _fetch(conn, settings, account, sweep)
+            _fetch(conn, settings, account, sweep, gap_start_ms)
         except InvalidCredentials as e:
             result.status, result.error = ReconcileStatus.INVALID_CREDENTIALS, str(e)
             log.error("account %s (%s): %s: marked invalid, skipped", account.id, account.name, e)

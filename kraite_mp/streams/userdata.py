@@ -271,7 +271,9 @@ class UserDataStream(WebSocketStream):
             self.log.info("rolled over to a new connection (%s), no gap", Reason.MAX_AGE.value)
         else:
             self.log.info("connected (%s)", self.connect_reason)
-            self.spool.append(reconcile_record(self.account.id, self.connect_reason))
+            # after a reconnect the gap is known (a cheap sweep); the first connect of a child is not
+            gap_start_ms = int(self.dark_since * 1000) if self.last_reason is not None else None
+            self.spool.append(reconcile_record(self.account.id, self.connect_reason, gap_start_ms))
         series().USER_DATA_CONNECTED.labels(self._account_label).set(1)
         self.beat("streaming")
 
