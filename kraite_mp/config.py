@@ -118,8 +118,9 @@ class SupervisorSettings:
     sync_full_interval_s: float = 3600.0
     #: A reconnect whose gap (disconnect -> reconnect) is known and at most this long is reconciled with the
     #: cheap gap sweep (positions, balances, open orders per symbol, the history of the active symbols from
-    #: the gap's start); a longer or unknown one gets a full sweep.
-    gap_sweep_max_s: float = 900.0
+    #: the gap's start); a longer or unknown one gets a full sweep. 0 (the default): always a full sweep,
+    #: because the gap sweep cannot see an order placed inside the gap on an inactive symbol and still open.
+    gap_sweep_max_s: float = 0.0
     #: A periodic sync child still running after this long is stopped.
     sync_timeout_s: float = 900.0
     #: Which accounts this supervisor owns with ownership = "shard": "all" or "I/N" (account id modulo N == I).

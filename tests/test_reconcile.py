@@ -314,6 +314,8 @@ def test_a_known_gap_is_reconciled_cheaply_and_completely_on_the_active_symbols(
     sim.fill(key, o_fill)
     sim.cancel(key, o_cancel)
     sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.005")  # placed and filled
+    assert mode_for_gap(settings, gap_start_ms) == "full"  # the default: always a full sweep
+    settings.supervisor.gap_sweep_max_s = 900.0
     assert mode_for_gap(settings, gap_start_ms) == "gap"
     assert mode_for_gap(settings, None) == "full"  # the first connect: the gap is unknown
     assert (

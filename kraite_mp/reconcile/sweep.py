@@ -549,10 +549,11 @@ def reconcile_account(
 
 
 def mode_for_gap(settings: Settings, gap_start_ms: int | None, now_ms: int | None = None) -> str:
-    """The sweep after a reconnect: ``gap`` for a known gap up to ``supervisor.gap_sweep_max_s`` long,
-    else ``full`` (the gap is unknown, or so long that only a full sweep is sure)."""
+    """The sweep after a reconnect: ``gap`` for a known gap up to ``supervisor.gap_sweep_max_s`` long
+    (0: never), else ``full`` (the gap is unknown, or so long that only a full sweep is sure)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    if gap_start_ms is None or not 0 <= now_ms - gap_start_ms <= settings.supervisor.gap_sweep_max_s * 1000:
+    max_ms = settings.supervisor.gap_sweep_max_s * 1000
+    if gap_start_ms is None or max_ms <= 0 or not 0 <= now_ms - gap_start_ms <= max_ms:
         return "full"
     return "gap"
 
