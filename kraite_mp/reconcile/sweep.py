@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 
 #: The sweeps ``reconcile_account`` can run (``auto`` picks one of the other two).
 MODES = ("full", "targeted", "gap", "auto")
+#: The modes a person may ask for (``sync-orders --mode``): ``gap`` needs the gap's start, which only a
+#: reconnecting stream knows.
+OPERATOR_MODES = ("full", "targeted", "auto")
 #: At this many symbols one no-symbol call (weight 40) is cheaper than one call per symbol.
 NO_SYMBOL_WEIGHT = 40
 #: allOrders and allAlgoOrders: the exchange answers at most this many orders per call ...
