@@ -292,12 +292,7 @@ class WebSocketStream:
                 return
             if self._paced_wait():
                 return
-            ws = websocket.create_connection(
-                url,
-                timeout=self.liveness.connect_timeout_s,
-                skip_utf8_validation=True,
-                enable_multithread=True,
-            )
+            ws = self._open_socket(url)
         except Disconnect as d:
             self.disconnect(d)
             return
@@ -309,20 +304,33 @@ class WebSocketStream:
         except (websocket.WebSocketException, OSError) as e:
             self.disconnect(Disconnect(Reason.CONNECT_FAILED, describe(e)))
             return
+        self._adopt(ws)
+        self.on_connected()
+
+    def _open_socket(self, url: str) -> websocket.WebSocket:
+        """TCP connect + WebSocket handshake (``connect_timeout_s``), then the receive timeout set."""
+        ws = websocket.create_connection(
+            url,
+            timeout=self.liveness.connect_timeout_s,
+            skip_utf8_validation=True,
+            enable_multithread=True,
+        )
         ws.settimeout(self.liveness.recv_timeout_s)
+        return ws
+
+    def _adopt(self, ws: websocket.WebSocket) -> None:
+        """``ws`` is the stream's connection from now on; the watchdog and the pings run from here."""
         now = time.monotonic()
         self.ws = ws
-        self.connected_at = self._last_alive_at = now  # the watchdog runs from the handshake
+        self.connected_at = self._last_alive_at = now
         self._ping_due_at = now + self.liveness.ping_interval_s
         self._ping_sent_at = None
-        self.on_connected()
 
     def _roll_over(self) -> bool:
         """Make before break: open the next connection, then drain and close the old one. False (and the old
         one kept) while it cannot: no token, or the new connection failed; it is tried again later."""
-        old = self.ws
         now = time.monotonic()
-        if old is None or now < self._rollover_retry_at:
+        if self.ws is None or now < self._rollover_retry_at:
             return False
         self._rollover_retry_at = now + ROLLOVER_RETRY_S
         try:
@@ -334,12 +342,7 @@ class WebSocketStream:
                 self._rollover_retry_at = now + wait
                 self.log.info("rollover waits %.1fs for a connection token; the old connection streams", wait)
                 return False
-            new = websocket.create_connection(
-                url,
-                timeout=self.liveness.connect_timeout_s,
-                skip_utf8_validation=True,
-                enable_multithread=True,
-            )
+            new = self._open_socket(url)
         except Disconnect as d:
             self.log.warning("rollover: no new connection (%s); the old one streams, retrying", d)
             return False
@@ -354,22 +357,10 @@ class WebSocketStream:
         except Exception:  # noqa: BLE001 - a failing hook never kills a working connection
             self.log.exception("rollover failed; the old connection streams")
             return False
-        new.settimeout(self.liveness.recv_timeout_s)
         # both are open: whatever the server sends from now on reaches the new one; the old one's frames
         # (some also on the new one, one frame by content) are read to its close frame first
-        self.ws = None
-        try:
-            self.drain(old)
-        finally:
-            try:
-                old.shutdown()  # type: ignore[no-untyped-call]
-            except Exception:  # noqa: BLE001
-                pass
-        now = time.monotonic()
-        self.ws = new
-        self.connected_at = self._last_alive_at = now
-        self._ping_due_at = now + self.liveness.ping_interval_s
-        self._ping_sent_at = None
+        self.close(graceful=True)
+        self._adopt(new)
         self.last_reason = Reason.MAX_AGE
         self.rollovers += 1
         self.rolled_over = True

@@ -152,7 +152,7 @@ class SpoolSender:
                         if self.stop.is_set():
                             break
                         continue
-                pending = self._send_batch(pending)
+                self._send_batch(pending)
             except (redis.RedisError, dramatiq.errors.DramatiqError, OSError) as e:
                 now = time.monotonic()
                 if self.redis_ok or now - last_log >= BACKLOG_LOG_INTERVAL_S:
@@ -180,8 +180,9 @@ class SpoolSender:
             return min(READ_WAIT_S, RETENTION_CHECK_S)
         return READ_WAIT_S
 
-    def _send_batch(self, pending: list[SpoolRecord]) -> list[SpoolRecord]:
-        """Send ``pending`` in order; on a Redis error commit what went and raise (the rest: returned on retry)."""
+    def _send_batch(self, pending: list[SpoolRecord]) -> None:
+        """Send ``pending`` in order and remove what went from it; on a Redis error the cursor is committed
+        past what went, the rest stays in ``pending`` for the retry, and the error is raised."""
         done = sent = 0
         try:
             for rec in pending:
@@ -191,9 +192,7 @@ class SpoolSender:
         finally:
             if done:
                 self.spool.commit(pending[done - 1], sent, self._epoch)
-                if done < len(pending):
-                    pending[:] = pending[done:]  # the caller keeps the rest for the retry
-        return []
+                del pending[:done]
 
     def _send(self, rec: SpoolRecord) -> bool:
         """Enqueue one record; False if it was not sent now (unreadable, or sent by an earlier run)."""

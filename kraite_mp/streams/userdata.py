@@ -187,8 +187,9 @@ class UserDataStream(WebSocketStream):
             self.rest.close()
         if self.spool is None:
             return
-        self._flush_metrics(self._fields())
-        self.ctx.beat("stopping", force=True, **self._fields())
+        fields = self._fields()
+        self._flush_metrics(fields)
+        self.ctx.beat("stopping", force=True, **fields)
         if self.sender is not None:
             self.sender.join(SENDER_DRAIN_S + 1.0)
         self.spool.close()
