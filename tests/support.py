@@ -39,6 +39,19 @@ def wait_for(
     pytest.fail(f"timed out after {timeout}s waiting for {message or predicate!r} (last={last!r})")
 
 
+def require_tcp_loopback(*urls: str) -> None:
+    """Skip a test that must reach a server over loopback TCP (a forwarder, another network namespace, a
+    changed port) when the session's server is the embedded fallback, which listens on a unix socket only."""
+    from urllib.parse import urlsplit
+
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.hostname not in ("127.0.0.1", "localhost") or parts.port is None:
+            pytest.skip(
+                f"needs a server on loopback TCP; this session's is {parts.scheme} over a unix socket"
+            )
+
+
 # -- /proc --------------------------------------------------------------------------------------
 def title_of(pid: int) -> str:
     """The process title (``/proc/PID/cmdline``, NULs as spaces) as setproctitle left it; "" once gone."""

@@ -93,11 +93,21 @@ def test_stopping_the_parent_mid_stream_loses_no_frame_the_server_sent(
     sup = Supervisor(
         processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log"
     )
+    # as deployed (etc/supervisord.d/kraite-mp-worker.conf): frames and reconcile jobs in their own workers,
+    # so that reconcile jobs waiting for the REST budget never hold up the audit of frames
     worker = Supervisor(  # the helper runs any process with its output in a file
         processes,
         env,
-        [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"],
+        [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--queues", "user-data-stream"]
+        + ["--processes", "1", "--threads", "2"],
         Path(run_dir) / "dramatiq.log",
+    )
+    reconciler = Supervisor(
+        processes,
+        env,
+        [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--queues", "reconcile"]
+        + ["--processes", "1", "--threads", "2"],
+        Path(run_dir) / "dramatiq-reconcile.log",
     )
     children: dict[str, int] = {}
     try:
@@ -184,5 +194,6 @@ def test_stopping_the_parent_mid_stream_loses_no_frame_the_server_sent(
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         sup.close()
-        worker.close()  # the processes fixture stops it
+        worker.close()  # the processes fixture stops them
+        reconciler.close()
     assert by_role(sup.pid) == {}

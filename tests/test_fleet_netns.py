@@ -48,7 +48,7 @@ from typing import Any
 import netns
 import pytest
 from fixtures.userdata_helpers import ALL_DISPATCH_KEYS, add_sim_accounts, truth_mismatches
-from support import ROOT, ProcessGroup, title_of
+from support import ROOT, ProcessGroup, require_tcp_loopback, title_of
 from test_supervisor import FAST_ENV
 
 #: A test's bounded waits add up past the project's default per-test timeout (120 s) only when it fails.
@@ -459,6 +459,7 @@ def owner_map(dist: dict[str, list[int]]) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def fleet(database_url: str, redis_url: str, redis_namespace: str, secret_key: str) -> Iterator[Fleet]:
+    require_tcp_loopback(database_url, redis_url)
     import redis as redis_lib
 
     from kraite_mp.ops.seed import seed_symbols

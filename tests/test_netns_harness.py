@@ -17,6 +17,7 @@ from typing import Any
 
 import netns
 import pytest
+from support import require_tcp_loopback
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +80,7 @@ def all_failed(result: dict[str, str]) -> bool:
 def test_hosts_reach_the_services_through_forwarders_and_a_partition_cuts_one_off(
     hosts: netns.Hosts, database_url: str, redis_url: str, simulator: Any
 ) -> None:
+    require_tcp_loopback(database_url, redis_url)
     pg_url, pg_fwd = hosts.forward_url(database_url)
     rds_url, _ = hosts.forward_url(redis_url)
     sim_rest, sim_fwd = hosts.forward_url(simulator.rest_url, per_host_source=True)
@@ -124,6 +126,7 @@ for _ in range(600):
 def test_an_established_connection_stalls_during_a_partition_and_resumes_after_the_heal(
     hosts: netns.Hosts, redis_url: str, tmp_path: Any
 ) -> None:
+    require_tcp_loopback(redis_url)
     url, _ = hosts.forward_url(redis_url)
     log = tmp_path / "pinger.log"
     hosts.run("h1", [sys.executable, "-c", PINGER, url], dict(os.environ), log)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, ProcessGroup, title_of, wait_for
+from support import ROOT, ProcessGroup, require_tcp_loopback, title_of, wait_for
 
 from kraite_mp import exitcodes
 from kraite_mp.store import db as kdb
@@ -156,6 +156,7 @@ class Forwarder:
 def test_run_waits_for_postgresql_then_starts(
     kraite_env: dict[str, str], database_url: str, processes: ProcessGroup, tmp_path: Path
 ) -> None:
+    require_tcp_loopback(database_url)
     from urllib.parse import urlsplit
 
     parts = urlsplit(database_url)
@@ -390,6 +391,7 @@ def test_wrong_database_name_or_role_is_a_configuration_error(
     kraite_env: dict[str, str], database_url: str
 ) -> None:
     """The server answered and refused the URL: exit 78 at once (waiting would not fix it), not 75."""
+    require_tcp_loopback(database_url)
     from urllib.parse import urlsplit
 
     parts = urlsplit(database_url)
