@@ -175,7 +175,9 @@ def test_stopping_the_parent_mid_stream_loses_no_frame_the_server_sent(
         )
         assert all(n > FRAMES_BEFORE_STOP for n in sent.values())
         assert result == {i: (n, n) for i, n in sent.items()}, (
-            f"sent {sent}; lost {lost}; worker log:\n{worker.log()[-3000:]}"
+            f"sent {sent}; lost {lost}; the children's closes:\n"
+            + "\n".join(m.string for m in sup.lines(r"closed: |disconnected|rolled over"))
+            + f"\nworker log:\n{worker.log()[-3000:]}"
         )
         assert sup.lines(
             r"closed: \d+ frame\(s\) received after our close frame, until the server's close frame"

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from support import wait_for
 
 from kraite_mp.binance.hosts import reset_host_state
 from kraite_mp.binance.orders import algo_from_rest, order_from_rest, order_from_ws
@@ -29,6 +30,7 @@ from kraite_mp.reconcile.sweep import (
 )
 from kraite_mp.store import account_state, orders
 from kraite_mp.store.accounts import Account, add_account, get_account
+from kraite_mp.store.db import connect
 from kraite_mp.supervisor.context import ChildContext
 from kraite_mp.supervisor.runfiles import last_full_sweep_ms
 
@@ -549,6 +551,93 @@ def test_an_unusable_position_snapshot_is_audited_and_changes_nothing(env: dict[
     assert db_positions(db, account.id)[("BTCUSDT", "BOTH")]["event_time_ms"] == 1
     rows = [r for r in audit_rows(db, account.id) if r[0].startswith(f"rest:{account.id}:positions:")]
     assert len(rows) == 1 and rows[0][2] == "error"
+
+
+def _account_frame(event_time_ms: int, wallet: str, positions: list[tuple[str, str]]) -> dict[str, Any]:
+    """An ACCOUNT_UPDATE frame with this USDT wallet and these (symbol, amount) one-way positions."""
+    return {
+        "e": "ACCOUNT_UPDATE",
+        "E": event_time_ms,
+        "T": event_time_ms,
+        "a": {
+            "m": "ORDER",
+            "B": [{"a": "USDT", "wb": wallet, "cw": wallet, "bc": "0"}],
+            "P": [
+                {
+                    "s": s,
+                    "pa": a,
+                    "ep": "100",
+                    "bep": "100",
+                    "cr": "0",
+                    "up": "0",
+                    "mt": "cross",
+                    "iw": "0",
+                    "ps": "BOTH",
+                }
+                for s, a in positions
+            ],
+        },
+    }
+
+
+@pytest.mark.integration
+def test_a_streamed_account_update_waits_for_a_reconciliation_of_the_same_account_instead_of_deadlocking(
+    env: dict[str, Any], database_url: str
+) -> None:
+    """CI once hit PostgreSQL's "deadlock detected" between two writers of one account's balances and
+    positions (the sweep wrote positions then balances, the stream balances then positions). Both now take
+    the account's state lock first: the stream's transaction waits on it, not on a row, and then lands."""
+    db, account = env["db"], env["accounts"][0]
+    snapshot = account_update_from_ws(
+        account.id, _account_frame(1_000, "10", [("BTCUSDT", "1"), ("ETHUSDT", "2")])
+    )
+    streamed = account_update_from_ws(
+        account.id, _account_frame(2_000, "20", [("ETHUSDT", "3"), ("BTCUSDT", "4")])
+    )
+    other = connect(database_url)
+    done: dict[str, Any] = {}
+
+    def stream() -> None:
+        try:
+            with other.cursor() as c2:
+                account_state.apply_account_update(c2, streamed)
+            other.commit()
+            done["ok"] = True
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            other.rollback()
+            done["error"] = e
+
+    thread = threading.Thread(target=stream, daemon=True)
+    try:
+        with db.cursor() as cur:  # the sweep's order: the lock, positions, then balances
+            account_state.lock_account_state(cur, account.id)
+            account_state.upsert_positions(cur, account.id, [(p, 1_000) for p in snapshot.positions])
+            thread.start()
+            wait_for(
+                lambda: _waiting_on_advisory_lock(database_url, other.get_backend_pid()),
+                10,
+                message="the streamed update waiting on the account's state lock",
+            )
+            account_state.upsert_balances(cur, account.id, [(b, 1_000) for b in snapshot.balances])
+        db.commit()
+        thread.join(10)
+    finally:
+        other.close()
+    assert done == {"ok": True}, done
+    assert db_balances(db, account.id)["USDT"]["wallet"] == Decimal("20")
+    positions = db_positions(db, account.id)
+    assert positions[("BTCUSDT", "BOTH")]["amount"] == Decimal("4")
+    assert positions[("ETHUSDT", "BOTH")]["amount"] == Decimal("3")
+
+
+def _waiting_on_advisory_lock(database_url: str, pid: int) -> bool:
+    with connect(database_url) as watcher, watcher.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted", (pid,)
+        )
+        waiting = int(cur.fetchone()[0]) > 0
+    watcher.close()
+    return waiting
 
 
 @pytest.mark.integration

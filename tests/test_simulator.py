@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -659,6 +660,83 @@ def test_max_connection_age(sim: Simulator, sockets: list[websocket.WebSocket]) 
     sim.set_max_connection_age(0.3)
     wait_closed(ws, 2.0)
     assert sim.stats()["closed"].get("max connection age") == 1
+
+
+def _small_window_stream(sim: Simulator, sockets: list[websocket.WebSocket], account: SimAccount) -> Any:
+    """A user stream whose receive buffer is small: the server's writer waits on this reader's pace."""
+    key = listen_key(sim, account)
+    ws = websocket.create_connection(
+        f"{sim.ws_url}/private/ws?listenKey={key}",
+        timeout=2.0,
+        sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 8192),),
+    )
+    sockets.append(ws)
+    assert sim.wait_for_connections(account.api_key, 1, timeout=3)
+    return ws
+
+
+#: Frames of 2 KB queued before an ordered close: far more than the socket buffers hold.
+QUEUED_FRAMES = 4000
+
+
+def test_an_ordered_close_delivers_every_queued_frame_to_a_slow_reader(
+    sim: Simulator, sockets: list[websocket.WebSocket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection-age close goes out after the frames queued before it. A reader slower than the
+    close deadline, but reading, gets every one of them and then the close frame (the deadline aborts
+    only a connection that wrote nothing for a whole period; CI once lost a buffer's worth of frames
+    counted as sent)."""
+    monkeypatch.setattr("kraite_mp.simulator.streams.ORDERED_CLOSE_DEADLINE_S", 0.3)
+    account = sim.accounts[0]
+    ws = _small_window_stream(sim, sockets, account)
+    for i in range(QUEUED_FRAMES):
+        sim.send_raw(account.api_key, json.dumps({"e": "PAD", "i": i, "pad": "x" * 2000}))
+    sim.set_max_connection_age(0.01)
+    got, started, close_code = [], time.monotonic(), None
+    deadline = started + 20
+    while time.monotonic() < deadline:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            close_code = int.from_bytes(data[:2], "big")
+            break
+        if opcode == websocket.ABNF.OPCODE_TEXT:
+            got.append(json.loads(data)["i"])
+            if len(got) % 200 == 0:
+                time.sleep(0.05)  # slow, never stalled for a whole deadline
+    took = time.monotonic() - started
+    assert close_code == 1000 and got == list(range(QUEUED_FRAMES)), (close_code, len(got))
+    assert took > 3 * 0.3, f"the reader took {took:.2f}s: not slower than the deadline, proves nothing"
+    assert sim.stats()["frames_sent"][account.api_key] == QUEUED_FRAMES
+
+
+def test_an_ordered_close_to_a_reader_that_stopped_is_aborted(
+    sim: Simulator, sockets: list[websocket.WebSocket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kraite_mp.simulator.streams.ORDERED_CLOSE_DEADLINE_S", 0.3)
+    account = sim.accounts[0]
+    ws = _small_window_stream(sim, sockets, account)
+    for i in range(QUEUED_FRAMES):
+        sim.send_raw(account.api_key, json.dumps({"e": "PAD", "i": i, "pad": "x" * 2000}))
+    sim.set_ping(interval_s=60.0)  # only the close deadline may drop it
+    sim.set_max_connection_age(0.01)
+    time.sleep(5 * 0.3)  # not reading: the writer is stuck on the full socket
+    got, close_code, ended = 0, None, None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            opcode, data = ws.recv_data(control_frame=True)
+        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError) as e:
+            ended = type(e).__name__
+            break
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            close_code = int.from_bytes(data[:2], "big")
+            break
+        got += 1
+    stats = sim.stats()
+    assert ended is not None and close_code is None, (ended, close_code, got)  # dropped, no close handshake
+    assert got < QUEUED_FRAMES
+    assert stats["closed"].get("max connection age") == 1
+    assert stats["frames_sent"][account.api_key] < QUEUED_FRAMES, "the stalled reader cannot have taken all"
 
 
 # ---------------------------------------------------------------------- market streams and retired routes

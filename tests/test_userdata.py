@@ -157,10 +157,12 @@ def test_scenario_through_child_and_worker_matches_truth(
         f"kraite-mp: user-data account={accounts[0].id} name=acct0 state=streaming frames="
     )
     assert f"frames={frames_sent(simulator, accounts[0].api_key)}" in title and "backlog=0" in title
-    # frames of one account were enqueued in the order they were received
+    # every frame was enqueued once and processed once to the end (a message retried after a transient
+    # error, PostgreSQL's deadlock detection once in CI, has more attempts but one success)
     for account in accounts:
-        ids = [k["frame_id"] for k in setup.recorder.actors(PROCESS_ACTOR) if k["account_id"] == account.id]
-        assert len(ids) == frames_sent(simulator, account.api_key)
+        ok = [k["frame_id"] for k in setup.recorder.succeeded(PROCESS_ACTOR) if k["account_id"] == account.id]
+        tried = {k["frame_id"] for k in setup.recorder.actors(PROCESS_ACTOR) if k["account_id"] == account.id}
+        assert len(ok) == len(set(ok)) == len(tried) == frames_sent(simulator, account.api_key)
     assert setup.children[accounts[0].id].poll() is None
 
 

@@ -519,7 +519,9 @@ def _write_snapshot(cur: Any, account_id: int, snap: _Snapshot, result: Reconcil
         result.audited += 1
     if result.shadow:
         return
-    # rows are locked in key order, as the orders above: two sweeps of one account never deadlock
+    # one writer of an account's state at a time (the stream's ACCOUNT_UPDATEs take the same lock), and
+    # rows in key order, as the orders above
+    account_state.lock_account_state(cur, account_id)
     if positions is not None:
         positions.sort(key=lambda pt: (pt[0].symbol, pt[0].position_side))
         result.positions += account_state.upsert_positions(cur, account_id, positions)

@@ -65,7 +65,9 @@ MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 MAX_BACKLOG_EVENTS = 100_000
 #: How long a close handshake may take before the transport is just dropped.
 CLOSE_TIMEOUT_S = 1.0
-#: An ordered close (after the queued frames) aborts the transport if not done by then.
+#: An ordered close (after the queued frames) aborts the transport when a whole period like this
+#: passes without one frame written: a client that stopped reading. One that reads slowly (a loaded
+#: host) gets every frame queued before the close, as from a real server's TCP close.
 ORDERED_CLOSE_DEADLINE_S = 5.0
 #: Stream names of the all-symbols mark-price array (``@1s``, and the 3 s default).
 MARK_PRICE_STREAMS = frozenset({"!markPrice@arr@1s", "!markPrice@arr"})
@@ -150,6 +152,7 @@ class Conn:
     closing: bool = False
     close_request: tuple[str, int, str] | None = None
     queued_bytes: int = 0
+    written: int = 0  #: frames written (text, ping, pong): the ordered close's sign of progress
 
     @property
     def targets(self) -> list[str]:
@@ -381,10 +384,36 @@ class StreamHub:
             conn.outbox.put_nowait(("close", request))
         if abrupt:
             _abort(conn)
-        elif self.loop is not None:
+        elif now:
+            if self.loop is not None:
+                self.loop.call_later(CLOSE_TIMEOUT_S + 0.5, _abort, conn)
+        else:
             # a writer stuck on a client that stopped reading would never get to the close
-            delay = ORDERED_CLOSE_DEADLINE_S if not now else CLOSE_TIMEOUT_S + 0.5
-            self.loop.call_later(delay, _abort, conn)
+            self._abort_unless_progress(conn, conn.written)
+
+    def _abort_unless_progress(self, conn: Conn, written: int) -> None:
+        """In ``ORDERED_CLOSE_DEADLINE_S``: abort ``conn`` if no frame was written since (``written``
+        then), else look again, until the transport is closed."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+
+        def look(seen: int) -> None:
+            transport = conn.request.transport
+            if transport is None or transport.is_closing():
+                return
+            if conn.written == seen:
+                log.info(
+                    "conn=%d %s: nothing written for %.0fs while closing",
+                    conn.conn_id,
+                    conn.target,
+                    ORDERED_CLOSE_DEADLINE_S,
+                )
+                _abort(conn)
+            else:
+                loop.call_later(ORDERED_CLOSE_DEADLINE_S, look, conn.written)
+
+        loop.call_later(ORDERED_CLOSE_DEADLINE_S, look, written)
 
     def select(self, target: str | None) -> list[Conn]:
         """Connections of an api_key, "market", "public", "retired", "wsapi", or all (None)."""
@@ -764,6 +793,7 @@ class StreamHub:
                     if kind == "text" and conn.kind == "private" and conn.subs:
                         self.lost[conn.target] = self.lost.get(conn.target, 0) + 1
                     continue
+                conn.written += 1
                 if kind == "text":
                     await ws.send_str(data)
                     self.frames[conn.target] = self.frames.get(conn.target, 0) + 1
@@ -808,4 +838,7 @@ def _refusal(status: int, code: int, msg: str, retry_after_s: float) -> web.Resp
 def _abort(conn: Conn) -> None:
     transport = conn.request.transport
     if transport is not None and not transport.is_closing():
+        unsent = transport.get_write_buffer_size()
+        if unsent:  # frames counted as sent that the client will never get
+            log.warning("conn=%d %s: aborted with %d byte(s) unsent", conn.conn_id, conn.target, unsent)
         transport.abort()

@@ -6,7 +6,10 @@ older than a streamed frame, changes nothing; a newer one always wins. The strea
 ``apply_account_update``; reconciliation writes the REST snapshot through ``upsert_balances`` /
 ``upsert_positions`` (each row with its own time) and ``zero_absent_positions``: positionRisk lists
 only the positions that exist, so a position that went to zero during a gap is set to zero here.
-All of it runs inside the caller's transaction.
+All of it runs inside the caller's transaction, which first takes the account's state lock
+(``lock_account_state``): the stream's ACCOUNT_UPDATEs and a reconciliation's snapshot of one
+account, processed by concurrent workers, then write one after the other instead of locking the same
+balance and position rows in different orders (PostgreSQL's "deadlock detected", seen in CI).
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ _ZERO_ABSENT = (
     " WHERE p.account_id = %s AND p.event_time_ms <= %s AND p.amount IS DISTINCT FROM 0"
     " AND (p.symbol, p.position_side) NOT IN (SELECT s, ps FROM unnest(%s::text[], %s::text[]) AS k (s, ps))"
 )
+
+
+#: The first key of the account-state advisory locks (two 32-bit keys; the second is the account).
+ACCOUNT_STATE_LOCK_CLASS = 0x6B6D7073  # "kmps"
+
+
+def lock_account_state(cur: Any, account_id: int) -> None:
+    """Wait for, then hold until the transaction ends, the account's balances-and-positions lock."""
+    cur.execute(
+        "SELECT pg_advisory_xact_lock(%s, (%s::bigint %% 2147483647)::int)",
+        (ACCOUNT_STATE_LOCK_CLASS, account_id),
+    )
 
 
 def upsert_balances(cur: Any, account_id: int, balances: Iterable[tuple[Balance, int]]) -> int:
@@ -96,5 +111,9 @@ def zero_absent_positions(
 def apply_account_update(cur: Any, update: AccountUpdate) -> None:
     """An ACCOUNT_UPDATE's balances and positions, all as of its event time."""
     t = update.event_time_ms
-    upsert_balances(cur, update.account_id, ((b, t) for b in update.balances))
-    upsert_positions(cur, update.account_id, ((p, t) for p in update.positions))
+    lock_account_state(cur, update.account_id)
+    # rows in key order, as a reconciliation writes them
+    balances = sorted(update.balances, key=lambda b: b.asset)
+    positions = sorted(update.positions, key=lambda p: (p.symbol, p.position_side))
+    upsert_positions(cur, update.account_id, ((p, t) for p in positions))
+    upsert_balances(cur, update.account_id, ((b, t) for b in balances))
