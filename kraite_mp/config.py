@@ -19,7 +19,7 @@ import math
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,13 @@ from kraite_mp.binance.user import KNOWN_DISPATCH_KEYS, USER_DATA_EVENTS
 
 #: The config file used when ``--config`` is not given and this file exists.
 DEFAULT_CONFIG_PATH = "etc/kraite-mp.toml"
+#: Without ``--config`` or ``KRAITE_CONFIG``, the first of these files that exists is read (``{KRAITE_MP_HOME}``
+#: is skipped when that variable is unset): the working directory's, the installation's, the system's.
+CONFIG_SEARCH_PATH: tuple[str, ...] = (
+    DEFAULT_CONFIG_PATH,
+    "{KRAITE_MP_HOME}/etc/kraite-mp.toml",
+    "/etc/kraite-mp/kraite-mp.toml",
+)
 
 #: Binance's production endpoints (2026 routes: the WS base is split into /private, /market, /public).
 BINANCE_REST_URL = "https://fapi.binance.com"
@@ -54,6 +61,7 @@ ENV_VARS: dict[str, str] = {
     "KRAITE_REDIS_NAMESPACE": "redis_namespace",
     "KRAITE_SECRET_KEY": "secret_key",
     "KRAITE_LOG_LEVEL": "log_level",
+    "KRAITE_LOG_FORMAT": "log_format",
     "KRAITE_BINANCE_REST_URL": "binance.rest_url",
     "KRAITE_BINANCE_WS_URL": "binance.ws_url",
     "KRAITE_RUN_DIR": "run_dir",
@@ -223,13 +231,25 @@ class FleetSettings:
 
 
 @dataclass
+class AuditSettings:
+    #: ``api_data_stream`` keeps this many days of frames (daily partitions; older ones are dropped whole by
+    #: ``kraite-mp db prune``, which ``run`` calls daily). Far longer than any message can wait for a retry.
+    retention_days: int = 30
+
+
+@dataclass
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/kraite"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_namespace: str = "kraite"
     #: Fernet key that encrypts account secrets at rest.
     secret_key: str = ""
+    #: A file holding ``secret_key`` (one line), for secret stores that mount files; not both.
+    secret_key_file: str = ""
     log_level: str = "INFO"
+    #: "text" (one line per record, ISO-8601 times with offset) or "json" (one object per line, for log
+    #: shippers); the same for kraite-mp's and Dramatiq's lines.
+    log_format: str = "text"
     #: Heartbeat files and other per-host runtime state.
     run_dir: str = "var/run"
     binance: BinanceSettings = field(default_factory=BinanceSettings)
@@ -239,6 +259,7 @@ class Settings:
     jobs: JobsSettings = field(default_factory=JobsSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     #: Where the settings came from (for check-config).
     source: str = "defaults"
 
@@ -326,11 +347,47 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     node[leaf] = value
 
 
+#: Largest secret or URL file read (``*_FILE`` variables, ``secret_key_file``): a key is a line.
+MAX_VALUE_FILE_BYTES = 64 * 1024
+
+
+def read_value_file(path: str, what: str) -> str:
+    """The one value a secret file holds (surrounding whitespace and the final newline dropped);
+    ConfigError naming ``what`` and the file when it is missing, unreadable, not UTF-8 or empty."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_VALUE_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path}: is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_VALUE_FILE_BYTES:
+        raise ConfigError(f"{what}: {path}: larger than {MAX_VALUE_FILE_BYTES} bytes, not a secret file")
+    try:
+        value = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what}: {path}: not UTF-8 (byte {e.start})") from None
+    if not value:
+        raise ConfigError(f"{what}: {path}: empty")
+    if "\n" in value:
+        raise ConfigError(f"{what}: {path}: more than one line")
+    return value
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the environment sets: named variables (``KRAITE_X``, or ``KRAITE_X_FILE`` naming a
+    file that holds the value), then ``KRAITE__section__key`` paths."""
     data: dict[str, Any] = {}
     for name, path in ENV_VARS.items():
+        file_name = f"{name}_FILE"
+        if name in environ and file_name in environ:
+            raise ConfigError(f"{name} and {file_name} are both set: give the value or the file, not both")
         if name in environ:
             _set_path(data, path, environ[name])
+        elif environ.get(file_name):
+            _set_path(data, path, read_value_file(environ[file_name], file_name))
     for name, value in environ.items():
         if name.startswith("KRAITE__"):
             _set_path(data, name[len("KRAITE__") :].replace("__", ".").lower(), value)
@@ -476,6 +533,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError(
             f"log_level: expected DEBUG/INFO/WARNING/ERROR/CRITICAL, got {settings.log_level!r}"
         )
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {settings.log_format!r}")
+    if not 2 <= settings.audit.retention_days <= 3650:
+        raise ConfigError(
+            f"audit.retention_days: must be >= 2 and <= 3650, got {settings.audit.retention_days!r}"
+        )
     # kept so that existing config files still load; the writer has one strategy (bench/ compares others)
     if settings.mark_price.strategy != "unnest":
         raise ConfigError(
@@ -561,17 +624,36 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"metrics.listen: {e}") from None
 
 
+def find_config(environ: Mapping[str, str], search: Iterable[str] = CONFIG_SEARCH_PATH) -> str | None:
+    """The first file of ``search`` that exists (``{KRAITE_MP_HOME}`` filled in from ``environ``), or None."""
+    for pattern in search:
+        if "{KRAITE_MP_HOME}" in pattern:
+            home = environ.get("KRAITE_MP_HOME", "")
+            if not home:
+                continue
+            pattern = pattern.replace("{KRAITE_MP_HOME}", home.rstrip("/") or "/")
+        if Path(pattern).is_file():
+            return pattern
+    return None
+
+
 def load_settings(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    search: Iterable[str] | None = None,
 ) -> Settings:
-    """Load defaults < TOML file < environment; raise ConfigError naming the bad key."""
+    """Load defaults < TOML file < environment; raise ConfigError naming the bad key.
+
+    The file is ``path``, else ``KRAITE_CONFIG``, else the first of ``search`` (``CONFIG_SEARCH_PATH``) that
+    exists; none at all is fine (defaults and environment)."""
     environ = os.environ if environ is None else environ
     settings = Settings()
     sources = []
     if path is None and environ.get("KRAITE_CONFIG"):
         path = environ["KRAITE_CONFIG"]
-    if path is None and Path(DEFAULT_CONFIG_PATH).is_file():
-        path = DEFAULT_CONFIG_PATH
+    if path is None:
+        path = find_config(environ, CONFIG_SEARCH_PATH if search is None else search)
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -586,10 +668,20 @@ def load_settings(
             raise ConfigError(f"config file {path}: {e.strerror or e}") from None
         _apply(settings, data)
         sources.append(str(path))
+        if settings.secret_key and settings.secret_key_file:
+            raise ConfigError(
+                f"config file {path}: secret_key and secret_key_file are both set: give the key or the file"
+            )
     overrides = env_overrides(environ)
     if overrides:
+        if "secret_key" in overrides:  # the environment's key wins over the file's, whichever form
+            settings.secret_key_file = ""
+        elif overrides.get("secret_key_file"):
+            settings.secret_key = ""
         _apply(settings, overrides)
         sources.append("environment")
+    if settings.secret_key_file and not settings.secret_key:
+        settings.secret_key = read_value_file(settings.secret_key_file, "secret_key_file")
     settings.log_level = settings.log_level.upper()
     settings.source = " + ".join(["defaults", *sources])
     validate(settings)

@@ -170,3 +170,99 @@ def test_preflight_names_a_bad_secret_key_and_unloadable_observers() -> None:
     assert problems[1].startswith("jobs.observers: cannot load 'kraite_mp.observers.no_such':")
     assert problems[2].startswith("jobs.observers: cannot load 'nosuchpkg.fn':")
     assert len(problems) == 3
+
+
+@pytest.mark.unit
+def test_config_is_found_in_the_usual_places_first_one_wins(tmp_path) -> None:
+    from kraite_mp.config import CONFIG_SEARCH_PATH, find_config
+
+    assert CONFIG_SEARCH_PATH == (
+        "etc/kraite-mp.toml",
+        "{KRAITE_MP_HOME}/etc/kraite-mp.toml",
+        "/etc/kraite-mp/kraite-mp.toml",
+    )
+    cwd, home, system = (tmp_path / d / "kraite-mp.toml" for d in ("cwd", "home/etc", "system"))
+    search = (str(cwd), "{KRAITE_MP_HOME}/etc/kraite-mp.toml", str(system))
+    for f, level in ((system, "ERROR"), (home, "WARNING"), (cwd, "DEBUG")):
+        f.parent.mkdir(parents=True)
+        f.write_text(f'log_level = "{level}"\n')
+    env = {"KRAITE_MP_HOME": str(tmp_path / "home")}
+    assert load_settings(None, environ=env, search=search).log_level == "DEBUG"
+    cwd.unlink()
+    s = load_settings(None, environ=env, search=search)
+    assert (s.log_level, s.source) == ("WARNING", f"defaults + {home}")
+    assert load_settings(None, environ={}, search=search).log_level == "ERROR"  # no KRAITE_MP_HOME: skipped
+    home.unlink()
+    assert find_config(env, search) == str(system)
+    system.unlink()
+    s = load_settings(None, environ=env, search=search)
+    assert (s.log_level, s.source) == ("INFO", "defaults")
+    # --config / KRAITE_CONFIG name the file: the search is not made
+    named = tmp_path / "named.toml"
+    named.write_text('log_level = "CRITICAL"\n')
+    assert (
+        load_settings(None, environ={**env, "KRAITE_CONFIG": str(named)}, search=search).log_level
+        == "CRITICAL"
+    )
+
+
+@pytest.mark.unit
+def test_secrets_and_urls_come_from_files(tmp_path) -> None:
+    key_file = tmp_path / "secret_key"
+    key_file.write_text("a-fernet-key\n")
+    url_file = tmp_path / "db_url"
+    url_file.write_text("postgresql://kraite:pw@db.internal:5432/kraite\n")
+    s = load_settings(
+        None,
+        environ={"KRAITE_SECRET_KEY_FILE": str(key_file), "KRAITE_DATABASE_URL_FILE": str(url_file)},
+        search=(),
+    )
+    assert (s.secret_key, s.database_url) == (
+        "a-fernet-key",
+        "postgresql://kraite:pw@db.internal:5432/kraite",
+    )
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'secret_key_file = "{key_file}"\n')
+    assert load_settings(cfg, environ={}).secret_key == "a-fernet-key"
+    # the environment's key wins over the file's secret_key_file, and the other way round
+    assert load_settings(cfg, environ={"KRAITE_SECRET_KEY": "from-env"}).secret_key == "from-env"
+    cfg2 = tmp_path / "k2.toml"
+    cfg2.write_text('secret_key = "in-the-file"\n')
+    assert (
+        load_settings(cfg2, environ={"KRAITE__secret_key_file": str(key_file)}).secret_key == "a-fernet-key"
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"\n \n", "empty"),
+        (b"\xff\xfekey\n", "not UTF-8"),
+        (b"one\ntwo\n", "more than one line"),
+    ],
+)
+def test_a_bad_secret_file_is_one_clear_error(tmp_path, content: bytes | None, message: str) -> None:
+    f = tmp_path / "secret"
+    if content is not None:
+        f.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^KRAITE_SECRET_KEY_FILE: {re.escape(str(f))}: {message}"):
+        load_settings(None, environ={"KRAITE_SECRET_KEY_FILE": str(f)}, search=())
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'secret_key_file = "{f}"\n')
+    with pytest.raises(ConfigError, match=f"^secret_key_file: {re.escape(str(f))}: {message}"):
+        load_settings(cfg, environ={})
+
+
+@pytest.mark.unit
+def test_a_value_and_its_file_together_are_refused(tmp_path) -> None:
+    f = tmp_path / "secret"
+    f.write_text("k\n")
+    with pytest.raises(ConfigError, match="KRAITE_SECRET_KEY and KRAITE_SECRET_KEY_FILE are both set"):
+        load_settings(None, environ={"KRAITE_SECRET_KEY": "k", "KRAITE_SECRET_KEY_FILE": str(f)}, search=())
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'secret_key = "k"\nsecret_key_file = "{f}"\n')
+    with pytest.raises(ConfigError, match="secret_key and secret_key_file are both set"):
+        load_settings(cfg, environ={})

@@ -50,3 +50,11 @@ def test_check_schema_names_what_is_missing(pg_admin_url: str) -> None:
             conn.close()
     finally:
         kdb.drop_database(pg_admin_url, name)
+
+
+@pytest.mark.unit
+def test_migration_numbers_are_unique_and_contiguous_but_for_the_retired_ones() -> None:
+    numbers = [int(v[:4]) for v, _ in kdb.migrations()]
+    assert len(numbers) == len(set(numbers)), "two migrations with one number"
+    expected = [n for n in range(1, max(numbers) + 1) if n not in kdb.RETIRED_MIGRATION_NUMBERS]
+    assert numbers == expected, "a new migration takes the next number; a retired one is never reused"

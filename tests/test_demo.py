@@ -238,3 +238,47 @@ def test_bench_run_all_collects_sections_and_survives_failures(tmp_path: Path) -
         timeout=60,
     )
     assert listed.stdout.split() == ["a_ok", "b_fail", "c_slow"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_demo_on_given_servers_uses_a_database_of_its_own_and_drops_it(
+    tmp_path: Path, demo_env: dict[str, str], pg_admin_url: str, redis_url: str
+) -> None:
+    """With KRAITE_DATABASE_URL set the demo creates ``kraite_demo_<id>`` there and drops it at the end; a
+    database of the old fixed name (someone's earlier demo, or theirs) is never touched."""
+    from kraite_mp.store import db as kdb
+
+    def databases() -> set[str]:
+        conn = kdb.connect(pg_admin_url, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'kraite_demo%%'")
+                return {r[0] for r in cur.fetchall()}
+        finally:
+            conn.close()
+
+    existing = f"kraite_demo_{uuid.uuid4().hex[:6]}x"  # not a name the demo makes (7 chars after _)
+    kdb.create_database(pg_admin_url, existing)
+    before = databases()
+    try:
+        env = {**demo_env, "KRAITE_DATABASE_URL": pg_admin_url, "KRAITE_REDIS_URL": redis_url}
+        result = subprocess.run(
+            _demo_args(tmp_path / "demo", 3),
+            env=env,
+            cwd=str(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-5000:]
+        m = re.search(
+            r"creates its own database (kraite_demo_[0-9a-f]{8}) there and drops it at the end", output
+        )
+        assert m, output[:3000]
+        assert f"stopped database {m.group(1)}" in output
+        assert _frames_processed(output) > 0
+        assert databases() == before and m.group(1) not in before  # its own gone, the others all there
+    finally:
+        kdb.drop_database(pg_admin_url, existing)

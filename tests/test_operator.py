@@ -13,10 +13,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from support import ROOT, ProcessGroup, require_tcp_loopback, title_of, wait_for
@@ -432,3 +434,107 @@ def test_cli_reconcile_modes_are_the_sweeps() -> None:
     from kraite_mp.reconcile.sweep import MODES, OPERATOR_MODES
 
     assert RECONCILE_MODES == OPERATOR_MODES and set(OPERATOR_MODES) <= set(MODES)
+
+
+# -- 3: a PostgreSQL outage longer than any retry budget -------------------------------------------
+#: Frames enqueued while PostgreSQL is away.
+OUTAGE_FRAMES = 12
+#: The test's retry limit: every frame is tried well past it during the outage.
+OUTAGE_MAX_RETRIES = 2
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(180)
+def test_a_postgresql_outage_longer_than_the_retry_budget_dead_letters_nothing(
+    kraite_env: dict[str, str], database_url: str, db: Any, processes: ProcessGroup, tmp_path: Path
+) -> None:
+    """The worker starts while PostgreSQL is unreachable, frames arrive and are retried far past
+    ``jobs.max_retries`` (shortened here, with a short backoff): none goes to the dead-letter queue, and once
+    PostgreSQL is back each frame is audited exactly once."""
+    require_tcp_loopback(database_url)
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    from kraite_mp.config import load_settings
+    from kraite_mp.messages import PROCESS_ACTOR, broker_namespace, redis_client
+    from kraite_mp.ops.deadletters import counts
+
+    parts = urlsplit(database_url)
+    port = closed_port()
+    env = dict(
+        kraite_env,
+        KRAITE_DATABASE_URL=parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}").geturl(),
+        KRAITE_REDIS_NAMESPACE=f"kraite-outage-{uuid.uuid4().hex[:8]}",
+        KRAITE__jobs__max_retries=str(OUTAGE_MAX_RETRIES),
+        KRAITE__jobs__retry_min_backoff_ms="100",
+        KRAITE__jobs__retry_max_backoff_ms="300",
+    )
+    settings = load_settings(None, environ=env)
+    queue = settings.user_data_stream.queue_name
+    log_path = tmp_path / "worker.log"
+    forwarder = Forwarder(port, (parts.hostname or "127.0.0.1", parts.port or 5432))
+    with open(log_path, "wb") as log:
+        worker = processes.start(
+            [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--queues", queue, "--processes", "1"]
+            + ["--threads", "2"],
+            env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    broker = RedisBroker(
+        client=redis_client(settings.redis_url), namespace=broker_namespace(settings), middleware=[]
+    )
+    frame_ids = [f"outage-{i}-{uuid.uuid4().hex[:6]}" for i in range(OUTAGE_FRAMES)]
+    try:
+        broker.declare_queue(queue)
+        for i, frame_id in enumerate(frame_ids):
+            frame = f'{{"e":"ACCOUNT_CONFIG_UPDATE","E":{1_796_000_000_000 + i},"T":1,"ac":{{"s":"BTCUSDT","l":{i + 1}}}}}'
+            broker.enqueue(
+                dramatiq.Message(
+                    queue_name=queue,
+                    actor_name=PROCESS_ACTOR,
+                    args=(),
+                    kwargs={"account_id": 1, "frame": frame, "frame_id": frame_id, "received_at": 1.79e12},
+                    options={},
+                )
+            )
+        # every frame tried more often than the retry limit allows for a job that fails on its own
+        tries_needed = OUTAGE_FRAMES * (OUTAGE_MAX_RETRIES + 3)
+        wait_for(
+            lambda: log_path.read_text().count("PostgreSQL unavailable") >= tries_needed,
+            90,
+            message=f"{tries_needed} tries during the outage; log:\n{log_path.read_text()[-3000:]}",
+        )
+        assert counts(settings.redis_url, broker_namespace(settings), [queue]) == {queue: 0}
+        assert _audited(db, frame_ids) == 0
+        forwarder.open()  # PostgreSQL is back
+        wait_for(
+            lambda: _audited(db, frame_ids) == OUTAGE_FRAMES,
+            60,
+            message=f"every frame audited once PostgreSQL is back; log:\n{log_path.read_text()[-3000:]}",
+        )
+        time.sleep(1.0)  # a late second delivery would show now
+        assert _audited(db, frame_ids) == OUTAGE_FRAMES
+        assert counts(settings.redis_url, broker_namespace(settings), [queue]) == {queue: 0}
+    finally:
+        broker.close()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        finally:
+            forwarder.close()
+            client = redis_client(settings.redis_url)
+            keys = list(client.scan_iter(match=f"{settings.redis_namespace}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
+    text = log_path.read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+def _audited(db: Any, frame_ids: list[str]) -> int:
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM api_data_stream WHERE frame_id = ANY(%s)", (frame_ids,))
+        n = int(cur.fetchone()[0])
+    db.commit()
+    return n

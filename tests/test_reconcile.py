@@ -905,6 +905,30 @@ def test_sync_child_reconciles_every_owned_account(env: dict[str, Any]) -> None:
         assert json.load(f)["state"] == "done"
 
 
+@pytest.mark.integration
+def test_sync_child_skips_accounts_whose_credentials_binance_refused(env: dict[str, Any]) -> None:
+    """Such an account costs weight on every pass and can only be refused: its stream retries it, and
+    `accounts update` clears the mark; the periodic sweep leaves it alone until then."""
+    from kraite_mp.store.accounts import mark_credentials_invalid
+
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    keys = [a.api_key for a in sim.accounts]
+    placed = [
+        sim.place_order(k, symbol="ETHUSDT", side="SELL", type="LIMIT", quantity="1", price="4000.00")
+        for k in keys
+    ]
+    for i in range(3):
+        stream_saw(db, env["accounts"][i], sim.truth(keys[i]))
+        sim.fill(keys[i], placed[i], qty="0.4")
+    mark_credentials_invalid(db, env["accounts"][1].id, "invalid API key (-2015)")
+    os.makedirs(os.path.join(settings.run_dir, "heartbeats"), exist_ok=True)
+    ctx = ChildContext(settings, "sync")
+    assert run_sync_child(ctx) == 0
+    assert (ctx.fields["accounts"], ctx.fields["skipped"], ctx.fields["failed"]) == ("2/2", 1, 0)
+    statuses = [db_orders(db, a.id)[("regular", placed[i])]["status"] for i, a in enumerate(env["accounts"])]
+    assert statuses == ["PARTIALLY_FILLED", "NEW", "PARTIALLY_FILLED"]  # the refused one was not asked
+
+
 def _read_lines(stream: Any, sink: list[str]) -> None:
     for line in iter(stream.readline, b""):
         sink.append(line.decode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -296,6 +297,13 @@ def test_status_cli_table_and_json(
     only_other = _status_cli(env, "--json", "--host", "otherhost")
     assert {d["host"] for d in json.loads(only_other.stdout)} == {"otherhost"}
 
+    nosuch = _status_cli(env, "--host", "nosuchhost")
+    assert nosuch.returncode == 0 and nosuch.stdout == ""
+    assert nosuch.stderr.strip() == (
+        f"no kraite-mp process of host nosuchhost has published status in the last {publish.STATUS_TTL_S} s;"
+        f" hosts that have: {', '.join(sorted([me, 'otherhost']))}"
+    )
+
     check = _status_cli(env, "--check")
     assert check.returncode == exitcodes.EXIT_ERROR, "a STALE process must fail --check"
     healthy = _status_cli(env, "--check", "--host", me)
@@ -362,6 +370,7 @@ def test_supervisor_view_reports_children_that_cannot_report_themselves() -> Non
                 "state": "FATAL",
                 "restarts": 1,
                 "fatal_reason": "invalid API key (-2015)",
+                "last_exit_at": now - 200,
             },
             {"key": "sync-orders", "role": "sync-orders", "pid": None, "state": "EXITED", "restarts": 4},
         ],
@@ -382,6 +391,11 @@ def test_supervisor_view_reports_children_that_cannot_report_themselves() -> Non
     assert "code 1" in merged["user-data-1"].data["error"]
     assert merged["user-data-2"].data["state"] == "fatal" and not merged["user-data-2"].stale
     assert merged["user-data-2"].data["error"] == "invalid API key (-2015)"
+    # a FATAL row says how long the account has been down, not the 0 s its last process lived
+    table = status.format_table([merged["user-data-2"], merged["user-data-1"]])
+    fatal_row, backoff_row = table.splitlines()[1:]
+    assert " fatal " in fatal_row and re.search(r" down 3m\d*s? ", fatal_row), fatal_row
+    assert " backoff " in backoff_row and " 0s " not in backoff_row and " - " in backoff_row, backoff_row
     assert merged["sync-orders"].data["state"] == "exited" and not merged["sync-orders"].stale
     assert merged["user-data-9"].data["state"] == "gone" and not merged["user-data-9"].stale
 

@@ -55,6 +55,25 @@ def test_spool_survives_restart_without_the_sent_records(tmp_path: Path) -> None
         assert spool.backlog == 0 and drain(spool) == []
 
 
+def test_runs_that_spool_nothing_leave_no_empty_segment_each(tmp_path: Path) -> None:
+    """An account FATAL at every retry opens and closes its spool each time (288 times a day): the
+    empty last segment is reused, not one more left per run; a run that spooled something gets a new one."""
+
+    def segment_files() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".seg"))
+
+    for acked in (False, True):
+        for _ in range(5):
+            with Spool(str(tmp_path), ack_required=acked).open():
+                pass
+        assert len(segment_files()) == 1, segment_files()
+    with Spool(str(tmp_path), ack_required=True).open() as spool:
+        spool.append(b"kept")
+    with Spool(str(tmp_path), ack_required=True).open() as spool:
+        assert len(segment_files()) == 2 and spool.backlog == 1
+        assert drain(spool) == [b"kept"]
+
+
 def test_spool_drops_a_torn_last_record_of_a_dead_writer(tmp_path: Path) -> None:
     with Spool(str(tmp_path)).open() as spool:
         spool.append(b"whole")

@@ -2,8 +2,8 @@
 
 Steps (each one printed as it happens):
 
-1. PostgreSQL: ``KRAITE_DATABASE_URL`` if set (a database ``kraite_demo`` is (re)created on that
-   server, the given database is never touched), else an embedded server (``kraite_mp.ops.embedded``).
+1. PostgreSQL: ``KRAITE_DATABASE_URL`` if set (a database ``kraite_demo_<id>`` of this run is created on
+   that server and dropped at the end, the given database is never touched), else an embedded server (``kraite_mp.ops.embedded``).
 2. Redis: ``KRAITE_REDIS_URL`` if set (keys under a fresh ``kraite-demo-<id>`` namespace, deleted at
    the end), else an embedded ``redis-server``.
 3. Schema migrations, a new secret key (Fernet), the simulator's accounts and its symbols seeded on
@@ -32,7 +32,7 @@ import click
 
 from kraite_mp import exitcodes
 from kraite_mp.ops.demo_console import DemoError, http_json
-from kraite_mp.ops.demo_stack import DEMO_DATABASE, DemoOptions, DemoStack
+from kraite_mp.ops.demo_stack import DemoOptions, DemoStack
 from kraite_mp.supervisor import runfiles
 
 #: After the run, wait at most this long for queued frames to be processed before the summary.
@@ -314,9 +314,12 @@ class Demo(DemoStack):
                     "  the embedded servers stop with the demo: run it with --hold "
                     "(make demo DEMO_ARGS=--hold) to keep them up for these commands"
                 )
+        elif self.options.hold:
+            c.line(f"  the database {self.database_name} stays on your server until you press Ctrl-C")
         else:
             c.line(
-                f"  the database {DEMO_DATABASE} stays on your server; drop it with: dropdb {DEMO_DATABASE}"
+                f"  the database {self.database_name} is dropped when the demo ends: run it with --hold"
+                " to keep it for these commands"
             )
 
     def hold(self) -> None:

@@ -33,7 +33,8 @@ from kraite_mp.ops.demo_console import (
 )
 from kraite_mp.supervisor import runfiles
 
-#: The database the demo creates on an external PostgreSQL server (never the one in the URL).
+#: The prefix of the database the demo creates (``kraite_demo_<id>``, one per run) on the PostgreSQL
+#: server of ``KRAITE_DATABASE_URL`` (never the database in the URL) and drops at the end.
 DEMO_DATABASE = "kraite_demo"
 #: How long a started process may take to become ready (simulator line, streams connected).
 READY_TIMEOUT_S = 90.0
@@ -84,7 +85,10 @@ class DemoStack:
         self.processes: list[ManagedProcess] = []
         self.cleanups: list[tuple[str, Callable[[], None]]] = []
         self.workdir = Path(self.options.workdir or tempfile.mkdtemp(prefix="kraite-demo-")).resolve()
-        self.namespace = f"kraite-demo-{uuid.uuid4().hex[:8]}"
+        run_id = uuid.uuid4().hex[:8]
+        self.namespace = f"kraite-demo-{run_id}"
+        #: this run's own database: two demos on one server never touch each other's (or anyone's) data
+        self.database_name = f"{DEMO_DATABASE}_{run_id}"
         self.database_url = ""
         self.redis_url = ""
         self.embedded_pg = False
@@ -110,7 +114,7 @@ class DemoStack:
         self._setup_postgres()
         c.step(2, total, "Redis")
         self._setup_redis()
-        c.step(3, total, f"database {DEMO_DATABASE}: schema and secret key")
+        c.step(3, total, f"database {self.database_name}: schema and secret key")
         self._setup_database()
         c.step(
             4, total, f"exchange simulator: {self.options.accounts} accounts, {self.options.symbols} symbols"
@@ -132,18 +136,20 @@ class DemoStack:
         url = self.environ.get("KRAITE_DATABASE_URL")
         if url:
             self.console.detail(
-                f"using KRAITE_DATABASE_URL ({redact_url(url)}); the demo uses its own "
-                f"database {DEMO_DATABASE} there"
+                f"using KRAITE_DATABASE_URL ({redact_url(url)}); the demo creates its own "
+                f"database {self.database_name} there and drops it at the end"
             )
             try:
-                kdb.drop_database(url, DEMO_DATABASE)
-                self.database_url = kdb.create_database(url, DEMO_DATABASE)
+                self.database_url = kdb.create_database(url, self.database_name)
             except Exception as e:  # noqa: BLE001 - any failure here is a setup error to explain
                 raise DemoError(
-                    f"cannot (re)create database {DEMO_DATABASE} with {redact_url(url)}: "
+                    f"cannot create database {self.database_name} with {redact_url(url)}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
                     "(unset KRAITE_DATABASE_URL to use an embedded PostgreSQL)"
                 ) from None
+            self.cleanups.append(
+                (f"database {self.database_name}", lambda: kdb.drop_database(url, self.database_name))
+            )
             return
         from kraite_mp.ops.embedded import PostgresServer
 
@@ -152,7 +158,7 @@ class DemoStack:
             "PostgreSQL", lambda: PostgresServer(datadir=str(self.workdir / "pg")).start()
         )
         self.embedded_pg = True
-        self.database_url = kdb.create_database(server.url, DEMO_DATABASE)
+        self.database_url = kdb.create_database(server.url, self.database_name)
 
     def _setup_redis(self) -> None:
         from kraite_mp.config import redact_url

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -176,6 +177,7 @@ def merge_supervisor_view(entries: list[StatusEntry]) -> list[StatusEntry]:
                     e.data["state"] = sup_state.lower()
                     e.data["pid"] = ch.get("pid")
                     e.stale = False
+                    e.data.update(_down_since(ch))
                 reason = ch.get("fatal_reason") or (
                     f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None
                 )
@@ -200,6 +202,7 @@ def merge_supervisor_view(entries: list[StatusEntry]) -> list[StatusEntry]:
                         "error": ch.get("fatal_reason")
                         or (f"last exit: {ch['last_exit']}" if ch.get("last_exit") else None),
                         "source": "supervisor",
+                        **_down_since(ch),
                     },
                     age_s=sup.age_s,
                     stale=False,
@@ -243,6 +246,23 @@ def _cell(value: Any) -> str:
 _COLUMN_FIELDS = frozenset(FRAMES_FIELDS + LAST_FIELDS + BACKLOG_FIELDS + RESTARTS_FIELDS)
 
 
+def _down_since(ch: Mapping[str, Any]) -> dict[str, Any]:
+    """``uptime_s`` None and ``down_s`` (since the last exit) for a child the supervisor has not running."""
+    if str(ch.get("state") or "").upper() not in _NOT_RUNNING_STATES:
+        return {}
+    at = ch.get("last_exit_at")
+    down = round(max(0.0, time.time() - at), 1) if isinstance(at, int | float) else None
+    return {"uptime_s": None, "down_s": down}
+
+
+def _uptime_cell(data: Mapping[str, Any]) -> str:
+    """UPTIME: how long it runs, or ``down 5m`` for a child that is not running (FATAL, BACKOFF, ...)."""
+    if "down_s" in data:
+        down = data.get("down_s")
+        return f"down {_duration(down)}" if isinstance(down, int | float) else "-"
+    return _duration(data.get("uptime_s"))
+
+
 def format_table(entries: list[StatusEntry]) -> str:
     header = [
         "HOST",
@@ -278,7 +298,7 @@ def format_table(entries: list[StatusEntry]) -> str:
                 account_cell,
                 _cell(e.data.get("pid")),
                 state,
-                _duration(e.data.get("uptime_s")),
+                _uptime_cell(e.data),
                 _cell(e.field(FRAMES_FIELDS)),
                 _duration(last) if isinstance(last, int | float) else _cell(last),
                 _cell(e.field(RESTARTS_FIELDS)),
@@ -318,6 +338,7 @@ def status_command(
     except StatusUnavailable as e:
         click.echo(f"kraite-mp status: {e}", err=True)
         ctx.exit(exitcodes.EXIT_TEMPFAIL)
+    seen_hosts = sorted({e.host for e in entries})
     if hosts:
         entries = [e for e in entries if e.host in hosts]
     stale = sum(1 for e in entries if e.stale)
@@ -325,6 +346,12 @@ def status_command(
     dead = dead_letter_counts(settings)
     if as_json:
         click.echo(json.dumps([e.as_json() for e in entries], default=str))
+    elif not entries and hosts and seen_hosts:
+        click.echo(
+            f"no kraite-mp process of host {', '.join(hosts)} has published status in the last"
+            f" {STATUS_TTL_S} s; hosts that have: {', '.join(seen_hosts)}",
+            err=True,
+        )
     elif not entries:
         click.echo(
             f"no kraite-mp process has published status under {settings.redis_namespace}:status:* "

@@ -98,8 +98,18 @@ def run_sync_child(ctx: ChildContext) -> int:
         return exitcodes.EXIT_TEMPFAIL
     try:
         accounts = owned_accounts(conn, settings)
+        # an account whose key Binance refused is retried by its stream (supervisor.fatal_retry_s), and at
+        # once by `accounts update`/`enable`: sweeping it every pass would only spend weight on refusals
+        refused = [a for a in accounts if a.credentials_error is not None]
+        if refused:
+            accounts = [a for a in accounts if a.credentials_error is None]
+            log.info(
+                "skipping %d account(s) with refused credentials (%s): fix them with `kraite-mp accounts update`",
+                len(refused),
+                ", ".join(str(a.id) for a in refused),
+            )
         total = len(accounts)
-        ctx.beat("syncing", force=True, accounts=f"0/{total}")
+        ctx.beat("syncing", force=True, accounts=f"0/{total}", skipped=len(refused))
 
         def progress(index: int, result: ReconcileResult) -> None:
             ctx.beat("syncing", accounts=f"{index + 1}/{total}", weight=result.weight)
@@ -120,6 +130,7 @@ def run_sync_child(ctx: ChildContext) -> int:
             "done",
             force=True,
             accounts=f"{len(results)}/{total}",
+            skipped=len(refused),
             failed=len(failed),
             weight=sum(r.weight for r in results),
             transitions=sum(r.transitions for r in results),

@@ -24,6 +24,9 @@ CONNECT_TIMEOUT_S = 5
 MIGRATION_LOCK_ID = 0x6B7261697465
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+#: Numbers that no migration has: the seed schema skipped 0002 (no migration ever had it). A deployed database records the
+#: versions it applied, so numbers are never renumbered or reused; every new migration takes the next one.
+RETIRED_MIGRATION_NUMBERS = frozenset({2})
 
 
 class DatabaseUnavailable(RuntimeError):

@@ -182,6 +182,10 @@ class Spool:
         self._read_segment, self._read_offset = self._acked_segment, self._acked_offset
         self.backlog = self._count_from(segments, self._commit_segment, self._commit_offset)
         self._active = (segments[-1] + 1) if segments else max(self._commit_segment, 1)
+        if segments and self._size(segments[-1]) == 0:
+            # an empty last segment (a run that spooled nothing: an account FATAL at every retry) is the
+            # active one again: no torn line to skip, and no empty file left per run
+            self._active = segments[-1]
         if not segments:
             self._read_segment, self._read_offset = self._active, 0
             self._commit_segment, self._commit_offset = self._active, 0
