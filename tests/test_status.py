@@ -280,7 +280,9 @@ def test_status_cli_table_and_json(
     other = next(line for line in lines if line.startswith("otherhost") and "user-data-8" in line)
     assert "STALE (streaming)" in other
     assert any(line.startswith("otherhost") and "unreadable" in line for line in lines)
-    assert "5 process(es) on 2 host(s)" in out and "STALE" in out.splitlines()[-1]
+    summary = next(line for line in lines if "process(es) on" in line)
+    assert "5 process(es) on 2 host(s)" in summary and "STALE" in summary
+    assert lines[-1].startswith("EGRESS ")  # the budget this host's processes share, last
     # supervisor first on its host, then mark-price, then accounts
     mine = [line.split()[1] for line in lines[1:] if line.startswith(me)]
     assert mine == ["supervisor", "mark-price", "user-data-7"]
@@ -423,3 +425,39 @@ def test_supervisor_key_per_shard() -> None:
         publish.supervisor_payload({"pid": 1}, key="supervisor-1-of-4", shard="1/4")["fields"]["shard"]
         == "1/4"
     )
+
+
+@pytest.mark.integration
+def test_status_shows_the_egress_budget_every_process_shares(
+    kraite_env: dict[str, str], namespace: str
+) -> None:
+    """Weight used of kraite-mp's share this minute, connection attempts left, streams waiting for one, and a
+    429/418 in force: what this host's processes see in Redis (issue 12)."""
+    from kraite_mp.binance.budget import reset_budgets, shared_budget
+    from kraite_mp.binance.connections import connection_budget
+    from kraite_mp.config import load_settings
+
+    env = _env(kraite_env, namespace)
+    settings = load_settings(None, environ=env)
+    reset_budgets()
+    try:
+        quiet = _status_cli(env)
+        assert quiet.returncode == 0, quiet.stderr
+        share = int(settings.binance.weight_limit_per_min * settings.binance.weight_share)
+        conn_share = int(settings.binance.connection_limit * settings.binance.connection_share)
+        line = next(x for x in quiet.stdout.splitlines() if x.startswith("EGRESS "))
+        assert f"REST weight 0/{share} used this minute" in line and "no 429/418 in force" in line, line
+        assert f"connection attempts {conn_share}/{conn_share} left" in line, line
+
+        weight = shared_budget(settings)
+        assert weight.try_take(120)[0]
+        connections = connection_budget(settings)
+        assert connections.take(who="user-data-1", dark_since=time.time()) == 0.0
+        weight.block(429, 30.0)
+        busy = _status_cli(env)
+        line = next(x for x in busy.stdout.splitlines() if x.startswith("EGRESS "))
+        assert f"REST weight 120/{share} used this minute" in line, line
+        assert f"connection attempts {conn_share - 1}/{conn_share} left" in line, line
+        assert re.search(r"Binance said 429: no calls for (29|30|3\d)(\.\d)? s", line), line
+    finally:
+        reset_budgets()

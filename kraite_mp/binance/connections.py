@@ -86,6 +86,19 @@ class ConnectionBudget(EgressBudget):
         return 0.0 if taken else self._next_try_s(retry_in)
 
     # -- the waiting line (longest dark first) ---------------------------------------------------
+    def waiting(self) -> int | None:
+        """Streams waiting for a connection token now (asked within ``WAITER_TTL_S``); None without Redis."""
+        shared = self._redis()
+        if shared is None:
+            return None
+        try:
+            count = shared[0].zcount(f"{self.key_prefix}:waiting-seen", time.time() - WAITER_TTL_S, "+inf")
+            self._redis_ok()
+        except REDIS_ERRORS as e:
+            self._redis_failed(e)
+            return None
+        return int(count)
+
     def _queue(self, who: str, dark_since: float) -> None:
         shared = self._redis()
         if shared is None:

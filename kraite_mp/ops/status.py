@@ -16,7 +16,7 @@ import click
 
 from kraite_mp import exitcodes
 from kraite_mp.logs import redact
-from kraite_mp.supervisor.publish import STATUS_TTL_S, status_pattern
+from kraite_mp.supervisor.publish import STATUS_TTL_S, host_name, status_pattern
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
@@ -366,11 +366,55 @@ def status_command(
         if fatal:
             summary += f", {fatal} FATAL"
         click.echo(summary)
+    if not as_json and (not hosts or host_name() in hosts):  # the budget of this host's egress
+        click.echo(egress_line(egress_summary(settings)))
     if any(dead.values()) and not as_json:
         listed = ", ".join(f"{q} {n}" for q, n in dead.items() if n)
         click.echo(f"DEAD LETTERS: {listed} (see `kraite-mp dead-letters list`, then `replay --all`)")
     if check and (stale or fatal or not entries or any(dead.values())):
         ctx.exit(exitcodes.EXIT_ERROR)
+
+
+def egress_summary(settings: Settings) -> dict[str, Any]:
+    """This host's egress budget as every process of it sees it in Redis: REST weight used of kraite-mp's
+    share this minute, WebSocket connection attempts left in their window, streams waiting for one, and a
+    429/418 in force (``ban``: status and seconds left, or None)."""
+    from kraite_mp.binance.budget import egress_id, shared_budget
+    from kraite_mp.binance.connections import connection_budget
+
+    weight, connections = shared_budget(settings), connection_budget(settings)
+    weight_left, attempts_left = weight.remaining(), connections.remaining()
+    block = weight.blocked()
+    return {
+        "egress": egress_id(settings),
+        "weight_used": None if weight_left is None else weight.limit - weight_left,
+        "weight_share": weight.limit,
+        "weight_limit": settings.binance.weight_limit_per_min,
+        "connections_left": attempts_left,
+        "connections_share": connections.limit,
+        "connection_window_s": connections.window_s,
+        "waiting": connections.waiting(),
+        "ban": None if block is None else {"status": block.status, "left_s": round(block.left_s, 1)},
+        "shared": weight.shared and not weight.fallback,
+    }
+
+
+def egress_line(summary: Mapping[str, Any]) -> str:
+    """``EGRESS host: weight 120/1200 this minute (of 2400), connections 148/150 left per 300 s, ...``."""
+    ban = summary["ban"]
+    parts = [
+        f"EGRESS {summary['egress']}: REST weight {_cell(summary['weight_used'])}/{summary['weight_share']} used"
+        f" this minute (the IP's limit {summary['weight_limit']})",
+        f"connection attempts {_cell(summary['connections_left'])}/{summary['connections_share']} left per"
+        f" {summary['connection_window_s']:g} s",
+        f"{_cell(summary['waiting'])} stream(s) waiting for one",
+        "no 429/418 in force"
+        if ban is None
+        else f"Binance said {ban['status']}: no calls for {ban['left_s']:g} s",
+    ]
+    if not summary["shared"]:
+        parts.append("(Redis unreachable: this process's local view)")
+    return ", ".join(parts)
 
 
 def dead_letter_counts(settings: Settings) -> dict[str, int]:
