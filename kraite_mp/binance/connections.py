@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from kraite_mp.binance.budget import (
@@ -92,7 +92,9 @@ class ConnectionBudget(EgressBudget):
         if shared is None:
             return None
         try:
-            count = shared[0].zcount(f"{self.key_prefix}:waiting-seen", time.time() - WAITER_TTL_S, "+inf")
+            count: Any = shared[0].zcount(
+                f"{self.key_prefix}:waiting-seen", time.time() - WAITER_TTL_S, "+inf"
+            )
             self._redis_ok()
         except REDIS_ERRORS as e:
             self._redis_failed(e)
