@@ -30,7 +30,7 @@ from kraite_mp.binance.fields import received_at as parse_received_at
 from kraite_mp.binance.orders import OrderState
 from kraite_mp.binance.user import AccountUpdate, FrameKind, UserEvent
 from kraite_mp.config import Settings, load_settings
-from kraite_mp.logs import describe_error, install_log_redaction, redact
+from kraite_mp.logs import adopt_handlers, describe_error, install_log_redaction, redact, startup_summary
 from kraite_mp.messages import (
     PROCESS_ACTOR,
     RECONCILE_ACTOR,
@@ -516,5 +516,7 @@ settings = load_settings()
 broker = build_broker(settings)
 dramatiq.set_broker(broker)
 install_log_redaction()
+if adopt_handlers(settings.log_format):  # under the dramatiq CLI: its handlers, kraite-mp's format
+    log.info("%s", startup_summary(settings))
 process_user_data_event = broker.get_actor(PROCESS_ACTOR)
 reconcile_account_job = broker.get_actor(RECONCILE_ACTOR)

@@ -8,6 +8,7 @@ nothing listens on (found free, then left closed) for "unreachable".
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,10 +48,14 @@ def kraite(
     )
 
 
+#: ``kraite-mp run``'s first log line (which config, database, Redis, Binance): context, not the error.
+STARTUP_LINE = re.compile(r"^\S+ INFO \[\d+\] kraite_mp\.supervisor: settings from ")
+
+
 def one_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The command's stderr, which must be exactly one line and no traceback."""
+    """The command's stderr, which must be exactly one line (after ``run``'s start-up line) and no traceback."""
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not STARTUP_LINE.match(line)]
     assert len(lines) == 1, result.stderr
     return lines[0]
 
@@ -170,6 +175,10 @@ def test_run_waits_for_postgresql_then_starts(
     # --fail-fast keeps the old behaviour: exit 75, one line
     r = kraite(env, "run", "--fail-fast")
     assert r.returncode == exitcodes.EXIT_TEMPFAIL and "PostgreSQL unavailable" in one_line(r)
+    # the first line says what this run uses (the database without its password), before anything else
+    first = r.stderr.splitlines()[0]
+    assert STARTUP_LINE.match(first) and f" database=127.0.0.1:{port}/" in first, first
+    assert f" namespace={env['KRAITE_REDIS_NAMESPACE']} " in first and " binance_rest=" in first, first
 
     log_path = tmp_path / "run.log"
     forwarder = Forwarder(port, (parts.hostname or "127.0.0.1", parts.port or 5432))

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -438,12 +439,8 @@ def test_crash_loop_backoff_fatal_and_stale_heartbeat(db, secret_key, kraite_env
         fatal = child_status(rd, f"user-data-{bad}")
         assert fatal["state"] == "FATAL" and "-2015" in fatal["fatal_reason"]
         assert "secret-bad" not in sup.log()
-        spawns = sup.lines(rf"^(\S+ \S+) INFO .* spawned user-data-{bad} account={bad} pid=")
-        stamps = [
-            time.mktime(time.strptime(m.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S"))
-            + int(m.group(1).split(",")[1]) / 1000
-            for m in spawns
-        ]
+        spawns = sup.lines(rf"^(\S+) INFO .* spawned user-data-{bad} account={bad} pid=")
+        stamps = [datetime.fromisoformat(m.group(1)).timestamp() for m in spawns]
         assert stamps and all(
             b - a >= fatal_retry_s - 0.01 for a, b in zip(stamps, stamps[1:], strict=False)
         ), stamps
