@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# constraints.txt: the tested versions of the runtime requirements (the extras resolve around them).
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,embedded,lint,sim]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,embedded,lint,simulator]'
 	touch $(STAMP)
 
 # A stamp alone cannot tell that the editable install was broken later: check the import each time.

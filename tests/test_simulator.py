@@ -1222,7 +1222,7 @@ def test_import_without_aiohttp_names_the_extra() -> None:
     r = _without_aiohttp("import kraite_mp.simulator")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"kraite_mp.simulator.SimulatorUnavailable: {MISSING_AIOHTTP}"
-    assert "'sim'" in MISSING_AIOHTTP and "No module named" not in r.stderr
+    assert "'simulator'" in MISSING_AIOHTTP and "No module named" not in r.stderr
     caught = _without_aiohttp(
         "try:\n    import kraite_mp.simulator\nexcept ImportError as e:\n    print(e.name)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import click
 
 from kraite_mp import exitcodes
 from kraite_mp.config import ConfigError, Settings, env_typos, load_settings
-from kraite_mp.logs import describe_error, setup_logging
+from kraite_mp.logs import describe_error, setup_logging, startup_summary
 
 #: ``sync-orders --every`` never sleeps less than this between passes.
 MIN_EVERY_S = 1.0
@@ -39,6 +40,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "fleet": "kraite_mp.ops.fleet_cmd:fleet_command",
     "demo": "kraite_mp.ops.demo:demo_command",
     "dead-letters": "kraite_mp.ops.deadletters:dead_letters",
+    "init": "kraite_mp.ops.init_cmd:init_cmd",
 }
 
 
@@ -49,8 +51,28 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in LAZY_COMMANDS:
             module_name, attr = LAZY_COMMANDS[cmd_name].split(":")
-            return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+            try:
+                module = importlib.import_module(module_name)
+            except click.ClickException as e:  # the simulator without aiohttp: listed, and says so when run
+                return _unavailable(cmd_name, e)
+            return getattr(module, attr)  # type: ignore[no-any-return]
         return super().get_command(ctx, cmd_name)
+
+
+def _unavailable(name: str, error: click.ClickException) -> click.Command:
+    """A stand-in for a command whose module cannot be imported: ``--help`` lists it, running it prints
+    ``error`` (one line, exit 1)."""
+
+    def callback() -> None:
+        raise error
+
+    return click.Command(
+        name,
+        callback=callback,
+        help=f"Unavailable: {error.format_message()}",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
 
 
 def get_settings(ctx: click.Context) -> Settings:
@@ -63,7 +85,7 @@ def get_settings(ctx: click.Context) -> Settings:
             fail(ctx, f"configuration error: {e}", exitcodes.EXIT_FATAL_CONFIG)
         if obj.get("log_level"):
             settings.log_level = obj["log_level"].upper()
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, fmt=settings.log_format)
         for name, close in env_typos(os.environ):
             click.echo(
                 f"kraite-mp: warning: {name} is not a kraite-mp variable; did you mean {close}?", err=True
@@ -579,6 +601,8 @@ def run_command(ctx: click.Context, fail_fast: bool) -> None:
     from kraite_mp.supervisor.runfiles import AlreadyRunning, heartbeat_dir
 
     settings = get_settings(ctx)
+    # the first line: which config file, database, Redis, namespace and Binance URLs this run uses
+    logging.getLogger("kraite_mp.supervisor").info("%s", startup_summary(settings))
     try:
         check_secret_key(settings.secret_key)  # checks the key's shape; no real secret is touched
         parse_shard(settings.supervisor.shard)
@@ -619,8 +643,6 @@ def run_command(ctx: click.Context, fail_fast: bool) -> None:
 def wait_for_database(ctx: click.Context, settings: Settings, *, fail_fast: bool = False) -> Any:
     """A connection, once PostgreSQL answers: retried with capped backoff, one log line per change of the
     error, the process title says so; SIGTERM/SIGINT while waiting exit 0. ``fail_fast``: exit 75 instead."""
-    import logging
-
     from kraite_mp.backoff import backoff_delay
     from kraite_mp.store.db import DatabaseRefused, DatabaseUnavailable, connect
     from kraite_mp.supervisor.context import set_process_title

@@ -148,7 +148,9 @@ from __future__ import annotations
 import click
 
 #: Why ``import kraite_mp.simulator`` (and so ``kraite-mp simulate``) fails without aiohttp, in one line.
-MISSING_AIOHTTP = "the simulator needs aiohttp, which the 'sim' extra installs: pip install 'kraite-mp[sim]'"
+MISSING_AIOHTTP = (
+    "the simulator needs aiohttp, which the 'simulator' extra installs: pip install 'kraite-mp[simulator]'"
+)
 
 
 class SimulatorUnavailable(ImportError, click.ClickException):
