@@ -9,8 +9,10 @@
   takes only its share.
 - **Leases**: a supervisor streams an account only while it holds the account's lease, a redis-py
   ``Lock`` (``<ns>:fleet:lease:account:<id>``, token ``<host_id>:<random>``, TTL ``lease_s``), renewed
-  each step with the Lock's own reacquire script, all leases in one pipeline. A lease held by another
-  live member is never taken; one of a dead member expires by itself.
+  each step by the Lock's own check-and-extend (``Lock.reacquire``: extend only while the key still
+  holds our token), done for every held lease in one script call (``RENEW_ALL_LUA``), so that a host's
+  Redis commands per step do not grow with its accounts. A lease held by another live member is never
+  taken; one of a dead member expires by itself.
 - **Handover without a gap**: when an account's assignment moves to another live member (one that
   joined or came back), the new owner streams it while the old one still holds the lease (an overlap);
   the old one releases the lease once the new owner's stream reports ``streaming`` in a status written
@@ -24,8 +26,9 @@
   its stream stopped.
 
 The parent holds no socket across a fork: each step opens a short-lived Redis client and closes it.
-Every step costs one pipeline: 3 membership commands plus one per held lease (renewal) and per lease
-wanted; see docs/BENCHMARKS.md for the commands per second at 1,000 accounts.
+A quiet step costs 6 commands whatever the number of leases (membership 3, the renewal script 1, the
+member's info 1, and the new connection's CLIENT SETINFO); a lease wanted costs 2 more, a handover 1
+per account. bench/fleet_leases.py measures it (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -47,6 +50,23 @@ if TYPE_CHECKING:
     from kraite_mp.config import Settings
 
 log = logging.getLogger(__name__)
+
+#: ``Lock.reacquire`` of redis-py (extend a lease only while it holds our token) for every held lease at
+#: once: KEYS the lease keys, ARGV[1] the TTL (ms), ARGV[1 + i] the token of KEYS[i]; 1/0 per lease.
+#: Single-instance Redis (the keys may sit in different cluster slots).
+RENEW_ALL_LUA = """
+local renewed = {}
+for i, key in ipairs(KEYS) do
+    local token = redis.call('get', key)
+    if token and token == ARGV[i + 1] then
+        redis.call('pexpire', key, ARGV[1])
+        renewed[i] = 1
+    else
+        renewed[i] = 0
+    end
+end
+return renewed
+"""
 
 #: Redis socket timeouts of a step: a hung Redis must not hold up the supervisor's loop for long.
 FLEET_SOCKET_TIMEOUT_S = 1.0
@@ -118,7 +138,7 @@ class FleetOwnership:
         self.view = FleetView(ok=False)
         self.next_step_at = 0.0
         self._failing_since: float | None = None
-        # redis-py's Lock scripts, registered once; run through each step's pipeline
+        # the batch renewal and redis-py's Lock release script, registered once; run through each step's client
         self._scripts: tuple[Any, Any] | None = None
         #: The first step only registers: supervisors started together see each other before taking
         #: leases (else the first would take everything and hand it over again).
@@ -172,13 +192,13 @@ class FleetOwnership:
         if self._scripts is None:
             lock = Lock(client, "unused", timeout=1.0)
             lock.register_scripts()
-            self._scripts = (Lock.lua_reacquire, Lock.lua_release)
+            self._scripts = (client.register_script(RENEW_ALL_LUA), Lock.lua_release)
         return self._scripts
 
     def _step(
         self, client: redis.Redis, account_ids: list[int], streaming: set[int], may_lead: bool
     ) -> FleetView:
-        reacquire, release = self._lock_scripts(client)
+        renew_all, release = self._lock_scripts(client)
         ttl_ms = int(self.lease_s * 1000)
         now_ms = int(time.time() * 1000)
         mkey = members_key(self.namespace)
@@ -188,11 +208,15 @@ class FleetOwnership:
         pipe.zadd(mkey, {self.host_id: now_ms + ttl_ms})
         pipe.zremrangebyscore(mkey, "-inf", now_ms)
         pipe.zrange(mkey, 0, -1)
-        for what, token in held:
-            reacquire(keys=[lease_key(self.namespace, what)], args=[token, ttl_ms], client=pipe)
+        if held:
+            renew_all(
+                keys=[lease_key(self.namespace, what) for what, _ in held],
+                args=[ttl_ms, *(token for _, token in held)],
+                client=pipe,
+            )
         results = pipe.execute()
         members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in results[2])
-        for (what, _token), renewed in zip(held, results[3:], strict=True):
+        for (what, _token), renewed in zip(held, results[3] if held else [], strict=True):
             if not renewed:
                 self.tokens.pop(what, None)
                 if isinstance(what, int):
@@ -306,7 +330,7 @@ class FleetOwnership:
             return
         client = self._client()
         try:
-            _reacquire, release = self._lock_scripts(client)
+            _renew_all, release = self._lock_scripts(client)
             for what in list(self.tokens):
                 self._release(client, release, what)
             client.zrem(members_key(self.namespace), self.host_id)
