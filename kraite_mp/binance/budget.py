@@ -56,6 +56,18 @@ log = logging.getLogger(__name__)
 
 #: Length of the weight window (Binance: X-MBX-USED-WEIGHT-1M); a moving window is never looser than theirs.
 WINDOW_S = 60
+#: Every window is kept this share longer than the exchange's (60 s -> 62 s, 300 s -> 310 s): a unit is
+#: taken a little before the exchange counts it (the request's way there), so with an exact window two
+#: bursts one window apart could land in one of the exchange's (measured: 1,288 of a 1,200 share in a
+#: rolling minute, calls 59.98 s apart). Costs 3 % of the sustained rate.
+WINDOW_MARGIN_RATIO = 1 / 30
+
+
+def padded_window(window_s: int) -> int:
+    """The window (whole seconds) kraite-mp keeps to for an exchange window of ``window_s``."""
+    return window_s + math.floor(window_s * WINDOW_MARGIN_RATIO + 0.5)  # half up: 15 s -> 16 s
+
+
 #: Longest a call waits for budget before it is refused (a full window frees within one minute).
 MAX_WAIT_S = 61.0
 #: Shortest pause between two tries of a full window, plus up to this random part (spreads the waiters).
@@ -176,7 +188,7 @@ class EgressBudget:
         self._client: redis.Redis | None = None
         self._shared: MovingWindowRateLimiter | None = None
         self._ban_script: Any = None
-        self._item: RateLimitItem = RateLimitItemPerSecond(self.limit, self.window_s)
+        self._item: RateLimitItem = RateLimitItemPerSecond(self.limit, padded_window(self.window_s))
         self._local: MovingWindowRateLimiter | None = None
         self._local_item: RateLimitItem | None = None
         #: Redis failed and has not answered since: the local fallback decides.
@@ -255,7 +267,7 @@ class EgressBudget:
 
     def _local_window(self) -> tuple[int, int]:
         """(amount, seconds) of the in-memory window: the whole budget, or the fallback share."""
-        return (self._fallback_limit if self.shared else self.limit), self.window_s
+        return (self._fallback_limit if self.shared else self.limit), padded_window(self.window_s)
 
     def _local_limiter(self) -> tuple[MovingWindowRateLimiter, RateLimitItem]:
         amount, seconds = self._local_window()

@@ -30,6 +30,7 @@ from kraite_mp.binance.budget import (
     budget_key,
     cached_budget,
     egress_id,
+    padded_window,
 )
 
 if TYPE_CHECKING:
@@ -179,8 +180,8 @@ class ConnectionBudget(EgressBudget):
 
     def _local_window(self) -> tuple[int, int]:
         if not self.shared:
-            return self.limit, self.window_s
-        return fallback_window(self.limit, self._peers, self.window_s, self.fallback_ratio)
+            return self.limit, padded_window(self.window_s)
+        return fallback_window(self.limit, self._peers, padded_window(self.window_s), self.fallback_ratio)
 
     def _fallback_text(self) -> str:
         amount, seconds = self._local_window()
