@@ -61,6 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from kraite_mp.simulator.engine import RESTING_ORDERS  # noqa: E402
+
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Sampling period of the simulator's connection counts after the drop (the dark-time resolution).
@@ -76,15 +78,6 @@ CONNECTION_SHARE = 0.5
 SPAWN_RATE_PER_S = 0.9
 #: Request weight of the full sweep every first connect queues when the account has no history (90).
 FIRST_SWEEP_WEIGHT = 90
-#: Open LIMIT orders given to each account before the drop: symbol, quantity, price (far from the market).
-SEED_ORDERS: tuple[tuple[str, str, str], ...] = (
-    ("BTCUSDT", "0.010", "43000.10"),
-    ("ETHUSDT", "0.100", "1600.51"),
-    ("SOLUSDT", "1", "71.3100"),
-    ("BNBUSDT", "0.10", "305.230"),
-    ("XRPUSDT", "10.0", "1.0517"),
-    ("DOGEUSDT", "100", "0.085615"),
-)
 #: The reconcile endpoints (what a reconnect's sweep asks), by path.
 RECONCILE_PATHS = (
     "/fapi/v1/openOrders",
@@ -333,7 +326,7 @@ def run_case(n: int, args: argparse.Namespace, admin: str, redis_url: str) -> di
 
         # a healthy history: open orders on active symbols, and the scenario running on every account
         for key in keys:
-            for symbol, qty, price in SEED_ORDERS[: args.open_orders]:
+            for symbol, qty, price in RESTING_ORDERS[: args.open_orders]:
                 sim.place_order(key, symbol=symbol, side="BUY", type="LIMIT", quantity=qty, price=price)
         sim.set_rate(args.rate)
         wait(lambda: audited() >= frames_sent(sim.stats()), 120, "the seed orders audited", interval=0.5)
@@ -577,7 +570,7 @@ def main() -> int:
     parser.add_argument("--connection-limit", type=int, default=300, help="handshake attempts per window")
     parser.add_argument("--connection-window", type=float, default=300.0, help="seconds")
     parser.add_argument(
-        "--open-orders", type=int, default=len(SEED_ORDERS), choices=range(len(SEED_ORDERS) + 1)
+        "--open-orders", type=int, default=len(RESTING_ORDERS), choices=range(len(RESTING_ORDERS) + 1)
     )
     parser.add_argument("--rate", type=float, default=0.02, help="scenario steps per second per account")
     parser.add_argument(

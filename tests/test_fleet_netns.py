@@ -51,6 +51,8 @@ from fixtures.userdata_helpers import ALL_DISPATCH_KEYS, add_sim_accounts, truth
 from support import ROOT, ProcessGroup, require_tcp_loopback, title_of
 from test_supervisor import FAST_ENV
 
+from kraite_mp.simulator.engine import RESTING_ORDERS
+
 #: A test's bounded waits add up past the project's default per-test timeout (120 s) only when it fails.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -72,16 +74,6 @@ STEPS_PER_S = 1.0
 #: REST weight per minute at the simulator and in kraite-mp (Binance: 2,400), scaled up as in
 #: tests/test_mass_reconnect.py so that the full sweeps of every (re)connect do not queue for minutes.
 WEIGHT_LIMIT = 24_000
-#: One open LIMIT order per scenario symbol and account, far from the market: every symbol the scenario
-#: trades is known to the database, so a reconciliation sweep covers what happened in a gap.
-SEED_ORDERS: tuple[tuple[str, str, str], ...] = (
-    ("BTCUSDT", "0.010", "43000.10"),
-    ("ETHUSDT", "0.100", "1600.51"),
-    ("SOLUSDT", "1", "71.3100"),
-    ("BNBUSDT", "0.10", "305.230"),
-    ("XRPUSDT", "10.0", "1.0517"),
-    ("DOGEUSDT", "100", "0.085615"),
-)
 TABLES = (
     "order_transitions",
     "orders",
@@ -482,7 +474,7 @@ def fleet(database_url: str, redis_url: str, redis_namespace: str, secret_key: s
             seed_symbols(conn, [s for s, _ in sim.mark_symbols], exchanges=("binance",), coverage=1.0)
             accounts = add_sim_accounts(conn, secret_key, sim, ACCOUNTS)
             for a in accounts:
-                for symbol, qty, price in SEED_ORDERS:
+                for symbol, qty, price in RESTING_ORDERS:
                     sim.place_order(
                         a.api_key, symbol=symbol, side="BUY", type="LIMIT", quantity=qty, price=price
                     )

@@ -28,6 +28,8 @@ import pytest
 from fixtures.userdata_helpers import ALL_DISPATCH_KEYS, add_sim_accounts, sim_env, truth_mismatches
 from support import wait_for
 
+from kraite_mp.simulator.engine import RESTING_ORDERS
+
 ACCOUNTS = 40
 #: Handshake attempts per rolling window at the simulator and in kraite-mp's config; kraite-mp keeps to
 #: CONNECTION_SHARE of them (21 here, of which the user-data children leave one to the mark-price stream).
@@ -39,17 +41,6 @@ WEIGHT_LIMIT = 24_000
 WEIGHT_SHARE = 0.5
 #: Scenario steps per second per account while the fleet streams and while it is dark.
 RATE = 0.5
-#: One open LIMIT order per scenario symbol and account (far from the market): every symbol the scenario
-#: trades is active, so the full sweep after the reconnect looks at its history (the sweep's known gap
-#: is orders placed and ended inside a gap on a symbol the database never saw).
-SEED_ORDERS: tuple[tuple[str, str, str], ...] = (
-    ("BTCUSDT", "0.010", "43000.10"),
-    ("ETHUSDT", "0.100", "1600.51"),
-    ("SOLUSDT", "1", "71.3100"),
-    ("BNBUSDT", "0.10", "305.230"),
-    ("XRPUSDT", "10.0", "1.0517"),
-    ("DOGEUSDT", "100", "0.085615"),
-)
 #: Longest wait for any phase (the connection budget alone needs two windows per connect of the fleet).
 PHASE_TIMEOUT_S = 120.0
 
@@ -172,7 +163,7 @@ def test_after_a_mass_drop_every_account_streams_again_within_the_budget_and_no_
             wait_for(settled, PHASE_TIMEOUT_S, 0.2, "the first connects' reconciliations")
 
             for key in keys:
-                for symbol, qty, price in SEED_ORDERS:
+                for symbol, qty, price in RESTING_ORDERS:
                     sim.place_order(key, symbol=symbol, side="BUY", type="LIMIT", quantity=qty, price=price)
             sim.set_rate(RATE)
             wait_for(settled, PHASE_TIMEOUT_S, 0.2, "the seed orders audited")

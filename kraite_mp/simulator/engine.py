@@ -53,6 +53,17 @@ _ZERO = Decimal(0)
 
 #: Symbols the scenario trades on (always USD-M, always known, independent of the market walk).
 SCENARIO_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT", "XRPUSDT", "DOGEUSDT")
+#: One LIMIT order per scenario symbol, far from the market (symbol, quantity, price): it rests open, so a
+#: test or benchmark that places them makes every symbol the scenario trades active in the database (a
+#: reconnect's sweep then looks at its history).
+RESTING_ORDERS: tuple[tuple[str, str, str], ...] = (
+    ("BTCUSDT", "0.010", "43000.10"),
+    ("ETHUSDT", "0.100", "1600.51"),
+    ("SOLUSDT", "1", "71.3100"),
+    ("BNBUSDT", "0.10", "305.230"),
+    ("XRPUSDT", "10.0", "1.0517"),
+    ("DOGEUSDT", "100", "0.085615"),
+)
 
 #: Regular order statuses that ``GET /fapi/v1/openOrders`` lists (independent of the product's copy).
 OPEN_STATUSES = frozenset({"NEW", "PARTIALLY_FILLED"})
