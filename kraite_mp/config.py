@@ -233,7 +233,7 @@ class FleetSettings:
 @dataclass
 class AuditSettings:
     #: ``api_data_stream`` keeps this many days of frames (daily partitions; older ones are dropped whole by
-    #: ``kraite-mp db prune``, which ``run`` calls daily). Far longer than any message can wait for a retry.
+    #: every periodic sync pass and by ``kraite-mp db prune``). Far longer than any message can wait for a retry.
     retention_days: int = 30
 
 

@@ -929,6 +929,36 @@ def test_sync_child_skips_accounts_whose_credentials_binance_refused(env: dict[s
     assert statuses == ["PARTIALLY_FILLED", "NEW", "PARTIALLY_FILLED"]  # the refused one was not asked
 
 
+@pytest.mark.integration
+def test_the_sync_pass_keeps_the_audit_partitions(env: dict[str, Any]) -> None:
+    """The periodic sync child (one per fleet) also makes api_data_stream's next days and drops the days
+    past audit.retention_days (docs/RETENTION.md): nobody has to remember a cron job."""
+    from datetime import timedelta
+
+    from psycopg2 import sql
+
+    from kraite_mp.store import retention
+
+    db, settings = env["db"], env["settings"]
+    today = retention.db_today(db)
+    old_day = today - timedelta(days=settings.audit.retention_days + 5)
+    retention.ensure_partitions(db, today=old_day, ahead_days=0)  # a day long past the retention
+    names = {p.name for p in retention.partitions(db)}
+    assert retention.partition_name(old_day) in names
+    with db.cursor() as cur:  # and a week ahead not made yet
+        cur.execute(
+            sql.SQL("DROP TABLE {}").format(
+                sql.Identifier(retention.partition_name(today + timedelta(days=7)))
+            )
+        )
+    db.commit()
+    os.makedirs(os.path.join(settings.run_dir, "heartbeats"), exist_ok=True)
+    assert run_sync_child(ChildContext(settings, "sync")) == 0
+    names = {p.name for p in retention.partitions(db)}
+    assert retention.partition_name(old_day) not in names
+    assert {retention.partition_name(today + timedelta(days=d)) for d in range(-1, 8)} <= names
+
+
 def _read_lines(stream: Any, sink: list[str]) -> None:
     for line in iter(stream.readline, b""):
         sink.append(line.decode())

@@ -44,19 +44,30 @@ LAZY_COMMANDS: dict[str, str] = {
 }
 
 
+#: Subcommands of ``db`` in their own modules: name -> "module:attribute".
+LAZY_DB_COMMANDS: dict[str, str] = {"prune": "kraite_mp.ops.retention_cmd:prune_cmd"}
+
+
 class LazyGroup(click.Group):
+    #: name -> "module:attribute" of the subcommands imported only when used.
+    lazy_commands: dict[str, str] = LAZY_COMMANDS
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in LAZY_COMMANDS:
-            module_name, attr = LAZY_COMMANDS[cmd_name].split(":")
+        if cmd_name in self.lazy_commands:
+            module_name, attr = self.lazy_commands[cmd_name].split(":")
             try:
                 module = importlib.import_module(module_name)
             except click.ClickException as e:  # the simulator without aiohttp: listed, and says so when run
                 return _unavailable(cmd_name, e)
             return getattr(module, attr)  # type: ignore[no-any-return]
         return super().get_command(ctx, cmd_name)
+
+
+class LazyDbGroup(LazyGroup):
+    lazy_commands = LAZY_DB_COMMANDS
 
 
 def _unavailable(name: str, error: click.ClickException) -> click.Command:
@@ -328,22 +339,30 @@ def rotate_secret_key(
     _announce(ctx, settings, f"re-encrypted {count} account secret(s) under the first key of secret_key")
 
 
-@cli.group()
+@cli.group(cls=LazyDbGroup)
 def db() -> None:
-    """Database schema."""
+    """Database schema, and api_data_stream's day partitions (prune)."""
 
 
 @db.command("migrate")
 @click.pass_context
 def db_migrate(ctx: click.Context) -> None:
-    """Apply pending schema migrations (idempotent)."""
+    """Apply pending schema migrations (idempotent), and make api_data_stream's next day partitions."""
     from kraite_mp.store.db import migrate
+    from kraite_mp.store.retention import PartitionsBusy, ensure_partitions
 
     with connected(ctx, schema=False) as conn:
         applied = migrate(conn)
+        try:
+            created = ensure_partitions(conn)
+        except PartitionsBusy as e:  # the periodic maintenance makes them: days are made well ahead
+            click.echo(f"kraite-mp: warning: {e}", err=True)
+            created = []
     click.echo(
         f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date"
     )
+    if created:
+        click.echo(f"created {len(created)} partition(s) of api_data_stream: {', '.join(created)}")
 
 
 @cli.group()

@@ -84,6 +84,35 @@ def reconcile_accounts(
     return results
 
 
+def keep_audit_partitions(conn: Any, retention_days: int) -> None:
+    """``api_data_stream``'s upkeep, once per sync pass (one pass per fleet: the mark-price leader's): the
+    next days' partitions made, those past ``retention_days`` dropped. Nothing to do costs two catalog
+    queries; a failure is logged and never stops the pass (the days are made a week ahead)."""
+    from kraite_mp.store.retention import maintain
+
+    try:
+        report = maintain(conn, retention_days)
+    except psycopg2.Error as e:
+        if conn.closed:
+            raise
+        conn.rollback()
+        log.warning("api_data_stream upkeep failed (%s); the next pass tries again", describe_error(e))
+        return
+    pruned = report.pruned
+    if report.created or pruned.dropped or pruned.default_rows_deleted:
+        log.info(
+            "api_data_stream: %d day partition(s) made, %d dropped (keeping %s onwards), %d late row(s) kept,"
+            " %d row(s) deleted from the default partition",
+            len(report.created),
+            len(pruned.dropped),
+            pruned.cutoff,
+            pruned.moved_late_rows,
+            pruned.default_rows_deleted,
+        )
+    if pruned.busy:
+        log.info("api_data_stream: %s busy, left for the next pass", ", ".join(pruned.busy))
+
+
 def run_sync_child(ctx: ChildContext) -> int:
     """One reconciliation pass (mode auto) over the accounts this supervisor owns; exit 0."""
     from kraite_mp.store.db import DatabaseUnavailable, connect
@@ -97,6 +126,7 @@ def run_sync_child(ctx: ChildContext) -> int:
         log.error("%s", e)
         return exitcodes.EXIT_TEMPFAIL
     try:
+        keep_audit_partitions(conn, settings.audit.retention_days)
         accounts = owned_accounts(conn, settings)
         # an account whose key Binance refused is retried by its stream (supervisor.fatal_retry_s), and at
         # once by `accounts update`/`enable`: sweeping it every pass would only spend weight on refusals
