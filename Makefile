@@ -1,6 +1,7 @@
 # Every target that runs code first makes sure .venv exists and holds what it needs,
 # so on a fresh machine `make test` or `make demo` is the only command to type.
-PYTHON ?= python3
+# The newest supported CPython on this machine (3.13, 3.12, 3.11: bin/pick-python) unless PYTHON is given.
+PYTHON ?= $(shell bin/pick-python || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -51,4 +52,4 @@ bench: check-install
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lowest build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -499,3 +499,32 @@ def test_the_wheel_ships_the_templates_and_init_runs_from_it(tmp_path: Path) -> 
     assert ran.stdout.splitlines()[0].startswith(str(target)), "init ran from the installed wheel"
     for name in TEMPLATES:
         assert (home / "etc" / name.replace(".toml.example", ".toml")).is_file()
+
+
+@pytest.mark.unit
+def test_pick_python_finds_the_newest_and_the_oldest_supported_cpython() -> None:
+    """`make` builds .venv with the newest CPython 3.11-3.13 it finds (bin/pick-python); CI also runs the
+    unit tier on the oldest."""
+    import subprocess
+
+    def version(which: str) -> tuple[int, int]:
+        path = subprocess.run(
+            [str(ROOT / "bin" / "pick-python"), *([which] if which else [])],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        out = subprocess.run(
+            [path, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        major, minor = map(int, out.stdout.split())
+        return major, minor
+
+    newest, oldest = version(""), version("lowest")
+    assert (3, 11) <= oldest <= newest <= (3, 13), (oldest, newest)
+    here = sys.version_info[:2]
+    assert oldest <= here <= newest or not (3, 11) <= here <= (3, 13)  # the running one is in between
