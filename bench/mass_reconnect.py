@@ -255,6 +255,7 @@ def run_case(n: int, args: argparse.Namespace, admin: str, redis_url: str) -> di
             KRAITE__binance__connection_limit=str(conn_limit),
             KRAITE__binance__connection_window_s=str(conn_window),
             KRAITE__binance__egress_id=f"bench-{tag}",
+            KRAITE__supervisor__gap_sweep_max_s=str(args.gap_sweep_max_s),
             PYTHONUNBUFFERED="1",
             PYTHONPATH=str(ROOT),
         )
@@ -504,7 +505,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out.append(
         f"Command: `python bench/mass_reconnect.py --accounts {args.accounts} --weight-limit {args.weight_limit}"
         f" --connection-limit {args.connection_limit} --connection-window {args.connection_window:g}"
-        f" --open-orders {args.open_orders} --rate {args.rate:g} --observe-timeout {args.observe_timeout:g}`  "
+        f" --open-orders {args.open_orders} --rate {args.rate:g} --observe-timeout {args.observe_timeout:g}"
+        f" --gap-sweep-max-s {args.gap_sweep_max_s:g}`  "
     )
     out.append(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; the simulator,"
@@ -573,6 +575,13 @@ def main() -> int:
         "--open-orders", type=int, default=len(RESTING_ORDERS), choices=range(len(RESTING_ORDERS) + 1)
     )
     parser.add_argument("--rate", type=float, default=0.02, help="scenario steps per second per account")
+    parser.add_argument(
+        "--gap-sweep-max-s",
+        type=float,
+        default=0.0,
+        help="supervisor.gap_sweep_max_s: a reconnect after a known gap this long at most sweeps only the gap"
+        " (0, the default as deployed: full sweeps)",
+    )
     parser.add_argument(
         "--observe-timeout",
         type=float,
