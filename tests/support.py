@@ -109,6 +109,14 @@ class ProcessGroup:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
+        self.log_files: list[Any] = []
+
+    def log_to(self, directory: str, name: str) -> dict[str, Any]:
+        """``start`` keywords sending a process's output to ``<directory>/<name>.log`` (an unread pipe fills
+        up and blocks its logging, and its shutdown); the file is closed at teardown, after the processes."""
+        f = open(os.path.join(directory, f"{name}.log"), "ab")  # noqa: SIM115 - closed by stop_all
+        self.log_files.append(f)
+        return {"stdout": subprocess.DEVNULL, "stderr": f}
 
     def start(self, args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[Any]:
         kw.setdefault("stdout", subprocess.PIPE)
@@ -141,6 +149,26 @@ class ProcessGroup:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=5)
+        while self.log_files:
+            self.log_files.pop().close()
+
+
+def wait_closed(ws: Any, timeout: float) -> None:
+    """Read until the server closes the WebSocket ``ws`` (answering pings meanwhile); fail after ``timeout``."""
+    import websocket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            opcode, _ = ws.recv_data(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            break
+        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+            return
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return
+    pytest.fail("server did not close the connection")
 
 
 def prices_by_id(conn: Any) -> dict[int, tuple[str | None, Any]]:

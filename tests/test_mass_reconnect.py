@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -43,22 +41,6 @@ WEIGHT_SHARE = 0.5
 RATE = 0.5
 #: Longest wait for any phase (the connection budget alone needs two windows per connect of the fleet).
 PHASE_TIMEOUT_S = 120.0
-
-_log_files: list[Any] = []
-
-
-def log_to(run_dir: str, name: str) -> dict[str, Any]:
-    """A process's output to a file: an unread pipe fills up and blocks its logging (and its shutdown)."""
-    f = open(os.path.join(run_dir, f"{name}.log"), "ab")  # noqa: SIM115 - closed by _close_logs
-    _log_files.append(f)
-    return {"stdout": subprocess.DEVNULL, "stderr": f}
-
-
-@pytest.fixture(autouse=True)
-def _close_logs() -> Iterator[None]:
-    yield
-    while _log_files:
-        _log_files.pop().close()
 
 
 def log_tails(run_dir: str, lines: int = 40) -> str:
@@ -128,11 +110,11 @@ def test_after_a_mass_drop_every_account_streams_again_within_the_budget_and_no_
         )
         accounts = add_sim_accounts(db, secret_key, sim, ACCOUNTS)
         keys = [a.api_key for a in accounts]
-        processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
+        processes.kraite("run", env=env, **processes.log_to(run_dir, "supervisor"))
         processes.start(
             [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "8"],
             env,
-            **log_to(run_dir, "dramatiq"),
+            **processes.log_to(run_dir, "dramatiq"),
         )
         pending_keys = [f"{namespace}:dramatiq:reconcile.msgs", f"{namespace}:dramatiq:reconcile.DQ.msgs"]
 

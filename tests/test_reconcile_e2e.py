@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,22 +23,6 @@ from test_reconcile import (
 )
 
 from kraite_mp.store.accounts import add_account
-
-_log_files: list[Any] = []
-
-
-def log_to(run_dir: str, name: str) -> dict[str, Any]:
-    """Send a process's output to a file: an unread pipe fills up and blocks its logging (and its shutdown)."""
-    f = open(os.path.join(run_dir, f"{name}.log"), "ab")  # noqa: SIM115 - closed by _close_logs
-    _log_files.append(f)
-    return {"stdout": subprocess.DEVNULL, "stderr": f}
-
-
-@pytest.fixture(autouse=True)
-def _close_logs() -> Iterator[None]:
-    yield
-    while _log_files:
-        _log_files.pop().close()
 
 
 def matches_truth(db: Any, account_id: int, truth: dict[str, Any]) -> bool:
@@ -84,11 +66,11 @@ def daemon(
         KRAITE__user_data_stream__ping_interval_s="1",
         KRAITE__user_data_stream__pong_timeout_s="2",
     )
-    processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
+    processes.kraite("run", env=env, **processes.log_to(run_dir, "supervisor"))
     processes.start(
         [sys.executable, "-m", "dramatiq", "kraite_mp.jobs", "--processes", "1", "--threads", "2"],
         env,
-        **log_to(run_dir, "dramatiq"),
+        **processes.log_to(run_dir, "dramatiq"),
     )
     key = sim.accounts[0].api_key
     assert sim.wait_for_connections(key, 1, timeout=60), "the user-data child never connected"
@@ -222,7 +204,7 @@ def test_periodic_sync_child_closes_the_gap_without_any_worker(
         KRAITE__supervisor__sync_interval_s="2",
         KRAITE__supervisor__mark_price="false",
     )
-    processes.kraite("run", env=env, **log_to(run_dir, "supervisor"))
+    processes.kraite("run", env=env, **processes.log_to(run_dir, "supervisor"))
     wait_for(
         lambda: matches_truth(db, account.id, sim.truth(key)),
         timeout=90,

@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 import websocket
+from support import wait_closed
 
 from kraite_mp.simulator import MISSING_AIOHTTP, SimAccount, Simulator, SimulatorError
 
@@ -120,22 +121,6 @@ def assert_quiet(ws: websocket.WebSocket, seconds: float) -> None:
     with pytest.raises(websocket.WebSocketTimeoutException):
         frame = ws.recv()
         pytest.fail(f"unexpected frame {frame[:200]!r}")
-
-
-def wait_closed(ws: websocket.WebSocket, timeout: float) -> None:
-    """Read until the server closes the connection (answering pings meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ws.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            opcode, _ = ws.recv_data(control_frame=True)
-        except websocket.WebSocketTimeoutException:
-            break
-        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
-            return
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            return
-    pytest.fail("server did not close the connection")
 
 
 def signed(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 import websocket
+from support import wait_closed
 
 from kraite_mp.binance import user
 from kraite_mp.binance.market import parse_mark_price_frame
@@ -97,21 +98,6 @@ def data_frames(ws: websocket.WebSocket, n: int, timeout: float = 3.0) -> list[A
         assert left > 0, f"got {len(out)} of {n}: {out}"
         out.append(recv(ws, left))
     return out
-
-
-def wait_closed(ws: websocket.WebSocket, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ws.settimeout(max(0.05, deadline - time.monotonic()))
-        try:
-            opcode, _ = ws.recv_data(control_frame=True)
-        except websocket.WebSocketTimeoutException:
-            break
-        except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
-            return
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            return
-    pytest.fail("server did not close the connection")
 
 
 # ---------------------------------------------------------------------- /private
