@@ -465,20 +465,12 @@ def spawn_case(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def services() -> tuple[str, str, list[Any]]:
-    from kraite_mp.ops.embedded import PostgresServer, RedisServer, postgres_reachable, redis_reachable
+    from kraite_mp.ops.embedded import reachable_or_embedded
 
-    started: list[Any] = []
-    admin = os.environ.get("KRAITE_BENCH_DATABASE_URL", DEFAULT_ADMIN_URL)
-    if not postgres_reachable(admin):
-        pg = PostgresServer().start()
-        started.append(pg)
-        admin = pg.url
-    redis_url = os.environ.get("KRAITE_BENCH_REDIS_URL", DEFAULT_REDIS_URL)
-    if not redis_reachable(redis_url):
-        rs = RedisServer().start()
-        started.append(rs)
-        redis_url = rs.url
-    return admin, redis_url, started
+    return reachable_or_embedded(
+        os.environ.get("KRAITE_BENCH_DATABASE_URL", DEFAULT_ADMIN_URL),
+        os.environ.get("KRAITE_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
+    )
 
 
 def main() -> int:

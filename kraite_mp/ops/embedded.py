@@ -166,3 +166,18 @@ def redis_reachable(url: str) -> bool:
             client.close()
     except redis.RedisError:
         return False
+
+
+def reachable_or_embedded(database_url: str, redis_url: str) -> tuple[str, str, list[Any]]:
+    """(PostgreSQL URL, Redis URL, servers started): the given servers where they answer, else an embedded
+    one each, started here; the caller stops those (``cleanup()``) at the end. For benchmarks."""
+    started: list[Any] = []
+    if not postgres_reachable(database_url):
+        pg = PostgresServer().start()
+        started.append(pg)
+        database_url = pg.url
+    if not redis_reachable(redis_url):
+        rs = RedisServer().start()
+        started.append(rs)
+        redis_url = rs.url
+    return database_url, redis_url, started
