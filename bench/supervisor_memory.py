@@ -110,6 +110,21 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 
+def sched(pid: int) -> tuple[int, int]:
+    """(CPU nanoseconds, times scheduled onto a CPU) summed over the threads of ``pid`` (``schedstat``):
+    exact where ``stat``'s ticks are 10 ms coarse, and the second figure counts the wake-ups."""
+    ns = slices = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns, _wait_ns, timeslices = f.read().split()[:3]
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+        ns += int(run_ns)
+        slices += int(timeslices)
+    return ns, slices
+
+
 def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -261,12 +276,20 @@ def run_one(
                 log(f"N={n}: {label} pid={pid} private memory by mapping (kB private / kB rss):")
                 for mapping, private_kb, rss_kb in private_by_mapping(pid):
                     log(f"    {private_kb:>8} {rss_kb:>8}  {mapping}")
-        ticks0 = {pid: cpu_ticks(pid) for pid in [sup.pid, *kids]}
+        sched0 = {pid: sched(pid) for pid in [sup.pid, *kids]}
         sim_ticks0 = cpu_ticks(sim.pid)
         t0 = time.monotonic()
         time.sleep(cpu_window_s)
         elapsed = time.monotonic() - t0
-        cpu = {pid: (cpu_ticks(pid) - ticks0[pid]) / CLK_TCK / elapsed * 100 for pid in ticks0}
+        sched1 = {pid: sched(pid) for pid in sched0}
+        if detail:
+            sample = next(p for p in kids if roles.get(p) == "user-data")
+            log(f"N={n}: user-data child pid={sample} wake-ups per thread over {cpu_window_s:.0f} s:")
+            for tid in sorted(os.listdir(f"/proc/{sample}/task"), key=int):
+                with open(f"/proc/{sample}/task/{tid}/schedstat") as f:
+                    log(f"    tid {tid}: {f.read().split()[2]} times scheduled in all")
+        cpu = {pid: (sched1[pid][0] - sched0[pid][0]) / 1e9 / elapsed * 100 for pid in sched0}
+        wakeups = {pid: (sched1[pid][1] - sched0[pid][1]) / elapsed for pid in sched0}
         sim_cpu = (cpu_ticks(sim.pid) - sim_ticks0) / CLK_TCK / elapsed * 100
         users_pids = [p for p in kids if roles.get(p) == "user-data"]
         mark_pids = [p for p in kids if roles.get(p) == "mark-price"]
@@ -283,6 +306,8 @@ def run_one(
             "user_rss_mean": statistics.mean(user_rss),
             "user_threads": threads_of(users_pids[0]),
             "user_cpu_mean": statistics.mean(cpu[p] for p in users_pids),
+            "user_cpu_total": sum(cpu[p] for p in users_pids),
+            "user_wakeups_mean": statistics.mean(wakeups[p] for p in users_pids),
             "mark_pss": mem[mark_pids[0]].pss_kb / KB_PER_MB if mark_pids else float("nan"),
             "mark_uss": mem[mark_pids[0]].uss_kb / KB_PER_MB if mark_pids else float("nan"),
             "mark_cpu": cpu[mark_pids[0]] if mark_pids else float("nan"),
@@ -348,20 +373,21 @@ def main() -> int:
         f"`{' '.join(['bench/supervisor_memory.py', *sys.argv[1:]])}` on {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, Linux {platform.release()}. Idle streams: no user-data events, "
         f"{args.symbols} simulated symbols ticking mark prices every second. Memory from `/proc/PID/smaps_rollup` after all children "
-        f"stream and {args.settle_s:.0f} s settle; CPU over {args.cpu_window_s:.0f} s. MB = MiB.\n"
+        f"stream and {args.settle_s:.0f} s settle; CPU (`/proc/PID/task/*/schedstat`: run time and times scheduled, i.e. wake-ups, of every thread) over {args.cpu_window_s:.0f} s; `all` is the sum over the user-data children, in % of one core. MB = MiB.\n"
     )
     print(
         "| accounts | children | user-data PSS mean | user-data PSS max | user-data USS mean | user-data RSS mean "
         "| mark-price PSS / USS | parent PSS / USS | all processes PSS | parent CPU idle | user-data CPU mean "
-        "| mark-price CPU | start to all streaming | restarts |"
+        "| user-data CPU all | user-data wake-ups/s mean | mark-price CPU | start to all streaming | restarts |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['n']} | {r['children']} | {r['user_pss_mean']:.1f} MB | {r['user_pss_max']:.1f} MB "
             f"| {r['user_uss_mean']:.1f} MB | {r['user_rss_mean']:.1f} MB "
             f"| {r['mark_pss']:.1f} / {r['mark_uss']:.1f} MB | {r['parent_pss']:.1f} / {r['parent_uss']:.1f} MB "
-            f"| {r['total_pss']:.0f} MB | {r['parent_cpu']:.2f} % | {r['user_cpu_mean']:.2f} % "
+            f"| {r['total_pss']:.0f} MB | {r['parent_cpu']:.2f} % | {r['user_cpu_mean']:.3f} % "
+            f"| {r['user_cpu_total']:.1f} % | {r['user_wakeups_mean']:.2f} "
             f"| {r['mark_cpu']:.1f} % | {r['to_streaming_s']:.1f} s | {r['restarts']} |"
         )
     at_scale = max(results, key=lambda r: r["n"])

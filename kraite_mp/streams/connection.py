@@ -2,9 +2,15 @@
 
 ``WebSocketStream`` runs huey-style: ``initialize()``, then ``loop()`` until ``stop`` is set or the
 stream chose an exit code, then ``shutdown()``. Each ``loop()`` is one short step (wait out the
-backoff, connect, or receive one frame and check the connection), so a stream's own checks and
-its heartbeat run at least every ``recv_timeout_s``. A stream says what to connect to
-(``connect_url``), what a frame means (``on_frame``) and what else ends a connection (``check``).
+backoff, connect, or wait for and receive one frame and check the connection). A stream says what to
+connect to (``connect_url``), what a frame means (``on_frame``), what else ends a connection
+(``check``) and when its heartbeat is next due (``beat_due_in``).
+
+Idle costs one blocking call: between frames the loop sleeps in one ``poll()`` of the socket whose
+timeout is the nearest of its deadlines (the next client ping, the pong and silence watchdogs, the
+connection's age, the heartbeat, ``recv_timeout_s`` at the longest), not in fixed receive steps; what
+another thread decides meanwhile wakes that poll at once through ``wake_fds`` (``stop`` is a
+``streams.wakeup.WakeEvent`` in a child). An idle user-data child so wakes a few times a minute.
 
 Reconnect delay (``reconnect_delay``): capped exponential backoff that starts over once a
 connection stayed up ``supervisor.healthy_after_s``; a planned reconnect after a healthy run is
@@ -38,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +62,12 @@ DRAIN_TIMEOUT_S = 2.0
 PACED_RECHECK_S = 10.0
 #: A rollover whose new connection failed (or had no token) tries again this much later, the old one streaming.
 ROLLOVER_RETRY_S = 5.0
+#: Once a frame's first bytes are there, the rest must come within this (else the loop goes round and the
+#: frame is read on, websocket-client keeps what it read); also the handshake's read timeout after connect.
+FRAME_READ_TIMEOUT_S = 1.0
+#: A deadline is acted on this late at least: the watchdog compares with ``>``, so waking exactly on it
+#: would poll again for nothing.
+DEADLINE_SLACK_S = 0.005
 #: Spreads the per-account connection ages: frac(id * this) is evenly spread over consecutive ids.
 GOLDEN_RATIO_CONJUGATE = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -119,7 +132,8 @@ class Liveness:
     pong_timeout_s: float
     #: Nothing alive received for this long: the socket is open but silent.
     silence_s: float
-    #: Longest blocking receive (and backoff sleep): how often ``loop`` returns.
+    #: Longest blocking wait for a frame (and backoff sleep): ``loop`` returns at least this often; the
+    #: stream's deadlines (pings, watchdogs, age, ``beat_due_in``) make it return sooner when due.
     recv_timeout_s: float
     #: TCP connect + WebSocket handshake timeout (``stop`` is not checked meanwhile).
     connect_timeout_s: float
@@ -201,6 +215,9 @@ class WebSocketStream:
         #: Make-before-break rollovers done, and when the next try may come after a failed one.
         self.rollovers = 0
         self._rollover_retry_at = 0.0
+        #: Watches the connection's socket and ``wake_fds`` (made per connection, by ``_adopt``).
+        self._poller: select.poll | None = None
+        self._sock_fd = -1
 
     # -- what a stream provides ------------------------------------------------------------------
     def connect_url(self) -> str | None:
@@ -237,6 +254,16 @@ class WebSocketStream:
     def beat(self, state: str | None = None) -> None:
         """Called every pass of ``loop``: report liveness (``state`` None: unchanged)."""
 
+    def beat_due_in(self, now: float) -> float:
+        """Seconds until ``beat`` must run again (a loop pass is due by then at the latest)."""
+        return self.liveness.recv_timeout_s
+
+    def wake_fds(self) -> list[int]:
+        """Descriptors that, readable, end the wait for a frame at once: what other threads signal with.
+        ``stop``'s if it has one (``streams.wakeup.WakeEvent``); a stream adds its own."""
+        fileno = getattr(self.stop, "fileno", None)
+        return [fileno()] if fileno is not None else []
+
     # -- lifecycle -------------------------------------------------------------------------------
     def initialize(self) -> None:
         """Called once before the first ``loop``; may set ``exit_code``."""
@@ -260,7 +287,7 @@ class WebSocketStream:
             wait = self._next_connect_at - time.monotonic()
             if wait > 0:
                 self.beat("paced" if self.paced else "backoff")
-                self.stop.wait(min(wait, self.liveness.recv_timeout_s))
+                self.stop.wait(min(wait, self.liveness.recv_timeout_s, self.beat_due_in(time.monotonic())))
                 return
             self._connect()
             return
@@ -315,7 +342,7 @@ class WebSocketStream:
             skip_utf8_validation=True,
             enable_multithread=True,
         )
-        ws.settimeout(self.liveness.recv_timeout_s)
+        ws.settimeout(min(FRAME_READ_TIMEOUT_S, self.liveness.recv_timeout_s))
         return ws
 
     def _adopt(self, ws: websocket.WebSocket) -> None:
@@ -325,6 +352,15 @@ class WebSocketStream:
         self.connected_at = self._last_alive_at = now
         self._ping_due_at = now + self.liveness.ping_interval_s
         self._ping_sent_at = None
+        self._poller, self._sock_fd = None, -1
+        sock = getattr(ws, "sock", None)  # None: a stand-in without a socket (unit tests)
+        if sock is not None:
+            poller = select.poll()
+            self._sock_fd = sock.fileno()
+            poller.register(self._sock_fd, select.POLLIN | select.POLLPRI)
+            for fd in self.wake_fds():
+                poller.register(fd, select.POLLIN)
+            self._poller = poller
 
     def _roll_over(self) -> bool:
         """Make before break: open the next connection, then drain and close the old one. False (and the old
@@ -424,6 +460,9 @@ class WebSocketStream:
                 self.disconnect(Disconnect(Reason.PING_FAILED, describe(e)))
                 return
             self._ping_sent_at = now
+        if not self._frame_ready(ws, self._wait_s(now)):
+            self.beat()
+            return
         try:
             opcode, frame = ws.recv_data_frame(control_frame=True)
         except websocket.WebSocketTimeoutException:
@@ -454,6 +493,34 @@ class WebSocketStream:
             return
         self.beat()
 
+    def _wait_s(self, now: float) -> float:
+        """How long the wait for a frame may block: until the nearest deadline of the connection or stream."""
+        lv = self.liveness
+        due = now + lv.recv_timeout_s
+        if self._ping_sent_at is None:
+            due = min(due, self._ping_due_at)
+        else:
+            due = min(due, self._ping_sent_at + lv.pong_timeout_s + DEADLINE_SLACK_S)
+        due = min(due, self._last_alive_at + lv.silence_s + DEADLINE_SLACK_S)
+        if lv.max_age_s is not None and self.connected_at is not None:
+            due = min(due, max(self.connected_at + lv.max_age_s, self._rollover_retry_at))
+        due = min(due, now + self.beat_due_in(now))
+        return max(due - now, 0.0)
+
+    def _frame_ready(self, ws: websocket.WebSocket, timeout_s: float) -> bool:
+        """Block until the socket has bytes (True) or ``timeout_s`` passed or a wake fd fired (False)."""
+        sock = getattr(ws, "sock", None)  # None: a stand-in without a socket (unit tests)
+        if self._poller is None or sock is None:
+            return True  # nothing to poll: the receive (with its own timeout) decides
+        pending = getattr(sock, "pending", None)  # TLS: bytes decrypted already are invisible to poll
+        if pending is not None and pending() > 0:
+            return True
+        try:
+            events = self._poller.poll(timeout_s * 1000.0)
+        except OSError:
+            return True  # a broken descriptor: let the receive say what is wrong
+        return any(fd == self._sock_fd for fd, _ in events)
+
     def disconnect(self, d: Disconnect) -> None:
         """Close the connection (if any) and schedule the next connect by ``reconnect_delay``."""
         now = time.monotonic()
@@ -479,6 +546,7 @@ class WebSocketStream:
         ``on_frame`` may raise while draining (the spool refused a frame): the socket is dropped all the same.
         """
         ws, self.ws, self.connected_at = self.ws, None, None
+        self._poller, self._sock_fd = None, -1
         if ws is None:
             return
         try:

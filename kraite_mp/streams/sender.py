@@ -12,7 +12,10 @@ broker could still lose. A broker that lost its data (its epoch key, ``messages.
 vanished: a restart without persistence, a failover to an empty replica, a flush) is replayed: the
 sender re-sends everything unacknowledged from the spool (the audit's exactly-once by frame id absorbs
 what was not lost) and asks for a reconciliation of the account, which also covers what retention gave
-up. Idle accounts (nothing unacknowledged) cost Redis nothing.
+up. Idle accounts (nothing unacknowledged) cost Redis nothing: the epoch is looked at only while
+frames are in flight and before sending after a pause (a broker that lost data while nothing of the
+account was in it lost nothing of it), and an idle sender sleeps in its spool read for
+``IDLE_READ_WAIT_S``, woken at once by the writer.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ BACKLOG_LOG_INTERVAL_S = 10.0
 SENDER_DRAIN_S = 5.0
 #: How long one spool read waits for a record (the writer wakes it at once, and so does ``join``) ...
 READ_WAIT_S = 5.0
+#: ... with nothing in flight (only the idle-segment expiry and the retention check are due) ...
+IDLE_READ_WAIT_S = 30.0
 #: ... and while draining on stop.
 DRAIN_READ_WAIT_S = 0.2
 #: While frames are unacknowledged, read the acknowledgements (and the broker's epoch) this often.
@@ -135,7 +140,7 @@ class SpoolSender:
                 break
             try:
                 if self.acks is not None:
-                    if self._check_epoch():
+                    if (pending or self._unacked or not self._epoch) and self._check_epoch():
                         pending = []  # replaying: the spool was rewound
                     self._poll_acks()
                 if not pending:
@@ -151,6 +156,9 @@ class SpoolSender:
                     if not pending:
                         if self.stop.is_set():
                             break
+                        continue
+                    if self.acks is not None and not self._unacked and self._check_epoch():
+                        pending = []  # the first send after a pause: the broker lost data meanwhile
                         continue
                 self._send_batch(pending)
             except (redis.RedisError, dramatiq.errors.DramatiqError, OSError) as e:
@@ -177,7 +185,10 @@ class SpoolSender:
         if self._unacked:
             return ACK_POLL_S
         if self.acks is not None:  # idle: wake for the idle-spool expiry and the retention check only
-            return min(READ_WAIT_S, RETENTION_CHECK_S)
+            max_age = self.spool.segment_max_age_s
+            return (
+                IDLE_READ_WAIT_S if max_age is None else max(READ_WAIT_S, min(IDLE_READ_WAIT_S, max_age / 2))
+            )
         return READ_WAIT_S
 
     def _send_batch(self, pending: list[SpoolRecord]) -> None:

@@ -48,6 +48,8 @@ from kraite_mp.streams.connection import (
 )
 from kraite_mp.streams.sender import SENDER_DRAIN_S, Acks, SpoolSender
 from kraite_mp.streams.spool import Spool, SpoolError
+from kraite_mp.streams.wakeup import WakeEvent
+from kraite_mp.supervisor.context import BEAT_INTERVAL_S, idle_beat_s
 
 if TYPE_CHECKING:
     from kraite_mp.binance.connections import ConnectionBudget
@@ -58,12 +60,10 @@ if TYPE_CHECKING:
 
 #: WebSocket handshake timeout.
 WS_CONNECT_TIMEOUT_S = 10.0
-#: Longest blocking receive: how often the loop checks stop, pings and the watchdog.
-RECV_POLL_S = 1.0
 #: The series of a child are written at most this often (and on every state change).
 METRICS_INTERVAL_S = 1.0
 #: The keepalive thread looks at its deadline (and a listenKey that changed) at least this often.
-KEEPALIVE_MAX_SLEEP_S = 60.0
+KEEPALIVE_MAX_SLEEP_S = 300.0
 #: After a failed keepalive (network, 5xx), retry this soon.
 KEEPALIVE_RETRY_S = 60.0
 #: Handshake statuses that mean the server does not know the key (it expired between POST and connect).
@@ -93,7 +93,8 @@ def liveness(settings: Settings, account_id: int | None = None) -> Liveness:
         pong_timeout_s=cfg.pong_timeout_s,
         # the stream may be quiet for hours: the pongs to our pings are what proves it alive
         silence_s=cfg.ping_interval_s + cfg.pong_timeout_s,
-        recv_timeout_s=max(0.05, min(RECV_POLL_S, cfg.ping_interval_s / 2, cfg.pong_timeout_s / 2)),
+        # an idle stream sleeps until its next deadline (ping, watchdog, age), its beat at the latest
+        recv_timeout_s=idle_beat_s(settings.supervisor.heartbeat_timeout_s),
         connect_timeout_s=WS_CONNECT_TIMEOUT_S,
         max_age_s=max_age,
         drain_timeout_s=cfg.drain_timeout_s,
@@ -134,6 +135,10 @@ class UserDataStream(WebSocketStream):
         self._key_lost = threading.Event()
         self._fatal_error: str | None = None
         self._keepalive_stop = threading.Event()
+        #: Rung by the keepalive thread after it set ``_key_lost`` or ``_fatal_error``: wakes the idle loop.
+        self._wake = WakeEvent()
+        #: ``frames`` when the heartbeat was last written: more since means a beat is due within a second.
+        self._beat_frames = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -167,6 +172,7 @@ class UserDataStream(WebSocketStream):
         threading.Thread(target=self._keepalive_loop, name="listenkey-keepalive", daemon=True).start()
 
     def loop(self) -> None:
+        self._wake.clear()  # before looking at what the keepalive thread set: a later ring wakes the poll
         if self._fatal_error is not None:
             self.exit_code = self._credentials_fatal(self._fatal_error)
             return
@@ -223,7 +229,24 @@ class UserDataStream(WebSocketStream):
         if state is not None or now - self._metrics_at >= METRICS_INTERVAL_S:
             self._metrics_at = now
             self._flush_metrics(fields)
+        before = self.ctx.last_beat
         self.ctx.beat(state, **fields)
+        if self.ctx.last_beat != before:
+            self._beat_frames = fields["frames"]
+
+    def beat_due_in(self, now: float) -> float:
+        """Within a second of a change (frames since the last beat, frames not yet sent or acknowledged),
+        else at the idle rate (``ctx.idle_beat_s``): an idle account's child sleeps that long."""
+        busy = (
+            self.frames != self._beat_frames
+            or (self.spool is not None and self.spool.backlog > 0)
+            or (self.sender is not None and self.sender.unacked > 0)
+        )
+        cadence = BEAT_INTERVAL_S if busy else self.ctx.idle_beat_s
+        return max(0.0, self.ctx.last_beat + cadence - now)
+
+    def wake_fds(self) -> list[int]:
+        return [*super().wake_fds(), self._wake.fileno()]
 
     def _flush_metrics(self, fields: dict[str, Any]) -> None:
         m = series()
@@ -376,9 +399,11 @@ class UserDataStream(WebSocketStream):
                 except ListenKeyNotFound:
                     self.log.info("listenKey expired (keepalive -1125): getting a new one and reconnecting")
                     self._key_lost.set()
+                    self._wake.set()
                     next_at = time.monotonic() + interval
                 except InvalidCredentials as e:
                     self._fatal_error = str(e)
+                    self._wake.set()
                     return
                 except RateLimited as e:
                     next_at = time.monotonic() + max(e.retry_after_s, 1.0)

@@ -5,8 +5,10 @@ The supervisor builds a ``ChildContext`` before the fork (it connects nothing); 
 ``ctx.beat(state, **fields)`` often. ``beat`` is cheap to call on every frame: it rewrites the
 heartbeat file (``runfiles.Heartbeat``), the process title and the status hooks at most once per
 ``BEAT_INTERVAL_S`` (or at once when the state changes). The parent judges liveness by the file's
-mtime, so a child must call ``beat()`` from its main loop at least every few seconds even when idle
-(never from a helper thread: a stuck loop must look stuck).
+mtime, so a child must call ``beat()`` from its main loop at least every ``idle_beat_s`` even when
+idle (never from a helper thread: a stuck loop must look stuck). ``idle_beat_s`` is a quarter of
+``supervisor.heartbeat_timeout_s`` (15 s at the default 60 s), at most ``IDLE_BEAT_MAX_S``: the rate
+liveness needs, not once a second; a child with nothing to report sleeps that long.
 
 Signals: SIGTERM/SIGINT set ``ctx.stop``, SIGHUP sets ``ctx.reload``. The Python-level handlers do
 nothing; the C-level handler writes the signal number to a wakeup pipe (``signal.set_wakeup_fd``)
@@ -32,6 +34,7 @@ from typing import Any
 from kraite_mp import exitcodes
 from kraite_mp.config import Settings
 from kraite_mp.store.accounts import Account
+from kraite_mp.streams.wakeup import WakeEvent
 from kraite_mp.supervisor import runfiles
 from kraite_mp.supervisor.publish import Reporters
 
@@ -39,6 +42,12 @@ log = logging.getLogger(__name__)
 
 #: At most one heartbeat-file write and one title update per second.
 BEAT_INTERVAL_S = 1.0
+#: An idle child beats every ``heartbeat_timeout_s / IDLE_BEATS_PER_TIMEOUT`` ...
+IDLE_BEATS_PER_TIMEOUT = 4
+#: ... but at least this often (``kraite-mp status`` calls a heartbeat 30 s old STALE) ...
+IDLE_BEAT_MAX_S = 15.0
+#: ... and at most this often.
+IDLE_BEAT_MIN_S = BEAT_INTERVAL_S
 _PR_SET_PDEATHSIG = 1
 
 #: The signals a child handles. The supervisor blocks them around ``fork()`` so that none is
@@ -80,8 +89,11 @@ class ChildContext:
         self.heartbeat_path = runfiles.heartbeat_path(settings.run_dir, self.key)
         #: Status hooks (``after_fork``, ``on_beat``); none unless the supervisor hands some over.
         self.reporters = reporters if reporters is not None else Reporters()
-        #: Set by SIGTERM/SIGINT: loops must finish promptly (use ``stop.wait(timeout)`` to sleep).
-        self.stop = threading.Event()
+        #: Set by SIGTERM/SIGINT: loops must finish promptly (use ``stop.wait(timeout)`` to sleep; a loop
+        #: blocked in ``poll()`` watches ``stop.fileno()``).
+        self.stop = WakeEvent()
+        #: A child with nothing new to report beats this often (see the module doc).
+        self.idle_beat_s = idle_beat_s(settings.supervisor.heartbeat_timeout_s)
         #: Set by SIGHUP: reload what can be reloaded without reconnecting (mark-price symbol map).
         self.reload = threading.Event()
         self.state = "starting"
@@ -145,6 +157,11 @@ class ChildContext:
         self._write_heartbeat()
         self.reporters.on_beat(self)
 
+    @property
+    def last_beat(self) -> float:
+        """Monotonic time of the last heartbeat written (0.0: none yet)."""
+        return self._last_beat
+
     def set_title(self) -> None:
         parts = [self._title_prefix, f"state={self.state}"]
         parts.extend(f"{k}={v}" for k, v in self.fields.items())
@@ -182,6 +199,10 @@ class ChildContext:
         self.beat("fatal", force=True)
         log.error("fatal: %s", self.error)
         return code
+
+
+def idle_beat_s(heartbeat_timeout_s: float) -> float:
+    return min(IDLE_BEAT_MAX_S, max(IDLE_BEAT_MIN_S, heartbeat_timeout_s / IDLE_BEATS_PER_TIMEOUT))
 
 
 def _ignore_in_python(signum: int, frame: object) -> None:
