@@ -173,6 +173,7 @@ def run_one(
     settle_s: float,
     cpu_window_s: float,
     detail: bool = False,
+    real_limits: bool = False,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"kraite-bench-{n}-"))
     dbname = f"kraite_bench_{uuid.uuid4().hex[:8]}"
@@ -238,6 +239,10 @@ def run_one(
             KRAITE__supervisor__spawn_burst="1000",
             KRAITE__supervisor__sync_interval_s="0",
         )
+        if not real_limits:
+            # memory and idle CPU, not pacing: the egress's connection budget (150 attempts per 310 s at
+            # Binance's limits) would take 34 minutes to bring 1,000 accounts up (--real-limits does that)
+            env["KRAITE__binance__connection_limit"] = "1000000"
         log(f"N={n}: simulator up, {len(names)} symbols and {n} accounts seeded")
         sup_log = open(work / "supervisor.log", "wb")
         started = time.monotonic()
@@ -250,6 +255,8 @@ def run_one(
             start_new_session=True,
         )
         deadline = started + STREAMING_TIMEOUT_BASE_S + STREAMING_TIMEOUT_PER_ACCOUNT_S * n
+        if real_limits:
+            deadline += 2.2 * n  # 150 connection attempts per 310 s: ~2.1 s per account
         while True:
             users, mark = streaming(run_dir / "heartbeats")
             if users == n and mark:
@@ -359,11 +366,25 @@ def main() -> int:
     parser.add_argument(
         "--detail", action="store_true", help="print one child's private memory by mapping (stderr)"
     )
+    parser.add_argument(
+        "--real-limits",
+        action="store_true",
+        help="keep the egress's connection budget at Binance's limits (start-up takes ~2.1 s per account)",
+    )
     args = parser.parse_args()
+    # a SIGTERM (timeout, pkill) must still run the clean-up: stop the supervisor and the simulator
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ns = [int(x) for x in args.accounts.split(",") if x.strip()]
     results = [
         run_one(
-            n, args.database_url, args.redis_url, args.symbols, args.settle_s, args.cpu_window_s, args.detail
+            n,
+            args.database_url,
+            args.redis_url,
+            args.symbols,
+            args.settle_s,
+            args.cpu_window_s,
+            args.detail,
+            args.real_limits,
         )
         for n in ns
     ]
@@ -372,6 +393,7 @@ def main() -> int:
     print(
         f"`{' '.join(['bench/supervisor_memory.py', *sys.argv[1:]])}` on {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, Linux {platform.release()}. Idle streams: no user-data events, "
+        f"{'the real connection budget' if args.real_limits else 'the connection budget lifted (start-up is not paced)'}, "
         f"{args.symbols} simulated symbols ticking mark prices every second. Memory from `/proc/PID/smaps_rollup` after all children "
         f"stream and {args.settle_s:.0f} s settle; CPU (`/proc/PID/task/*/schedstat`: run time and times scheduled, i.e. wake-ups, of every thread) over {args.cpu_window_s:.0f} s; `all` is the sum over the user-data children, in % of one core. MB = MiB.\n"
     )

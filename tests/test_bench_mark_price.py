@@ -36,11 +36,37 @@ def test_make_writer_rejects_unknown_strategy() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         make_writer("unnest", -1)
     assert type(make_writer("unnest")) is BulkWriter  # the benchmark's "unnest" is the product's writer
-    assert STRATEGIES == ("unnest", "case", "copy")
+    assert STRATEGIES == ("unnest", "case", "copy", "floor")
+
+
+#: The strategies that write prices ("floor" writes only the timestamps: the bench's lower bound).
+PRICE_WRITERS = [s for s in STRATEGIES if s != "floor"]
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_floor_touches_every_row_of_the_tick_and_only_its_timestamp(db: Any, settings: Settings) -> None:
+    seeded = seed_symbols(db, ["BTCUSDT", "ETHUSDT", "SOLUSDC"], coverage=1.0)
+    prices = {"BTCUSDT": PriceText("86141.10000000"), "ETHUSDT": PriceText("3000.5")}
+    conn = kdb.connect(settings.database_url)
+    try:
+        writer = make_writer("floor")
+        writer.setup(conn)
+        rows, matched, _ = resolve_rows(prices, load_symbol_map(conn))
+        assert matched == 2
+        before = db_now(db)
+        assert writer.write(conn, rows) == len(rows) > 0
+    finally:
+        conn.close()
+    after = prices_by_id(db)
+    touched = {row_id for symbol in prices for row_id in seeded.targets[symbol]}
+    assert touched == {row_id for row_id, _ in rows}
+    for row_id, (text, synced_at) in after.items():
+        assert text is None  # no price written
+        assert (synced_at is not None and synced_at >= before) == (row_id in touched)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", PRICE_WRITERS)
 @pytest.mark.parametrize("chunk_size", [0, 7])
 def test_strategies_write_identical_exact_prices(
     db: Any, settings: Settings, strategy: str, chunk_size: int
