@@ -116,6 +116,11 @@ Faults (thread-safe)::
         # handshake attempts in any rolling connection_window_s (totals: the highest of any IP,
         # as the limits are per IP). 429s/418s count every one sent, injected ones included.
         # A private connection counts under each api_key it carries ("private" while it has none).
+    sim.handshake_log(since=None) -> [{"t": time.monotonic() of the attempt, "ip": str,
+                                       "route": "private" | "market" | "public" | "retired" | "wsapi",
+                                       "refused": 429 | 503 | None}]
+        # every WebSocket handshake attempt at or after ``since`` (the latest 100,000), oldest first,
+        # as admission counted it: to count attempts per window (CLOCK_MONOTONIC is host-wide)
     sim.wait_for_connections(target, count=1, timeout=5.0) -> bool
 
 Control API for other processes (loopback only): ``POST {control_url}/<method>`` with a JSON

@@ -32,7 +32,8 @@ Admission, before anything else on every route (so before the listenKey check): 
 attempt of a client IP is counted, refused or not; during a maintenance window every attempt is
 refused with HTTP 503 (``{"code":-1001,...}``); beyond ``connection_limit`` attempts in the
 rolling ``connection_window_s`` it is refused with HTTP 429 (``{"code":-1003,...}``). Both carry
-``Retry-After`` (whole seconds).
+``Retry-After`` (whole seconds). The latest ``ATTEMPT_LOG_SIZE`` attempts are kept in order, with their
+time, IP, route and refusal (``handshake_log``), so that a test can count them per window.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ DEFAULT_CONNECTION_WINDOW_S = 300.0
 #: HTTP status of a handshake over the attempt limit, and of one during a maintenance window.
 LIMIT_STATUS = 429
 MAINTENANCE_STATUS = 503
+#: Handshake attempts kept in the attempt log (the oldest are forgotten beyond; the counts stay).
+ATTEMPT_LOG_SIZE = 100_000
 
 try:  # orjson is much faster for the 570-element mark-price frames; stdlib json works too
     import orjson
@@ -208,6 +211,8 @@ class StreamHub:
         #: Every handshake is refused (503) until this monotonic time: a maintenance window.
         self.maintenance_until = 0.0
         self._attempts: dict[str, _Attempts] = {}
+        #: Every handshake attempt, oldest first: (monotonic time, IP, route, refusal status or None).
+        self._attempt_log: deque[tuple[float, str, str, int | None]] = deque(maxlen=ATTEMPT_LOG_SIZE)
         self.ping_interval_s = ping_interval_s  #: every connection gets a ping frame this often
         self.pong_timeout_s = pong_timeout_s  #: a connection whose ping goes unanswered this long is closed
         self.max_connection_age_s = max_connection_age_s  #: connections are closed at this age
@@ -506,9 +511,9 @@ class StreamHub:
         }
 
     # ------------------------------------------------------------------ admission
-    def admit(self, request: web.Request) -> web.Response | None:
-        """Count this handshake attempt; return the refusal (503 maintenance, 429 over the
-        attempt limit) that replaces the upgrade, or None to go on."""
+    def admit(self, request: web.Request, route: str) -> web.Response | None:
+        """Count this handshake attempt on ``route`` (a ``Conn.kind``); return the refusal (503
+        maintenance, 429 over the attempt limit) that replaces the upgrade, or None to go on."""
         now = time.monotonic()
         ip = request.remote or "127.0.0.1"
         state = self._attempts.setdefault(ip, _Attempts())
@@ -520,6 +525,7 @@ class StreamHub:
         state.peak = max(state.peak, len(state.times))
         if now < self.maintenance_until:
             state.refused_maintenance += 1
+            self._attempt_log.append((now, ip, route, MAINTENANCE_STATUS))
             return _refusal(
                 MAINTENANCE_STATUS,
                 -1001,
@@ -529,6 +535,7 @@ class StreamHub:
         over = len(state.times) - self.connection_limit
         if over > 0:
             state.refused_limit += 1
+            self._attempt_log.append((now, ip, route, LIMIT_STATUS))
             # the attempt after waiting this long is the limit-th in its window
             retry = state.times[over] + window - now if over < len(state.times) else window
             log.debug("ip=%s: %d handshake attempts in %.0fs, refused", ip, len(state.times), window)
@@ -539,6 +546,7 @@ class StreamHub:
                 f"{self.connection_limit} per {window:g}s.",
                 retry,
             )
+        self._attempt_log.append((now, ip, route, None))
         return None
 
     def refuse_connections(self, seconds: float) -> None:
@@ -549,6 +557,16 @@ class StreamHub:
         """Forget the attempts inside the current windows (the counts in the report stay)."""
         for state in self._attempts.values():
             state.times.clear()
+
+    def handshake_log(self, since: float | None = None) -> list[dict[str, Any]]:
+        """The logged handshake attempts at or after ``since`` (a ``time.monotonic()`` value of this
+        host; None: every one kept), oldest first: ``{"t": monotonic time, "ip", "route", "refused":
+        429 / 503 / None}`` (None: admitted; an unknown listenKey's 400 comes after admission)."""
+        return [
+            {"t": t, "ip": ip, "route": route, "refused": refused}
+            for t, ip, route, refused in self._attempt_log
+            if since is None or t >= since
+        ]
 
     def handshake_report(self) -> dict[str, Any]:
         per_ip = {ip: state.report() for ip, state in sorted(self._attempts.items())}
@@ -574,7 +592,7 @@ class StreamHub:
     # ------------------------------------------------------------------ handlers
     async def handle_private(self, request: web.Request) -> web.StreamResponse:
         """``/private/ws?listenKey=K&events=..``: raw frames; no listenKey: SUBSCRIBE later."""
-        refused = self.admit(request)
+        refused = self.admit(request, "private")
         if refused is not None:
             return refused
         listen_key = request.query.get("listenKey", "")
@@ -585,7 +603,7 @@ class StreamHub:
 
     async def handle_private_stream(self, request: web.Request) -> web.StreamResponse:
         """``/private/stream?listenKey=A&events=..&listenKey=B&events=..``: wrapped frames, several keys."""
-        refused = self.admit(request)
+        refused = self.admit(request, "private")
         if refused is not None:
             return refused
         keys: list[tuple[str, frozenset[str] | None]] = []
@@ -600,7 +618,7 @@ class StreamHub:
 
     async def handle_dead(self, request: web.Request) -> web.StreamResponse:
         """``/private/ws/<key>``: dead on mainnet: the handshake works, nothing ever arrives."""
-        refused = self.admit(request)
+        refused = self.admit(request, "retired")
         if refused is not None:
             return refused
         return await self._serve(request, "retired")
@@ -622,13 +640,13 @@ class StreamHub:
         return await self._routed(request, "retired", wrapped=request.path == "/stream")
 
     async def handle_ws_api(self, request: web.Request) -> web.StreamResponse:
-        refused = self.admit(request)
+        refused = self.admit(request, "wsapi")
         if refused is not None:
             return refused
         return await self._serve(request, "wsapi")
 
     async def _routed(self, request: web.Request, kind: str, *, wrapped: bool) -> web.StreamResponse:
-        refused = self.admit(request)
+        refused = self.admit(request, kind)
         if refused is not None:
             return refused
         if wrapped:
