@@ -88,6 +88,9 @@ class BinanceSettings:
     #: Names the egress IP whose budget this process shares; "" = this host's name. Hosts behind one NAT
     #: give the same name.
     egress_id: str = ""
+    #: PEM file of the certificate authorities trusted for wss:// and https:// (a TLS-terminating proxy, the
+    #: simulator's test certificate); "" = the system's store.
+    ca_file: str = ""
     #: WebSocket connection attempts per IP per connection_window_s (Binance: 300 per 5 min; every attempt
     #: counts: first connects, reconnects, planned rollovers).
     connection_limit: int = 300
@@ -566,6 +569,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError(
             f"binance.weight_share: must be > 0 and <= 1, got {settings.binance.weight_share!r}"
         )
+    if settings.binance.ca_file and not os.path.isfile(settings.binance.ca_file):
+        raise ConfigError(f"binance.ca_file: no such file {settings.binance.ca_file!r}")
     if settings.binance.egress_id != settings.binance.egress_id.strip() or (
         settings.binance.egress_id and not settings.binance.egress_id.isprintable()
     ):

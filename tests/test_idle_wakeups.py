@@ -24,8 +24,8 @@ from kraite_mp.store.accounts import Account
 from kraite_mp.streams.connection import Disconnect, Liveness, WebSocketStream
 from kraite_mp.streams.userdata import UserDataStream
 from kraite_mp.streams.userdata import liveness as user_data_liveness
-from kraite_mp.streams.wakeup import WakeEvent
 from kraite_mp.supervisor.context import IDLE_BEAT_MAX_S, ChildContext, idle_beat_s
+from kraite_mp.wakeup import WakeEvent
 
 
 class CountingStream(WebSocketStream):

@@ -26,7 +26,7 @@ FLOORS: list[set[str]] = [
     {"store"},
     {"config"},
     {"binance"},
-    {"logs", "exitcodes", "backoff", "messages", "observers", "metrics"},
+    {"logs", "exitcodes", "backoff", "messages", "observers", "metrics", "wakeup"},
 ]
 
 pytestmark = pytest.mark.unit

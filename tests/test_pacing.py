@@ -9,6 +9,7 @@ import glob
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -128,6 +129,40 @@ def test_the_user_data_children_leave_the_mark_price_stream_its_reserve(
     assert mark_price.take() > 0 and user_data.remaining() == 0
     single = ConnectionBudget("one", 1, redis_url=redis_url, key_prefix=key + "-1", window_s=60)
     assert single.take(reserve=reserve) == 0.0  # a window of one keeps no reserve
+
+
+@pytest.mark.integration
+def test_concurrent_takers_never_spend_the_mark_price_reserve(redis_url: str, redis_namespace: str) -> None:
+    """The check and the take are one step in Redis: 40 children asking at once for a window of 10 get 9."""
+    key = f"{redis_namespace}:egress:pacing-{uuid.uuid4().hex[:8]}:127.0.0.1:1:ws"
+    limit, takers = 10, 40
+    budgets = [
+        ConnectionBudget(f"ud{i}", limit, redis_url=redis_url, key_prefix=key, window_s=60)
+        for i in range(takers)
+    ]
+    for b in budgets:
+        assert b.remaining() == limit  # every client connected before the race
+    start = threading.Barrier(takers)
+    results: list[float] = []
+    lock = threading.Lock()
+
+    def take(b: ConnectionBudget) -> None:
+        start.wait(10)
+        for _ in range(3):
+            got = b.take(reserve=connections.MARK_PRICE_RESERVE)
+            with lock:
+                results.append(got)
+
+    threads = [threading.Thread(target=take, args=(b,)) for b in budgets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 3 * takers
+    assert results.count(0.0) == limit - connections.MARK_PRICE_RESERVE
+    mark_price = ConnectionBudget("mark-price", limit, redis_url=redis_url, key_prefix=key, window_s=60)
+    assert mark_price.take() == 0.0  # the reserve was left
+    assert mark_price.remaining() == 0
 
 
 @pytest.mark.integration

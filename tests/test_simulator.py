@@ -1038,6 +1038,37 @@ def test_burst_of_connects_counts_in_stats(
     assert (default.hub.connection_limit, default.hub.connection_window_s) == (300, 300.0)
 
 
+def test_handshake_log_keeps_every_attempt_in_order_with_its_route_and_refusal(
+    make_sim: Callable[..., Simulator], sockets: list[websocket.WebSocket]
+) -> None:
+    sim = make_sim(accounts=1, connection_limit=3, connection_window_s=60.0)
+    key = listen_key(sim, sim.accounts[0])
+    started = time.monotonic()
+    connect(sockets, f"{sim.ws_url}/private/ws?listenKey={key}&events={ALL_EVENTS}")
+    connect(sockets, f"{sim.ws_url}/market/ws/!markPrice@arr@1s")
+    # an unknown listenKey is admitted (counted), then refused with 400
+    assert refused_handshake(f"{sim.ws_url}/private/ws?listenKey=nope").status_code == 400
+    middle = time.monotonic()
+    assert refused_handshake(f"{sim.ws_url}/ws/btcusdt@depth").status_code == 429
+    log = sim.handshake_log()
+    assert [(e["route"], e["refused"], e["ip"]) for e in log] == [
+        ("private", None, "127.0.0.1"),
+        ("market", None, "127.0.0.1"),
+        ("private", None, "127.0.0.1"),
+        ("retired", 429, "127.0.0.1"),
+    ]
+    times = [e["t"] for e in log]
+    assert started <= times[0] <= times[1] <= times[2] <= middle <= times[3] <= time.monotonic()
+    assert sim.handshake_log(since=middle) == log[3:]
+    sim.set_connection_limit(limit=10)
+    sim.refuse_connections(5.0)
+    assert refused_handshake(f"{sim.ws_url}/ws-fapi/v1").status_code == 503
+    sim.reset_rate_limits()  # forgets the window, not the log
+    reply = requests.post(f"{sim.control_url}/handshake_log", json={"since": middle}, timeout=5)
+    assert [(e["route"], e["refused"]) for e in reply.json()["result"]] == [("retired", 429), ("wsapi", 503)]
+    assert len(sim.handshake_log()) == sim.stats()["ws_handshakes"]["attempts"] == 5
+
+
 def test_maintenance_window_refuses_then_accepts(sim: Simulator, sockets: list[websocket.WebSocket]) -> None:
     acct = sim.accounts[0]
     ws_a = user_stream(sim, sockets, acct)
@@ -1155,7 +1186,8 @@ def test_cli_prints_one_json_line_and_exits_0_on_sigterm() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # bounded by the test timeout
         info = json.loads(line)
-        assert set(info) == {"rest_url", "ws_url", "control_url", "ws_api_url", "accounts"}
+        assert set(info) == {"rest_url", "ws_url", "control_url", "ws_api_url", "accounts", "ca_file"}
+        assert info["ca_file"] is None  # plain http/ws unless --tls-dir
         assert len(info["accounts"]) == 2 and set(info["accounts"][0]) == {"api_key", "api_secret"}
         assert info["rest_url"].startswith("http://127.0.0.1:") and info["ws_url"].startswith(
             "ws://127.0.0.1:"
@@ -1170,6 +1202,33 @@ def test_cli_prints_one_json_line_and_exits_0_on_sigterm() -> None:
         out, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
         assert out == ""  # exactly one line in total
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+
+
+def test_cli_with_a_tls_dir_serves_https_and_wss_trusted_through_its_ca_file(tmp_path: Path) -> None:
+    proc = _cli("--accounts", "1", "--symbols", "5", "--tls-dir", str(tmp_path / "tls"))
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())  # bounded by the test timeout
+        assert info["rest_url"].startswith("https://127.0.0.1:") and info["ws_url"].startswith("wss://")
+        assert info["control_url"].startswith("https://") and os.path.isfile(info["ca_file"])
+        assert requests.get(info["rest_url"] + "/fapi/v1/time", timeout=5, verify=info["ca_file"]).ok
+        with pytest.raises(requests.exceptions.SSLError):  # not trusted without the test authority
+            requests.get(info["rest_url"] + "/fapi/v1/time", timeout=5)
+        ws = websocket.create_connection(
+            info["ws_url"] + "/market/ws/!markPrice@arr@1s", timeout=3, sslopt={"ca_certs": info["ca_file"]}
+        )
+        try:
+            assert len(json.loads(ws.recv())) == 5
+        finally:
+            ws.close()
+        assert oct(os.stat(tmp_path / "tls" / "key.pem").st_mode & 0o777) == "0o600"
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 import redis
 from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.storage import MemoryStorage, RedisStorage
+from limits.storage import MemoryStorage, MovingWindowSupport, RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -292,15 +292,25 @@ class EgressBudget:
         self._peers = max(1, int(pipe.execute()[-1]))
 
     # ------------------------------------------------------------------ weight
-    def try_take(self, weight: int) -> tuple[bool, float]:
-        """Take ``weight`` now if the window has room: (taken, seconds until the oldest entry frees)."""
+    def try_take(self, weight: int, leave: int = 0) -> tuple[bool, float]:
+        """Take ``weight`` now if the window has room: (taken, seconds until the oldest entry frees).
+
+        ``leave``: take only if that much more would still fit, in the same atomic step (the moving
+        window's own script, run with the limit less ``leave``): what is left is for callers without it."""
         self._check_process()
         shared = self._redis()
         if shared is not None:
             client, limiter = shared
             try:
                 cost = min(max(1, weight), self.limit)  # a call heavier than the window takes all of it
-                if limiter.hit(self._item, self.resource, cost=cost):
+                leave = min(max(0, leave), self.limit - cost)
+                if leave:
+                    storage = cast(MovingWindowSupport, limiter.storage)
+                    key, expiry = self._item.key_for(self.resource), self._item.get_expiry()
+                    taken = storage.acquire_entry(key, self.limit - leave, expiry, amount=cost)
+                else:
+                    taken = limiter.hit(self._item, self.resource, cost=cost)
+                if taken:
                     self._redis_ok()
                     try:
                         self._note_peer(client)

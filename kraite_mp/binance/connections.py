@@ -68,7 +68,7 @@ class ConnectionBudget(EgressBudget):
         ``reserve``: leave that many attempts of the shared window to streams that ask without one (the
         user-data children leave ``MARK_PRICE_RESERVE`` to the mark-price stream, which every account's
         trading depends on, so that it never queues behind hundreds of accounts after a mass drop). The
-        check and the take are two steps: a race can only spend the reserve, never exceed the window.
+        take itself leaves the reserve atomically (``try_take(leave=)``): concurrent takers cannot spend it.
         ``who`` (a stable name of the stream) and ``dark_since`` (wall time it has been without a
         connection since) put it in the egress's waiting line: longest dark first (module doc).
         """
@@ -81,7 +81,7 @@ class ConnectionBudget(EgressBudget):
                 return self._next_try_s(retry_in)
         if who is not None and dark_since is not None and not self._my_turn(who, dark_since, reserve):
             return self._next_try_s(0.0)
-        taken, retry_in = self.try_take(1)
+        taken, retry_in = self.try_take(1, leave=reserve)
         if taken and who is not None:
             self._leave_queue(who)
         return 0.0 if taken else self._next_try_s(retry_in)

@@ -47,6 +47,7 @@ from kraite_mp.binance.errors import (
     parse_retry_after,
 )
 from kraite_mp.binance.hosts import host_state
+from kraite_mp.binance.tls import SharedContextAdapter, client_context
 from kraite_mp.logs import redact, register_secret
 from kraite_mp.metrics import series
 
@@ -109,6 +110,7 @@ class BinanceRest:
         stop: threading.Event | None = None,
         budget: EgressBudget | None = None,
         max_budget_wait_s: float = MAX_WAIT_S,
+        ca_file: str = "",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -121,6 +123,9 @@ class BinanceRest:
         self.slowdown_ratio = slowdown_ratio
         self._own_session = session is None
         self.session = session or requests.Session()
+        if self._own_session and self.base_url.lower().startswith("https://"):
+            # the process's one TLS context (binance.tls): no CA bundle loaded per connection pool
+            self.session.mount("https://", SharedContextAdapter(client_context(ca_file)))
         #: Set it to cut a weight-slowdown sleep short (e.g. the child's stop event).
         self.stop = stop or threading.Event()
         self._host = host_state(self.base_url)
@@ -150,6 +155,7 @@ class BinanceRest:
             timeout_s=b.rest_timeout_s,
             weight_limit_per_min=b.weight_limit_per_min,
             slowdown_ratio=b.weight_slowdown_ratio,
+            ca_file=b.ca_file,
             **kwargs,
         )
 

@@ -52,6 +52,12 @@ WAIT_SLICE_S = 0.5
     default="",
     help="Comma-separated TradFi symbols (e.g. XAUUSDT,TSLAUSDT): a second mark-price array each tick.",
 )
+@click.option(
+    "--tls-dir",
+    default="",
+    help="Serve https:// and wss:// with a test certificate written to this directory (cert.pem is its own"
+    " authority: give it to clients as binance.ca_file); the printed line names it as ca_file.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def simulate(
     host: str,
@@ -65,6 +71,7 @@ def simulate(
     listen_key_ttl: float,
     seed: int,
     tradfi: str,
+    tls_dir: str,
     log_level: str,
 ) -> None:
     """Run a local Binance USD-M compatible exchange simulator."""
@@ -84,6 +91,11 @@ def simulate(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    certificate = None
+    if tls_dir:
+        from kraite_mp.simulator.tls import make_test_certificate
+
+        certificate = make_test_certificate(tls_dir)
     sim = Simulator(
         accounts=accounts,
         symbols=symbols,
@@ -96,6 +108,7 @@ def simulate(
         host=host,
         port=port,
         tradfi_symbols=[s.strip() for s in tradfi.split(",") if s.strip()],
+        tls=certificate.server_context() if certificate else None,
     )
     sim.start()
     try:
@@ -104,6 +117,7 @@ def simulate(
             "ws_url": sim.ws_url,
             "control_url": sim.control_url,
             "ws_api_url": sim.ws_api_url,
+            "ca_file": certificate.cert_file if certificate else None,
             "accounts": [{"api_key": a.api_key, "api_secret": a.api_secret} for a in sim.accounts],
         }
         sys.stdout.write(json.dumps(line) + "\n")

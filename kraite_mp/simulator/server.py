@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -92,6 +93,7 @@ CONTROL_METHODS = frozenset(
         "set_mark_price_override",
         "set_clock_offset",
         "stats",
+        "handshake_log",
     }
 )
 
@@ -119,11 +121,14 @@ class Simulator:
         host: str = "127.0.0.1",
         port: int = 0,
         tradfi_symbols: Sequence[str] = (),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if host not in LOOPBACK_HOSTS:
             raise ValueError(f"the simulator binds loopback only, not {host!r}")
         self.host = host
         self.port = port
+        #: Serve https:// and wss:// (``simulator.tls.make_test_certificate``); None: plain http/ws.
+        self.tls = tls
         self.market = Market(symbols, seed, tradfi_symbols)
         self.engine = Engine(accounts, self.market, seed, listen_key_ttl_s, max_open_orders)
         self.hub = StreamHub(
@@ -190,11 +195,11 @@ class Simulator:
     # ------------------------------------------------------------------ lifecycle
     @property
     def rest_url(self) -> str:
-        return f"http://{self._url_host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self._url_host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self._url_host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self._url_host}:{self.port}"
 
     @property
     def ws_api_url(self) -> str:
@@ -203,7 +208,7 @@ class Simulator:
 
     @property
     def control_url(self) -> str:
-        return f"http://{self._url_host}:{self.port}/_sim"
+        return f"{self.rest_url}/_sim"
 
     @property
     def _url_host(self) -> str:
@@ -295,7 +300,7 @@ class Simulator:
         await runner.setup()
         tasks: list[asyncio.Task[None]] = []
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            site = web.TCPSite(runner, self.host, self.port, ssl_context=self.tls)
             await site.start()
             self.port = int(runner.addresses[0][1])
             self._rate_since, self._rate_done = time.monotonic(), 0
@@ -495,6 +500,11 @@ class Simulator:
             return out
 
         return self._on_loop(collect)
+
+    def handshake_log(self, since: float | None = None) -> list[dict[str, Any]]:
+        """The WebSocket handshake attempts at or after ``since`` (``time.monotonic()`` of this host;
+        None: every one kept), oldest first: ``{"t", "ip", "route", "refused": 429 / 503 / None}``."""
+        return self._on_loop(lambda: self.hub.handshake_log(since))
 
     def wait_for_connections(self, target: str, count: int = 1, timeout: float = 5.0) -> bool:
         """Block until ``target`` (api_key / "market" / "retired") has ``count`` open connections."""

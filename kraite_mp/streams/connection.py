@@ -10,7 +10,7 @@ Idle costs one blocking call: between frames the loop sleeps in one ``poll()`` o
 timeout is the nearest of its deadlines (the next client ping, the pong and silence watchdogs, the
 connection's age, the heartbeat, ``recv_timeout_s`` at the longest), not in fixed receive steps; what
 another thread decides meanwhile wakes that poll at once through ``wake_fds`` (``stop`` is a
-``streams.wakeup.WakeEvent`` in a child). An idle user-data child so wakes a few times a minute.
+``kraite_mp.wakeup.WakeEvent`` in a child). An idle user-data child so wakes a few times a minute.
 
 Reconnect delay (``reconnect_delay``): capped exponential backoff that starts over once a
 connection stayed up ``supervisor.healthy_after_s``; a planned reconnect after a healthy run is
@@ -45,6 +45,7 @@ import logging
 import math
 import random
 import select
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ import websocket
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
+from kraite_mp.binance.tls import websocket_sslopt
 from kraite_mp.logs import describe_error
 
 #: Default of ``Liveness.drain_timeout_s``: a graceful close reads the server's last frames this long at most.
@@ -215,6 +217,8 @@ class WebSocketStream:
         #: Make-before-break rollovers done, and when the next try may come after a failed one.
         self.rollovers = 0
         self._rollover_retry_at = 0.0
+        #: The TLS context of ``wss://`` connections (``binance.tls.client_context``); None: websocket-client's.
+        self.tls: ssl.SSLContext | None = None
         #: Watches the connection's socket and ``wake_fds`` (made per connection, by ``_adopt``).
         self._poller: select.poll | None = None
         self._sock_fd = -1
@@ -260,7 +264,7 @@ class WebSocketStream:
 
     def wake_fds(self) -> list[int]:
         """Descriptors that, readable, end the wait for a frame at once: what other threads signal with.
-        ``stop``'s if it has one (``streams.wakeup.WakeEvent``); a stream adds its own."""
+        ``stop``'s if it has one (``kraite_mp.wakeup.WakeEvent``); a stream adds its own."""
         fileno = getattr(self.stop, "fileno", None)
         return [fileno()] if fileno is not None else []
 
@@ -338,6 +342,7 @@ class WebSocketStream:
         """TCP connect + WebSocket handshake (``connect_timeout_s``), then the receive timeout set."""
         ws = websocket.create_connection(
             url,
+            sslopt=websocket_sslopt(url, self.tls),
             timeout=self.liveness.connect_timeout_s,
             skip_utf8_validation=True,
             enable_multithread=True,

@@ -33,6 +33,7 @@ from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
 from kraite_mp.binance.connections import ConnectionBudget, connection_budget
 from kraite_mp.binance.market import MARK_PRICE_ROUTE, FrameError, PriceText, parse_mark_price_frame
+from kraite_mp.binance.tls import client_context
 from kraite_mp.config import Settings
 from kraite_mp.metrics import series
 from kraite_mp.store import db as kdb
@@ -341,6 +342,7 @@ class MarkPriceStreamer(WebSocketStream):
         )
         self.settings = settings
         self.ctx = ctx
+        self.tls = client_context(settings.binance.ca_file)  # the supervisor's, made before the fork
         self.url = settings.binance.ws_url.rstrip("/") + MARK_PRICE_ROUTE
         self.writer = PriceWriter(settings)
         self.stats = StreamStats()

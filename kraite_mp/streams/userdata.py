@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
+from kraite_mp.binance.tls import client_context
 from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, scrub_text
 from kraite_mp.logs import redact, register_secret
 from kraite_mp.messages import FrameIds, build_producer_broker, event_type_of, frame_record, reconcile_record
@@ -48,8 +49,8 @@ from kraite_mp.streams.connection import (
 )
 from kraite_mp.streams.sender import SENDER_DRAIN_S, Acks, SpoolSender
 from kraite_mp.streams.spool import Spool, SpoolError
-from kraite_mp.streams.wakeup import WakeEvent
 from kraite_mp.supervisor.context import BEAT_INTERVAL_S, idle_beat_s
+from kraite_mp.wakeup import WakeEvent
 
 if TYPE_CHECKING:
     from kraite_mp.binance.connections import ConnectionBudget
@@ -118,6 +119,7 @@ class UserDataStream(WebSocketStream):
         self.cfg = ctx.settings.user_data_stream
         self.ids = FrameIds(account.id)
         self.overlap_rollover = True  # one listenKey serves several connections: roll over without a gap
+        self.tls = client_context(ctx.settings.binance.ca_file)  # the supervisor's, made before the fork
         self._account_label = str(account.id)
         #: Frames per event type not yet added to ``kraite_user_data_frames_total`` (``beat`` adds them:
         #: a metric write per frame would cost a third of the receive path, bench/metrics_cost.py).

@@ -34,9 +34,9 @@ from typing import Any
 from kraite_mp import exitcodes
 from kraite_mp.config import Settings
 from kraite_mp.store.accounts import Account
-from kraite_mp.streams.wakeup import WakeEvent
 from kraite_mp.supervisor import runfiles
 from kraite_mp.supervisor.publish import Reporters
+from kraite_mp.wakeup import WakeEvent
 
 log = logging.getLogger(__name__)
 
