@@ -174,6 +174,7 @@ def run_one(
     cpu_window_s: float,
     detail: bool = False,
     real_limits: bool = False,
+    tls: bool = False,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"kraite-bench-{n}-"))
     dbname = f"kraite_bench_{uuid.uuid4().hex[:8]}"
@@ -200,6 +201,7 @@ def run_one(
                 "0",
                 "--log-level",
                 "WARNING",
+                *(["--tls-dir", str(work / "tls")] if tls else []),
             ],
             stdout=subprocess.PIPE,
             stderr=sim_log,
@@ -212,7 +214,9 @@ def run_one(
 
         names = [
             s["symbol"]
-            for s in requests.get(info["rest_url"] + "/fapi/v1/exchangeInfo", timeout=30).json()["symbols"]
+            for s in requests.get(
+                info["rest_url"] + "/fapi/v1/exchangeInfo", timeout=30, verify=info.get("ca_file") or True
+            ).json()["symbols"]
         ]
         conn = kdb.connect(database_url)
         try:
@@ -239,6 +243,8 @@ def run_one(
             KRAITE__supervisor__spawn_burst="1000",
             KRAITE__supervisor__sync_interval_s="0",
         )
+        if tls:  # https:// and wss:// as production runs, the simulator's test certificate trusted
+            env["KRAITE__binance__ca_file"] = str(info["ca_file"])
         if not real_limits:
             # memory and idle CPU, not pacing: the egress's connection budget (150 attempts per 310 s at
             # Binance's limits) would take 34 minutes to bring 1,000 accounts up (--real-limits does that)
@@ -371,6 +377,9 @@ def main() -> int:
         action="store_true",
         help="keep the egress's connection budget at Binance's limits (start-up takes ~2.1 s per account)",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="https:// and wss:// (the simulator's test certificate)"
+    )
     args = parser.parse_args()
     # a SIGTERM (timeout, pkill) must still run the clean-up: stop the supervisor and the simulator
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -385,6 +394,7 @@ def main() -> int:
             args.cpu_window_s,
             args.detail,
             args.real_limits,
+            args.tls,
         )
         for n in ns
     ]
@@ -394,6 +404,7 @@ def main() -> int:
         f"`{' '.join(['bench/supervisor_memory.py', *sys.argv[1:]])}` on {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, Linux {platform.release()}. Idle streams: no user-data events, "
         f"{'the real connection budget' if args.real_limits else 'the connection budget lifted (start-up is not paced)'}, "
+        f"{'TLS (https://, wss://)' if args.tls else 'plain http:// and ws://'}, "
         f"{args.symbols} simulated symbols ticking mark prices every second. Memory from `/proc/PID/smaps_rollup` after all children "
         f"stream and {args.settle_s:.0f} s settle; CPU (`/proc/PID/task/*/schedstat`: run time and times scheduled, i.e. wake-ups, of every thread) over {args.cpu_window_s:.0f} s; `all` is the sum over the user-data children, in % of one core. MB = MiB.\n"
     )
