@@ -247,8 +247,15 @@ def run_one(
             env["KRAITE__binance__ca_file"] = str(info["ca_file"])
         if not real_limits:
             # memory and idle CPU, not pacing: the egress's connection budget (150 attempts per 310 s at
-            # Binance's limits) would take 34 minutes to bring 1,000 accounts up (--real-limits does that)
+            # Binance's limits) would take 34 minutes to bring 1,000 accounts up (--real-limits does that);
+            # lifted on both sides, the simulator's handshake limit and kraite-mp's budget
             env["KRAITE__binance__connection_limit"] = "1000000"
+            requests.post(
+                info["control_url"] + "/set_connection_limit",
+                json={"limit": 1_000_000},
+                timeout=10,
+                verify=info.get("ca_file") or True,
+            ).raise_for_status()
         log(f"N={n}: simulator up, {len(names)} symbols and {n} accounts seeded")
         sup_log = open(work / "supervisor.log", "wb")
         started = time.monotonic()
@@ -381,8 +388,14 @@ def main() -> int:
         "--tls", action="store_true", help="https:// and wss:// (the simulator's test certificate)"
     )
     args = parser.parse_args()
-    # a SIGTERM (timeout, pkill) must still run the clean-up: stop the supervisor and the simulator
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    # a SIGTERM (timeout, pkill) must still run the clean-up: stop the supervisor and the simulator; a
+    # second one (`timeout` passes its own on) must not cut that clean-up short
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     ns = [int(x) for x in args.accounts.split(",") if x.strip()]
     results = [
         run_one(
