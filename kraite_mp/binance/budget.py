@@ -80,6 +80,11 @@ RESUME_SPREAD_MIN_S = 1.0
 RESUME_SPREAD_MAX_S = 10.0
 #: Without Redis a process allows itself at most this share of the egress budget (less with many peers).
 FALLBACK_SHARE_RATIO = 0.05
+#: Share of the REST budget that every call but the streams' own (listenKey create/keepalive/close) leaves
+#: free: a fleet-wide sync or the reconciliations after a mass drop never keep a stream from (re)connecting.
+#: 120 weight a minute of 1,200: the listenKeys of ~2,000 accounts (connects paced at 150 per 310 s,
+#: keepalives every 30 min).
+STREAM_RESERVE_RATIO = 0.1
 #: While Redis is unreachable, try it again this often (not on every call: a connect timeout per call).
 REDIS_RETRY_S = 5.0
 #: Socket timeouts of the budget's Redis client: an unreachable Redis must not stall every REST call.
@@ -327,15 +332,23 @@ class EgressBudget:
             return True, 0.0
         return False, max(0.0, local.get_window_stats(item, self.resource).reset_time - time.time())
 
-    def acquire(self, weight: int, stop: threading.Event, max_wait_s: float = MAX_WAIT_S) -> float:
+    @property
+    def stream_reserve(self) -> int:
+        """The weight per window that bulk calls leave to the streams' listenKey calls (``leave``)."""
+        return max(1, int(self.limit * STREAM_RESERVE_RATIO)) if self.limit > 1 else 0
+
+    def acquire(
+        self, weight: int, stop: threading.Event, max_wait_s: float = MAX_WAIT_S, leave: int = 0
+    ) -> float:
         """Take ``weight`` before a call is sent, waiting while the window is full: the seconds waited.
+        ``leave``: as in ``try_take``, wait until that much more would still fit.
 
         Raises ``BudgetExhausted`` when nothing freed within ``max_wait_s`` or ``stop`` is set meanwhile.
         """
         start = time.monotonic()
         deadline = start + max_wait_s
         while True:
-            taken, retry_in = self.try_take(weight)
+            taken, retry_in = self.try_take(weight, leave)
             if taken:
                 return time.monotonic() - start
             now = time.monotonic()

@@ -62,6 +62,9 @@ MAX_SLOWDOWN_SLEEP_S = 61.0
 #: Sleep this much past the minute boundary so that the server's window has surely rolled.
 SLOWDOWN_MARGIN_S = 0.25
 #: Request weight per (method, path, has_symbol) (docs/PROTOCOL.md); used to account what a caller spent.
+#: The listenKey route: its calls are what a stream waits on (the REST budget keeps them a reserve).
+LISTEN_KEY_PATH = "/fapi/v1/listenKey"
+
 ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v1/openOrders", True): 1,
     ("GET", "/fapi/v1/openOrders", False): 40,
@@ -75,9 +78,9 @@ ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v3/positionRisk", True): 5,
     ("GET", "/fapi/v3/balance", False): 5,
     ("GET", "/fapi/v1/time", False): 1,
-    ("POST", "/fapi/v1/listenKey", False): 1,
-    ("PUT", "/fapi/v1/listenKey", False): 1,
-    ("DELETE", "/fapi/v1/listenKey", False): 1,
+    ("POST", LISTEN_KEY_PATH, False): 1,
+    ("PUT", LISTEN_KEY_PATH, False): 1,
+    ("DELETE", LISTEN_KEY_PATH, False): 1,
 }
 
 _QUERY_RE = re.compile(r"\?[^\s'\")]*")
@@ -204,7 +207,7 @@ class BinanceRest:
     # ------------------------------------------------------------------ listenKeys (USER_STREAM: key, no signature)
     def create_listen_key(self) -> str:
         """POST /fapi/v1/listenKey: the account's key (the active one, extended, if there is one)."""
-        data = self._request("POST", "/fapi/v1/listenKey")
+        data = self._request("POST", LISTEN_KEY_PATH)
         key = data.get("listenKey") if isinstance(data, dict) else None
         if not isinstance(key, str) or not key:
             raise BinanceError(200, None, "POST /fapi/v1/listenKey: reply without a listenKey")
@@ -213,7 +216,7 @@ class BinanceRest:
 
     def keepalive_listen_key(self) -> str:
         """PUT /fapi/v1/listenKey: extend by 60 minutes; ListenKeyNotFound (-1125) means create a new one."""
-        data = self._request("PUT", "/fapi/v1/listenKey")
+        data = self._request("PUT", LISTEN_KEY_PATH)
         key = data.get("listenKey") if isinstance(data, dict) else None
         if isinstance(key, str) and key:
             register_secret(key)
@@ -222,7 +225,7 @@ class BinanceRest:
 
     def close_listen_key(self) -> None:
         """DELETE /fapi/v1/listenKey."""
-        self._request("DELETE", "/fapi/v1/listenKey")
+        self._request("DELETE", LISTEN_KEY_PATH)
 
     # ------------------------------------------------------------------ signed queries
     def server_time(self) -> int:
@@ -390,7 +393,9 @@ class BinanceRest:
     def _take_budget(self, method: str, path: str, weight: int) -> None:
         """Take the call's weight from the egress budget before it is sent (waiting while it is spent)."""
         try:
-            waited = self.budget.acquire(weight, self.stop, self.max_budget_wait_s)
+            # a listenKey call (a stream waits on it) may take the reserve every other call leaves
+            leave = 0 if path == LISTEN_KEY_PATH else self.budget.stream_reserve
+            waited = self.budget.acquire(weight, self.stop, self.max_budget_wait_s, leave)
         except BudgetExhausted as e:
             raise RateLimited(429, None, f"{method} {path} not sent: {e}", e.retry_after_s) from None
         if waited > 0:
