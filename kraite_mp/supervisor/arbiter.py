@@ -333,7 +333,9 @@ class Arbiter:
     def spawn_due(self, now: float) -> None:
         due = [c for c in self.children.values() if c.state in WAITING_STATES and not c.alive]
         due = [c for c in due if c.due_at <= now]
-        for child in sorted(due, key=lambda c: c.due_at):
+        # the mark-price stream first: every account's trading depends on it, and a host that takes the
+        # lead (its leader died) would otherwise spawn it after the accounts it took over in the same step
+        for child in sorted(due, key=lambda c: (c.role != ROLE_MARK_PRICE, c.due_at)):
             if not self.bucket.take(now):
                 return
             self.spawn(child)
