@@ -818,3 +818,34 @@ def test_the_mark_price_child_is_spawned_before_the_accounts_due_with_it(tmp_pat
     arbiter.bucket = TokenBucket(rate_per_s=0.001, burst=3, now=now)  # 3 spawns now, the rest later
     arbiter.spawn_due(now)
     assert spawned == ["mark-price", "user-data-1", "user-data-2"]
+
+
+@pytest.mark.unit
+def test_one_pass_forks_for_half_a_second_at_most_so_the_loop_renews_leases_between(tmp_path: Path) -> None:
+    """100 forks in one pass took 13 s on a loaded host, longer than the fleet's leases live (10 s): every
+    lease of the host expired. A pass forks for ``SPAWN_SLICE_S`` at most; the next passes go on."""
+    from kraite_mp.store.accounts import Account
+    from kraite_mp.supervisor import arbiter as arbiter_mod
+
+    settings = Settings(run_dir=str(tmp_path))
+    arbiter = Arbiter(settings, targets={})
+    now = time.monotonic()
+    for i in range(1, 11):
+        account = Account(id=i, name=f"a{i}", exchange="binance", api_key=f"k{i}", api_secret_token="t")
+        arbiter.children[f"user-data-{i}"] = Child(key=f"user-data-{i}", role="user-data", account=account)
+        arbiter.children[f"user-data-{i}"].due_at = now
+    fork_s = arbiter_mod.SPAWN_SLICE_S / 2.5  # each fake fork takes this long (at least)
+
+    def slow_spawn(child: Child) -> None:
+        time.sleep(fork_s)
+        child.pid = 1  # alive: not due again
+        spawned.append(child.key)
+
+    spawned: list[str] = []
+    arbiter.spawn = slow_spawn  # type: ignore[method-assign]  # real forks are tested e2e
+    arbiter.bucket = TokenBucket(rate_per_s=1.0, burst=100, now=now)
+    arbiter.spawn_due(time.monotonic())
+    assert 1 <= len(spawned) <= 3  # the slice ended the pass; the bucket alone would have allowed all 10
+    for _ in range(10):  # the following passes fork the rest
+        arbiter.spawn_due(time.monotonic())
+    assert sorted(spawned) == sorted(f"user-data-{i}" for i in range(1, 11))

@@ -66,6 +66,8 @@ TICK_S = 1.0
 STATUS_INTERVAL_S = 1.0
 #: ... and at least this often, so that a reader sees a fresh ``ts`` from a live supervisor.
 STATUS_IDLE_INTERVAL_S = 5.0
+#: One pass of the loop forks for this long at most, then renews leases, reaps, ... before forking on.
+SPAWN_SLICE_S = 0.5
 #: Heartbeat files are checked every heartbeat_timeout_s / this, within the bounds below.
 HEARTBEAT_CHECKS_PER_TIMEOUT = 10
 HEARTBEAT_CHECK_MIN_S = 0.2
@@ -331,11 +333,16 @@ class Arbiter:
 
     # -- spawning ---------------------------------------------------------------------------------
     def spawn_due(self, now: float) -> None:
+        """Fork what is due, as the spawn bucket allows, for ``SPAWN_SLICE_S`` at most: a burst of a hundred
+        forks on a loaded host took 13 s, longer than the fleet's leases live, and the loop renews them."""
         due = [c for c in self.children.values() if c.state in WAITING_STATES and not c.alive]
         due = [c for c in due if c.due_at <= now]
+        slice_ends = time.monotonic() + SPAWN_SLICE_S
         # the mark-price stream first: every account's trading depends on it, and a host that takes the
         # lead (its leader died) would otherwise spawn it after the accounts it took over in the same step
         for child in sorted(due, key=lambda c: (c.role != ROLE_MARK_PRICE, c.due_at)):
+            if time.monotonic() >= slice_ends:
+                return  # the rest next pass (due now: the loop comes straight back), after the fleet's step
             if not self.bucket.take(now):
                 return
             self.spawn(child)
