@@ -120,8 +120,10 @@ class SupervisorSettings:
     backoff_cap_exponent: int = 5
     backoff_jitter_ratio: float = 0.1
     #: Spawn pacing (token bucket): Binance allows 300 new WS connections per 5 min per IP.
-    spawn_rate_per_s: float = 0.9
-    spawn_burst: int = 20
+    #: Forks per second (token bucket) and at once: the host's start-up CPU. Connection attempts have their
+    #: own cap, the egress's connection budget (binance.connection_share), which is what Binance counts.
+    spawn_rate_per_s: float = 5.0
+    spawn_burst: int = 100
     #: Periodic REST reconciliation of all owned accounts (0 disables).
     sync_interval_s: float = 300.0
     #: Periodic sync: a full sweep (positions, balances, openOrders/openAlgoOrders without symbol: weight 90, plus history)

@@ -17,7 +17,8 @@ every ``supervisor.sync_interval_s``, a one-shot ``sync-orders``. Their entry po
 here before the first fork so that every child shares the parent's pages (and ``gc.freeze()``
 keeps the collector from dirtying them). The parent never starts a thread and holds no socket,
 DB connection or broker across a fork: it opens PostgreSQL only to read the accounts, then closes
-it. New WebSocket connections are paced by a token bucket (Binance: 300 per 5 minutes per IP).
+it. Forks are paced by a token bucket (the host's start-up CPU); connection attempts, which Binance
+counts per IP, by the egress's connection budget (``binance.connections``).
 """
 
 from __future__ import annotations
