@@ -13,7 +13,9 @@ Usage::
 
 The scripts find PostgreSQL and Redis themselves (their docstrings say how); the machine section
 reports the versions at ``KRAITE_BENCH_DATABASE_URL`` / ``KRAITE_BENCH_REDIS_URL`` (defaults: the
-local servers on the standard ports).
+local servers on the standard ports). The longest are ``mass_reconnect`` and ``fleet_failover`` (about
+half an hour each at their defaults); ``fleet_failover`` needs root (its hosts are network namespaces)
+and otherwise prints a section that says it did not run. ``--only`` / ``--args`` shorten a run.
 """
 
 from __future__ import annotations
