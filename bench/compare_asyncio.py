@@ -76,6 +76,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # tests/support.py, imported as the tests import it
+sys.path.insert(2, str(ROOT / "bench"))  # run_all.py, when this file is imported rather than run
+
+from run_all import git_revision  # noqa: E402
+from support import children_of  # noqa: E402
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -153,22 +158,6 @@ def sched_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
-
-
-def children_of(ppid: int) -> list[int]:
-    """Live children of ``ppid`` (zombies excluded)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == ppid and fields[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
 
 
 def mem_available_mb() -> float:
@@ -1040,23 +1029,6 @@ def gate_memory(n: int, args: argparse.Namespace) -> tuple[int | None, str]:
         if candidate == FALLBACK_ACCOUNTS or n <= FALLBACK_ACCOUNTS:
             break
     return None, f"N={n} skipped: not enough MemAvailable"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=str(ROOT),
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (rev or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def cpu_model() -> str:

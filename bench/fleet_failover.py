@@ -21,8 +21,8 @@ worker (1 process x 8 threads) runs in the root namespace and does the reconcili
 queues. The simulator sends no scenario events: only connections matter here.
 
 Settings: ``fleet.failover_s = --failover-s`` (default: the product's default); ``--spawn-pacing
-deployed`` keeps every supervisor setting as deployed (``supervisor.spawn_rate_per_s`` 0.9,
-``spawn_burst`` 20, periodic sync every 300 s, ...); ``fast`` uses the netns test's settings
+deployed`` keeps every supervisor setting as deployed (``supervisor.spawn_rate_per_s``,
+``spawn_burst``, periodic sync every 300 s, ...: the defaults of kraite_mp/config.py); ``fast`` uses the netns test's settings
 (``tests/test_supervisor.py`` ``FAST_ENV``: spawns unpaced at 100/s, no periodic sync), which leaves the
 fleet protocol alone in the figure; ``--sync-interval-s`` overrides ``supervisor.sync_interval_s`` (a
 periodic sync spends the egress's REST weight, which the listenKey request of every new stream needs
