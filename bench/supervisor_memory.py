@@ -178,6 +178,7 @@ def run_one(
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"kraite-bench-{n}-"))
     dbname = f"kraite_bench_{uuid.uuid4().hex[:8]}"
+    namespace = f"kraite-bench-{uuid.uuid4().hex[:8]}"
     secret_key = generate_secret_key()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRAITE")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -232,7 +233,7 @@ def run_one(
         env.update(
             KRAITE_DATABASE_URL=database_url,
             KRAITE_REDIS_URL=redis_url,
-            KRAITE_REDIS_NAMESPACE=f"kraite-bench-{uuid.uuid4().hex[:8]}",
+            KRAITE_REDIS_NAMESPACE=namespace,
             KRAITE_SECRET_KEY=secret_key,
             KRAITE_RUN_DIR=str(run_dir),
             KRAITE__user_data_stream__spool_dir=str(work / "spool"),
@@ -349,8 +350,24 @@ def run_one(
         if sim is not None:
             stop(sim)
         kdb.drop_database(admin_url, dbname)
+        drop_namespace(redis_url, namespace)
         log(f"N={n}: cleanup took {time.monotonic() - t:.1f}s")
         shutil.rmtree(work, ignore_errors=True)
+
+
+def drop_namespace(redis_url: str, namespace: str) -> None:
+    """Delete every Redis key of the run's namespace (queues, statuses, budgets, fleet keys)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    except redis.RedisError as e:
+        log(f"cannot delete the Redis keys of {namespace}: {e}")
+    finally:
+        client.close()
 
 
 def _restarts(run_dir: Path) -> int:
