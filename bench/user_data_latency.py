@@ -21,8 +21,10 @@ reconciliations requested by every connect run meanwhile on their own worker poo
 kraite_mp.jobs --queues reconcile`` process), as deployed.
 
 Measured per frame received in the window:
-- received -> enqueued: ``message_timestamp`` (ms, stamped by the child's sender right before the
-  enqueue) minus the child's receive time (so a 1 ms resolution);
+- received -> handed to Redis: ``message_timestamp`` (ms, stamped by the child's sender right before the
+  enqueue, so *before* Redis acknowledged it: the round trip is not in it; ``bench/compare_asyncio.py``
+  measures frame -> in Redis at the Redis end, after the acknowledgement) minus the child's receive time
+  (a 1 ms resolution);
 - received -> job started (the worker's ``before_process_message``);
 - received -> committed: the worker's ``after_process_message`` (after COMMIT and the observers)
   minus the receive time, for dispatched order frames (the order row) and for every frame (audit);
@@ -589,7 +591,7 @@ def main() -> int:
     )
     out.append("")
     out.append(
-        "| accounts | frames/s | received->enqueued p50 / p99 (1 ms resolution) | ->job started p50 / p99 |"
+        "| accounts | frames/s | received->handed to Redis, before its ack, p50 / p99 (1 ms resolution) | ->job started p50 / p99 |"
         " ->order row committed p50 / p99 | ->audit committed p50 / p99 / max | worker events/s |"
         " worker capacity events/s |"
     )
