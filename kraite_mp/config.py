@@ -119,7 +119,6 @@ class SupervisorSettings:
     backoff_base_s: float = 1.0
     backoff_cap_exponent: int = 5
     backoff_jitter_ratio: float = 0.1
-    #: Spawn pacing (token bucket): Binance allows 300 new WS connections per 5 min per IP.
     #: Forks per second (token bucket) and at once: the host's start-up CPU. Connection attempts have their
     #: own cap, the egress's connection budget (binance.connection_share), which is what Binance counts.
     spawn_rate_per_s: float = 5.0

@@ -309,13 +309,10 @@ class EgressBudget:
             try:
                 cost = min(max(1, weight), self.limit)  # a call heavier than the window takes all of it
                 leave = min(max(0, leave), self.limit - cost)
-                if leave:
-                    storage = cast(MovingWindowSupport, limiter.storage)
-                    key, expiry = self._item.key_for(self.resource), self._item.get_expiry()
-                    taken = storage.acquire_entry(key, self.limit - leave, expiry, amount=cost)
-                else:
-                    taken = limiter.hit(self._item, self.resource, cost=cost)
-                if taken:
+                # what ``limiter.hit`` runs, with the limit less ``leave``
+                storage = cast(MovingWindowSupport, limiter.storage)
+                key, expiry = self._item.key_for(self.resource), self._item.get_expiry()
+                if storage.acquire_entry(key, self.limit - leave, expiry, amount=cost):
                     self._redis_ok()
                     try:
                         self._note_peer(client)

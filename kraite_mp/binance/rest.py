@@ -61,10 +61,9 @@ log = logging.getLogger(__name__)
 MAX_SLOWDOWN_SLEEP_S = 61.0
 #: Sleep this much past the minute boundary so that the server's window has surely rolled.
 SLOWDOWN_MARGIN_S = 0.25
-#: Request weight per (method, path, has_symbol) (docs/PROTOCOL.md); used to account what a caller spent.
 #: The listenKey route: its calls are what a stream waits on (the REST budget keeps them a reserve).
 LISTEN_KEY_PATH = "/fapi/v1/listenKey"
-
+#: Request weight per (method, path, has_symbol) (docs/PROTOCOL.md); used to account what a caller spent.
 ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v1/openOrders", True): 1,
     ("GET", "/fapi/v1/openOrders", False): 40,

@@ -26,11 +26,10 @@ _lock = threading.Lock()
 
 def client_context(ca_file: str = "") -> ssl.SSLContext:
     """This process's context for ``ca_file`` ("" = the system's store), made on first use."""
-    key = ca_file  # a forked child shares the parent's (made before the fork)
-    with _lock:
-        ctx = _contexts.get(key)
+    with _lock:  # a forked child finds the parent's, made before the fork
+        ctx = _contexts.get(ca_file)
         if ctx is None:
-            ctx = _contexts[key] = _make(ca_file)
+            ctx = _contexts[ca_file] = _make(ca_file)
         return ctx
 
 

@@ -45,6 +45,7 @@ import logging
 import math
 import random
 import select
+import socket
 import ssl
 import threading
 import time
@@ -221,6 +222,7 @@ class WebSocketStream:
         self.tls: ssl.SSLContext | None = None
         #: Watches the connection's socket and ``wake_fds`` (made per connection, by ``_adopt``).
         self._poller: select.poll | None = None
+        self._sock: socket.socket | None = None
         self._sock_fd = -1
 
     # -- what a stream provides ------------------------------------------------------------------
@@ -357,11 +359,11 @@ class WebSocketStream:
         self.connected_at = self._last_alive_at = now
         self._ping_due_at = now + self.liveness.ping_interval_s
         self._ping_sent_at = None
-        self._poller, self._sock_fd = None, -1
+        self._poller, self._sock, self._sock_fd = None, None, -1
         sock = getattr(ws, "sock", None)  # None: a stand-in without a socket (unit tests)
         if sock is not None:
             poller = select.poll()
-            self._sock_fd = sock.fileno()
+            self._sock, self._sock_fd = sock, sock.fileno()
             poller.register(self._sock_fd, select.POLLIN | select.POLLPRI)
             for fd in self.wake_fds():
                 poller.register(fd, select.POLLIN)
@@ -465,7 +467,7 @@ class WebSocketStream:
                 self.disconnect(Disconnect(Reason.PING_FAILED, describe(e)))
                 return
             self._ping_sent_at = now
-        if not self._frame_ready(ws, self._wait_s(now)):
+        if not self._frame_ready(self._wait_s(now)):
             self.beat()
             return
         try:
@@ -512,12 +514,11 @@ class WebSocketStream:
         due = min(due, now + self.beat_due_in(now))
         return max(due - now, 0.0)
 
-    def _frame_ready(self, ws: websocket.WebSocket, timeout_s: float) -> bool:
+    def _frame_ready(self, timeout_s: float) -> bool:
         """Block until the socket has bytes (True) or ``timeout_s`` passed or a wake fd fired (False)."""
-        sock = getattr(ws, "sock", None)  # None: a stand-in without a socket (unit tests)
-        if self._poller is None or sock is None:
+        if self._poller is None:
             return True  # nothing to poll: the receive (with its own timeout) decides
-        pending = getattr(sock, "pending", None)  # TLS: bytes decrypted already are invisible to poll
+        pending = getattr(self._sock, "pending", None)  # TLS: bytes decrypted already are invisible to poll
         if pending is not None and pending() > 0:
             return True
         try:
@@ -551,7 +552,7 @@ class WebSocketStream:
         ``on_frame`` may raise while draining (the spool refused a frame): the socket is dropped all the same.
         """
         ws, self.ws, self.connected_at = self.ws, None, None
-        self._poller, self._sock_fd = None, -1
+        self._poller, self._sock, self._sock_fd = None, None, -1
         if ws is None:
             return
         try:

@@ -140,7 +140,7 @@ class SpoolSender:
                 break
             try:
                 if self.acks is not None:
-                    if (pending or self._unacked or not self._epoch) and self._check_epoch():
+                    if (self._unacked or not self._epoch) and self._check_epoch():
                         pending = []  # replaying: the spool was rewound
                     self._poll_acks()
                 if not pending:
@@ -157,9 +157,9 @@ class SpoolSender:
                         if self.stop.is_set():
                             break
                         continue
-                    if self.acks is not None and not self._unacked and self._check_epoch():
-                        pending = []  # the first send after a pause: the broker lost data meanwhile
-                        continue
+                if self.acks is not None and self._check_epoch():  # before sending (throttled by itself)
+                    pending = []  # replaying: the spool was rewound
+                    continue
                 self._send_batch(pending)
             except (redis.RedisError, dramatiq.errors.DramatiqError, OSError) as e:
                 now = time.monotonic()

@@ -475,13 +475,12 @@ class Arbiter:
                 self.stop_child(child, AfterStop.EXIT, "sync timeout")
         if sup.sync_interval_s <= 0 or now < self.next_sync_at:
             return
+        self.next_sync_at = now + sup.sync_interval_s
         if self.fleet is not None and not self.fleet.view.lead_mark_price:
             # one periodic sync per fleet: the mark-price leader's. A host that takes the lead (its leader
-            # died) syncs one interval later, not at once: the streams it takes over come first (each
-            # reconnect reconciles its own account), the sync would spend the egress's REST budget first
-            self.next_sync_at = now + sup.sync_interval_s
+            # died) syncs one interval later, not at once (its schedule ran on meanwhile): the streams it
+            # takes over come first (each reconnect reconciles its own account)
             return
-        self.next_sync_at = now + sup.sync_interval_s
         if ROLE_SYNC not in self.targets:
             return
         if child is not None and child.pid is not None:
