@@ -77,10 +77,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # tests/support.py, imported as the tests import it
-sys.path.insert(2, str(ROOT / "bench"))  # run_all.py, when this file is imported rather than run
+sys.path.insert(2, str(ROOT / "bench"))  # run_all.py and user_data_latency.py, when this file is imported rather than run
 
 from run_all import git_revision  # noqa: E402
 from support import children_of  # noqa: E402
+from user_data_latency import pct  # noqa: E402
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -113,14 +114,6 @@ QUEUE = "user-data-stream"  # user_data_stream.queue_name (default)
 
 def log(msg: str) -> None:
     print(f"[compare_asyncio {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, int(round(p / 100.0 * (len(s) - 1)))))
-    return s[k]
 
 
 def now_ms() -> float:
