@@ -77,7 +77,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # tests/support.py, imported as the tests import it
-sys.path.insert(2, str(ROOT / "bench"))  # run_all.py and user_data_latency.py, when this file is imported rather than run
+# run_all.py and user_data_latency.py, when this file is imported rather than run
+sys.path.insert(2, str(ROOT / "bench"))
 
 from run_all import git_revision  # noqa: E402
 from support import children_of  # noqa: E402
