@@ -26,6 +26,7 @@ import platform
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,12 @@ def sched(pid: int) -> tuple[int, int]:
 
 def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
@@ -243,6 +250,9 @@ def run_one(
             KRAITE__supervisor__spawn_rate_per_s="1000",
             KRAITE__supervisor__spawn_burst="1000",
             KRAITE__supervisor__sync_interval_s="0",
+            # a port of its own: another benchmark's metrics child on the default port would make this
+            # one's restart in backoff all along (counted as restarts)
+            KRAITE__metrics__listen=f"127.0.0.1:{free_port()}",
         )
         if tls:  # https:// and wss:// as production runs, the simulator's test certificate trusted
             env["KRAITE__binance__ca_file"] = str(info["ca_file"])

@@ -134,5 +134,41 @@ def test_kraite_mp_run_streams_over_tls_with_the_ca_file(
         )
         assert not sup.lines(r"(?i)certificate|SSLError")
         assert os.path.exists(ca_file)
+        # the supervisor's warm-up (process.warm_rest): its HTTPS round trips, unsigned, before any child
+        # asked for a listenKey, so every child finds that code run once in the parent's pages
+        log = [(r.method, r.path, r.api_key) for r in sim.rest.request_log()]
+        first_key = log.index(next(r for r in log if r[:2] == ("POST", "/fapi/v1/listenKey")))
+        assert log[:first_key].count(("GET", "/fapi/v1/time", "")) == 2, log[:10]
+        assert sup.lines(r"server time offset [+-]\d+ ms"), sup.log()[-3000:]
     finally:
         sup.close()
+
+
+def _open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue  # closed meanwhile (the listing's own fd)
+    return count
+
+
+@pytest.mark.integration
+def test_the_warm_up_before_the_first_fork_leaves_no_socket_and_never_fails_the_start(
+    tls_simulator: Any, kraite_env: dict[str, str]
+) -> None:
+    from kraite_mp.supervisor.process import warm_rest
+
+    sim, ca_file = tls_simulator
+    env = {**kraite_env, "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE__binance__ca_file": ca_file}
+    before = _open_sockets()
+    assert warm_rest(load_settings(None, environ=env)) == 2
+    assert _open_sockets() == before  # neither the HTTPS connection nor the budget's Redis one crosses a fork
+    assert sim.stats()["requests"].get("/fapi/v1/time") == 2
+    # nothing listening, and an untrusted certificate: no call succeeds, nothing raises
+    refused = {**env, "KRAITE_BINANCE_REST_URL": "http://127.0.0.1:9"}
+    assert warm_rest(load_settings(None, environ=refused)) == 0
+    untrusted = {k: v for k, v in env.items() if k != "KRAITE__binance__ca_file"}
+    assert warm_rest(load_settings(None, environ=untrusted)) == 0
+    assert _open_sockets() == before

@@ -237,6 +237,14 @@ class EgressBudget:
                 self._client, self._shared = client, MovingWindowRateLimiter(storage)
             return self._client, self._shared
 
+    def disconnect(self) -> None:
+        """Close this process's Redis connection (the supervisor, before it forks: no socket crosses a
+        fork); the next call connects again."""
+        with self._lock:
+            client, self._client, self._shared = self._client, None, None
+        if client is not None:
+            client.connection_pool.disconnect()
+
     def _redis_failed(self, error: BaseException) -> None:
         with self._lock:
             self._retry_redis_at = time.monotonic() + REDIS_RETRY_S

@@ -149,7 +149,7 @@ class Arbiter:
         ownership.prepare_metrics(self.settings)  # before anything imports prometheus_client
         self.targets = given if given is not None else load_targets(DEFAULT_TARGETS)
         if given is None:  # the real supervisor (tests that give targets run it inside pytest)
-            process.prepare_to_fork(self.settings.binance.ca_file)
+            process.prepare_to_fork(self.settings)
         self.signals.install()
         sup = self.settings.supervisor
         msg = "supervisor starting pid=%s shard=%s mark_price=%s spawn_rate=%.2f/s burst=%d"

@@ -361,7 +361,7 @@ def describe_status(status: int) -> tuple[str, int | None]:
 M_ARENA_MAX = -8
 
 
-def prepare_to_fork(ca_file: str = "") -> None:
+def prepare_to_fork(settings: Settings) -> None:
     """Once in the supervisor, before its first fork: do now what every child would otherwise do on its
     own, so that the pages it touches stay shared (issue 17: each item was measured in USS per child).
 
@@ -370,9 +370,10 @@ def prepare_to_fork(ca_file: str = "") -> None:
     - one malloc arena (glibc), inherited by the children: a child's threads would each get their own;
     - redis-py's DriverInfo built once (it scans the installed packages for every new connection);
     - prometheus_client imported and the series built (after ``PROMETHEUS_MULTIPROC_DIR`` is set);
-    - ``requests``' lazy imports done (adapters, certificates, idna) without sending anything;
+    - ``requests``' lazy imports done (adapters, certificates, idna);
     - the one TLS client context of every child's ``wss://`` and ``https://`` (``binance.tls``): made here,
-      its trust store is parsed once and its pages shared, not 2.4 MB of C heap in each child.
+      its trust store is parsed once and its pages shared, not 2.4 MB of C heap in each child;
+    - one HTTPS round trip through that context (``warm_rest``), as each child's first listenKey call.
     """
     import ctypes
     import ctypes.util
@@ -397,6 +398,47 @@ def prepare_to_fork(ca_file: str = "") -> None:
         "warm".encode("idna")
         from kraite_mp.binance.tls import client_context
 
-        client_context(ca_file)
+        client_context(settings.binance.ca_file)
     except Exception:  # noqa: BLE001 - a warm-up never stops the supervisor
         log.debug("warm-up before fork failed", exc_info=True)
+    warm_rest(settings)
+
+
+#: The warm-up's REST calls wait at most this long (seconds): a start-up never hangs on it.
+WARM_REST_TIMEOUT_S = 3.0
+
+
+def warm_rest(settings: Settings, calls: int = 2) -> int:
+    """Run the code of a child's first REST call here, in the parent: unsigned ``GET /fapi/v1/time`` (weight
+    1 each, through the egress budget like every call) over the shared TLS context. CPython writes into
+    the code it runs (reference counts, and the specialising interpreter's inline caches the first times a
+    function runs): run first in each child, the TLS, ``requests`` and ``urllib3`` paths of that call
+    copied 0.6-0.7 MB of the parent's pages into every child (``bench/supervisor_memory.py --tls``, 30
+    accounts, docs/BENCHMARKS.md). The first call also measures the clock offset the children inherit.
+    Best effort: returns the calls that succeeded (a failure is logged, the start goes on). No socket is
+    left open for a fork to copy."""
+    from kraite_mp.binance.budget import shared_budget
+    from kraite_mp.binance.rest import BinanceRest
+
+    budget = shared_budget(settings)
+    rest = BinanceRest(
+        settings.binance.rest_url,
+        "",
+        timeout_s=min(settings.binance.rest_timeout_s, WARM_REST_TIMEOUT_S),
+        budget=budget,
+        ca_file=settings.binance.ca_file,
+        max_budget_wait_s=0.0,
+    )
+    done = 0
+    try:
+        rest.sync_time()
+        done += 1
+        for _ in range(calls - 1):
+            rest.server_time()
+            done += 1
+    except Exception as e:  # noqa: BLE001 - a warm-up never stops the supervisor (BinanceError, the budget's)
+        log.info("warm-up before the first fork: %s (the children start all the same)", e)
+    finally:
+        rest.close()
+        budget.disconnect()
+    return done
