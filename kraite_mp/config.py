@@ -129,9 +129,10 @@ class SupervisorSettings:
     #: at least this often per account; targeted per-symbol sweeps (weight ~1 per symbol) in between.
     sync_full_interval_s: float = 3600.0
     #: A reconnect whose gap (disconnect -> reconnect) is known and at most this long is reconciled with the
-    #: cheap gap sweep (positions, balances, open orders per symbol, the history of the active symbols from
-    #: the gap's start); a longer or unknown one gets a full sweep. 0 (the default): always a full sweep,
-    #: because the gap sweep cannot see an order placed inside the gap on an inactive symbol and still open.
+    #: gap sweep, which pays only for what the gap can hide (GET /fapi/v3/account, 5, plus 1 per listed symbol;
+    #: positionRisk and symbol histories only on evidence of a fill the stream did not deliver); a longer or
+    #: unknown one gets a full sweep. 0: always a full sweep. Blind (until the next full sweep) only to orders
+    #: placed and ended unfilled inside the gap and to algo orders placed in it on a symbol without open ones.
     gap_sweep_max_s: float = 0.0
     #: A periodic sync child still running after this long is stopped.
     sync_timeout_s: float = 900.0

@@ -235,7 +235,14 @@ def test_after_a_mass_drop_every_account_streams_again_within_the_budget_and_no_
             def all_equal_truth() -> bool:
                 return all(not truth_mismatches(db, a.id, sim.truth(a.api_key)) for a in accounts)
 
-            wait_for(all_equal_truth, 30, 0.5, "every account's orders equal to the simulator's truth")
+            try:
+                wait_for(all_equal_truth, 30, 0.5, "every account's orders equal to the simulator's truth")
+            except BaseException:
+                for a in accounts:
+                    problems = truth_mismatches(db, a.id, sim.truth(a.api_key))
+                    if problems:
+                        print(f"account {a.id} differs from the truth: {problems[:5]}")
+                raise
             time.sleep(2.0)  # a frame audited twice would show now
         except BaseException:
             print(log_tails(run_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +30,7 @@ from kraite_mp.reconcile.sweep import (
     mode_for_gap,
     reconcile_account,
 )
-from kraite_mp.store import account_state, orders
+from kraite_mp.store import account_state, audit, orders
 from kraite_mp.store.accounts import Account, add_account, get_account
 from kraite_mp.store.db import connect
 from kraite_mp.supervisor.context import ChildContext
@@ -299,40 +301,233 @@ def test_oracle_orders_changed_while_disconnected_equal_truth_after_reconcile(en
     assert_equals_truth(db, account.id, truth)
 
 
+def stream_delivered(db: Any, account: Account, truth: dict[str, Any], received_at: datetime) -> None:
+    """Pretend the stream delivered (and a worker applied) every order of this truth snapshot, each as one
+    ORDER_TRADE_UPDATE frame received at ``received_at``: the orders as streamed, and their audit rows."""
+    with db.cursor() as cur:
+        for o in truth["orders"]:
+            state = dataclasses.replace(order_from_rest(account.id, o), source="ws")
+            orders.apply_order_update(cur, state, frame_id=None)
+            t = int(o["updateTime"])
+            audit.write(
+                cur,
+                frame_id=f"test-ws:{account.id}:{o['orderId']}:{t}:{o['status']}",
+                account_id=account.id,
+                source="ws",
+                event_type="ORDER_TRADE_UPDATE",
+                event_time_ms=t,
+                payload_text=json.dumps(
+                    {"e": "ORDER_TRADE_UPDATE", "E": t, "o": {"i": o["orderId"], "T": t}}
+                ),
+                received_at=received_at,
+                outcome="dispatched",
+                error=None,
+            )
+        for a in truth["algo_orders"]:
+            orders.apply_order_update(
+                cur, dataclasses.replace(algo_from_rest(account.id, a), source="ws"), frame_id=None
+            )
+    db.commit()
+
+
+def requests_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {path: n - before.get(path, 0) for path, n in after.items() if n - before.get(path, 0)}
+
+
+def gap_sweep(
+    env: dict[str, Any], account: Account, gap_start_ms: int
+) -> tuple[ReconcileResult, dict[str, int]]:
+    """A gap sweep and the requests the simulator received for it, by path."""
+    before = env["sim"].stats()["requests"]
+    result = reconcile_account(env["db"], env["settings"], account, mode="gap", gap_start_ms=gap_start_ms)
+    assert result.status is ReconcileStatus.OK and result.mode == "gap", result.summary()
+    return result, requests_between(before, env["sim"].stats()["requests"])
+
+
+def streamed_before_the_gap(env: dict[str, Any], index: int) -> tuple[Account, str, int]:
+    """Account ``index`` with everything so far delivered by its stream; a gap starting now (ms)."""
+    sim, db = env["sim"], env["db"]
+    account, key = env["accounts"][index], sim.accounts[index].api_key
+    truth = sim.truth(key)
+    stream_delivered(db, account, truth, datetime.now(UTC) - timedelta(seconds=5))
+    stream_saw_account(db, account, truth, sim.engine.now_ms())
+    time.sleep(0.01)
+    return account, key, int(time.time() * 1000)
+
+
 @pytest.mark.integration
-def test_a_known_gap_is_reconciled_cheaply_and_completely_on_the_active_symbols(env: dict[str, Any]) -> None:
-    sim, db, settings = env["sim"], env["db"], env["settings"]
-    account = env["accounts"][0]
-    key = sim.accounts[0].api_key
-    o_fill = sim.place_order(
-        key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0"
-    )
-    o_cancel = sim.place_order(
-        key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.020", price="99000.0"
-    )
-    stream_saw(db, account, sim.truth(key))
+def test_gap_sweep_mode_is_chosen_only_for_a_known_gap_within_the_setting(env: dict[str, Any]) -> None:
+    settings = env["settings"]
     gap_start_ms = int(time.time() * 1000)
-    # ---- the stream is down from gap_start_ms: all of this is lost ----
-    sim.fill(key, o_fill)
-    sim.cancel(key, o_cancel)
-    sim.place_order(key, symbol="BTCUSDT", side="SELL", type="MARKET", quantity="0.005")  # placed and filled
-    assert mode_for_gap(settings, gap_start_ms) == "full"  # the default: always a full sweep
+    settings.supervisor.gap_sweep_max_s = 0.0
+    assert mode_for_gap(settings, gap_start_ms) == "full"  # 0: always a full sweep
     settings.supervisor.gap_sweep_max_s = 900.0
     assert mode_for_gap(settings, gap_start_ms) == "gap"
     assert mode_for_gap(settings, None) == "full"  # the first connect: the gap is unknown
-    assert (
-        mode_for_gap(settings, gap_start_ms - int(settings.supervisor.gap_sweep_max_s * 1000) - 1) == "full"
+    assert mode_for_gap(settings, gap_start_ms - 900_001) == "full"
+
+
+@pytest.mark.integration
+def test_the_gap_sweep_of_a_healthy_account_costs_the_account_call_and_one_listing_per_symbol(
+    env: dict[str, Any],
+) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    key = sim.accounts[0].api_key
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00")
+    sim.place_algo(
+        key, symbol="BNBUSDT", side="SELL", type="STOP_MARKET", quantity="1", trigger_price="200.00"
     )
-    result = reconcile_account(db, settings, account, mode="gap", gap_start_ms=gap_start_ms)
-    assert result.status is ReconcileStatus.OK and result.mode == "gap"
+    sim.place_order(key, symbol="SOLUSDT", side="BUY", type="MARKET", quantity="2")  # a position, streamed
+    account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    audited = len(audit_rows(db, account.id))
+
+    result, requests = gap_sweep(env, account, gap_start_ms)
+    # account 5 + openOrders BTC, ETH (open in the DB) and SOL (the account lists its position) + openAlgoOrders BNB
+    assert result.weight == 9 and result.requests == 5, result.summary()
+    assert requests == {"/fapi/v3/account": 1, "/fapi/v1/openOrders": 3, "/fapi/v1/openAlgoOrders": 1}
+    assert result.history_symbols == [] and result.transitions == 0 and result.positions == 0
     assert_equals_truth(db, account.id, sim.truth(key))
-    # positions + balances (10), BTCUSDT's open orders (1), its history of both kinds (10), the lookups
-    assert result.weight <= 25, result.summary()
+    assert_account_equals_truth(db, account.id, sim.truth(key))
+    again, _ = gap_sweep(env, account, gap_start_ms)  # the same answers: nothing new to audit
+    assert (
+        again.weight == 9
+        and again.audited == 0
+        and len(audit_rows(db, account.id)) == audited + result.audited
+    )
     assert last_full_sweep_ms(settings.run_dir, account.id) is None  # not a full sweep
-    # an idle account with nothing open and no activity: positions and balances only
-    idle = env["accounts"][1]
-    quiet = reconcile_account(db, settings, idle, mode="gap", gap_start_ms=int(time.time() * 1000) - 5000)
-    assert quiet.status is ReconcileStatus.OK and quiet.weight == 10, quiet.summary()
+
+    # an account with nothing open and no position: the account call alone
+    quiet, requests = gap_sweep(env, env["accounts"][1], int(time.time() * 1000) - 5000)
+    assert quiet.weight == 5 and requests == {"/fapi/v3/account": 1}, quiet.summary()
+
+
+@pytest.mark.integration
+def test_fills_inside_a_gap_on_a_known_symbol_and_on_one_never_seen_are_found(env: dict[str, Any]) -> None:
+    sim, db = env["sim"], env["db"]
+    key = sim.accounts[0].api_key
+    resting = sim.place_order(
+        key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0"
+    )
+    other = sim.place_order(
+        key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00"
+    )
+    account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    # ---- the gap: every event is lost ----
+    sim.fill(key, resting, qty="0.004")  # a partial fill of a known order: still open, still listed
+    doge = sim.place_order(key, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")  # never seen
+    truth = sim.truth(key)
+
+    result, requests = gap_sweep(env, account, gap_start_ms)
+    assert_equals_truth(db, account.id, truth)
+    assert_account_equals_truth(db, account.id, truth)
+    stored = db_orders(db, account.id)
+    assert stored[("regular", resting)]["status"] == "PARTIALLY_FILLED"
+    assert stored[("regular", resting)]["filled"] == Decimal("0.004")
+    assert stored[("regular", doge)]["status"] == "FILLED" and stored[("regular", other)]["status"] == "NEW"
+    # the wallet moved where the stream was blind: the history of every symbol a full sweep would read
+    assert result.history_symbols == ["BTCUSDT", "DOGEUSDT", "ETHUSDT"], result.summary()
+    assert requests["/fapi/v3/positionRisk"] == 1 and requests["/fapi/v1/allOrders"] == 3
+    assert result.weight == 5 + 3 + 5 + 3 * 10, result.summary()
+
+
+@pytest.mark.integration
+def test_a_cancel_inside_a_gap_is_found_with_one_lookup_and_no_history(env: dict[str, Any]) -> None:
+    sim, db = env["sim"], env["db"]
+    key = sim.accounts[0].api_key
+    gone = sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00")
+    stop = sim.place_algo(
+        key, symbol="ETHUSDT", side="SELL", type="STOP_MARKET", quantity="1", trigger_price="900.00"
+    )
+    account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    sim.cancel(key, gone)
+    sim.cancel_algo(key, stop)
+
+    result, requests = gap_sweep(env, account, gap_start_ms)
+    assert_equals_truth(db, account.id, sim.truth(key))
+    assert db_orders(db, account.id)[("regular", gone)]["status"] == "CANCELED"
+    assert db_orders(db, account.id)[("algo", stop)]["status"] == "CANCELED"
+    # account 5, openOrders BTC + ETH, openAlgoOrders ETH, the two lookups; nothing moved: no history
+    assert result.weight == 5 + 2 + 1 + 2 and result.history_symbols == [], result.summary()
+    assert requests["/fapi/v1/order"] == 1 and requests["/fapi/v1/algoOrder"] == 1
+    assert result.transitions == 2
+
+
+@pytest.mark.integration
+def test_a_round_trip_inside_a_gap_on_an_active_symbol_is_found_through_the_wallet(
+    env: dict[str, Any],
+) -> None:
+    sim, db = env["sim"], env["db"]
+    key = sim.accounts[0].api_key
+    sim.place_order(key, symbol="XRPUSDT", side="BUY", type="MARKET", quantity="10")
+    sim.place_order(key, symbol="XRPUSDT", side="SELL", type="MARKET", quantity="10")  # XRP active, flat
+    account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    buy = sim.place_order(key, symbol="XRPUSDT", side="BUY", type="MARKET", quantity="20")
+    sell = sim.place_order(key, symbol="XRPUSDT", side="SELL", type="MARKET", quantity="20")
+    truth = sim.truth(key)
+    assert truth["positions"] == []  # nothing left on the account's positions: only the wallet moved
+
+    result, _ = gap_sweep(env, account, gap_start_ms)
+    assert result.history_symbols == ["XRPUSDT"], result.summary()
+    stored = db_orders(db, account.id)
+    assert stored[("regular", buy)]["status"] == "FILLED" and stored[("regular", sell)]["status"] == "FILLED"
+    assert_equals_truth(db, account.id, truth)
+    assert_account_equals_truth(db, account.id, truth)
+
+
+@pytest.mark.integration
+def test_a_fill_the_new_connection_delivered_is_no_evidence(env: dict[str, Any]) -> None:
+    sim, db = env["sim"], env["db"]
+    key = sim.accounts[0].api_key
+    resting = sim.place_order(
+        key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0"
+    )
+    account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    time.sleep(0.01)
+    sim.fill(key, resting)  # after the reconnect: its frames came through the new connection
+    truth = sim.truth(key)
+    stream_delivered(db, account, truth, datetime.now(UTC))
+    stream_saw_account(db, account, truth, sim.engine.now_ms())
+
+    result, requests = gap_sweep(env, account, gap_start_ms)
+    # account 5 + openOrders BTC (the account lists its position); the DB holds nothing open any more
+    assert result.history_symbols == [] and result.weight == 6, result.summary()
+    assert_equals_truth(db, account.id, truth)
+
+
+@pytest.mark.integration
+def test_the_gap_sweep_blind_spots_are_exactly_the_documented_ones(env: dict[str, Any]) -> None:
+    sim, db, settings = env["sim"], env["db"], env["settings"]
+    key = sim.accounts[0].api_key
+    sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
+    account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    # ---- the gap ----
+    unfilled = sim.place_order(
+        key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.010", price="99000.0"
+    )
+    sim.cancel(key, unfilled)  # placed and canceled unfilled: changed no money, no position
+    stop = sim.place_algo(
+        key, symbol="SOLUSDT", side="SELL", type="STOP_MARKET", quantity="1", trigger_price="50.000"
+    )
+    still_open = sim.place_order(
+        key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00"
+    )
+
+    result, _ = gap_sweep(env, account, gap_start_ms)
+    assert result.history_symbols == []
+    stored = db_orders(db, account.id)
+    assert ("regular", still_open) in stored  # placed in the gap and still open: the account lists ETHUSDT
+    # not seen: the order placed and canceled unfilled, the algo order placed on a symbol without DB-open algos
+    assert ("regular", unfilled) not in stored and ("algo", stop) not in stored
+    assert_account_equals_truth(db, account.id, sim.truth(key))  # balances and positions exact anyway
+
+    # the periodic full sweep finds both
+    full = reconcile_account(db, settings, account, mode="full")
+    assert full.status == "ok"
+    stored = db_orders(db, account.id)
+    assert stored[("regular", unfilled)]["status"] == "CANCELED" and stored[("algo", stop)]["status"] == "NEW"
+    assert_equals_truth(db, account.id, sim.truth(key))
 
 
 @pytest.mark.integration

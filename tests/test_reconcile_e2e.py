@@ -43,11 +43,9 @@ def rest_transitions(db: Any, account_id: int) -> int:
     return int(count)
 
 
-@pytest.fixture()
-def daemon(
-    simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any, run_dir: str
+def start_daemon(
+    sim: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any, run_dir: str, **extra: str
 ) -> dict[str, Any]:
-    sim = simulator
     account = add_account(
         db,
         settings.secret_key,
@@ -65,6 +63,7 @@ def daemon(
         # notice a silent connection within a few seconds
         KRAITE__user_data_stream__ping_interval_s="1",
         KRAITE__user_data_stream__pong_timeout_s="2",
+        **extra,
     )
     processes.kraite("run", env=env, **processes.log_to(run_dir, "supervisor"))
     processes.start(
@@ -75,6 +74,13 @@ def daemon(
     key = sim.accounts[0].api_key
     assert sim.wait_for_connections(key, 1, timeout=60), "the user-data child never connected"
     return {"sim": sim, "db": db, "account": account, "key": key}
+
+
+@pytest.fixture()
+def daemon(
+    simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any, run_dir: str
+) -> dict[str, Any]:
+    return start_daemon(simulator, db, settings, kraite_env, processes, run_dir)
 
 
 def streamed_until_equal(d: dict[str, Any], message: str) -> None:
@@ -149,6 +155,44 @@ def test_positions_and_balances_changed_while_the_stream_was_silent_equal_truth_
     )
     assert db_positions(db, account.id)[("BTCUSDT", "BOTH")]["amount"] == 0
     streamed_until_equal(daemon, "the orders table to equal the truth too")
+
+
+@pytest.mark.e2e
+def test_with_the_gap_sweep_a_silent_connection_gap_ends_equal_to_the_truth(
+    simulator: Any, db: Any, settings: Any, kraite_env: dict[str, str], processes: Any, run_dir: str
+) -> None:
+    """The gap sweep (supervisor.gap_sweep_max_s) after a half-open connection: the frames lost before the
+    stream noticed (the gap's start) are found too, fills on a known and on a never-seen symbol included."""
+    d = start_daemon(
+        simulator, db, settings, kraite_env, processes, run_dir, KRAITE__supervisor__gap_sweep_max_s="3600"
+    )
+    sim, account, key = d["sim"], d["account"], d["key"]
+    ids = [
+        sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price=f"4000{i}.0")
+        for i in range(3)
+    ]
+    sim.place_order(key, symbol="ETHUSDT", side="SELL", type="MARKET", quantity="1.000")
+    streamed_until_equal(d, "the stream to deliver the first orders")
+    wait_for(lambda: account_matches_truth(db, account.id, sim.truth(key)), timeout=60, message="positions")
+    wait_for(
+        lambda: sim.stats()["requests"].get("/fapi/v3/balance", 0) >= 1, timeout=60, message="first sweep"
+    )
+    accounts_before = sim.stats()["requests"].get("/fapi/v3/account", 0)
+
+    sim.go_silent(key, 4.0)  # TCP stays open, nothing is delivered: every event now is lost
+    sim.fill(key, ids[0])
+    sim.cancel(key, ids[1])
+    sim.place_order(key, symbol="DOGEUSDT", side="BUY", type="MARKET", quantity="100")  # never seen
+    sim.place_order(key, symbol="ETHUSDT", side="BUY", type="MARKET", quantity="0.400")  # reduced
+
+    streamed_until_equal(d, "the gap sweep to make the orders table equal the truth")
+    wait_for(
+        lambda: account_matches_truth(db, account.id, sim.truth(key)),
+        timeout=60,
+        message="the gap sweep to make positions and balances equal the exchange's",
+    )
+    assert sim.stats()["requests"].get("/fapi/v3/account", 0) > accounts_before  # a gap sweep ran
+    assert rest_transitions(db, account.id) > 0
 
 
 @pytest.mark.e2e

@@ -76,6 +76,7 @@ ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
     ("GET", "/fapi/v3/positionRisk", False): 5,
     ("GET", "/fapi/v3/positionRisk", True): 5,
     ("GET", "/fapi/v3/balance", False): 5,
+    ("GET", "/fapi/v3/account", False): 5,
     ("GET", "/fapi/v1/time", False): 1,
     ("POST", LISTEN_KEY_PATH, False): 1,
     ("PUT", LISTEN_KEY_PATH, False): 1,
@@ -317,6 +318,12 @@ class BinanceRest:
     def balances(self) -> list[dict[str, Any]]:
         """GET /fapi/v3/balance (weight 5): one item per asset of the futures wallet."""
         return self._list(self._request("GET", "/fapi/v3/balance", signed=True), "balance")
+
+    def account(self) -> dict[str, Any]:
+        """GET /fapi/v3/account (weight 5): totals, ``assets`` (one per asset: ``walletBalance``,
+        ``crossWalletBalance``, ``updateTime``, ...) and ``positions`` (only the symbols holding a position or
+        an open order, one item per side; ``positionAmt`` and ``updateTime`` but no entry price)."""
+        return self._dict(self._request("GET", "/fapi/v3/account", signed=True), "account")
 
     @staticmethod
     def _list(data: Any, what: str) -> list[dict[str, Any]]:

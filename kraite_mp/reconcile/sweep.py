@@ -16,17 +16,44 @@ are audited only.
 
 Modes: ``full`` (every open order, plus the history of the active symbols since the last full
 sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``gap`` (after a
-reconnect whose gap is known, ``gap_start_ms`` to now: positions and balances, the per-symbol open
-listings of what the database holds open, and the history of the symbols active around the gap from
-its start; what it cannot see, an order placed inside the gap on a symbol with no activity and still
-open, the next full sweep finds), ``auto`` (full when one is due or the stream may have missed
-frames, else targeted). Failures stay per account and come
-back as a ``ReconcileResult`` (a 429/418 also ends the pass); what was fetched before a failure is
-still written; only database errors propagate.
-Known gap: orders placed *and* ended inside a gap are found only on an active symbol (one with an
-order, regular or algo, the database saw in the window, or an open position, stored or listed by
-positionRisk): on any other symbol (orders that left no position behind), and on an account the
-database knows no order of yet, they are not.
+reconnect whose gap is known; below), ``auto`` (full when one is due or the stream may have missed
+frames, else targeted). Failures stay per account and come back as a ``ReconcileResult`` (a 429/418
+also ends the pass); what was fetched before a failure is still written; only database errors propagate.
+
+The gap sweep pays for what the gap can hide, on evidence. Frames lost in a gap leave traces in one
+account-wide call, ``GET /fapi/v3/account`` (weight 5): every asset with its ``updateTime`` (the last
+wallet change) and a position item, with its ``updateTime`` (the last fill), for every symbol holding a
+position or an open regular order. A change at an exchange time the stream covered is no evidence: the
+audit rows of the ORDER_TRADE_UPDATE frames the stream applied say up to which transaction time the old
+connection delivered (received before the gap's start) and from which the new one did (received after),
+and Binance sends one type's events in ``T`` order; a change older than the gap start less
+``HISTORY_OVERLAP_MS`` (a half-open connection is noticed well within it) is none either. Then:
+
+- the assets are written as the balances (always: they came with the call);
+- every symbol with DB-open regular orders or listed by the account gets its openOrders listing, every
+  symbol with DB-open algo orders its openAlgoOrders listing (1 each): cancels, expiries, fills and
+  amendments of known orders, and regular orders placed in the gap and still open;
+- a DB-open order the listing lacks is looked up (1 each);
+- a position updated where the stream was blind, or one the database holds open that the account no
+  longer lists: positionRisk (5: the entry prices) and the history (allOrders + allAlgoOrders, 10) of
+  its symbol from the gap start;
+- a wallet changed where the stream was blind (a fill, funding, a transfer): the history of every symbol
+  a full sweep would read (DB-open, listed, active since the last full sweep), because a fill that
+  opened and closed a position inside the gap leaves no position behind.
+
+A healthy account whose gap hid nothing pays 5 + 1 per listed symbol and kind (5 with nothing open).
+What it does not see, unlike a full sweep or the gap sweep before it: an order placed *and* ended
+unfilled (canceled, expired, rejected) inside the gap, where no fill moved anything (it changed no
+money, no position, nothing still open: the next full sweep, ``supervisor.sync_full_interval_s``,
+reads the history of the symbols active since the previous one); an algo order placed in the gap and
+still open on a symbol without DB-open algo orders and without a fill in the gap (the full sweep's
+no-symbol openAlgoOrders finds it; its trigger reaches the stream as ALGO_UPDATE anyway). Fills have no
+such blind spot beyond the full sweep's own (below): every fill moves the wallet.
+Known gap (of every mode): orders placed *and* ended inside a gap are found only on an active symbol
+(one with an order, regular or algo, the database saw in the window, or an open position, stored or
+listed): on any other symbol (orders that left no position behind), and on an account the database
+knows no order of yet, they are not. Two fills in the same millisecond, the connection lost between
+their two frames, would also pass for delivered.
 """
 
 from __future__ import annotations
@@ -152,6 +179,8 @@ class ReconcileResult:
     weight: int = 0  #: request weight they cost
     error: str | None = None  #: what went wrong, when status is not ok
     retry_after_s: float | None = None  #: after a 429/418: seconds until Binance may be called again
+    #: gap sweep: the symbols whose order history was read (evidence of a change the stream did not deliver)
+    history_symbols: list[str] = field(default_factory=list)
     transition_list: list[orders.Transition] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
@@ -307,7 +336,8 @@ def _fetch(
     ``targeted``: one listing per symbol holding open orders in the database (the no-symbol call from
     ``NO_SYMBOL_WEIGHT`` symbols on), then the lookups: 2 for open orders on one symbol per kind, 0 for
     an account with nothing open; it cannot see an order the database never heard of (the next full
-    sweep does).
+    sweep does). ``gap`` (``_fetch_gap``): account 5 + 1 per listed symbol and kind + the lookups, and
+    only on evidence positionRisk 5 and 10 per symbol whose history is read.
     """
     rest, result = sweep.rest, sweep.result
     db_open = orders.open_orders(conn, account.id)
@@ -338,18 +368,8 @@ def _fetch(
                 _warn_if_truncated(account.id, symbol, "algo orders", algo_history)
                 sweep.add("algo", algo_history)
     elif result.mode == "gap":
-        # a known gap: 10 (positions, balances) + 1 per symbol holding open orders per kind + 10 per symbol
-        # active from the gap's start; an idle account with nothing open and no position costs 10
         assert gap_start_ms is not None
-        positions = sweep.snapshot("positions", rest.position_risk)
-        sweep.snapshot("balances", rest.balances)
-        _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
-        _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
-        since = gap_start_ms - HISTORY_OVERLAP_MS
-        symbols = orders.active_symbols(conn, account.id, since) | _position_symbols(positions.data)
-        for symbol in sorted(symbols):
-            sweep.add("regular", rest.all_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT))
-            sweep.add("algo", rest.all_algo_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT))
+        _fetch_gap(conn, settings, account, sweep, gap_start_ms, regular_symbols, algo_symbols)
     else:
         _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
         _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
@@ -365,6 +385,85 @@ def _fetch(
             sweep.lookup_algo(oid)
 
     _follow_triggered(conn, account.id, sweep)
+
+
+def _fetch_gap(
+    conn: Any,
+    settings: Settings,
+    account: Account,
+    sweep: _Sweep,
+    gap_start_ms: int,
+    regular_symbols: set[str],
+    algo_symbols: set[str],
+) -> None:
+    """The REST calls of a gap sweep (see the module docstring): the account snapshot, the listings, and
+    the history of the symbols with evidence of a fill the stream did not deliver."""
+    rest, result = sweep.rest, sweep.result
+    snapshot = rest.account()
+    asked_at_ms, received_at = rest.sent_at_ms, datetime.now(UTC)
+    assets, items = snapshot.get("assets"), snapshot.get("positions")
+    if not isinstance(assets, list) or not isinstance(items, list):
+        raise BinanceError(200, None, "account: expected lists 'assets' and 'positions'")
+    # the wallet, in GET /fapi/v3/balance's names: one monotonic write and one audit digest for both sources
+    balances = [dict(a, balance=a.get("walletBalance")) if isinstance(a, dict) else a for a in assets]
+    sweep.snapshots.append(_Snapshot("balances", balances, asked_at_ms, received_at))
+
+    # what the stream delivered around the gap: a change at an exchange time up to the last order update
+    # of the old connection, or from the first of the new one, came through it
+    window_ms = gap_start_ms + rest.time_offset_ms - HISTORY_OVERLAP_MS
+    before, after = orders.stream_coverage_ms(
+        conn, account.id, gap_start_ms, gap_start_ms - HISTORY_OVERLAP_MS
+    )
+
+    def hidden(changed_ms: int) -> bool:
+        if changed_ms < window_ms:
+            return False  # before the gap (and its overlap): the stream was up
+        if before is not None and changed_ms <= before:
+            return False
+        return after is None or changed_ms < after
+
+    listed: set[str] = set()
+    changed: set[str] = set()
+    present: set[tuple[str, str]] = set()
+    for item in items:
+        symbol = item.get("symbol") if isinstance(item, dict) else None
+        if not isinstance(symbol, str) or not symbol:
+            raise BinanceError(200, None, "account: a position without a symbol")
+        listed.add(symbol)
+        present.add((symbol, str(item.get("positionSide") or "BOTH")))
+        if hidden(_int_or_zero(item.get("updateTime"))):
+            changed.add(symbol)  # a fill (or another position change) the stream may not have delivered
+    for symbol, side in account_state.open_positions(conn, account.id):
+        if (symbol, side) not in present:
+            changed.add(symbol)  # a position the database holds open is gone: closed meanwhile
+    wallet_moved = any(isinstance(a, dict) and hidden(_int_or_zero(a.get("updateTime"))) for a in assets)
+
+    # every symbol with an open regular order is listed by the account (and so is every position's):
+    # listing them finds what the database holds open, and what was placed in the gap and is still open
+    _list_by_symbol(sweep, "regular", regular_symbols | listed, rest.open_orders)
+    _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
+
+    history = set(changed)
+    if wallet_moved:
+        # the wallet moved where the stream was blind: a fill may have left no position behind (opened and
+        # closed in the gap), on any symbol a full sweep would read
+        since = _history_window(conn, settings, account.id, int(time.time() * 1000))
+        history |= regular_symbols | algo_symbols | listed
+        if since is not None:
+            history |= orders.active_symbols(conn, account.id, since)
+    if changed:
+        sweep.snapshot("positions", rest.position_risk)  # entry prices: the account snapshot has none
+    result.history_symbols = sorted(history)
+    for symbol in sorted(history):
+        sweep.add("regular", rest.all_orders(symbol, start_time_ms=window_ms, limit=ALL_ORDERS_LIMIT))
+        sweep.add("algo", rest.all_algo_orders(symbol, start_time_ms=window_ms, limit=ALL_ORDERS_LIMIT))
+
+
+def _int_or_zero(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _position_symbols(items: list[dict[str, Any]]) -> set[str]:

@@ -15,6 +15,7 @@ balance and position rows in different orders (PostgreSQL's "deadlock detected",
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from decimal import Decimal
 from typing import Any
 
 from kraite_mp.binance.user import AccountUpdate, Balance, Position
@@ -44,6 +45,11 @@ _ZERO_ABSENT = (
     " isolated_wallet = 0, event_time_ms = %s, updated_at = now()"
     " WHERE p.account_id = %s AND p.event_time_ms <= %s AND p.amount IS DISTINCT FROM 0"
     " AND (p.symbol, p.position_side) NOT IN (SELECT s, ps FROM unnest(%s::text[], %s::text[]) AS k (s, ps))"
+)
+
+
+_OPEN_POSITIONS = (
+    "SELECT symbol, position_side, amount FROM account_positions WHERE account_id = %s AND amount <> 0"
 )
 
 
@@ -117,3 +123,12 @@ def apply_account_update(cur: Any, update: AccountUpdate) -> None:
     positions = sorted(update.positions, key=lambda p: (p.symbol, p.position_side))
     upsert_positions(cur, update.account_id, ((p, t) for p in positions))
     upsert_balances(cur, update.account_id, ((b, t) for b in balances))
+
+
+def open_positions(conn: Any, account_id: int) -> dict[tuple[str, str], Decimal]:
+    """(symbol, position side) -> amount of every non-zero position stored for the account."""
+    with conn.cursor() as cur:
+        cur.execute(_OPEN_POSITIONS, (account_id,))
+        rows = cur.fetchall()
+    conn.commit()
+    return {(r[0], r[1]): Decimal(r[2]) for r in rows}

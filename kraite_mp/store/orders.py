@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -245,6 +246,15 @@ _ACTIVE_SYMBOLS_SQL = (
     " UNION SELECT symbol FROM account_positions WHERE account_id = %s AND amount <> 0"
 )
 _LAST_ACTIVITY_SQL = "SELECT max(last_transaction_time_ms) FROM orders WHERE account_id = %s"
+# the transaction times (o.T) of the account's ORDER_TRADE_UPDATE frames applied from the stream and received
+# from %s on: the newest received before %s (the old connection's last one), the oldest received after
+_STREAM_COVERAGE_SQL = (
+    "SELECT max(t) FILTER (WHERE received_at < %s), min(t) FILTER (WHERE received_at >= %s) FROM ("
+    "SELECT received_at, CASE WHEN payload->'o'->>'T' ~ '^[0-9]{1,15}$'"
+    " THEN (payload->'o'->>'T')::bigint END AS t FROM api_data_stream"
+    " WHERE account_id = %s AND source = 'ws' AND event_type = 'ORDER_TRADE_UPDATE'"
+    " AND outcome = 'dispatched' AND received_at >= %s) AS f"
+)
 _REGULAR_STATUSES_SQL = (
     "SELECT exchange_order_id, status FROM orders WHERE account_id = %s AND kind = 'regular'"
     " AND exchange_order_id = ANY(%s)"
@@ -282,6 +292,27 @@ def last_activity_ms(conn: Any, account_id: int) -> int | None:
         row = cur.fetchone()
     conn.commit()
     return int(row[0]) if row and row[0] is not None else None
+
+
+def stream_coverage_ms(
+    conn: Any, account_id: int, gap_start_ms: int, since_ms: int
+) -> tuple[int | None, int | None]:
+    """What the stream delivered around a gap that began at ``gap_start_ms`` (local wall clock: the clock
+    that stamps a frame's ``received_at``), from the audit rows of the ORDER_TRADE_UPDATE frames it applied
+    that were received since ``since_ms``: (the newest transaction time ``o.T`` received before the gap,
+    the oldest received after it); None where no such frame is audited (yet)."""
+    gap = datetime.fromtimestamp(gap_start_ms / 1000, UTC)
+    since = datetime.fromtimestamp(since_ms / 1000, UTC)
+    with conn.cursor() as cur:
+        cur.execute(_STREAM_COVERAGE_SQL, (gap, gap, account_id, since))
+        row = cur.fetchone()
+    conn.commit()
+    if not row:
+        return None, None
+    return (
+        int(row[0]) if row[0] is not None else None,
+        int(row[1]) if row[1] is not None else None,
+    )
 
 
 def regular_statuses(conn: Any, account_id: int, order_ids: list[int]) -> dict[int, str]:
