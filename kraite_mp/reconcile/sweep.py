@@ -20,35 +20,10 @@ reconnect whose gap is known; below), ``auto`` (full when one is due or the stre
 frames, else targeted). Failures stay per account and come back as a ``ReconcileResult`` (a 429/418
 also ends the pass); what was fetched before a failure is still written; only database errors propagate.
 
-The gap sweep pays for what the gap can hide, on evidence. Frames lost in a gap leave traces in one
-account-wide call, ``GET /fapi/v3/account`` (weight 5): every asset with its ``updateTime`` (the last
-wallet change) and a position item, with its ``updateTime`` (the last fill), for every symbol holding a
-position or an open regular order. A change at an exchange time the stream covered is no evidence: the
-audit rows of the ORDER_TRADE_UPDATE frames the stream applied say up to which transaction time the old
-connection delivered (received before the gap's start) and from which the new one did (received after),
-and Binance sends one type's events in ``T`` order; a change older than the gap start less
-``HISTORY_OVERLAP_MS`` (a half-open connection is noticed well within it) is none either. Then:
+The gap sweep pays for what the gap can hide, on evidence (``_fetch_gap``): 5 + 1 per listed symbol
+and kind for an account whose gap hid nothing; until the next full sweep it is blind to orders placed and
+ended unfilled inside the gap (no fill is missed that a full sweep would find).
 
-- the assets are written as the balances (always: they came with the call);
-- every symbol with DB-open regular orders or listed by the account gets its openOrders listing, every
-  symbol with DB-open algo orders its openAlgoOrders listing (1 each): cancels, expiries, fills and
-  amendments of known orders, and regular orders placed in the gap and still open;
-- a DB-open order the listing lacks is looked up (1 each);
-- a position updated where the stream was blind, or one the database holds open that the account no
-  longer lists: positionRisk (5: the entry prices) and the history (allOrders + allAlgoOrders, 10) of
-  its symbol from the gap start;
-- a wallet changed where the stream was blind (a fill, funding, a transfer): the history of every symbol
-  a full sweep would read (DB-open, listed, active since the last full sweep), because a fill that
-  opened and closed a position inside the gap leaves no position behind.
-
-A healthy account whose gap hid nothing pays 5 + 1 per listed symbol and kind (5 with nothing open).
-What it does not see, unlike a full sweep or the gap sweep before it: an order placed *and* ended
-unfilled (canceled, expired, rejected) inside the gap, where no fill moved anything (it changed no
-money, no position, nothing still open: the next full sweep, ``supervisor.sync_full_interval_s``,
-reads the history of the symbols active since the previous one); an algo order placed in the gap and
-still open on a symbol without DB-open algo orders and without a fill in the gap (the full sweep's
-no-symbol openAlgoOrders finds it; its trigger reaches the stream as ALGO_UPDATE anyway). Fills have no
-such blind spot beyond the full sweep's own (below): every fill moves the wallet.
 Known gap (of every mode): orders placed *and* ended inside a gap are found only on an active symbol
 (one with an order, regular or algo, the database saw in the window, or an open position, stored or
 listed): on any other symbol (orders that left no position behind), and on an account the database
@@ -396,8 +371,38 @@ def _fetch_gap(
     regular_symbols: set[str],
     algo_symbols: set[str],
 ) -> None:
-    """The REST calls of a gap sweep (see the module docstring): the account snapshot, the listings, and
-    the history of the symbols with evidence of a fill the stream did not deliver."""
+    """The REST calls of a gap sweep.
+
+    The gap sweep pays for what the gap can hide, on evidence. Frames lost in a gap leave traces in one
+    account-wide call, ``GET /fapi/v3/account`` (weight 5): every asset with its ``updateTime`` (the last
+    wallet change) and a position item, with its ``updateTime`` (the last fill), for every symbol holding a
+    position or an open regular order. A change at an exchange time the stream covered is no evidence: the
+    audit rows of the ORDER_TRADE_UPDATE frames the stream applied say up to which transaction time the old
+    connection delivered (received before the gap's start) and from which the new one did (received after),
+    and Binance sends one type's events in ``T`` order; a change older than the gap start less
+    ``HISTORY_OVERLAP_MS`` (a half-open connection is noticed well within it) is none either. Then:
+
+    - the assets are written as the balances (always: they came with the call);
+    - every symbol with DB-open regular orders or listed by the account gets its openOrders listing, every
+      symbol with DB-open algo orders its openAlgoOrders listing (1 each): cancels, expiries, fills and
+      amendments of known orders, and regular orders placed in the gap and still open;
+    - a DB-open order the listing lacks is looked up (1 each);
+    - a position updated where the stream was blind, or one the database holds open that the account no
+      longer lists: positionRisk (5: the entry prices) and the history (allOrders + allAlgoOrders, 10) of
+      its symbol from the gap start;
+    - a wallet changed where the stream was blind (a fill, funding, a transfer): the history of every symbol
+      a full sweep would read (DB-open, listed, active since the last full sweep), because a fill that
+      opened and closed a position inside the gap leaves no position behind.
+
+    A healthy account whose gap hid nothing pays 5 + 1 per listed symbol and kind (5 with nothing open).
+    What it does not see, unlike a full sweep or the gap sweep before it: an order placed *and* ended
+    unfilled (canceled, expired, rejected) inside the gap, where no fill moved anything (it changed no
+    money, no position, nothing still open: the next full sweep, ``supervisor.sync_full_interval_s``,
+    reads the history of the symbols active since the previous one); an algo order placed in the gap and
+    still open on a symbol without DB-open algo orders and without a fill in the gap (the full sweep's
+    no-symbol openAlgoOrders finds it; its trigger reaches the stream as ALGO_UPDATE anyway). Fills have no
+    such blind spot beyond the full sweep's own (below): every fill moves the wallet.
+    """
     rest, result = sweep.rest, sweep.result
     snapshot = rest.account()
     asked_at_ms, received_at = rest.sent_at_ms, datetime.now(UTC)
