@@ -481,3 +481,44 @@ def test_bulk_calls_leave_the_streams_reserve_and_a_listen_key_call_takes_it(
     finally:
         rest.close()
     assert budget.remaining() == 0
+
+
+def _sockets_to(port: int) -> int:
+    """This process's TCP connections to ``port`` on loopback (its socket fds matched in /proc/net/tcp)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            remote_port, state, inode = int(fields[2].split(":")[1], 16), fields[3], fields[9]
+            count += remote_port == port and state == "01" and inode in inodes  # 01: ESTABLISHED
+    return count
+
+
+@pytest.mark.integration
+def test_the_weight_and_the_connection_budget_of_a_process_share_one_redis_connection(
+    settings: Settings,
+) -> None:
+    from urllib.parse import urlsplit
+
+    from kraite_mp.binance.connections import connection_budget
+
+    port = urlsplit(settings.redis_url).port or 6379
+    budget_mod.reset_budgets()  # no pool of an earlier test
+    before = _sockets_to(port)
+    weight, connections = budget_mod.shared_budget(settings), connection_budget(settings)
+    assert weight is not connections and weight.try_take(1)[0] and connections.try_take(1)[0]
+    assert not weight.fallback and not connections.fallback  # both went through Redis
+    assert _sockets_to(port) == before + 1  # one connection for both (a child held one per budget)
+    weight.disconnect()
+    assert _sockets_to(port) == before
+    assert connections.try_take(1)[0] and not connections.fallback  # connects again when next used
+    budget_mod.reset_budgets()
+    assert _sockets_to(port) == before

@@ -148,6 +148,37 @@ def fallback_limit(limit: int, peers: int, ratio: float = FALLBACK_SHARE_RATIO) 
     return max(1, math.floor(limit * min(ratio, 1.0 / max(1, peers))))
 
 
+#: The Redis connection pools of this process, by URL: every budget of a process (its REST weight, its
+#: connection attempts) shares one, so a child holds one Redis connection for both, not one per budget.
+_pools: dict[str, redis.ConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _forget_pools() -> None:  # pragma: no cover - runs in a forked child
+    global _pools_lock
+    _pools.clear()  # the parent's connections are the parent's: a child connects its own
+    _pools_lock = threading.Lock()  # a parent's thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def process_pool(redis_url: str) -> redis.ConnectionPool:
+    """This process's pool for the budgets at ``redis_url``: short timeouts and no retries inside redis-py
+    (a failed call means "fall back now", not seconds of backoff)."""
+    with _pools_lock:
+        pool = _pools.get(redis_url)
+        if pool is None:
+            pool = _pools[redis_url] = redis.ConnectionPool.from_url(
+                redis_url,
+                socket_timeout=REDIS_TIMEOUT_S,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0),
+                driver_info=redis_driver_info(),
+            )
+        return pool
+
+
 class EgressBudget:
     """The REST weight budget and the 429/418 state of one egress. Thread-safe; one per process and egress.
 
@@ -225,13 +256,8 @@ class EgressBudget:
                 return None
             if self._client is None or self._shared is None:
                 # no retries inside redis-py: a failed call means "fall back now", not seconds of backoff
-                options: dict[str, Any] = {
-                    "socket_timeout": REDIS_TIMEOUT_S,
-                    "socket_connect_timeout": REDIS_TIMEOUT_S,
-                    "retry": Retry(NoBackoff(), 0),
-                    "driver_info": redis_driver_info(),
-                }
-                storage = RedisStorage(self.redis_url, key_prefix=self.key_prefix, **options)
+                pool = process_pool(self.redis_url)
+                storage = RedisStorage(self.redis_url, connection_pool=pool, key_prefix=self.key_prefix)
                 client = cast(redis.Redis, storage.get_connection())
                 self._ban_script = client.register_script(_BAN_SCRIPT)
                 self._client, self._shared = client, MovingWindowRateLimiter(storage)
@@ -504,3 +530,8 @@ def reset_budgets() -> None:
         _budgets.clear()
     for budget in budgets:
         budget.clear_local()
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.disconnect()
