@@ -188,6 +188,35 @@ def test_scarce_connection_tokens_go_to_the_longest_dark_streams_first(
         client.close()
 
 
+@pytest.mark.integration
+def test_a_waiter_sleeps_until_its_place_in_the_line_can_be_served(
+    redis_url: str, redis_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not until the next attempt leaves the window (all of them woke then, one took it): the waiter at place
+    r waits for the (r+1)-th oldest attempt, read from the window itself, and asks again within
+    WAITER_REFRESH_S however far back it is."""
+    monkeypatch.setattr(connections, "CONNECT_POLL_JITTER_S", 0.0)
+    key = f"{redis_namespace}:egress:pacing-{uuid.uuid4().hex[:8]}:127.0.0.1:1:ws"
+    budget = ConnectionBudget("user-data", 4, redis_url=redis_url, key_prefix=key, window_s=6)
+    for _ in range(4):  # the window is spent, its attempts 0.6 s apart
+        assert budget.take() == 0.0
+        time.sleep(0.6)
+    now = time.time()
+    waits = {who: budget.take(who=who, dark_since=now - 100 + rank) for rank, who in enumerate("abcdef")}
+    assert all(w > 0 for w in waits.values()), waits  # nobody took an attempt of a spent window
+    # place 1 waits for the 2nd oldest attempt to leave, place 2 for the 3rd, place 3 for the newest
+    assert waits["b"] + 0.3 < waits["c"] and waits["c"] + 0.3 < waits["d"], waits
+    assert max(waits.values()) <= connections.WAITER_REFRESH_S, waits
+    client = redis.Redis.from_url(redis_url)
+    try:  # all six are in the line, longest dark first
+        assert [m.decode() for m in client.zrange(f"{key}:waiting", 0, -1)] == list("abcdef")
+    finally:
+        client.close()
+    # the line is served in its order as the window moves on: "a" first
+    wait_for(lambda: budget.remaining() >= 1, 15, interval=0.1, message="an attempt left the window")
+    assert budget.take(who="b", dark_since=now - 99) > 0 and budget.take(who="a", dark_since=now - 100) == 0.0
+
+
 #: The scaled-down limits (Binance: 300 per 300 s): the simulator refuses beyond LIMIT per WINDOW_S,
 #: kraite-mp is configured with the same figures and keeps to SHARE of them.
 ACCOUNTS = 14

@@ -46,6 +46,8 @@ CONNECTION_PEER_TTL_S = 25 * 3600.0
 MARK_PRICE_RESERVE = 1
 #: A waiter that stopped asking this long ago (its process died) leaves the waiting line.
 WAITER_TTL_S = 30.0
+#: A waiter asks again at least this often, however far back in the line: it stays in it.
+WAITER_REFRESH_S = WAITER_TTL_S / 3
 
 
 class ConnectionBudget(EgressBudget):
@@ -77,10 +79,13 @@ class ConnectionBudget(EgressBudget):
             room, retry_in = self._room(1 + reserve)
             if not room:
                 if who is not None and dark_since is not None:
-                    self._queue(who, dark_since)
+                    rank = self._queue(who, dark_since)
+                    return self._next_try_s(max(retry_in, self._turn_in_s(rank, reserve)))
                 return self._next_try_s(retry_in)
-        if who is not None and dark_since is not None and not self._my_turn(who, dark_since, reserve):
-            return self._next_try_s(0.0)
+        if who is not None and dark_since is not None:
+            behind = self._rank(who, dark_since, reserve)
+            if behind is not None:
+                return self._next_try_s(self._turn_in_s(behind, reserve))
         taken, retry_in = self.try_take(1, leave=reserve)
         if taken and who is not None:
             self._leave_queue(who)
@@ -102,10 +107,11 @@ class ConnectionBudget(EgressBudget):
             return None
         return int(count)
 
-    def _queue(self, who: str, dark_since: float) -> None:
+    def _queue(self, who: str, dark_since: float) -> int:
+        """Join (or stay in) the waiting line: ``who``'s place in it, 0 first (0 without Redis)."""
         shared = self._redis()
         if shared is None:
-            return
+            return 0
         now = time.time()
         try:
             pipe = shared[0].pipeline(transaction=False)
@@ -113,16 +119,48 @@ class ConnectionBudget(EgressBudget):
             pipe.zadd(f"{self.key_prefix}:waiting-seen", {who: now})
             pipe.expire(f"{self.key_prefix}:waiting", int(WAITER_TTL_S * 4))
             pipe.expire(f"{self.key_prefix}:waiting-seen", int(WAITER_TTL_S * 4))
-            pipe.execute()
+            pipe.zrank(f"{self.key_prefix}:waiting", who)
+            return int(pipe.execute()[-1] or 0)
         except REDIS_ERRORS as e:
             self._redis_failed(e)
+            return 0
 
-    def _my_turn(self, who: str, dark_since: float, reserve: int) -> bool:
-        """Whether ``who`` is among the longest-dark waiters that the attempts left now can serve (True
-        without Redis, or when nobody else waits)."""
+    def _turn_in_s(self, rank: int, reserve: int) -> float:
+        """Seconds until the waiter at ``rank`` can be served: until enough of the window's attempts have
+        left it that ``rank + 1 + reserve`` are free (the window's own entries, oldest first, say when
+        each leaves); at most ``WAITER_REFRESH_S`` (a waiter must ask again to stay in the line), 0 when
+        it is served now or the window cannot be read. Without it every waiter woke each time the oldest
+        attempt left the window, one of them took it: 850 children waiting at start-up asked ~570 times
+        a second."""
         shared = self._redis()
         if shared is None:
-            return True
+            return 0.0
+        client, limiter = shared
+        try:
+            remaining = int(limiter.get_window_stats(self._item, self.resource).remaining)
+            needed = rank + 1 + reserve - remaining  # attempts that must leave the window first
+            if needed <= 0:
+                return 0.0
+            count = self.limit - remaining
+            # limits' moving window: a list of take times, newest first (index count - 1 is the oldest)
+            key = f"{self.key_prefix}:{self._item.key_for(self.resource)}"
+            value = client.lindex(key, max(0, count - needed))
+            self._redis_ok()
+        except REDIS_ERRORS as e:
+            self._redis_failed(e)
+            return 0.0
+        try:
+            leaves_at = float(value) + self._item.get_expiry()  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return 0.0  # not what this version of limits keeps: the caller's short poll
+        return min(max(0.0, leaves_at - time.time()), WAITER_REFRESH_S)
+
+    def _rank(self, who: str, dark_since: float, reserve: int) -> int | None:
+        """``who``'s place in the waiting line when the attempts left now cannot serve it yet; None when it
+        may take one now (without Redis too, or when nobody waits before it)."""
+        shared = self._redis()
+        if shared is None:
+            return None
         client, limiter = shared
         waiting, seen = f"{self.key_prefix}:waiting", f"{self.key_prefix}:waiting-seen"
         now = time.time()
@@ -139,12 +177,12 @@ class ConnectionBudget(EgressBudget):
             pipe.zrank(waiting, who)
             rank = pipe.execute()[-1]
             if not rank:  # first in line (or the line was lost): go
-                return True
+                return None
             remaining = int(limiter.get_window_stats(self._item, self.resource).remaining) - reserve
-            return int(rank) < max(1, remaining)
+            return None if int(rank) < max(1, remaining) else int(rank)
         except REDIS_ERRORS as e:
             self._redis_failed(e)
-            return True
+            return None
 
     def _leave_queue(self, who: str) -> None:
         shared = self._redis()
