@@ -212,7 +212,9 @@ class JobsSettings:
     #: Retry backoff of failed jobs (PostgreSQL down): min, max (ms).
     retry_min_backoff_ms: int = 1000
     retry_max_backoff_ms: int = 300_000
-    #: Longest idle sleep of the user-data-stream consumer between empty fetches (ms); see kraite_mp.jobs.
+    #: Fallback poll cap of the user-data-stream consumer (ms): its sleep between fetches while the doorbell is
+    #: unavailable, and its longest wait for a free prefetch slot; with the doorbell an idle consumer blocks on
+    #: it up to the worker timeout (see kraite_mp.jobs).
     idle_poll_ms: int = 5
     #: A worker that stopped heartbeating this long ago is dead: its unacknowledged messages are
     #: requeued (Dramatiq's default is 60 s). Every live worker heartbeats about once per second.

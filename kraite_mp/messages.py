@@ -1,8 +1,9 @@
 """The queue contract between the stream children (producers) and ``dramatiq kraite_mp.jobs`` (consumers).
 
 Both sides import this module and nothing of each other: actor and queue names, the broker's Redis
-namespace, the spool record <-> Dramatiq message mapping, the end-to-end acknowledgement keys, and the frame
-ids minted on receipt (a frame's identity comes from its content).
+namespace, the spool record <-> Dramatiq message mapping, the end-to-end acknowledgement keys, the frame
+ids minted on receipt (a frame's identity comes from its content), and the doorbell a producer rings with
+every frame it enqueues (``DoorbellBroker``; ``jobs.KraiteRedisBroker`` waits for it).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import orjson
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
@@ -61,10 +64,87 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def build_producer_broker(settings: Settings) -> RedisBroker:
-    """A bare RedisBroker (no middleware, no actors) for enqueueing only; build it after the fork."""
-    return RedisBroker(  # type: ignore[no-untyped-call]  # dramatiq's __init__ is unannotated
-        client=redis_client(settings.redis_url), namespace=broker_namespace(settings), middleware=[]
+#: Bells a queue's doorbell keeps (a burst leaves at most this many spurious wake-ups behind) ...
+BELL_MAX = 64
+#: ... and how long an unanswered doorbell lives after its last ring (ms).
+BELL_TTL_MS = 60_000
+
+
+def bell_key(namespace: str, queue_name: str) -> str:
+    """The doorbell of a queue: a short list, one element per message enqueued (``namespace``: the broker's)."""
+    return f"{namespace}:__bell__.{queue_name}"
+
+
+class DoorbellBroker(RedisBroker):
+    """A RedisBroker that rings a queue's doorbell with every message it enqueues on one of ``bell_queues``.
+
+    The ring is an RPUSH onto ``bell_key`` (LTRIM to ``BELL_MAX``, PEXPIRE ``BELL_TTL_MS``) pipelined after
+    Dramatiq's own enqueue script, in the same round trip: the message is in the queue before its bell. The
+    consumer of such a queue blocks in BLPOP on the bell after an empty fetch instead of sleeping
+    (``jobs.KraiteRedisBroker``); a message that comes without a bell (an older producer, Dramatiq's requeue
+    of a dead worker's messages) waits for the consumer's bounded BLPOP timeout at most.
+    """
+
+    def __init__(self, *, bell_queues: Collection[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # dramatiq's __init__ is unannotated
+        self.bell_queues = frozenset(bell_queues)
+
+    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> Any:
+        """``RedisBroker.enqueue``'s Redis call (Dramatiq's ``do_*`` dispatch), with the bell of a bell queue."""
+        if queue_name not in self.bell_queues:
+            return self._dispatch("enqueue")(queue_name, message_id, data)  # type: ignore[no-untyped-call]
+        script = self.scripts["dispatch"]
+        # the arguments of Dramatiq's RedisBroker._dispatch, sent with EVALSHA in the bell's pipeline: a
+        # Script object in a pipeline would cost a SCRIPT EXISTS round trip on every execute
+        args = [
+            "enqueue",
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            self._should_do_maintenance("enqueue"),
+            self._max_unpack_size(),  # type: ignore[no-untyped-call]
+            message_id,
+            data,
+        ]
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, 1, self.namespace, *args)
+            ring_bell(pipe, bell_key(self.namespace, queue_name))
+            try:
+                return pipe.execute()[0]
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                # a Redis that restarted (or flushed its scripts) since the script was loaded: load it
+                # again; the bell already rung is one spurious wake-up
+                self.client.script_load(script.script)
+        return None
+
+    def ring(self, queue_name: str) -> None:
+        """Ring the bell of ``queue_name`` on its own (messages that came back to the queue another way)."""
+        if queue_name in self.bell_queues:
+            pipe = self.client.pipeline(transaction=False)
+            ring_bell(pipe, bell_key(self.namespace, queue_name))
+            pipe.execute()
+
+
+def ring_bell(pipe: Any, key: str) -> None:
+    """Queue one ring of the doorbell ``key`` on ``pipe``: bounded in length and in time."""
+    pipe.rpush(key, b"1")
+    pipe.ltrim(key, -BELL_MAX, -1)
+    pipe.pexpire(key, BELL_TTL_MS)
+
+
+def build_producer_broker(settings: Settings) -> DoorbellBroker:
+    """A bare RedisBroker (no middleware, no actors) for enqueueing only, that rings the frame queue's
+    doorbell; build it after the fork."""
+    return DoorbellBroker(
+        client=redis_client(settings.redis_url),
+        namespace=broker_namespace(settings),
+        middleware=[],
+        bell_queues={settings.user_data_stream.queue_name},
     )
 
 
