@@ -144,31 +144,34 @@ def test_kraite_mp_run_streams_over_tls_with_the_ca_file(
         sup.close()
 
 
-def _open_sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            continue  # closed meanwhile (the listing's own fd)
-    return count
-
-
 @pytest.mark.integration
 def test_the_warm_up_before_the_first_fork_leaves_no_socket_and_never_fails_the_start(
     tls_simulator: Any, kraite_env: dict[str, str]
 ) -> None:
+    from urllib.parse import urlsplit
+
+    from test_budget import _sockets_to
+
+    from kraite_mp.binance.budget import reset_budgets
     from kraite_mp.supervisor.process import warm_rest
 
     sim, ca_file = tls_simulator
     env = {**kraite_env, "KRAITE_BINANCE_REST_URL": sim.rest_url, "KRAITE__binance__ca_file": ca_file}
-    before = _open_sockets()
-    assert warm_rest(load_settings(None, environ=env)) == 2
-    assert _open_sockets() == before  # neither the HTTPS connection nor the budget's Redis one crosses a fork
+    settings = load_settings(None, environ=env)
+    ports = (urlsplit(sim.rest_url).port or 443, urlsplit(settings.redis_url).port or 6379)
+    reset_budgets()  # no Redis connection of an earlier test's budget
+
+    def client_sockets() -> int:  # this process's connections to the simulator's REST port and to Redis
+        return sum(_sockets_to(port) for port in ports)
+
+    before = client_sockets()  # other tests' clients of Redis may stay open in this process
+    assert warm_rest(settings) == 2
+    # neither the HTTPS connection nor the budget's Redis one is left open for a fork to copy
+    assert client_sockets() == before
     assert sim.stats()["requests"].get("/fapi/v1/time") == 2
     # nothing listening, and an untrusted certificate: no call succeeds, nothing raises
     refused = {**env, "KRAITE_BINANCE_REST_URL": "http://127.0.0.1:9"}
     assert warm_rest(load_settings(None, environ=refused)) == 0
     untrusted = {k: v for k, v in env.items() if k != "KRAITE__binance__ca_file"}
     assert warm_rest(load_settings(None, environ=untrusted)) == 0
-    assert _open_sockets() == before
+    assert client_sockets() == before
