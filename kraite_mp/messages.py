@@ -108,19 +108,21 @@ class DoorbellBroker(RedisBroker):
             message_id,
             data,
         ]
-        for attempt in (1, 2):
+        bell = bell_key(self.namespace, queue_name)
+
+        def send() -> Any:
             pipe = self.client.pipeline(transaction=False)
             pipe.evalsha(script.sha, 1, self.namespace, *args)
-            ring_bell(pipe, bell_key(self.namespace, queue_name))
-            try:
-                return pipe.execute()[0]
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                # a Redis that restarted (or flushed its scripts) since the script was loaded: load it
-                # again; the bell already rung is one spurious wake-up
-                self.client.script_load(script.script)
-        return None
+            ring_bell(pipe, bell)
+            return pipe.execute()[0]
+
+        try:
+            return send()
+        except redis.exceptions.NoScriptError:
+            # a Redis that restarted (or flushed its scripts) since the script was loaded: load it again;
+            # the bell already rung is one spurious wake-up
+            self.client.script_load(script.script)
+            return send()
 
     def ring(self, queue_name: str) -> None:
         """Ring the bell of ``queue_name`` on its own (messages that came back to the queue another way)."""

@@ -76,16 +76,17 @@ class ConnectionBudget(EgressBudget):
         """
         reserve = min(max(0, reserve), self.limit - 1)
         if reserve:
-            room, retry_in = self._room(1 + reserve)
+            room, retry_in, remaining = self._room(1 + reserve)
             if not room:
                 if who is not None and dark_since is not None:
                     rank = self._queue(who, dark_since)
-                    return self._next_try_s(max(retry_in, self._turn_in_s(rank, reserve)))
+                    return self._next_try_s(max(retry_in, self._turn_in_s(rank, reserve, remaining)))
                 return self._next_try_s(retry_in)
         if who is not None and dark_since is not None:
             behind = self._rank(who, dark_since, reserve)
             if behind is not None:
-                return self._next_try_s(self._turn_in_s(behind, reserve))
+                rank, remaining = behind
+                return self._next_try_s(self._turn_in_s(rank, reserve, remaining))
         taken, retry_in = self.try_take(1, leave=reserve)
         if taken and who is not None:
             self._leave_queue(who)
@@ -125,26 +126,23 @@ class ConnectionBudget(EgressBudget):
             self._redis_failed(e)
             return 0
 
-    def _turn_in_s(self, rank: int, reserve: int) -> float:
-        """Seconds until the waiter at ``rank`` can be served: until enough of the window's attempts have
-        left it that ``rank + 1 + reserve`` are free (the window's own entries, oldest first, say when
-        each leaves); at most ``WAITER_REFRESH_S`` (a waiter must ask again to stay in the line), 0 when
-        it is served now or the window cannot be read. Without it every waiter woke each time the oldest
-        attempt left the window, one of them took it: 850 children waiting at start-up asked ~570 times
-        a second."""
+    def _turn_in_s(self, rank: int, reserve: int, remaining: int) -> float:
+        """Seconds until the waiter at ``rank`` can be served, the window holding ``remaining`` free
+        attempts: until enough of its attempts have left it that ``rank + 1 + reserve`` are free (its own
+        entries say when each leaves); at most ``WAITER_REFRESH_S`` (a waiter must ask again to stay in the
+        line), 0 when it is served now or the window cannot be read. Not every waiter at each attempt that
+        leaves the window: docs/BENCHMARKS.md has the ask rate at a 1,000-account start."""
+        needed = rank + 1 + reserve - remaining  # attempts that must leave the window first
+        if needed <= 0:
+            return 0.0
         shared = self._redis()
         if shared is None:
             return 0.0
-        client, limiter = shared
         try:
-            remaining = int(limiter.get_window_stats(self._item, self.resource).remaining)
-            needed = rank + 1 + reserve - remaining  # attempts that must leave the window first
-            if needed <= 0:
-                return 0.0
             count = self.limit - remaining
             # limits' moving window: a list of take times, newest first (index count - 1 is the oldest)
             key = f"{self.key_prefix}:{self._item.key_for(self.resource)}"
-            value = client.lindex(key, max(0, count - needed))
+            value = shared[0].lindex(key, max(0, count - needed))
             self._redis_ok()
         except REDIS_ERRORS as e:
             self._redis_failed(e)
@@ -155,9 +153,9 @@ class ConnectionBudget(EgressBudget):
             return 0.0  # not what this version of limits keeps: the caller's short poll
         return min(max(0.0, leaves_at - time.time()), WAITER_REFRESH_S)
 
-    def _rank(self, who: str, dark_since: float, reserve: int) -> int | None:
-        """``who``'s place in the waiting line when the attempts left now cannot serve it yet; None when it
-        may take one now (without Redis too, or when nobody waits before it)."""
+    def _rank(self, who: str, dark_since: float, reserve: int) -> tuple[int, int] | None:
+        """``who``'s place in the waiting line and the window's free attempts when those cannot serve it
+        yet; None when it may take one now (without Redis too, or when nobody waits before it)."""
         shared = self._redis()
         if shared is None:
             return None
@@ -178,8 +176,8 @@ class ConnectionBudget(EgressBudget):
             rank = pipe.execute()[-1]
             if not rank:  # first in line (or the line was lost): go
                 return None
-            remaining = int(limiter.get_window_stats(self._item, self.resource).remaining) - reserve
-            return None if int(rank) < max(1, remaining) else int(rank)
+            remaining = int(limiter.get_window_stats(self._item, self.resource).remaining)
+            return None if int(rank) < max(1, remaining - reserve) else (int(rank), remaining)
         except REDIS_ERRORS as e:
             self._redis_failed(e)
             return None
@@ -200,21 +198,21 @@ class ConnectionBudget(EgressBudget):
     def _next_try_s(retry_in: float) -> float:
         return max(retry_in, CONNECT_POLL_MIN_S) + random.uniform(0.0, CONNECT_POLL_JITTER_S)
 
-    def _room(self, cost: int) -> tuple[bool, float]:
+    def _room(self, cost: int) -> tuple[bool, float, int]:
         """Whether ``cost`` attempts fit the shared window now (True without Redis: the local share
-        decides), and the seconds until its oldest attempt leaves it."""
+        decides), the seconds until its oldest attempt leaves it and the attempts it has free."""
         self._check_process()
         shared = self._redis()
         if shared is None:
-            return True, 0.0
+            return True, 0.0, self.limit
         try:
             if shared[1].test(self._item, self.resource, cost=cost):
-                return True, 0.0
+                return True, 0.0, self.limit
             stats = shared[1].get_window_stats(self._item, self.resource)
-            return False, max(0.0, stats.reset_time - time.time())
+            return False, max(0.0, stats.reset_time - time.time()), int(stats.remaining)
         except REDIS_ERRORS as e:
             self._redis_failed(e)
-            return True, 0.0
+            return True, 0.0, self.limit
 
     def _local_window(self) -> tuple[int, int]:
         if not self.shared:

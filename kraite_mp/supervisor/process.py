@@ -410,13 +410,10 @@ WARM_REST_TIMEOUT_S = 3.0
 
 def warm_rest(settings: Settings, calls: int = 2) -> int:
     """Run the code of a child's first REST call here, in the parent: unsigned ``GET /fapi/v1/time`` (weight
-    1 each, through the egress budget like every call) over the shared TLS context. CPython writes into
-    the code it runs (reference counts, and the specialising interpreter's inline caches the first times a
-    function runs): run first in each child, the TLS, ``requests`` and ``urllib3`` paths of that call
-    copied 0.6-0.7 MB of the parent's pages into every child (``bench/supervisor_memory.py --tls``, 30
-    accounts, docs/BENCHMARKS.md). The first call also measures the clock offset the children inherit.
-    Best effort: returns the calls that succeeded (a failure is logged, the start goes on). No socket is
-    left open for a fork to copy."""
+    1 each, through the egress budget) over the shared TLS context, so that the pages CPython writes when
+    it first runs that code (reference counts, inline caches) are written once, not copied into every
+    child (docs/BENCHMARKS.md). The first call also measures the clock offset the children inherit. Best
+    effort: returns the calls that succeeded; no socket is left open for a fork to copy."""
     from kraite_mp.binance.budget import shared_budget
     from kraite_mp.binance.rest import BinanceRest
 
