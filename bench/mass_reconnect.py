@@ -256,6 +256,7 @@ def run_case(n: int, args: argparse.Namespace, admin: str, redis_url: str) -> di
             KRAITE__binance__connection_window_s=str(conn_window),
             KRAITE__binance__egress_id=f"bench-{tag}",
             KRAITE__supervisor__gap_sweep_max_s=str(args.gap_sweep_max_s),
+            KRAITE__supervisor__gap_sweep_history=args.gap_sweep_history,
             PYTHONUNBUFFERED="1",
             PYTHONPATH=str(ROOT),
         )
@@ -498,7 +499,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Command: `python bench/mass_reconnect.py --accounts {args.accounts} --weight-limit {args.weight_limit}"
         f" --connection-limit {args.connection_limit} --connection-window {args.connection_window:g}"
         f" --open-orders {args.open_orders} --rate {args.rate:g} --observe-timeout {args.observe_timeout:g}"
-        f" --gap-sweep-max-s {args.gap_sweep_max_s:g}`  "
+        f" --gap-sweep-max-s {args.gap_sweep_max_s:g} --gap-sweep-history {args.gap_sweep_history}`  "
     )
     out.append(
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; the simulator,"
@@ -570,9 +571,15 @@ def main() -> int:
     parser.add_argument(
         "--gap-sweep-max-s",
         type=float,
-        default=0.0,
+        default=3600.0,
         help="supervisor.gap_sweep_max_s: a reconnect after a known gap this long at most sweeps only the gap"
-        " (0, the default as deployed: full sweeps)",
+        " (the default as deployed; 0: full sweeps)",
+    )
+    parser.add_argument(
+        "--gap-sweep-history",
+        choices=("active", "evidence"),
+        default="active",
+        help="supervisor.gap_sweep_history: whose order history the gap sweep reads (the default as deployed)",
     )
     parser.add_argument(
         "--observe-timeout",

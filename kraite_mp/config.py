@@ -41,6 +41,8 @@ CONFIG_SEARCH_PATH: tuple[str, ...] = (
 #: Binance's production endpoints (2026 routes: the WS base is split into /private, /market, /public).
 BINANCE_REST_URL = "https://fapi.binance.com"
 BINANCE_WS_URL = "wss://fstream.binance.com"
+#: supervisor.gap_sweep_history's values (kraite_mp.reconcile.sweep._fetch_gap)
+GAP_SWEEP_HISTORY = ("deferred", "evidence")
 
 #: The seed system's production allowlist of dispatched execution types.
 DEFAULT_DISPATCHED_EXECUTIONS: tuple[str, ...] = (
@@ -129,11 +131,15 @@ class SupervisorSettings:
     #: at least this often per account; targeted per-symbol sweeps (weight ~1 per symbol) in between.
     sync_full_interval_s: float = 3600.0
     #: A reconnect whose gap (disconnect -> reconnect) is known and at most this long is reconciled with the
-    #: gap sweep, which pays only for what the gap can hide (GET /fapi/v3/account, 5, plus 1 per listed symbol;
-    #: positionRisk and symbol histories only on evidence of a fill the stream did not deliver); a longer or
-    #: unknown one gets a full sweep. 0: always a full sweep. Blind (until the next full sweep) only to orders
-    #: placed and ended unfilled inside the gap and to algo orders placed in it on a symbol without open ones.
-    gap_sweep_max_s: float = 0.0
+    #: gap sweep, which pays only for what the gap can hide (GET /fapi/v3/account, 5, plus 1 per listed symbol,
+    #: and 10 per symbol whose history shows a change the stream did not deliver); a longer or unknown one gets
+    #: a full sweep (90 + 10 per active symbol). 0: always a full sweep.
+    gap_sweep_max_s: float = 3600.0
+    #: What the gap sweep leaves to others: "deferred" (a background sweep then reads the order history,
+    #: allOrders + allAlgoOrders from the gap start, 10 per symbol, of every symbol a full sweep reads, using
+    #: at most half the REST budget: nothing is missed that a full sweep finds) or "evidence" (nothing more:
+    #: orders placed and ended unfilled inside the gap wait for the next full sweep).
+    gap_sweep_history: str = "deferred"
     #: A periodic sync child still running after this long is stopped.
     sync_timeout_s: float = 900.0
     #: Which accounts this supervisor owns with ownership = "shard": "all" or "I/N" (account id modulo N == I).
@@ -608,6 +614,10 @@ def validate(settings: Settings) -> None:
         parse_shard(settings.supervisor.shard)
     except ValueError as e:
         raise ConfigError(f"supervisor.shard: {e}") from None
+    if settings.supervisor.gap_sweep_history not in GAP_SWEEP_HISTORY:
+        raise ConfigError(
+            f"supervisor.gap_sweep_history: expected deferred/evidence, got {settings.supervisor.gap_sweep_history!r}"
+        )
     if settings.supervisor.ownership not in ("all", "shard", "fleet"):
         raise ConfigError(
             f"supervisor.ownership: expected all/shard/fleet, got {settings.supervisor.ownership!r}"

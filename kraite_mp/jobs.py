@@ -51,6 +51,7 @@ from kraite_mp.messages import (
 )
 from kraite_mp.metrics import series
 from kraite_mp.observers import run_observers
+from kraite_mp.reconcile import background
 from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, mode_for_gap, reconcile_account
 from kraite_mp.store import audit
 from kraite_mp.store.account_state import apply_account_update
@@ -368,6 +369,8 @@ class JobRunner:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._local = threading.local()
+        #: The reconcile actor, for the history sweeps a gap sweep defers (set by ``declare_actors``).
+        self.reconcile_actor: dramatiq.Actor[Any, Any] | None = None
 
     # -- connections -----------------------------------------------------------------------------
     def _connection(self) -> Any:
@@ -534,11 +537,17 @@ class JobRunner:
 
     # -- reconcile_account_job -------------------------------------------------------------------
     def reconcile_account_job(
-        self, account_id: int, reason: str = "", gap_start_ms: int | None = None
+        self,
+        account_id: int,
+        reason: str = "",
+        gap_start_ms: int | None = None,
+        history: dict[str, Any] | None = None,
     ) -> ReconcileResult | None:
         """REST reconciliation of one account after a (re)connect; PostgreSQL down retries.
 
-        Exchange trouble comes back in the result, and ``finish_reconcile`` decides on a retry.
+        Exchange trouble comes back in the result, and ``finish_reconcile`` decides on a retry. ``history``
+        (``{"requested_ms", "attempt"}``, with ``gap_start_ms``): the background history sweep a gap sweep
+        deferred (``kraite_mp.reconcile.background``), which sends itself again instead of retrying.
         """
         try:
             conn = self._connection()
@@ -550,10 +559,10 @@ class JobRunner:
         if account is None or not account.is_active:
             log.info("reconcile of account %s (%s) skipped: no such active account", account_id, reason)
             return None
+        gap = gap_start_ms if isinstance(gap_start_ms, int) and not isinstance(gap_start_ms, bool) else None
         try:
-            gap = (
-                gap_start_ms if isinstance(gap_start_ms, int) and not isinstance(gap_start_ms, bool) else None
-            )
+            if history is not None and gap is not None:
+                return self._history_sweep(conn, account, reason, gap, history)
             mode = mode_for_gap(self.settings, gap)
             result = reconcile_account(conn, self.settings, account, mode=mode, gap_start_ms=gap)
         except Exception as e:
@@ -561,7 +570,44 @@ class JobRunner:
                 raise self._retry(f"reconcile of account {account_id}", e) from None
             raise
         finish_reconcile(account_id, reason, result)
+        if result.history_deferred and gap is not None:
+            self.send_history(
+                account_id, reason, gap, {"requested_ms": int(time.time() * 1000), "attempt": 0}
+            )
         return result
+
+    def _history_sweep(
+        self, conn: Any, account: Any, reason: str, gap: int, history: dict[str, Any]
+    ) -> ReconcileResult | None:
+        requested_ms, attempt = int(history.get("requested_ms") or 0), int(history.get("attempt") or 0)
+
+        def send_again(next_attempt: int, delay_s: float) -> None:
+            self.send_history(
+                account.id, reason, gap, {"requested_ms": requested_ms, "attempt": next_attempt}, delay_s
+            )
+
+        return background.history_sweep(
+            conn,
+            self.settings,
+            account,
+            since_ms=gap,
+            requested_ms=requested_ms,
+            attempt=attempt,
+            send_again=send_again,
+        )
+
+    def send_history(
+        self, account_id: int, reason: str, gap: int, history: dict[str, Any], delay_s: float = 0.0
+    ) -> None:
+        """Queue a background history sweep (``declare_actors`` binds it to the reconcile actor)."""
+        if self.reconcile_actor is None:
+            log.warning("account %s: no reconcile actor to send its history sweep to", account_id)
+            return
+        self.reconcile_actor.send_with_options(
+            args=(account_id, reason, gap),
+            kwargs={"history": history},
+            delay=int(delay_s * 1000) or None,
+        )
 
 
 # -- broker -----------------------------------------------------------------------------------------
@@ -585,15 +631,19 @@ def declare_actors(broker: dramatiq.Broker, settings: Settings) -> JobRunner:
                 "frame %s: malformed acknowledgement token ignored", str(frame_id)[:MAX_FRAME_ID_CHARS]
             )
 
-    def reconcile_account_job(account_id: int, reason: str = "", gap_start_ms: int | None = None) -> None:
-        runner.reconcile_account_job(account_id, reason, gap_start_ms)
+    def reconcile_account_job(
+        account_id: int, reason: str = "", gap_start_ms: int | None = None, history: Any = None
+    ) -> None:
+        runner.reconcile_account_job(
+            account_id, reason, gap_start_ms, history if isinstance(history, dict) else None
+        )
 
     dramatiq.actor(actor_name=PROCESS_ACTOR, queue_name=settings.user_data_stream.queue_name, broker=broker)(
         process_user_data_event
     )
-    dramatiq.actor(actor_name=RECONCILE_ACTOR, queue_name=RECONCILE_QUEUE, broker=broker)(
-        reconcile_account_job
-    )
+    runner.reconcile_actor = dramatiq.actor(
+        actor_name=RECONCILE_ACTOR, queue_name=RECONCILE_QUEUE, broker=broker
+    )(reconcile_account_job)
     return runner
 
 

@@ -684,6 +684,91 @@ def test_reconcile_job_reads_the_exchange_and_retries_after_a_429(
     db.commit()
 
 
+def order_status(db: Any, account_id: int, order_id: int) -> str | None:
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT status FROM orders WHERE account_id = %s AND kind = 'regular' AND exchange_order_id = %s",
+            (account_id, order_id),
+        )
+        row = cur.fetchone()
+    db.commit()
+    return None if row is None else str(row[0])
+
+
+@pytest.mark.integration
+def test_a_gap_sweep_defers_the_history_to_a_background_sweep_that_leaves_half_the_budget(
+    db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any
+) -> None:
+    from kraite_mp.binance.budget import reset_budgets, shared_budget
+    from kraite_mp.messages import broker_namespace
+
+    (account,) = add_sim_accounts(db, secret_key, simulator, 1)
+    settings = settings_from(sim_env(job_env, simulator, binance__egress_id=f"hist-{uuid.uuid4().hex[:8]}"))
+    assert (settings.supervisor.gap_sweep_max_s, settings.supervisor.gap_sweep_history) == (
+        3600.0,
+        "deferred",
+    )
+    h = harness_factory(settings)
+    key = account.api_key
+    simulator.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
+    reconcile = h.broker.get_actor(RECONCILE_ACTOR)
+    client = redis.Redis.from_url(settings.redis_url)
+    delayed = f"{broker_namespace(settings)}:reconcile.DQ.msgs"
+    try:
+        with running_worker(h.broker, threads=2):
+            reconcile.send(account_id=account.id, reason="connect")  # the first connect: a full sweep
+            wait_for(lambda: len(h.recorder.succeeded(RECONCILE_ACTOR)) == 1, 60, message="the full sweep")
+
+            def gap(price: str) -> tuple[int, int]:
+                """A gap in which an order is placed and canceled unfilled on the active symbol."""
+                start_ms = int(time.time() * 1000)
+                time.sleep(0.01)
+                order = simulator.place_order(
+                    key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.010", price=price
+                )
+                simulator.cancel(key, order)
+                return start_ms, order
+
+            start_ms, unfilled = gap("99000.0")
+            history_calls = simulator.stats()["requests"].get("/fapi/v1/allOrders", 0)
+            reconcile.send(account_id=account.id, reason="reconnect", gap_start_ms=start_ms)
+            wait_for(
+                lambda: len(h.recorder.succeeded(RECONCILE_ACTOR)) == 3,
+                60,
+                message="the gap and history sweeps",
+            )
+            # the gap sweep sent the history sweep, which found the order the gap sweep could not see
+            assert [k.get("history", {}).get("attempt") for k in h.recorder.succeeded(RECONCILE_ACTOR)] == [
+                None,
+                None,
+                0,
+            ]
+            assert order_status(db, account.id, unfilled) == "CANCELED"
+            assert simulator.stats()["requests"].get("/fapi/v1/allOrders", 0) == history_calls + 1
+
+            # more than half of the budget's window spent by others: the history sweep sends itself again for
+            # later instead of taking the weight, and gives its worker thread back
+            budget = shared_budget(settings)
+            assert budget.try_take(budget.limit // 2 + 10)[0]
+            start_ms, hidden = gap("98000.0")
+            history_calls = simulator.stats()["requests"].get("/fapi/v1/allOrders", 0)
+            reconcile.send(account_id=account.id, reason="reconnect", gap_start_ms=start_ms)
+            wait_for(
+                lambda: len(h.recorder.succeeded(RECONCILE_ACTOR)) == 5, 60, message="the deferred sweep"
+            )
+            wait_for(lambda: client.hlen(delayed) == 1, 30, message="the history sweep sent again")
+            (later,) = [json.loads(v) for v in client.hvals(delayed)]
+            assert (
+                later["kwargs"]["history"]["attempt"] == 1
+                and later["options"]["eta"] > time.time() * 1000 + 29_000
+            )
+            assert simulator.stats()["requests"].get("/fapi/v1/allOrders", 0) == history_calls  # nothing sent
+            assert order_status(db, account.id, hidden) is None
+    finally:
+        client.close()
+        reset_budgets()
+
+
 @pytest.mark.integration
 def test_reconcile_job_with_rejected_key_marks_the_account_and_ends(
     db: Any, simulator: Any, secret_key: str, job_env: dict[str, str], harness_factory: Any

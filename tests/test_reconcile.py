@@ -335,9 +335,11 @@ def requests_between(before: dict[str, int], after: dict[str, int]) -> dict[str,
 
 
 def gap_sweep(
-    env: dict[str, Any], account: Account, gap_start_ms: int
+    env: dict[str, Any], account: Account, gap_start_ms: int, history: str = "evidence"
 ) -> tuple[ReconcileResult, dict[str, int]]:
-    """A gap sweep and the requests the simulator received for it, by path."""
+    """A gap sweep (``supervisor.gap_sweep_history = history``) and the requests the simulator received for
+    it, by path."""
+    env["settings"].supervisor.gap_sweep_history = history
     before = env["sim"].stats()["requests"]
     result = reconcile_account(env["db"], env["settings"], account, mode="gap", gap_start_ms=gap_start_ms)
     assert result.status is ReconcileStatus.OK and result.mode == "gap", result.summary()
@@ -497,11 +499,15 @@ def test_a_fill_the_new_connection_delivered_is_no_evidence(env: dict[str, Any])
 
 
 @pytest.mark.integration
-def test_the_gap_sweep_blind_spots_are_exactly_the_documented_ones(env: dict[str, Any]) -> None:
+@pytest.mark.parametrize("history", ["evidence", "deferred"])
+def test_the_gap_sweep_blind_spots_are_exactly_the_documented_ones(env: dict[str, Any], history: str) -> None:
     sim, db, settings = env["sim"], env["db"], env["settings"]
     key = sim.accounts[0].api_key
     sim.place_order(key, symbol="BTCUSDT", side="BUY", type="LIMIT", quantity="0.010", price="50000.0")
     account, key, gap_start_ms = streamed_before_the_gap(env, 0)
+    quiet, requests = gap_sweep(env, env["accounts"][1], gap_start_ms, history)
+    # nothing open, nothing active: the account call alone, and no history to defer
+    assert quiet.weight == 5 and requests == {"/fapi/v3/account": 1} and not quiet.history_deferred
     # ---- the gap ----
     unfilled = sim.place_order(
         key, symbol="BTCUSDT", side="SELL", type="LIMIT", quantity="0.010", price="99000.0"
@@ -514,13 +520,27 @@ def test_the_gap_sweep_blind_spots_are_exactly_the_documented_ones(env: dict[str
         key, symbol="ETHUSDT", side="BUY", type="LIMIT", quantity="1.000", price="1500.00"
     )
 
-    result, _ = gap_sweep(env, account, gap_start_ms)
-    assert result.history_symbols == []
+    result, _ = gap_sweep(env, account, gap_start_ms, history)
+    # account 5, openOrders BTC (open in the DB) + ETH (listed): nothing moved, no history in the sweep
+    assert result.history_symbols == [] and result.weight == 5 + 2, result.summary()
+    assert result.history_deferred is (history == "deferred")
     stored = db_orders(db, account.id)
     assert ("regular", still_open) in stored  # placed in the gap and still open: the account lists ETHUSDT
     # not seen: the order placed and canceled unfilled, the algo order placed on a symbol without DB-open algos
     assert ("regular", unfilled) not in stored and ("algo", stop) not in stored
     assert_account_equals_truth(db, account.id, sim.truth(key))  # balances and positions exact anyway
+
+    if history == "deferred":
+        # the background history sweep: the symbols a full sweep reads (BTC, ETH open in the DB) from the gap
+        # start find the order placed and canceled unfilled; the algo on a symbol never active stays unseen
+        before = sim.stats()["requests"]
+        later = reconcile_account(db, settings, account, mode="history", gap_start_ms=gap_start_ms)
+        requests = requests_between(before, sim.stats()["requests"])
+        assert later.status == "ok" and later.history_symbols == ["BTCUSDT", "ETHUSDT"], later.summary()
+        assert requests == {"/fapi/v1/allOrders": 2, "/fapi/v1/allAlgoOrders": 2}
+        assert later.weight == 20 and later.transitions >= 1, later.summary()
+        stored = db_orders(db, account.id)
+        assert stored[("regular", unfilled)]["status"] == "CANCELED" and ("algo", stop) not in stored
 
     # the periodic full sweep finds both
     full = reconcile_account(db, settings, account, mode="full")

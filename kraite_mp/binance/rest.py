@@ -135,6 +135,9 @@ class BinanceRest:
         #: The egress's REST budget; without one (no settings) a process-local budget of the whole limit.
         self.budget = budget if budget is not None else local_budget(self.base_url, weight_limit_per_min)
         self.max_budget_wait_s = max_budget_wait_s
+        #: Weight per window this client's calls leave untaken for everyone else (at least the streams'
+        #: reserve): a background sweep sets it to part of the budget, so that it runs only where there is room.
+        self.background_leave = 0
         #: Requests sent and their weight (by ENDPOINT_WEIGHTS) by this client: what a caller spent.
         self.requests_sent = 0
         self.weight_spent = 0
@@ -400,7 +403,7 @@ class BinanceRest:
         """Take the call's weight from the egress budget before it is sent (waiting while it is spent)."""
         try:
             # a listenKey call (a stream waits on it) may take the reserve every other call leaves
-            leave = 0 if path == LISTEN_KEY_PATH else self.budget.stream_reserve
+            leave = 0 if path == LISTEN_KEY_PATH else max(self.budget.stream_reserve, self.background_leave)
             waited = self.budget.acquire(weight, self.stop, self.max_budget_wait_s, leave)
         except BudgetExhausted as e:
             raise RateLimited(429, None, f"{method} {path} not sent: {e}", e.retry_after_s) from None

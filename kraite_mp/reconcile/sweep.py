@@ -16,13 +16,15 @@ are audited only.
 
 Modes: ``full`` (every open order, plus the history of the active symbols since the last full
 sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``gap`` (after a
-reconnect whose gap is known; below), ``auto`` (full when one is due or the stream may have missed
+reconnect whose gap is known; below), ``history`` (the gap's order history, in the background: below), ``auto`` (full when one is due or the stream may have missed
 frames, else targeted). Failures stay per account and come back as a ``ReconcileResult`` (a 429/418
 also ends the pass); what was fetched before a failure is still written; only database errors propagate.
 
-The gap sweep pays for what the gap can hide, on evidence (``_fetch_gap``): 5 + 1 per listed symbol
-and kind for an account whose gap hid nothing; until the next full sweep it is blind to orders placed and
-ended unfilled inside the gap (no fill is missed that a full sweep would find).
+The gap sweep pays for what the gap can hide (``_fetch_gap``): 5 + 1 per listed symbol and kind, + 10 per
+symbol whose history it reads from the gap start where the account call shows a change the stream did not
+deliver. What it cannot show, orders placed and ended unfilled inside the gap, the ``history`` sweep reads
+afterwards in the background (``supervisor.gap_sweep_history = "deferred"``: 10 per symbol a full sweep
+would read, leaving half the budget to everything else) or the next full sweep does ("evidence").
 
 Known gap (of every mode): orders placed *and* ended inside a gap are found only on an active symbol
 (one with an order, regular or algo, the database saw in the window, or an open position, stored or
@@ -65,10 +67,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The sweeps ``reconcile_account`` can run (``auto`` picks one of the other two).
-MODES = ("full", "targeted", "gap", "auto")
-#: The modes a person may ask for (``sync-orders --mode``): ``gap`` needs the gap's start, which only a
-#: reconnecting stream knows.
+#: The sweeps ``reconcile_account`` can run (``auto`` picks full or targeted).
+MODES = ("full", "targeted", "gap", "history", "auto")
+#: The modes a person may ask for (``sync-orders --mode``): ``gap`` and ``history`` need the gap's start,
+#: which only a reconnecting stream knows.
 OPERATOR_MODES = ("full", "targeted", "auto")
 #: At this many symbols one no-symbol call (weight 40) is cheaper than one call per symbol.
 NO_SYMBOL_WEIGHT = 40
@@ -156,6 +158,8 @@ class ReconcileResult:
     retry_after_s: float | None = None  #: after a 429/418: seconds until Binance may be called again
     #: gap sweep: the symbols whose order history was read (evidence of a change the stream did not deliver)
     history_symbols: list[str] = field(default_factory=list)
+    #: gap sweep: the history of the symbols a full sweep reads is left to a background ``history`` sweep
+    history_deferred: bool = False
     transition_list: list[orders.Transition] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
@@ -167,6 +171,8 @@ class ReconcileResult:
         )
         if self.shadow:
             text += " shadow=yes"
+        if self.history_deferred:
+            text += " history=deferred"
         if self.error:
             text += f" error={self.error!r}"
         return text
@@ -345,6 +351,10 @@ def _fetch(
     elif result.mode == "gap":
         assert gap_start_ms is not None
         _fetch_gap(conn, settings, account, sweep, gap_start_ms, regular_symbols, algo_symbols)
+    elif result.mode == "history":
+        assert gap_start_ms is not None
+        _fetch_history(conn, settings, account, sweep, gap_start_ms, regular_symbols | algo_symbols)
+        return  # histories only: what they show is written, the open orders were the gap sweep's
     else:
         _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
         _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
@@ -390,18 +400,21 @@ def _fetch_gap(
     - a position updated where the stream was blind, or one the database holds open that the account no
       longer lists: positionRisk (5: the entry prices) and the history (allOrders + allAlgoOrders, 10) of
       its symbol from the gap start;
-    - a wallet changed where the stream was blind (a fill, funding, a transfer): the history of every symbol
-      a full sweep would read (DB-open, listed, active since the last full sweep), because a fill that
-      opened and closed a position inside the gap leaves no position behind.
+    - with ``supervisor.gap_sweep_history = "active"`` (the default), or when the wallet changed where the
+      stream was blind (a fill, funding, a transfer): the history from the gap start of every symbol a full
+      sweep would read (DB-open, listed, active since the last full sweep). "active" because an order placed
+      *and* ended unfilled (canceled, expired, rejected) inside the gap moved nothing the account call
+      shows; the wallet because a fill that opened and closed a position inside the gap leaves no position
+      behind.
 
-    A healthy account whose gap hid nothing pays 5 + 1 per listed symbol and kind (5 with nothing open).
-    What it does not see, unlike a full sweep or the gap sweep before it: an order placed *and* ended
-    unfilled (canceled, expired, rejected) inside the gap, where no fill moved anything (it changed no
-    money, no position, nothing still open: the next full sweep, ``supervisor.sync_full_interval_s``,
-    reads the history of the symbols active since the previous one); an algo order placed in the gap and
-    still open on a symbol without DB-open algo orders and without a fill in the gap (the full sweep's
-    no-symbol openAlgoOrders finds it; its trigger reaches the stream as ALGO_UPDATE anyway). Fills have no
-    such blind spot beyond the full sweep's own (below): every fill moves the wallet.
+    Cost: 5 + 1 per listed symbol and kind + 10 per symbol whose history is read (5 for an account with
+    nothing open and nothing active), against a full sweep's 90 + 10 per active symbol. What it does not
+    see, unlike a full sweep: an algo order placed in the gap and still open on a symbol without DB-open
+    algo orders and outside the history read (the full sweep's no-symbol openAlgoOrders finds it; its
+    trigger reaches the stream as ALGO_UPDATE anyway). With "evidence" (5 + 1 per listed symbol and kind
+    for an account whose gap hid nothing, whatever it traded before) it also misses the orders placed and
+    ended unfilled inside the gap until the next full sweep, ``supervisor.sync_full_interval_s``. Fills
+    have no blind spot beyond the full sweep's own (below) in either: every fill moves the wallet.
     """
     rest, result = sweep.rest, sweep.result
     snapshot = rest.account()
@@ -449,19 +462,52 @@ def _fetch_gap(
     _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
 
     history = set(changed)
+    everything = _full_sweep_symbols(conn, settings, account.id, regular_symbols | algo_symbols | listed)
     if wallet_moved:
         # the wallet moved where the stream was blind: a fill may have left no position behind (opened and
         # closed in the gap), on any symbol a full sweep would read
-        since = _history_window(conn, settings, account.id, int(time.time() * 1000))
-        history |= regular_symbols | algo_symbols | listed
-        if since is not None:
-            history |= orders.active_symbols(conn, account.id, since)
+        history |= everything
+    elif settings.supervisor.gap_sweep_history == "deferred" and everything - history:
+        # an order placed and ended unfilled in the gap moved nothing the account call shows, on any of them:
+        # their history is read by a background sweep that leaves the budget to this one (jobs.py)
+        result.history_deferred = True
     if changed:
         sweep.snapshot("positions", rest.position_risk)  # entry prices: the account snapshot has none
     result.history_symbols = sorted(history)
-    for symbol in sorted(history):
-        sweep.add("regular", rest.all_orders(symbol, start_time_ms=window_ms, limit=ALL_ORDERS_LIMIT))
-        sweep.add("algo", rest.all_algo_orders(symbol, start_time_ms=window_ms, limit=ALL_ORDERS_LIMIT))
+    _read_histories(account.id, sweep, result.history_symbols, window_ms)
+
+
+def _full_sweep_symbols(conn: Any, settings: Settings, account_id: int, known: set[str]) -> set[str]:
+    """``known`` (open in the database, listed by the account) and the symbols active since the previous
+    full sweep: the symbols whose history a full sweep reads."""
+    since = _history_window(conn, settings, account_id, int(time.time() * 1000))
+    return known | orders.active_symbols(conn, account_id, since) if since is not None else set(known)
+
+
+def _fetch_history(
+    conn: Any, settings: Settings, account: Account, sweep: _Sweep, since_ms: int, open_symbols: set[str]
+) -> None:
+    """The background history sweep a gap sweep deferred (``supervisor.gap_sweep_history = "deferred"``):
+    allOrders + allAlgoOrders (10) from the gap start on every symbol a full sweep would read (open in the
+    database, holding a stored position, active since the previous full sweep): what was placed *and* ended
+    inside the gap, which the gap sweep's account call cannot show."""
+    known = open_symbols | {symbol for symbol, _ in account_state.open_positions(conn, account.id)}
+    symbols = sorted(_full_sweep_symbols(conn, settings, account.id, known))
+    sweep.result.history_symbols = symbols
+    window_ms = since_ms + sweep.rest.time_offset_ms - HISTORY_OVERLAP_MS
+    _read_histories(account.id, sweep, symbols, window_ms)
+
+
+def _read_histories(account_id: int, sweep: _Sweep, symbols: list[str], since_ms: int) -> None:
+    """allOrders + allAlgoOrders (5 + 5) of each symbol from ``since_ms`` (exchange time) into the sweep."""
+    rest = sweep.rest
+    for symbol in symbols:
+        regular = rest.all_orders(symbol, start_time_ms=since_ms, limit=ALL_ORDERS_LIMIT)
+        _warn_if_truncated(account_id, symbol, "orders", regular)
+        sweep.add("regular", regular)
+        algo = rest.all_algo_orders(symbol, start_time_ms=since_ms, limit=ALL_ORDERS_LIMIT)
+        _warn_if_truncated(account_id, symbol, "algo orders", algo)
+        sweep.add("algo", algo)
 
 
 def _int_or_zero(value: Any) -> int:
@@ -652,8 +698,8 @@ def reconcile_account(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "gap" and gap_start_ms is None:
-        raise ValueError("mode 'gap' needs gap_start_ms")
+    if mode in ("gap", "history") and gap_start_ms is None:
+        raise ValueError(f"mode {mode!r} needs gap_start_ms")
     return reconcile_with(conn, settings, account, rest=rest, mode=mode, gap_start_ms=gap_start_ms)
 
 
