@@ -70,6 +70,8 @@ CLOSE_TIMEOUT_S = 1.0
 #: passes without one frame written: a client that stopped reading. One that reads slowly (a loaded
 #: host) gets every frame queued before the close, as from a real server's TCP close.
 ORDERED_CLOSE_DEADLINE_S = 5.0
+#: The longest a connection's handler waits for its writer's close (handshake and flush) before cancelling it.
+CLOSE_FLUSH_MAX_S = 30.0
 #: Stream names of the all-symbols mark-price array (``@1s``, and the 3 s default).
 MARK_PRICE_STREAMS = frozenset({"!markPrice@arr@1s", "!markPrice@arr"})
 #: One symbol's mark price (``btcusdt@markPrice@1s``): served on /market.
@@ -154,6 +156,8 @@ class Conn:
     incoming: deque[float] = field(default_factory=deque)
     closing: bool = False
     close_request: tuple[str, int, str] | None = None
+    #: the close frame is written: what is left is the transport's flush (``_flush_and_close``)
+    flushing: bool = False
     queued_bytes: int = 0
     written: int = 0  #: frames written (text, ping, pong): the ordered close's sign of progress
 
@@ -405,8 +409,8 @@ class StreamHub:
 
         def look(seen: int) -> None:
             transport = conn.request.transport
-            if transport is None or transport.is_closing():
-                return
+            if transport is None or transport.is_closing() or conn.flushing:
+                return  # closed, or flushing with a deadline of its own
             if conn.written == seen:
                 log.info(
                     "conn=%d %s: nothing written for %.0fs while closing",
@@ -693,7 +697,8 @@ class StreamHub:
                 conn.close_request = ("close", 1000, "")
                 conn.outbox.put_nowait(("wake", None))
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(writer), CLOSE_TIMEOUT_S + 0.5)
+                # the close handshake, then the flush of what was written (``_flush_and_close``)
+                await asyncio.wait_for(asyncio.shield(writer), CLOSE_FLUSH_MAX_S)
             if not writer.done():
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -800,6 +805,7 @@ class StreamHub:
                             await asyncio.wait_for(
                                 ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S
                             )
+                        await _flush_and_close(conn)
                     _abort(conn)
                     return
                 if kind == "silence":
@@ -851,6 +857,25 @@ def _book_level(mark: Decimal, level: int) -> str:
 def _refusal(status: int, code: int, msg: str, retry_after_s: float) -> web.Response:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
     return web.json_response({"code": code, "msg": msg}, status=status, headers=headers)
+
+
+async def _flush_and_close(conn: Conn) -> None:
+    """A real server's TCP close after its close frame: every byte written so far reaches the client (a slow
+    one included: only ``ORDERED_CLOSE_DEADLINE_S`` without progress gives up), then FIN, not RST. An abort
+    with bytes unsent would drop frames already counted as sent (and a reset after a client's close frame
+    could make it lose what it has not read yet)."""
+    transport = conn.request.transport
+    if transport is None or transport.is_closing():
+        return
+    conn.flushing = True
+    left, since = transport.get_write_buffer_size(), time.monotonic()
+    while left and time.monotonic() - since < ORDERED_CLOSE_DEADLINE_S:
+        await asyncio.sleep(0.02)
+        now_left = transport.get_write_buffer_size()
+        if now_left < left:
+            left, since = now_left, time.monotonic()
+    if not left:
+        transport.close()  # nothing buffered: FIN at once
 
 
 def _abort(conn: Conn) -> None:
