@@ -79,7 +79,14 @@ SPAWN_RATE_PER_S = 0.9
 #: Request weight of the full sweep every first connect queues when the account has no history (90).
 FIRST_SWEEP_WEIGHT = 90
 #: The reconcile endpoints (what a reconnect's sweep asks), by path.
+#: The calls only the history reads make (a full sweep's, a gap sweep's on evidence, the deferred ones).
+HISTORY_PATHS = ("/fapi/v1/allOrders", "/fapi/v1/allAlgoOrders")
+#: One of these per sweep of an account, at its start: the gap sweep's account call, the full sweep's balances.
+SWEEP_START_PATHS = ("/fapi/v3/account", "/fapi/v3/balance")
 RECONCILE_PATHS = (
+    "/fapi/v3/account",
+    "/fapi/v3/positionRisk",
+    "/fapi/v3/balance",
     "/fapi/v1/openOrders",
     "/fapi/v1/openAlgoOrders",
     "/fapi/v1/allOrders",
@@ -443,6 +450,10 @@ def run_case(n: int, args: argparse.Namespace, admin: str, redis_url: str) -> di
             "weight_after": sum(w for _, w in accepted_after),
             "weight_per_minute_after": [buckets[i] for i in range(max(buckets) + 1)] if buckets else [],
             "reconcile_requests_after": sum(by_path[p] for p in RECONCILE_PATHS),
+            "history_weight_after": sum(r.weight for r in log_after if r.path in HISTORY_PATHS),
+            "last_sweep_start_s": max(
+                (r.at - t_drop_wall for r in log_after if r.path in SWEEP_START_PATHS), default=0.0
+            ),
             "listen_key_posts_after": sum(
                 1 for r in log_after if r.path == "/fapi/v1/listenKey" and r.method == "POST"
             ),
@@ -532,16 +543,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     out.append(
         "| accounts | peak weight in any minute after the drop / share / limit | peak weight in any minute"
         " (whole run) | weight per minute after the drop | weight after the drop per account | reconcile"
-        " requests per account | reconciliations done after the drop | 429 | 418 |"
+        " requests per account | of the weight per account: history reads | last account's sweep started"
+        " | reconciliations done after the drop | 429 | 418 |"
     )
-    out.append("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    out.append("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         done = f"{r['reconcile_done_s']:.0f} s" if r["drained"] else f"not within {args.observe_timeout:g} s"
         minutes = ", ".join(f"{w:,}" for w in r["weight_per_minute_after"])
         out.append(
             f"| {r['accounts']} | {r['peak_weight_after']:,} / {r['weight_share']:,} / {r['weight_limit']:,} |"
             f" {r['peak_weight_run']:,} | {minutes} | {r['weight_after'] / r['accounts']:.1f} |"
-            f" {r['reconcile_requests_after'] / r['accounts']:.1f} | {done} | {r['sent_429']} | {r['sent_418']} |"
+            f" {r['reconcile_requests_after'] / r['accounts']:.1f} | {r['history_weight_after'] / r['accounts']:.1f} |"
+            f" {r['last_sweep_start_s']:.0f} s | {done} | {r['sent_429']} | {r['sent_418']} |"
         )
     out.append("")
     out.append(
