@@ -984,6 +984,19 @@ def test_auto_mode_is_full_unless_a_recent_full_sweep_and_a_healthy_stream(env: 
     for state in ("fatal", "backoff", "connecting"):
         write_heartbeat(settings, account.id, started=time.time() - 100, state=state)
         assert choose_mode(settings, account.id) == "full", state
+    # reconnecting for no longer than gap_sweep_max_s: the reconnect's own sweep reads the gap, not this one
+    long_ago = time.time() - settings.supervisor.gap_sweep_max_s - 60
+    for state in ("paced", "backoff", "connecting"):
+        write_heartbeat(
+            settings, account.id, started=time.time() - 100, state=state, dark_since=time.time() - 30
+        )
+        assert choose_mode(settings, account.id) == "targeted", state
+        write_heartbeat(settings, account.id, started=time.time() - 100, state=state, dark_since=long_ago)
+        assert choose_mode(settings, account.id) == "full", state
+    write_heartbeat(
+        settings, account.id, started=time.time() - 100, state="fatal", dark_since=time.time() - 30
+    )
+    assert choose_mode(settings, account.id) == "full"
     write_heartbeat(settings, account.id, started=time.time() - 100)
     assert choose_mode(settings, account.id) == "targeted"
     later = int(time.time() * 1000 + settings.supervisor.sync_full_interval_s * 1000 + 1)

@@ -84,6 +84,8 @@ HISTORY_OVERLAP_MS = 120_000
 USER_DATA_ROLE = "user-data"
 #: The heartbeat state of a user-data child whose connection is up and delivering.
 STREAMING_STATE = "streaming"
+#: ... and those of one between connections (``kraite_mp.streams.connection``): its reconnect queues a sweep.
+RECONNECTING_STATES = frozenset({"paced", "backoff", "connecting"})
 
 
 @dataclass
@@ -181,6 +183,22 @@ class ReconcileResult:
 # -- when a full sweep is due ----------------------------------------------------------------------
 
 
+def _fresh_heartbeat(settings: Settings, account_id: int) -> tuple[dict[str, Any], float] | None:
+    """This host's user-data child's heartbeat for the account and the child's start (epoch s), None when
+    it is missing, unreadable or stale (older than ``supervisor.heartbeat_timeout_s``)."""
+    key = runfiles.child_key(USER_DATA_ROLE, account_id)
+    hb = runfiles.read_heartbeat(runfiles.heartbeat_path(settings.run_dir, key))
+    if not hb:
+        return None
+    try:
+        ts, started = float(hb["ts"]), float(hb["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if time.time() - ts > settings.supervisor.heartbeat_timeout_s:
+        return None
+    return dict(hb), started
+
+
 def stream_continuous_since(settings: Settings, account_id: int, since_ms: int) -> bool:
     """Has this host's user-data child for the account been alive since ``since_ms``?
 
@@ -188,27 +206,39 @@ def stream_continuous_since(settings: Settings, account_id: int, since_ms: int) 
     ``streaming`` (connecting, in backoff, fatal: frames are being lost right now), or the child
     started after ``since_ms``: it restarted, so frames may be lost in between.
     """
-    key = runfiles.child_key(USER_DATA_ROLE, account_id)
-    hb = runfiles.read_heartbeat(runfiles.heartbeat_path(settings.run_dir, key))
-    if not hb:
+    fresh = _fresh_heartbeat(settings, account_id)
+    if fresh is None or fresh[0].get("state") != STREAMING_STATE:
         return False
+    return fresh[1] * 1000 <= since_ms
+
+
+def stream_dark_for_s(settings: Settings, account_id: int) -> float | None:
+    """Seconds this host's user-data child for the account has been reconnecting (``RECONNECTING_STATES``,
+    the heartbeat's ``dark_since``); None when it is streaming, gone, stale or in another state."""
+    fresh = _fresh_heartbeat(settings, account_id)
+    if fresh is None or fresh[0].get("state") not in RECONNECTING_STATES:
+        return None
+    fields = fresh[0].get("fields")
     try:
-        ts, started = float(hb["ts"]), float(hb["started"])
+        dark_since = float(fields["dark_since"]) if isinstance(fields, dict) else None
     except (KeyError, TypeError, ValueError):
-        return False
-    if time.time() - ts > settings.supervisor.heartbeat_timeout_s:
-        return False
-    if hb.get("state") != STREAMING_STATE:
-        return False
-    return started * 1000 <= since_ms
+        return None
+    return None if dark_since is None else max(0.0, time.time() - dark_since)
 
 
 def choose_mode(settings: Settings, account_id: int, now_ms: int | None = None) -> str:
-    """``auto`` resolved: full when one is due or the stream may have missed frames, else targeted."""
+    """``auto`` resolved: full when one is due or the stream may have missed frames, else targeted.
+
+    A stream reconnecting for no longer than ``supervisor.gap_sweep_max_s`` gets targeted: the sweep its
+    reconnect queues reads what the gap hid (the gap sweep), and a full sweep now would only do it twice (after
+    a mass drop, for every account still waiting for a connection token)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     last = runfiles.last_full_sweep_ms(settings.run_dir, account_id)
     if last is None or now_ms - last >= settings.supervisor.sync_full_interval_s * 1000:
         return "full"
+    dark_s = stream_dark_for_s(settings, account_id)
+    if dark_s is not None and dark_s <= settings.supervisor.gap_sweep_max_s:
+        return "targeted"
     if not stream_continuous_since(settings, account_id, last):
         return "full"
     return "targeted"

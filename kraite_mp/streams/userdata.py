@@ -223,6 +223,12 @@ class UserDataStream(WebSocketStream):
             fields["ack_lag"] = f"{int(self.sender.ack_lag_s())}s"
         if self.spool is not None and (self.spool.in_memory or self.spool.memory_episodes):
             fields["spool"] = "memory" if self.spool.in_memory else "disk"  # the disk refused writes
+        if self.ws is None:
+            # between connections since then: the periodic sync leaves the gap to this reconnect's sweep
+            # (kraite_mp.reconcile.sweep.choose_mode)
+            fields["dark_since"] = int(self.dark_since)
+        else:
+            self.ctx.fields.pop("dark_since", None)
         return fields
 
     def beat(self, state: str | None = None) -> None:
