@@ -873,6 +873,8 @@ def measure_design(design: Design) -> dict[str, Any]:
             ev_p50=pct([r[3] - r[2] for r in window if r[2] > 0], 50),
             ev_p99=pct([r[3] - r[2] for r in window if r[2] > 0], 99),
         )
+        if args.burst_s > 0:
+            result.update(measure_burst(design, seen))
         log(f"N={n} {design.name}: {json.dumps({k: v for k, v in result.items() if k != 'faults'})}")
         if args.faults:
             result["faults"] = run_faults(design, seen)
@@ -894,6 +896,40 @@ def measure_design(design: Design) -> dict[str, Any]:
             )
         except RuntimeError as e:
             log(f"N={n} {design.name}: {e}")
+
+
+def measure_burst(design: Design, seen: Seen) -> dict[str, Any]:
+    """Every account stepping at once: the simulator's own scheduler runs one step of every account in the
+    same tick, ``--burst-rate`` times a second for ``--burst-s``; frame -> in Redis over those frames."""
+    run, args, n = design.run, design.run.args, design.n
+    sent0 = sum(run.frames_sent(design.keys).values())
+    t0_wall = now_ms()
+    run.control("set_rate", events_per_s=args.burst_rate)
+    time.sleep(args.burst_s)
+    run.control("set_rate", events_per_s=0.0)
+    t1_wall = now_ms()
+    sent = sum(run.frames_sent(design.keys).values()) - sent0
+    try:
+        wait_until(
+            lambda: sum(1 for r in seen.refresh() if r[1] >= t0_wall) >= sent,
+            DRAIN_TIMEOUT_S,
+            f"{sent} burst frames in Redis",
+            run,
+            design.alive,
+            interval=0.2,
+        )
+    except RuntimeError as e:
+        log(f"N={n} {design.name}: {e}")
+    rows = [r for r in seen.refresh() if r[1] >= t0_wall]
+    return {
+        "burst_sent": sent,
+        "burst_frames": len(rows),
+        "burst_s": (t1_wall - t0_wall) / 1000,
+        "burst_rx_p50": pct([r[3] - r[1] for r in rows], 50),
+        "burst_rx_p99": pct([r[3] - r[1] for r in rows], 99),
+        "burst_ev_p50": pct([r[3] - r[2] for r in rows if r[2] > 0], 50),
+        "burst_ev_p99": pct([r[3] - r[2] for r in rows if r[2] > 0], 99),
+    }
 
 
 def run_faults(design: Design, seen: Seen) -> list[dict[str, Any]]:
@@ -1154,6 +1190,22 @@ def report(results: list[dict[str, Any]], notes: list[str], args: argparse.Names
                 )
     if ratios:
         out += ["", "Ratios within this run: " + "; ".join(ratios) + "."]
+    bursts = [r for r in results if "burst_frames" in r]
+    if bursts:
+        out += [
+            "",
+            f"Burst: every account stepping at once, the simulator's scheduler running one step of every account in "
+            f"the same tick {args.burst_rate:g} times a second for {args.burst_s:g} s (after the load window).",
+            "",
+            "| accounts | design | frames sent / in Redis | frame -> in Redis p50 / p99 | event -> in Redis p50 / p99 |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for r in bursts:
+            out.append(
+                f"| {r['n']} | {r['design']} | {r['burst_sent']} / {r['burst_frames']} "
+                f"| {num(r['burst_rx_p50'])} / {num(r['burst_rx_p99'])} ms "
+                f"| {num(r['burst_ev_p50'])} / {num(r['burst_ev_p99'])} ms |"
+            )
     if any(r.get("faults") for r in results):
         out += [
             "",
@@ -1222,6 +1274,12 @@ def main() -> int:
     parser.add_argument("--leak-rate", type=float, default=5.0, help="extra steps/s of the leaking account")
     parser.add_argument(
         "--block-s", type=float, default=0.0, help="seconds the blocking handler sleeps (0 = forever)"
+    )
+    parser.add_argument(
+        "--burst-s", type=float, default=10.0, help="seconds of every account stepping at once (0 = skip)"
+    )
+    parser.add_argument(
+        "--burst-rate", type=float, default=1.0, help="steps per second of every account in the burst"
     )
     parser.add_argument("--fault-pre-s", type=float, default=10.0)
     parser.add_argument("--fault-window-s", type=float, default=20.0)

@@ -604,8 +604,7 @@ class JobRunner:
             log.warning("account %s: no reconcile actor to send its history sweep to", account_id)
             return
         self.reconcile_actor.send_with_options(
-            args=(account_id, reason, gap),
-            kwargs={"history": history},
+            kwargs={"account_id": account_id, "reason": reason, "gap_start_ms": gap, "history": history},
             delay=int(delay_s * 1000) or None,
         )
 

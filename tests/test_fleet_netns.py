@@ -67,8 +67,9 @@ FAILOVER_BOUND_S = FAILOVER_S + 39.0
 PARTITION_S = 25.0
 #: Longest wait for the fleet to settle (startup, a host's return, a join).
 SETTLE_TIMEOUT_S = 60.0
-#: Longest wait for the worker to audit what the simulator delivered (normally a second or two).
-AUDIT_TIMEOUT_S = 30.0
+#: Longest wait for the worker to audit what the simulator delivered (normally a second or two) and for the
+#: reconcile queue to empty (a deferred history sweep waits for room in the REST budget).
+AUDIT_TIMEOUT_S = 60.0
 #: Scenario steps per second per account while the load runs.
 STEPS_PER_S = 1.0
 #: REST weight per minute at the simulator and in kraite-mp (Binance: 2,400), scaled up as in

@@ -9,7 +9,7 @@ egress's budget would still be left (``BinanceRest.background_leave``): after a 
 the streams' listenKeys and the next accounts' reconnects go first; the histories fill what they leave.
 
 A history sweep that finds no room within ``BUDGET_WAIT_S`` gives its thread back at once and is sent
-again later (``next_delay_s``: growing, jittered, at most ``MAX_ATTEMPTS`` times; then the next full sweep,
+again for when the budget may have room (``next_delay_s``: spread ever wider, at most ``MAX_ATTEMPTS`` times; then the next full sweep,
 ``supervisor.sync_full_interval_s``, reads the same histories). One is skipped when a full sweep started
 after it was asked for: that sweep read the same symbols' histories over a window that holds the gap.
 """
@@ -35,19 +35,21 @@ log = logging.getLogger(__name__)
 LEAVE_RATIO = 0.5
 #: How long one call of a history sweep waits for room before the sweep is sent again for later.
 BUDGET_WAIT_S = 1.0
-#: The first wait before a history sweep that found no room runs again; doubled per attempt, capped.
-RETRY_DELAY_S = 30.0
-RETRY_DELAY_MAX_S = 600.0
+#: A history sweep that found no room runs again once the budget's oldest entry has left the window, plus a
+#: random spread of up to this much (doubled per attempt, capped), so that deferred sweeps come back apart.
+RETRY_SPREAD_S = 5.0
+RETRY_SPREAD_MAX_S = 300.0
 #: After this many sends a history sweep gives up: the next full sweep reads the same histories.
 MAX_ATTEMPTS = 10
 
 
-def next_delay_s(attempt: int) -> float:
-    """Seconds before send ``attempt`` (1 = the first re-send) of a history sweep: doubling from
-    ``RETRY_DELAY_S`` up to ``RETRY_DELAY_MAX_S``, plus up to as much again at random, so that the
-    histories of a mass drop come back spread out."""
-    base: float = min(RETRY_DELAY_S * 2.0 ** max(0, attempt - 1), RETRY_DELAY_MAX_S)
-    return base + random.uniform(0.0, base)
+def next_delay_s(attempt: int, retry_after_s: float) -> float:
+    """Seconds before send ``attempt`` (1 = the first re-send) of a history sweep: when the budget may have
+    room again (``retry_after_s``: its oldest entry leaves the window, or Binance's Retry-After) plus a
+    random spread doubling from ``RETRY_SPREAD_S`` up to ``RETRY_SPREAD_MAX_S``, so that the histories of
+    a mass drop come back apart and ever less often while the budget stays busy."""
+    spread: float = min(RETRY_SPREAD_S * 2.0 ** max(0, attempt - 1), RETRY_SPREAD_MAX_S)
+    return max(0.0, retry_after_s) + random.uniform(0.0, spread)
 
 
 def history_sweep(
@@ -84,7 +86,7 @@ def history_sweep(
                 result.error,
             )
             return result
-        delay_s = max(next_delay_s(attempt + 1), float(result.retry_after_s or 0.0))
+        delay_s = next_delay_s(attempt + 1, float(result.retry_after_s or 0.0))
         send_again(attempt + 1, delay_s)
         log.info("account %s: history sweep sent again in %.0fs (%s)", account.id, delay_s, result.error)
         return result
