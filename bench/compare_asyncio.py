@@ -840,17 +840,7 @@ def measure_design(design: Design) -> dict[str, Any]:
         t_cpu0, t0_wall = time.monotonic(), now_ms()
         load = run_stepper(run, design.keys, args.rate, args.duration)
         sent = sum(run.frames_sent(design.keys).values()) - sent0
-        try:
-            wait_until(
-                lambda: sum(1 for r in seen.refresh() if r[1] >= t0_wall) >= sent,
-                DRAIN_TIMEOUT_S,
-                f"{sent} frames in Redis",
-                run,
-                design.alive,
-                interval=0.2,
-            )
-        except RuntimeError as e:
-            log(f"N={n} {design.name}: {e} (have {sum(1 for r in seen.rows if r[1] >= t0_wall)})")
+        wait_drained(design, seen, t0_wall, sent, "frames")
         elapsed = time.monotonic() - t_cpu0
         cpu_s = sum(max(0, sched_ns(pid) - cpu0[pid]) for pid in pids) / 1e9
         rows = [r for r in seen.refresh() if r[1] >= t0_wall]
@@ -898,10 +888,25 @@ def measure_design(design: Design) -> dict[str, Any]:
             log(f"N={n} {design.name}: {e}")
 
 
+def wait_drained(design: Design, seen: Seen, t0_wall: float, sent: int, what: str) -> None:
+    """Wait until the consumer has seen ``sent`` frames received from ``t0_wall`` on (logged if not)."""
+    try:
+        wait_until(
+            lambda: sum(1 for r in seen.refresh() if r[1] >= t0_wall) >= sent,
+            DRAIN_TIMEOUT_S,
+            f"{sent} {what} in Redis",
+            design.run,
+            design.alive,
+            interval=0.2,
+        )
+    except RuntimeError as e:
+        log(f"N={design.n} {design.name}: {e} (have {sum(1 for r in seen.rows if r[1] >= t0_wall)})")
+
+
 def measure_burst(design: Design, seen: Seen) -> dict[str, Any]:
     """Every account stepping at once: the simulator's own scheduler runs one step of every account in the
     same tick, ``--burst-rate`` times a second for ``--burst-s``; frame -> in Redis over those frames."""
-    run, args, n = design.run, design.run.args, design.n
+    run, args = design.run, design.run.args
     sent0 = sum(run.frames_sent(design.keys).values())
     t0_wall = now_ms()
     run.control("set_rate", events_per_s=args.burst_rate)
@@ -909,17 +914,7 @@ def measure_burst(design: Design, seen: Seen) -> dict[str, Any]:
     run.control("set_rate", events_per_s=0.0)
     t1_wall = now_ms()
     sent = sum(run.frames_sent(design.keys).values()) - sent0
-    try:
-        wait_until(
-            lambda: sum(1 for r in seen.refresh() if r[1] >= t0_wall) >= sent,
-            DRAIN_TIMEOUT_S,
-            f"{sent} burst frames in Redis",
-            run,
-            design.alive,
-            interval=0.2,
-        )
-    except RuntimeError as e:
-        log(f"N={n} {design.name}: {e}")
+    wait_drained(design, seen, t0_wall, sent, "burst frames")
     rows = [r for r in seen.refresh() if r[1] >= t0_wall]
     return {
         "burst_sent": sent,
