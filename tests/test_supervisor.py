@@ -331,7 +331,12 @@ def test_children_titles_restart_reload_and_graceful_stop(
         after = sup.wait_children({*expected, f"user-data-{dave}"})
         assert {k: after[k] for k in expected} == expected
         assert not alive(pids[carol])
-        assert not os.path.exists(os.path.join(rd, "heartbeats", f"{carol}.json"))
+        # dead (a zombie) before the supervisor reaps it: its heartbeat file goes when it is reaped
+        wait_for(
+            lambda: not os.path.exists(os.path.join(rd, "heartbeats", f"{carol}.json")),
+            10,
+            message="carol's heartbeat file removed",
+        )
         # SIGHUP is forwarded to the mark-price child (it reloads its symbol map, no reconnect)
         wait_for(
             lambda: heartbeat(rd, "mark-price").get("fields", {}).get("reloads", 0) >= 1,
