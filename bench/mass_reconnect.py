@@ -590,8 +590,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--gap-sweep-history",
-        choices=("active", "evidence"),
-        default="active",
+        choices=("deferred", "evidence"),
+        default="deferred",
         help="supervisor.gap_sweep_history: whose order history the gap sweep reads (the default as deployed)",
     )
     parser.add_argument(
