@@ -359,7 +359,13 @@ class EgressBudget:
             except REDIS_ERRORS as e:
                 self._redis_failed(e)
         local, item = self._local_limiter()
-        if local.hit(item, self.resource, cost=min(max(1, weight), item.amount)):
+        cost = min(max(1, weight), item.amount)
+        # ``leave`` in the local window's own terms (it may be the fallback share), run like the shared one
+        leave = min(max(0, leave) * item.amount // self.limit, item.amount - cost)
+        storage = cast(MovingWindowSupport, local.storage)
+        if storage.acquire_entry(
+            item.key_for(self.resource), item.amount - leave, item.get_expiry(), amount=cost
+        ):
             return True, 0.0
         return False, max(0.0, local.get_window_stats(item, self.resource).reset_time - time.time())
 

@@ -138,6 +138,8 @@ class BinanceRest:
         #: Weight per window this client's calls leave untaken for everyone else (at least the streams'
         #: reserve): a background sweep sets it to part of the budget, so that it runs only where there is room.
         self.background_leave = 0
+        #: Weight already taken from the budget for calls still to come (``prepay``): they take none again.
+        self.prepaid_weight = 0
         #: Requests sent and their weight (by ENDPOINT_WEIGHTS) by this client: what a caller spent.
         self.requests_sent = 0
         self.weight_spent = 0
@@ -399,8 +401,21 @@ class BinanceRest:
         self._host.used_weight_minute = self._server_minute()
         series().REST_WEIGHT_USED.labels(self.budget.name.split("@", 1)[0]).set(used)
 
+    def prepay(self, weight: int) -> tuple[bool, float]:
+        """Take ``weight`` for the calls to come in one atomic step, leaving ``background_leave`` (at least the
+        streams' reserve) free, or nothing: (taken, seconds until the budget's oldest entry leaves the window).
+        A sweep that knows its calls takes them all or none, so that it never stops halfway having spent
+        weight on what it must read again."""
+        taken, retry_in = self.budget.try_take(weight, max(self.budget.stream_reserve, self.background_leave))
+        if taken:
+            self.prepaid_weight += weight
+        return taken, retry_in
+
     def _take_budget(self, method: str, path: str, weight: int) -> None:
         """Take the call's weight from the egress budget before it is sent (waiting while it is spent)."""
+        if path != LISTEN_KEY_PATH and self.prepaid_weight >= weight:
+            self.prepaid_weight -= weight
+            return
         try:
             # a listenKey call (a stream waits on it) may take the reserve every other call leaves
             leave = 0 if path == LISTEN_KEY_PATH else max(self.budget.stream_reserve, self.background_leave)

@@ -4,25 +4,29 @@ A gap sweep restores what matters at once (balances, positions, open orders, fil
 symbol. What its account call cannot show, an order placed *and* ended unfilled inside the gap, only the
 order history shows: allOrders + allAlgoOrders from the gap start, 10 per symbol a full sweep would read.
 That is most of a sweep's weight and none of its urgency, so it runs as its own ``reconcile_account_job``
-message (``history_since_ms`` set) after the gap sweep, and its calls take weight only while half the
-egress's budget would still be left (``BinanceRest.background_leave``): after a mass drop the gap sweeps,
-the streams' listenKeys and the next accounts' reconnects go first; the histories fill what they leave.
+message (``history`` set) after the gap sweep, and takes its whole weight from the egress's budget in one
+atomic step, only while half the budget would still be left (``BinanceRest.prepay`` with
+``background_leave``): after a mass drop the gap sweeps, the streams' listenKeys and the next accounts'
+reconnects go first; the histories fill what they leave, and none stops halfway having spent weight on
+what it must read again.
 
-A history sweep that finds no room within ``BUDGET_WAIT_S`` gives its thread back at once and is sent
-again for when the budget may have room (``next_delay_s``: spread ever wider, at most ``MAX_ATTEMPTS`` times; then the next full sweep,
-``supervisor.sync_full_interval_s``, reads the same histories). One is skipped when a full sweep started
-after it was asked for: that sweep read the same symbols' histories over a window that holds the gap.
+A history sweep that finds no room gives its worker thread back at once and is sent again for when the
+budget's oldest entry leaves the window, plus a spread that doubles per attempt (``next_delay_s``). It is
+skipped when a full sweep started after it was asked for (that sweep read the same symbols' histories over
+a window that holds the gap), and given up once ``supervisor.sync_full_interval_s`` has passed since it was
+asked for: by then the periodic full sweep reads the same histories.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kraite_mp.binance.rest import BinanceRest
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, reconcile_account
+from kraite_mp.binance.rest import ENDPOINT_WEIGHTS, BinanceRest
+from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, history_symbols, reconcile_account
 from kraite_mp.supervisor import runfiles
 
 if TYPE_CHECKING:
@@ -33,14 +37,18 @@ log = logging.getLogger(__name__)
 
 #: The share of the egress's REST budget a history sweep leaves to everything else.
 LEAVE_RATIO = 0.5
-#: How long one call of a history sweep waits for room before the sweep is sent again for later.
+#: How long one call of a history sweep beyond what it prepaid waits for room before it is sent again.
 BUDGET_WAIT_S = 1.0
-#: A history sweep that found no room runs again once the budget's oldest entry has left the window, plus a
-#: random spread of up to this much (doubled per attempt, capped), so that deferred sweeps come back apart.
+#: The random spread added to a re-send's wait: doubled per attempt, capped.
 RETRY_SPREAD_S = 5.0
 RETRY_SPREAD_MAX_S = 300.0
-#: After this many sends a history sweep gives up: the next full sweep reads the same histories.
-MAX_ATTEMPTS = 10
+#: A history sweep's weight per symbol: allOrders + allAlgoOrders.
+WEIGHT_PER_SYMBOL = (
+    ENDPOINT_WEIGHTS[("GET", "/fapi/v1/allOrders", True)]
+    + ENDPOINT_WEIGHTS[("GET", "/fapi/v1/allAlgoOrders", True)]
+)
+#: Given up after this long when the periodic full sweep is off (``sync_full_interval_s`` otherwise).
+MAX_AGE_WITHOUT_FULL_S = 3600.0
 
 
 def next_delay_s(attempt: int, retry_after_s: float) -> float:
@@ -64,34 +72,54 @@ def history_sweep(
 ) -> ReconcileResult | None:
     """Run one background history sweep of ``account`` from ``since_ms`` (the gap's start), asked for at
     ``requested_ms``; ``send_again(attempt, delay_s)`` queues it again when the budget had no room or the
-    exchange said "later". None when a full sweep made it unnecessary."""
+    exchange said "later". None when nothing was swept (superseded, given up, no symbol, no room)."""
     last_full = runfiles.last_full_sweep_ms(settings.run_dir, account.id)
     if last_full is not None and last_full >= requested_ms:
         log.info("account %s: history sweep skipped: a full sweep started after it was asked for", account.id)
         return None
+    max_age_s = settings.supervisor.sync_full_interval_s
+    if settings.supervisor.sync_interval_s <= 0 or max_age_s <= 0:
+        max_age_s = MAX_AGE_WITHOUT_FULL_S
+    if time.time() * 1000 - requested_ms > max_age_s * 1000:
+        log.warning(
+            "account %s: history sweep given up after %d attempts in %.0fs without room; the next full sweep"
+            " reads it",
+            account.id,
+            attempt + 1,
+            max_age_s,
+        )
+        return None
+    symbols = history_symbols(conn, settings, account.id)
+    conn.commit()  # the reads above: no transaction left open while waiting
+    if not symbols:
+        return None
     client = BinanceRest.for_account(settings, account, max_budget_wait_s=BUDGET_WAIT_S)
-    client.background_leave = int(client.budget.limit * LEAVE_RATIO)
     try:
+        client.background_leave = int(client.budget.limit * LEAVE_RATIO)
+        weight = WEIGHT_PER_SYMBOL * len(symbols)
+        if weight <= client.budget.limit - client.background_leave:
+            taken, retry_in = client.prepay(weight)
+            if not taken:
+                _again(account, attempt, retry_in, "no room in the REST budget", send_again)
+                return None
+        # more than a prepay can hold: call by call, each leaving half the budget
         result = reconcile_account(
             conn, settings, account, rest=client, mode="history", gap_start_ms=since_ms
         )
     finally:
         client.close()
     if result.status in (ReconcileStatus.RATE_LIMITED, ReconcileStatus.TRANSIENT):
-        if attempt + 1 >= MAX_ATTEMPTS:
-            log.warning(
-                "account %s: history sweep given up after %d attempts (%s); the next full sweep reads it",
-                account.id,
-                attempt + 1,
-                result.error,
-            )
-            return result
-        delay_s = next_delay_s(attempt + 1, float(result.retry_after_s or 0.0))
-        send_again(attempt + 1, delay_s)
-        log.info("account %s: history sweep sent again in %.0fs (%s)", account.id, delay_s, result.error)
-        return result
-    if result.status is not ReconcileStatus.OK:
+        _again(account, attempt, float(result.retry_after_s or 0.0), str(result.error), send_again)
+    elif result.status is not ReconcileStatus.OK:
         log.error("account %s: history sweep ended with %s: %s", account.id, result.status, result.error)
     else:
         log.info("%s", result.summary())
     return result
+
+
+def _again(
+    account: Account, attempt: int, retry_after_s: float, why: str, send_again: Callable[[int, float], object]
+) -> None:
+    delay_s = next_delay_s(attempt + 1, retry_after_s)
+    send_again(attempt + 1, delay_s)
+    log.info("account %s: history sweep sent again in %.0fs (%s)", account.id, delay_s, why)

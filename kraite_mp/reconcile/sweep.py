@@ -383,7 +383,7 @@ def _fetch(
         _fetch_gap(conn, settings, account, sweep, gap_start_ms, regular_symbols, algo_symbols)
     elif result.mode == "history":
         assert gap_start_ms is not None
-        _fetch_history(conn, settings, account, sweep, gap_start_ms, regular_symbols | algo_symbols)
+        _fetch_history(conn, settings, account, sweep, gap_start_ms)
         return  # histories only: what they show is written, the open orders were the gap sweep's
     else:
         _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
@@ -514,15 +514,19 @@ def _full_sweep_symbols(conn: Any, settings: Settings, account_id: int, known: s
     return known | orders.active_symbols(conn, account_id, since) if since is not None else set(known)
 
 
-def _fetch_history(
-    conn: Any, settings: Settings, account: Account, sweep: _Sweep, since_ms: int, open_symbols: set[str]
-) -> None:
+def history_symbols(conn: Any, settings: Settings, account_id: int) -> list[str]:
+    """The symbols a ``history`` sweep reads (allOrders + allAlgoOrders, 10 each): every symbol a full sweep
+    would read (open in the database, holding a stored position, active since the previous full sweep)."""
+    known = {sym for _, _, sym, _, _ in orders.open_orders(conn, account_id)}
+    known |= {symbol for symbol, _ in account_state.open_positions(conn, account_id)}
+    return sorted(_full_sweep_symbols(conn, settings, account_id, known))
+
+
+def _fetch_history(conn: Any, settings: Settings, account: Account, sweep: _Sweep, since_ms: int) -> None:
     """The background history sweep a gap sweep deferred (``supervisor.gap_sweep_history = "deferred"``):
-    allOrders + allAlgoOrders (10) from the gap start on every symbol a full sweep would read (open in the
-    database, holding a stored position, active since the previous full sweep): what was placed *and* ended
+    allOrders + allAlgoOrders (10) from the gap start on ``history_symbols``: what was placed *and* ended
     inside the gap, which the gap sweep's account call cannot show."""
-    known = open_symbols | {symbol for symbol, _ in account_state.open_positions(conn, account.id)}
-    symbols = sorted(_full_sweep_symbols(conn, settings, account.id, known))
+    symbols = history_symbols(conn, settings, account.id)
     sweep.result.history_symbols = symbols
     window_ms = since_ms + sweep.rest.time_offset_ms - HISTORY_OVERLAP_MS
     _read_histories(account.id, sweep, symbols, window_ms)
