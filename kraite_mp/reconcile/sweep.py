@@ -16,8 +16,8 @@ are audited only.
 
 Modes: ``full`` (every open order, plus the history of the active symbols since the last full
 sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``gap`` (after a
-reconnect whose gap is known; below), ``history`` (the gap's order history, in the background: below), ``auto`` (full when one is due or the stream may have missed
-frames, else targeted). Failures stay per account and come back as a ``ReconcileResult`` (a 429/418
+reconnect whose gap is known; below), ``history`` (the gap's order history, in the background: below),
+``auto`` (full when one is due or the stream may have missed frames, else targeted). Failures stay per account and come back as a ``ReconcileResult`` (a 429/418
 also ends the pass); what was fetched before a failure is still written; only database errors propagate.
 
 The gap sweep pays for what the gap can hide (``_fetch_gap``): 5 + 1 per listed symbol and kind, + 10 per
@@ -430,21 +430,20 @@ def _fetch_gap(
     - a position updated where the stream was blind, or one the database holds open that the account no
       longer lists: positionRisk (5: the entry prices) and the history (allOrders + allAlgoOrders, 10) of
       its symbol from the gap start;
-    - with ``supervisor.gap_sweep_history = "active"`` (the default), or when the wallet changed where the
-      stream was blind (a fill, funding, a transfer): the history from the gap start of every symbol a full
-      sweep would read (DB-open, listed, active since the last full sweep). "active" because an order placed
-      *and* ended unfilled (canceled, expired, rejected) inside the gap moved nothing the account call
-      shows; the wallet because a fill that opened and closed a position inside the gap leaves no position
-      behind.
+    - a wallet changed where the stream was blind (a fill, funding, a transfer): the history from the gap
+      start of every symbol a full sweep would read (DB-open, listed, active since the last full sweep),
+      because a fill that opened and closed a position inside the gap leaves no position behind.
 
-    Cost: 5 + 1 per listed symbol and kind + 10 per symbol whose history is read (5 for an account with
-    nothing open and nothing active), against a full sweep's 90 + 10 per active symbol. What it does not
-    see, unlike a full sweep: an algo order placed in the gap and still open on a symbol without DB-open
-    algo orders and outside the history read (the full sweep's no-symbol openAlgoOrders finds it; its
-    trigger reaches the stream as ALGO_UPDATE anyway). With "evidence" (5 + 1 per listed symbol and kind
-    for an account whose gap hid nothing, whatever it traded before) it also misses the orders placed and
-    ended unfilled inside the gap until the next full sweep, ``supervisor.sync_full_interval_s``. Fills
-    have no blind spot beyond the full sweep's own (below) in either: every fill moves the wallet.
+    Cost: 5 + 1 per listed symbol and kind (5 with nothing open), + 10 per symbol whose history is read,
+    against a full sweep's 90 + 10 per active symbol. What the account call cannot show, an order placed
+    *and* ended unfilled (canceled, expired, rejected) inside the gap, which moved no money and no
+    position: with ``supervisor.gap_sweep_history = "deferred"`` (the default) ``history_deferred`` is set
+    when some symbol's history is left unread, and the job sends the background ``history`` sweep
+    (``kraite_mp.reconcile.background``); with "evidence" the next full sweep finds it. Either way, until
+    the next full sweep: an algo order placed in the gap and still open on a symbol without DB-open algo
+    orders and outside the histories read (the full sweep's no-symbol openAlgoOrders finds it; its trigger
+    reaches the stream as ALGO_UPDATE anyway). Fills have no blind spot beyond the full sweep's own
+    (below): every fill moves the wallet.
     """
     rest, result = sweep.rest, sweep.result
     snapshot = rest.account()
