@@ -41,7 +41,7 @@ LEAVE_RATIO = 0.5
 BUDGET_WAIT_S = 1.0
 #: The random spread added to a re-send's wait: doubled per attempt, capped.
 RETRY_SPREAD_S = 5.0
-RETRY_SPREAD_MAX_S = 300.0
+RETRY_SPREAD_MAX_S = 60.0
 #: A history sweep's weight per symbol: allOrders + allAlgoOrders.
 WEIGHT_PER_SYMBOL = (
     ENDPOINT_WEIGHTS[("GET", "/fapi/v1/allOrders", True)]
