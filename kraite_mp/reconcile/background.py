@@ -90,7 +90,7 @@ def history_sweep(
         )
         return None
     symbols = history_symbols(conn, settings, account.id)
-    conn.commit()  # the reads above: no transaction left open while waiting
+    conn.commit()  # end the reads' transaction: the returns below must not leave it open
     if not symbols:
         return None
     client = BinanceRest.for_account(settings, account, max_budget_wait_s=BUDGET_WAIT_S)
@@ -104,7 +104,7 @@ def history_sweep(
                 return None
         # more than a prepay can hold: call by call, each leaving half the budget
         result = reconcile_account(
-            conn, settings, account, rest=client, mode="history", gap_start_ms=since_ms
+            conn, settings, account, rest=client, mode="history", gap_start_ms=since_ms, history=symbols
         )
     finally:
         client.close()

@@ -17,8 +17,9 @@ are audited only.
 Modes: ``full`` (every open order, plus the history of the active symbols since the last full
 sweep), ``targeted`` (per-symbol checks of the orders the database holds open), ``gap`` (after a
 reconnect whose gap is known; below), ``history`` (the gap's order history, in the background: below),
-``auto`` (full when one is due or the stream may have missed frames, else targeted). Failures stay per account and come back as a ``ReconcileResult`` (a 429/418
-also ends the pass); what was fetched before a failure is still written; only database errors propagate.
+``auto`` (full when one is due or the stream may have missed frames, else targeted). Failures stay per
+account and come back as a ``ReconcileResult`` (a 429/418 also ends the pass); what was fetched before a
+failure is still written; only database errors propagate.
 
 The gap sweep pays for what the gap can hide (``_fetch_gap``): 5 + 1 per listed symbol and kind, + 10 per
 symbol whose history it reads from the gap start where the account call shows a change the stream did not
@@ -199,23 +200,23 @@ def _fresh_heartbeat(settings: Settings, account_id: int) -> tuple[dict[str, Any
     return dict(hb), started
 
 
-def stream_continuous_since(settings: Settings, account_id: int, since_ms: int) -> bool:
-    """Has this host's user-data child for the account been alive since ``since_ms``?
+def _continuous_since(fresh: tuple[dict[str, Any], float] | None, since_ms: int) -> bool:
+    """Has this host's user-data child for the account (its ``_fresh_heartbeat``) been alive since
+    ``since_ms``?
 
     False when its heartbeat is missing, stale (older than ``supervisor.heartbeat_timeout_s``), not
     ``streaming`` (connecting, in backoff, fatal: frames are being lost right now), or the child
     started after ``since_ms``: it restarted, so frames may be lost in between.
     """
-    fresh = _fresh_heartbeat(settings, account_id)
     if fresh is None or fresh[0].get("state") != STREAMING_STATE:
         return False
     return fresh[1] * 1000 <= since_ms
 
 
-def stream_dark_for_s(settings: Settings, account_id: int) -> float | None:
-    """Seconds this host's user-data child for the account has been reconnecting (``RECONNECTING_STATES``,
-    the heartbeat's ``dark_since``); None when it is streaming, gone, stale or in another state."""
-    fresh = _fresh_heartbeat(settings, account_id)
+def _dark_for_s(fresh: tuple[dict[str, Any], float] | None) -> float | None:
+    """Seconds the child of this heartbeat (``_fresh_heartbeat``) has been reconnecting
+    (``RECONNECTING_STATES``, the heartbeat's ``dark_since``); None when it is streaming, gone, stale or in
+    another state."""
     if fresh is None or fresh[0].get("state") not in RECONNECTING_STATES:
         return None
     fields = fresh[0].get("fields")
@@ -236,10 +237,11 @@ def choose_mode(settings: Settings, account_id: int, now_ms: int | None = None) 
     last = runfiles.last_full_sweep_ms(settings.run_dir, account_id)
     if last is None or now_ms - last >= settings.supervisor.sync_full_interval_s * 1000:
         return "full"
-    dark_s = stream_dark_for_s(settings, account_id)
+    fresh = _fresh_heartbeat(settings, account_id)
+    dark_s = _dark_for_s(fresh)
     if dark_s is not None and dark_s <= settings.supervisor.gap_sweep_max_s:
         return "targeted"
-    if not stream_continuous_since(settings, account_id, last):
+    if not _continuous_since(fresh, last):
         return "full"
     return "targeted"
 
@@ -334,7 +336,12 @@ def _history_window(conn: Any, settings: Settings, account_id: int, now_ms: int)
 
 
 def _fetch(
-    conn: Any, settings: Settings, account: Account, sweep: _Sweep, gap_start_ms: int | None = None
+    conn: Any,
+    settings: Settings,
+    account: Account,
+    sweep: _Sweep,
+    gap_start_ms: int | None = None,
+    history: list[str] | None = None,
 ) -> None:
     """All REST calls of one sweep. Raises BinanceError subclasses; what was fetched stays in the sweep.
 
@@ -351,6 +358,10 @@ def _fetch(
     only on evidence positionRisk 5 and 10 per symbol whose history is read.
     """
     rest, result = sweep.rest, sweep.result
+    if result.mode == "history":
+        assert gap_start_ms is not None
+        _fetch_history(conn, settings, account, sweep, gap_start_ms, history)
+        return  # histories only: what they show is written, the open orders were the gap sweep's
     db_open = orders.open_orders(conn, account.id)
     regular_symbols = {sym for kind, _, sym, _, _ in db_open if kind == "regular"}
     algo_symbols = {sym for kind, _, sym, _, _ in db_open if kind == "algo"}
@@ -371,20 +382,10 @@ def _fetch(
             symbols = orders.active_symbols(conn, account.id, since) | regular_symbols
             symbols |= {str(f.data["symbol"]) for f in sweep.fetched.values() if f.data.get("symbol")}
             symbols |= _position_symbols(positions.data)
-            for symbol in sorted(symbols):
-                history = rest.all_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
-                _warn_if_truncated(account.id, symbol, "orders", history)
-                sweep.add("regular", history)
-                algo_history = rest.all_algo_orders(symbol, start_time_ms=since, limit=ALL_ORDERS_LIMIT)
-                _warn_if_truncated(account.id, symbol, "algo orders", algo_history)
-                sweep.add("algo", algo_history)
+            _read_histories(account.id, sweep, sorted(symbols), since)
     elif result.mode == "gap":
         assert gap_start_ms is not None
         _fetch_gap(conn, settings, account, sweep, gap_start_ms, regular_symbols, algo_symbols)
-    elif result.mode == "history":
-        assert gap_start_ms is not None
-        _fetch_history(conn, settings, account, sweep, gap_start_ms)
-        return  # histories only: what they show is written, the open orders were the gap sweep's
     else:
         _list_by_symbol(sweep, "regular", regular_symbols, rest.open_orders)
         _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
@@ -491,12 +492,15 @@ def _fetch_gap(
     _list_by_symbol(sweep, "algo", algo_symbols, rest.open_algo_orders)
 
     history = set(changed)
-    everything = _full_sweep_symbols(conn, settings, account.id, regular_symbols | algo_symbols | listed)
+    known = regular_symbols | algo_symbols | listed
     if wallet_moved:
         # the wallet moved where the stream was blind: a fill may have left no position behind (opened and
         # closed in the gap), on any symbol a full sweep would read
-        history |= everything
-    elif settings.supervisor.gap_sweep_history == "deferred" and everything - history:
+        history |= _full_sweep_symbols(conn, settings, account.id, known)
+    elif (
+        settings.supervisor.gap_sweep_history == "deferred"
+        and _full_sweep_symbols(conn, settings, account.id, known) - history
+    ):
         # an order placed and ended unfilled in the gap moved nothing the account call shows, on any of them:
         # their history is read by a background sweep that leaves the budget to this one (jobs.py)
         result.history_deferred = True
@@ -521,11 +525,14 @@ def history_symbols(conn: Any, settings: Settings, account_id: int) -> list[str]
     return sorted(_full_sweep_symbols(conn, settings, account_id, known))
 
 
-def _fetch_history(conn: Any, settings: Settings, account: Account, sweep: _Sweep, since_ms: int) -> None:
+def _fetch_history(
+    conn: Any, settings: Settings, account: Account, sweep: _Sweep, since_ms: int, symbols: list[str] | None
+) -> None:
     """The background history sweep a gap sweep deferred (``supervisor.gap_sweep_history = "deferred"``):
-    allOrders + allAlgoOrders (10) from the gap start on ``history_symbols``: what was placed *and* ended
-    inside the gap, which the gap sweep's account call cannot show."""
-    symbols = history_symbols(conn, settings, account.id)
+    allOrders + allAlgoOrders (10) from the gap start on ``symbols`` (None: ``history_symbols``): what was
+    placed *and* ended inside the gap, which the gap sweep's account call cannot show."""
+    if symbols is None:
+        symbols = history_symbols(conn, settings, account.id)
     sweep.result.history_symbols = symbols
     window_ms = since_ms + sweep.rest.time_offset_ms - HISTORY_OVERLAP_MS
     _read_histories(account.id, sweep, symbols, window_ms)
@@ -723,8 +730,10 @@ def reconcile_account(
     rest: BinanceRest | None = None,
     mode: str = "full",
     gap_start_ms: int | None = None,
+    history: list[str] | None = None,
 ) -> ReconcileResult:
     """Reconcile one account's orders with the exchange; see the module docstring for the modes.
+    ``history``: mode ``history``'s symbols when the caller has them already (else ``history_symbols``).
 
     Never raises for exchange or network trouble (the result's ``status``/``error`` say what went
     wrong); database errors propagate after a rollback.
@@ -733,7 +742,9 @@ def reconcile_account(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode in ("gap", "history") and gap_start_ms is None:
         raise ValueError(f"mode {mode!r} needs gap_start_ms")
-    return reconcile_with(conn, settings, account, rest=rest, mode=mode, gap_start_ms=gap_start_ms)
+    return reconcile_with(
+        conn, settings, account, rest=rest, mode=mode, gap_start_ms=gap_start_ms, history=history
+    )
 
 
 def mode_for_gap(settings: Settings, gap_start_ms: int | None, now_ms: int | None = None) -> str:
@@ -754,6 +765,7 @@ def reconcile_with(
     rest: BinanceRest | None,
     mode: str,
     gap_start_ms: int | None = None,
+    history: list[str] | None = None,
 ) -> ReconcileResult:
     started_ms = int(time.time() * 1000)
     result = ReconcileResult(account.id, account.name)
@@ -765,7 +777,7 @@ def reconcile_with(
     sweep = _Sweep(client, result)
     try:
         try:
-            _fetch(conn, settings, account, sweep, gap_start_ms)
+            _fetch(conn, settings, account, sweep, gap_start_ms, history)
         except InvalidCredentials as e:
             result.status, result.error = ReconcileStatus.INVALID_CREDENTIALS, str(e)
             log.error("account %s (%s): %s: marked invalid, skipped", account.id, account.name, e)
