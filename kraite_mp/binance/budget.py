@@ -341,12 +341,7 @@ class EgressBudget:
         if shared is not None:
             client, limiter = shared
             try:
-                cost = min(max(1, weight), self.limit)  # a call heavier than the window takes all of it
-                leave = min(max(0, leave), self.limit - cost)
-                # what ``limiter.hit`` runs, with the limit less ``leave``
-                storage = cast(MovingWindowSupport, limiter.storage)
-                key, expiry = self._item.key_for(self.resource), self._item.get_expiry()
-                if storage.acquire_entry(key, self.limit - leave, expiry, amount=cost):
+                if self._acquire(limiter, self._item, weight, leave):
                     self._redis_ok()
                     try:
                         self._note_peer(client)
@@ -359,15 +354,24 @@ class EgressBudget:
             except REDIS_ERRORS as e:
                 self._redis_failed(e)
         local, item = self._local_limiter()
-        cost = min(max(1, weight), item.amount)
-        # ``leave`` in the local window's own terms (it may be the fallback share), run like the shared one
-        leave = min(max(0, leave) * item.amount // self.limit, item.amount - cost)
-        storage = cast(MovingWindowSupport, local.storage)
-        if storage.acquire_entry(
-            item.key_for(self.resource), item.amount - leave, item.get_expiry(), amount=cost
-        ):
+        if self._acquire(local, item, weight, leave):
             return True, 0.0
         return False, max(0.0, local.get_window_stats(item, self.resource).reset_time - time.time())
+
+    def _acquire(
+        self, limiter: MovingWindowRateLimiter, item: RateLimitItem, weight: int, leave: int
+    ) -> bool:
+        """What ``limiter.hit`` runs, with the window's amount less ``leave``: the shared window's, or the local
+        one's (``leave`` in its own terms: it may be the fallback share). A call heavier than the window takes
+        all of it."""
+        cost = min(max(1, weight), item.amount)
+        leave = min(max(0, leave) * item.amount // self.limit, item.amount - cost)
+        storage = cast(MovingWindowSupport, limiter.storage)
+        return bool(
+            storage.acquire_entry(
+                item.key_for(self.resource), item.amount - leave, item.get_expiry(), amount=cost
+            )
+        )
 
     @property
     def stream_reserve(self) -> int:

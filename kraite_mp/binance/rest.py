@@ -401,12 +401,17 @@ class BinanceRest:
         self._host.used_weight_minute = self._server_minute()
         series().REST_WEIGHT_USED.labels(self.budget.name.split("@", 1)[0]).set(used)
 
+    @property
+    def _bulk_leave(self) -> int:
+        """What a call other than a listenKey's leaves in the window: the streams' reserve, or more."""
+        return max(self.budget.stream_reserve, self.background_leave)
+
     def prepay(self, weight: int) -> tuple[bool, float]:
         """Take ``weight`` for the calls to come in one atomic step, leaving ``background_leave`` (at least the
         streams' reserve) free, or nothing: (taken, seconds until the budget's oldest entry leaves the window).
         A sweep that knows its calls takes them all or none, so that it never stops halfway having spent
         weight on what it must read again."""
-        taken, retry_in = self.budget.try_take(weight, max(self.budget.stream_reserve, self.background_leave))
+        taken, retry_in = self.budget.try_take(weight, self._bulk_leave)
         if taken:
             self.prepaid_weight += weight
         return taken, retry_in
@@ -418,7 +423,7 @@ class BinanceRest:
             return
         try:
             # a listenKey call (a stream waits on it) may take the reserve every other call leaves
-            leave = 0 if path == LISTEN_KEY_PATH else max(self.budget.stream_reserve, self.background_leave)
+            leave = 0 if path == LISTEN_KEY_PATH else self._bulk_leave
             waited = self.budget.acquire(weight, self.stop, self.max_budget_wait_s, leave)
         except BudgetExhausted as e:
             raise RateLimited(429, None, f"{method} {path} not sent: {e}", e.retry_after_s) from None
