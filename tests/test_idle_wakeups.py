@@ -21,7 +21,13 @@ import requests
 from kraite_mp.backoff import Attempts
 from kraite_mp.config import load_settings
 from kraite_mp.store.accounts import Account
-from kraite_mp.streams.connection import Disconnect, Liveness, WebSocketStream
+from kraite_mp.streams.connection import (
+    PONG_BEHIND_DATA_FACTOR,
+    Disconnect,
+    Liveness,
+    Reason,
+    WebSocketStream,
+)
 from kraite_mp.streams.userdata import UserDataStream
 from kraite_mp.streams.userdata import liveness as user_data_liveness
 from kraite_mp.supervisor.context import IDLE_BEAT_MAX_S, ChildContext, idle_beat_s
@@ -205,3 +211,68 @@ def test_a_wake_fd_of_the_stream_ends_the_wait_without_touching_the_connection(s
         t.join(5.0)
     assert not t.is_alive()
     assert os.get_blocking(bell.fileno()) is False
+
+
+# -- a pong queued behind data -----------------------------------------------------------------------
+
+
+def feed(sim: Any, key: str, stream: CountingStream, count: int, every_s: float) -> list[bytes]:
+    """Send ``count`` numbered raw frames to ``key``'s connection, one every ``every_s``; those that found one."""
+    sent = []
+    for i in range(count):
+        text = f'{{"e":"TEST","n":{i}}}'
+        if sim.send_raw(key, text):
+            sent.append(text.encode())
+        time.sleep(every_s)
+    return sent
+
+
+@pytest.mark.integration
+def test_a_late_pong_behind_flowing_frames_keeps_the_connection(simulator: Any) -> None:
+    """The server answers pings in order: under a burst the pong waits behind the frames sent before it.
+    Frames arriving after the ping prove the connection delivers; leaving it would lose what is in flight."""
+    stop = WakeEvent()
+    stream = CountingStream(user_data_url(simulator), liveness(ping_interval_s=0.2, pong_timeout_s=0.5), stop)
+    t = run_in_thread(stream)
+    try:
+        key = simulator.accounts[0].api_key
+        assert wait_until(lambda: stream.ws is not None, 5)
+        assert simulator.delay_pongs(key, 1.2) == 1  # twice the pong timeout, within its deferral
+        sent = feed(simulator, key, stream, 40, 0.1)  # 4 s of frames, a frame every 0.1 s
+        assert len(sent) == 40
+        assert wait_until(lambda: len(stream.frames) >= len(sent), 10), len(stream.frames)
+        assert stream.frames == sent
+        assert not stream.disconnects, [str(d) for d in stream.disconnects]
+        assert stream._pings >= 2  # pongs did come (late): each answered ping let the next one go
+    finally:
+        stop.set()
+        t.join(5.0)
+    assert not t.is_alive()
+
+
+@pytest.mark.integration
+def test_a_pong_that_never_comes_ends_a_delivering_connection_gracefully(simulator: Any) -> None:
+    """Not trusted forever: past PONG_BEHIND_DATA_FACTOR x pong_timeout_s it is left, drained, not dropped."""
+    stop = WakeEvent()
+    lv = liveness(ping_interval_s=0.2, pong_timeout_s=0.3)
+    stream = CountingStream(user_data_url(simulator), lv, stop)
+    t = run_in_thread(stream)
+    try:
+        key = simulator.accounts[0].api_key
+        assert wait_until(lambda: stream.ws is not None, 5)
+        assert wait_until(lambda: stream._pings >= 1 and stream._ping_sent_at is None, 5)
+        assert simulator.delay_pongs(key, 600) == 1
+        started = time.monotonic()
+        sent = feed(simulator, key, stream, 40, 0.1)
+        assert wait_until(lambda: bool(stream.disconnects), 10)
+        first = stream.disconnects[0]
+        assert first.reason is Reason.PONG_TIMEOUT and "while frames kept coming" in first.detail
+        assert first.drain  # read to the server's close frame, not dropped
+        # every frame sent reached the stream, in order: on the old connection (drained) or the new one
+        assert wait_until(lambda: stream.frames[: len(sent)] == sent, 5), (len(stream.frames), len(sent))
+        assert time.monotonic() - started >= lv.pong_timeout_s * PONG_BEHIND_DATA_FACTOR
+    finally:
+        stop.set()
+        t.join(5.0)
+    assert not t.is_alive()
+    assert simulator.stats()["ws_opened"].get(key, 0) >= 1

@@ -456,7 +456,8 @@ def test_server_close_reconnects(db: Any, mp_settings: Settings, sim: Any) -> No
 
 @pytest.mark.integration
 def test_pong_timeout_reconnects(db: Any, mp_settings: Settings, sim: Any) -> None:
-    """A connection that still delivers ticks but answers no ping is not trusted forever."""
+    """A connection that answers no ping and delivers nothing is half-open: left after ``pong_timeout_s``.
+    (One that still delivers defers the pong deadline, for a while only: tests/test_idle_wakeups.py.)"""
     mp_settings.mark_price.watchdog_s = 60.0
     mp_settings.mark_price.ping_interval_s = 0.5
     mp_settings.mark_price.pong_timeout_s = 1.0

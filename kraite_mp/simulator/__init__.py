@@ -87,6 +87,8 @@ Faults (thread-safe)::
     sim.set_connection_limit(limit=None, window_s=None)   # change the handshake-attempt limit
     sim.go_silent(target, seconds) # api_key or "market": TCP stays open, nothing is sent, pings
                                    # are not answered; user-data events of that time are lost
+    sim.delay_pongs(target, seconds)   # api_key or "market": client pings are answered that
+                                   # late while frames flow on (pongs queued behind a burst)
     sim.send_raw(api_key, text); sim.send_market_raw(text)    # arbitrary text frames
     sim.expire_listen_key(api_key) # listenKeyExpired (E as a string, like Binance), then the
                                    # key is unknown (-1125) and that connection gets nothing more;

@@ -76,6 +76,7 @@ CONTROL_METHODS = frozenset(
         "truth",
         "drop_connections",
         "go_silent",
+        "delay_pongs",
         "send_raw",
         "send_market_raw",
         "expire_listen_key",
@@ -409,6 +410,10 @@ class Simulator:
     def go_silent(self, target: str, seconds: float) -> int:
         """Make the current connections of an api_key (or "market") half-open for ``seconds``."""
         return self._on_loop(lambda: self.hub.go_silent(target, seconds))
+
+    def delay_pongs(self, target: str, seconds: float) -> int:
+        """Answer the pings of an api_key's (or "market"'s) current connections ``seconds`` late."""
+        return self._on_loop(lambda: self.hub.delay_pongs(target, seconds))
 
     def send_raw(self, api_key: str, text: str) -> int:
         return self._on_loop(lambda: self.hub.send_raw(api_key, text))

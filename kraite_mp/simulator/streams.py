@@ -151,6 +151,9 @@ class Conn:
     opened_at: float = field(default_factory=time.monotonic)
     outbox: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     silent_until: float = 0.0
+    #: client pings get their pong this much late (data keeps flowing): a server whose pongs queue
+    #: behind a burst (``Hub.delay_pongs``)
+    pong_delay_s: float = 0.0
     pending_pings: dict[bytes, float] = field(default_factory=dict)
     next_ping_at: float = 0.0
     incoming: deque[float] = field(default_factory=deque)
@@ -447,6 +450,14 @@ class StreamHub:
             conn.outbox.put_nowait(("silence", until))
         return len(conns)
 
+    def delay_pongs(self, target: str, seconds: float) -> int:
+        """Answer the client pings of ``target``'s current connections ``seconds`` late (0: at once again),
+        while everything else flows as before; the number of connections."""
+        conns = self.select(target)
+        for conn in conns:
+            conn.pong_delay_s = max(float(seconds), 0.0)
+        return len(conns)
+
     def send_raw(self, target: str, text: str) -> int:
         conns = self.select(target)
         for conn in conns:
@@ -725,7 +736,12 @@ class StreamHub:
                 self.close(conn, 1008, "too many messages", now=True)
                 continue
             if msg.type == WSMsgType.PING:
-                self._enqueue(conn, "pong", msg.data)
+                if conn.pong_delay_s > 0:
+                    asyncio.get_running_loop().call_later(
+                        conn.pong_delay_s, self._late_pong, conn, bytes(msg.data)
+                    )
+                else:
+                    self._enqueue(conn, "pong", msg.data)
             elif msg.type == WSMsgType.PONG:
                 sent = conn.pending_pings.pop(bytes(msg.data), None)
                 if sent is not None:  # an answer also settles every older ping
@@ -736,6 +752,10 @@ class StreamHub:
                 self._on_text(conn, msg.data)
             elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                 break
+
+    def _late_pong(self, conn: Conn, payload: bytes) -> None:
+        if not conn.closing and conn in self.conns:
+            self._enqueue(conn, "pong", payload)
 
     def _on_text(self, conn: Conn, text: str) -> None:
         try:

@@ -12,6 +12,12 @@ connection's age, the heartbeat, ``recv_timeout_s`` at the longest), not in fixe
 another thread decides meanwhile wakes that poll at once through ``wake_fds`` (``stop`` is a
 ``kraite_mp.wakeup.WakeEvent`` in a child). An idle user-data child so wakes a few times a minute.
 
+Client ping/pong: a ping unanswered for ``pong_timeout_s`` with nothing received since means half-open,
+and the socket is dropped. Frames that keep arriving after the ping defer that deadline (the server
+answers in order: under a burst the pong waits behind them, and a connection that delivers is not
+half-open), to ``PONG_BEHIND_DATA_FACTOR`` times ``pong_timeout_s`` at most; a connection left then
+is drained like a planned one, because what is in flight on it was sent.
+
 Reconnect delay (``reconnect_delay``): capped exponential backoff that starts over once a
 connection stayed up ``supervisor.healthy_after_s``; a planned reconnect after a healthy run is
 immediate. The server's own close of a healthy connection (Binance ends every one after 24 h) is
@@ -71,6 +77,10 @@ FRAME_READ_TIMEOUT_S = 1.0
 #: A deadline is acted on this late at least: the watchdog compares with ``>``, so waking exactly on it
 #: would poll again for nothing.
 DEADLINE_SLACK_S = 0.005
+#: A pong may come this many ``pong_timeout_s`` late while data frames keep arriving: the server answers
+#: pings in order, so under a burst the pong waits behind the frames sent before it (the connection is
+#: not half-open, it delivers). Past that it is not trusted any longer, and it is left gracefully.
+PONG_BEHIND_DATA_FACTOR = 6.0
 #: Spreads the per-account connection ages: frac(id * this) is evenly spread over consecutive ids.
 GOLDEN_RATIO_CONJUGATE = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -114,6 +124,7 @@ class Disconnect(Exception):
         retry_after_s: float = 0.0,
         status: int | None = None,
         planned: bool | None = None,
+        drain: bool | None = None,
     ) -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
@@ -123,6 +134,14 @@ class Disconnect(Exception):
         self.status = status
         #: Part of normal life (INFO, no backoff after a healthy run); None: as ``reason.planned`` says.
         self.planned = reason.planned if planned is None else planned
+        #: Read the connection to the server's close frame before dropping it; None: if ``planned``
+        #: (and not the server's own close, which has nothing left to read).
+        self.drain = planned_drain(self.reason, self.planned) if drain is None else drain
+
+
+def planned_drain(reason: Reason, planned: bool) -> bool:
+    """A connection left while it works is drained (``WebSocketStream.close``); one the server closed is not."""
+    return planned and reason is not Reason.SERVER_CLOSED
 
 
 @dataclass(frozen=True)
@@ -200,6 +219,9 @@ class WebSocketStream:
         self._last_alive_at = 0.0
         self._ping_due_at = 0.0
         self._ping_sent_at: float | None = None
+        #: When the last frame of any kind was received: data after an unanswered ping defers the pong
+        #: deadline (``_pong_deadline``).
+        self._received_at = 0.0
         self._ping_payload = b""
         self._pings = 0
         #: Waiting for a connection token (``before_connect`` said no): the loop beats ``paced``.
@@ -449,12 +471,36 @@ class WebSocketStream:
             and now - self.connected_at >= lv.max_age_s
         ):
             return Disconnect(Reason.MAX_AGE)
-        if self._ping_sent_at is not None and now - self._ping_sent_at > lv.pong_timeout_s:
-            return Disconnect(Reason.PONG_TIMEOUT, f"no pong for {now - self._ping_sent_at:.1f}s")
+        pong_due = self._pong_deadline()
+        if pong_due is not None and now > pong_due:
+            assert self._ping_sent_at is not None
+            waited = now - self._ping_sent_at
+            if self._received_at > self._ping_sent_at:
+                # it delivers, only the pong is this late: read what it sent before leaving it
+                return Disconnect(
+                    Reason.PONG_TIMEOUT, f"no pong for {waited:.1f}s while frames kept coming", drain=True
+                )
+            return Disconnect(Reason.PONG_TIMEOUT, f"no pong for {waited:.1f}s")
         silent = self.silent_for_s(now)
         if silent > lv.silence_s:
             return Disconnect(Reason.SILENT, f"silent for {silent:.1f}s")
         return None
+
+    def _pong_deadline(self) -> float | None:
+        """When the outstanding ping's pong is overdue (None: no ping outstanding).
+
+        ``pong_timeout_s`` after the ping if nothing came since (half-open); while frames keep coming it is
+        deferred to ``pong_timeout_s`` after the last one, for ``PONG_BEHIND_DATA_FACTOR`` times
+        ``pong_timeout_s`` at most: a burst queues the pong behind the frames sent before it, and leaving a
+        connection that delivers would lose what is in flight on it."""
+        if self._ping_sent_at is None:
+            return None
+        timeout = self.liveness.pong_timeout_s
+        due = self._ping_sent_at + timeout
+        if self._received_at > self._ping_sent_at:
+            cap = self._ping_sent_at + timeout * PONG_BEHIND_DATA_FACTOR
+            due = min(max(due, self._received_at + timeout), cap)
+        return due
 
     def _receive(self, ws: websocket.WebSocket) -> None:
         now = time.monotonic()
@@ -481,7 +527,7 @@ class WebSocketStream:
         except websocket.WebSocketException as e:
             self.disconnect(Disconnect(Reason.PROTOCOL_ERROR, describe(e)))
             return
-        now = time.monotonic()
+        now = self._received_at = time.monotonic()
         if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
             if self.on_frame(frame.data):
                 self._last_alive_at = now
@@ -507,7 +553,9 @@ class WebSocketStream:
         if self._ping_sent_at is None:
             due = min(due, self._ping_due_at)
         else:
-            due = min(due, self._ping_sent_at + lv.pong_timeout_s + DEADLINE_SLACK_S)
+            pong_due = self._pong_deadline()
+            assert pong_due is not None
+            due = min(due, pong_due + DEADLINE_SLACK_S)
         due = min(due, self._last_alive_at + lv.silence_s + DEADLINE_SLACK_S)
         if lv.max_age_s is not None and self.connected_at is not None:
             due = min(due, max(self.connected_at + lv.max_age_s, self._rollover_retry_at))
@@ -534,7 +582,7 @@ class WebSocketStream:
         if self.ws is not None:
             self.dark_since = time.time()
         # a closed connection has nothing left to read: only one we leave while it works is drained
-        self.close(graceful=d.planned and d.reason is not Reason.SERVER_CLOSED)
+        self.close(graceful=d.drain)
         if self.stop.is_set() or self.exit_code is not None:
             return
         delay = max(reconnect_delay(self.attempts, d.planned, uptime), d.retry_after_s)
