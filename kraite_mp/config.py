@@ -41,7 +41,7 @@ CONFIG_SEARCH_PATH: tuple[str, ...] = (
 #: Binance's production endpoints (2026 routes: the WS base is split into /private, /market, /public).
 BINANCE_REST_URL = "https://fapi.binance.com"
 BINANCE_WS_URL = "wss://fstream.binance.com"
-#: supervisor.gap_sweep_history's values (kraite_mp.reconcile.sweep._fetch_gap)
+#: supervisor.gap_sweep_history's values (kraite_mp.reconcile.fetch._fetch_gap)
 GAP_SWEEP_HISTORY = ("deferred", "evidence")
 
 #: The seed system's production allowlist of dispatched execution types.

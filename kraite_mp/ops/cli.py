@@ -22,7 +22,7 @@ from kraite_mp.logs import describe_error, setup_logging, startup_summary
 #: ``sync-orders --every`` never sleeps less than this between passes.
 MIN_EVERY_S = 1.0
 
-#: ``sync-orders --mode`` choices: ``kraite_mp.reconcile.sweep.OPERATOR_MODES``, spelled out so that every command
+#: ``sync-orders --mode`` choices: ``kraite_mp.reconcile.modes.OPERATOR_MODES``, spelled out so that every command
 #: does not import the REST and Redis stack just to build its option list (a test keeps them equal).
 RECONCILE_MODES = ("full", "targeted", "auto")
 

@@ -225,7 +225,7 @@ class UserDataStream(WebSocketStream):
             fields["spool"] = "memory" if self.spool.in_memory else "disk"  # the disk refused writes
         if self.ws is None:
             # between connections since then: the periodic sync leaves the gap to this reconnect's sweep
-            # (kraite_mp.reconcile.sweep.choose_mode)
+            # (kraite_mp.reconcile.modes.choose_mode)
             fields["dark_since"] = int(self.dark_since)
         else:
             self.ctx.fields.pop("dark_since", None)
