@@ -219,7 +219,7 @@ class WebSocketStream:
         self._last_alive_at = 0.0
         self._ping_due_at = 0.0
         self._ping_sent_at: float | None = None
-        #: When the last frame of any kind was received: data after an unanswered ping defers the pong
+        #: When the last data frame was received: data after an unanswered ping defers the pong
         #: deadline (``_pong_deadline``).
         self._received_at = 0.0
         self._ping_payload = b""
@@ -527,8 +527,9 @@ class WebSocketStream:
         except websocket.WebSocketException as e:
             self.disconnect(Disconnect(Reason.PROTOCOL_ERROR, describe(e)))
             return
-        now = self._received_at = time.monotonic()
+        now = time.monotonic()
         if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+            self._received_at = now  # data (not a stray pong) defers an outstanding ping's deadline
             if self.on_frame(frame.data):
                 self._last_alive_at = now
         elif opcode == websocket.ABNF.OPCODE_PONG:
