@@ -134,14 +134,9 @@ class Disconnect(Exception):
         self.status = status
         #: Part of normal life (INFO, no backoff after a healthy run); None: as ``reason.planned`` says.
         self.planned = reason.planned if planned is None else planned
-        #: Read the connection to the server's close frame before dropping it; None: if ``planned``
-        #: (and not the server's own close, which has nothing left to read).
-        self.drain = planned_drain(self.reason, self.planned) if drain is None else drain
-
-
-def planned_drain(reason: Reason, planned: bool) -> bool:
-    """A connection left while it works is drained (``WebSocketStream.close``); one the server closed is not."""
-    return planned and reason is not Reason.SERVER_CLOSED
+        #: Read the connection to the server's close frame before dropping it; None: if ``planned`` (a
+        #: connection left while it works), unless the server closed it (nothing is left to read).
+        self.drain = (self.planned and reason is not Reason.SERVER_CLOSED) if drain is None else drain
 
 
 @dataclass(frozen=True)
@@ -551,12 +546,8 @@ class WebSocketStream:
         """How long the wait for a frame may block: until the nearest deadline of the connection or stream."""
         lv = self.liveness
         due = now + lv.recv_timeout_s
-        if self._ping_sent_at is None:
-            due = min(due, self._ping_due_at)
-        else:
-            pong_due = self._pong_deadline()
-            assert pong_due is not None
-            due = min(due, pong_due + DEADLINE_SLACK_S)
+        pong_due = self._pong_deadline()
+        due = min(due, self._ping_due_at if pong_due is None else pong_due + DEADLINE_SLACK_S)
         due = min(due, self._last_alive_at + lv.silence_s + DEADLINE_SLACK_S)
         if lv.max_age_s is not None and self.connected_at is not None:
             due = min(due, max(self.connected_at + lv.max_age_s, self._rollover_retry_at))
