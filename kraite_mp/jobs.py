@@ -52,7 +52,9 @@ from kraite_mp.messages import (
 from kraite_mp.metrics import series
 from kraite_mp.observers import run_observers
 from kraite_mp.reconcile import background
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, mode_for_gap, reconcile_account
+from kraite_mp.reconcile.modes import mode_for_gap
+from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
+from kraite_mp.reconcile.sweep import reconcile_account
 from kraite_mp.store import audit
 from kraite_mp.store.account_state import apply_account_update
 from kraite_mp.store.accounts import get_account

@@ -53,7 +53,7 @@ from kraite_mp.messages import (
 )
 from kraite_mp.observers import transitions_channel
 from kraite_mp.ops.embedded import free_port
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus
+from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
 from kraite_mp.store.accounts import add_account
 
 

@@ -440,7 +440,7 @@ def test_check_config_connect_reaches_postgresql_redis_and_binance(
 @pytest.mark.unit
 def test_cli_reconcile_modes_are_the_sweeps() -> None:
     from kraite_mp.ops.cli import RECONCILE_MODES
-    from kraite_mp.reconcile.sweep import MODES, OPERATOR_MODES
+    from kraite_mp.reconcile.modes import MODES, OPERATOR_MODES
 
     assert RECONCILE_MODES == OPERATOR_MODES and set(OPERATOR_MODES) <= set(MODES)
 

@@ -22,14 +22,10 @@ from kraite_mp.binance.orders import algo_from_rest, order_from_rest, order_from
 from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.binance.user import account_update_from_ws
 from kraite_mp.config import Settings
+from kraite_mp.reconcile.modes import choose_mode, mode_for_gap
+from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
 from kraite_mp.reconcile.runner import reconcile_accounts, run_sync_child
-from kraite_mp.reconcile.sweep import (
-    ReconcileResult,
-    ReconcileStatus,
-    choose_mode,
-    mode_for_gap,
-    reconcile_account,
-)
+from kraite_mp.reconcile.sweep import reconcile_account
 from kraite_mp.store import account_state, audit, orders
 from kraite_mp.store.accounts import Account, add_account, get_account
 from kraite_mp.store.db import connect

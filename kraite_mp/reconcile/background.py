@@ -26,7 +26,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kraite_mp.binance.rest import ENDPOINT_WEIGHTS, BinanceRest
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, history_symbols, reconcile_account
+from kraite_mp.reconcile.fetch import history_symbols
+from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
+from kraite_mp.reconcile.sweep import reconcile_account
 from kraite_mp.supervisor import runfiles
 
 if TYPE_CHECKING:

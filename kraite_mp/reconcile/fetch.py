@@ -25,7 +25,7 @@ from kraite_mp.supervisor import runfiles
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
 
-log = logging.getLogger("kraite_mp.reconcile.sweep")
+log = logging.getLogger(__name__)
 
 #: At this many symbols one no-symbol call (weight 40) is cheaper than one call per symbol.
 NO_SYMBOL_WEIGHT = 40

@@ -17,7 +17,8 @@ import requests
 from kraite_mp import exitcodes
 from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.logs import describe_error
-from kraite_mp.reconcile.sweep import ReconcileResult, ReconcileStatus, reconcile_with
+from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
+from kraite_mp.reconcile.sweep import reconcile_with
 from kraite_mp.store.accounts import Account, SecretKeyError
 from kraite_mp.store.db import is_transient
 

@@ -48,8 +48,8 @@ from kraite_mp.binance.orders import OrderState, algo_from_rest, order_from_rest
 from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.binance.user import balances_from_rest, positions_from_rest
 from kraite_mp.observers import run_observers
-from kraite_mp.reconcile.fetch import Snapshot, Sweep, fetch, history_symbols, update_time
-from kraite_mp.reconcile.modes import MODES, OPERATOR_MODES, choose_mode, mode_for_gap
+from kraite_mp.reconcile.fetch import Snapshot, Sweep, fetch, update_time
+from kraite_mp.reconcile.modes import MODES, choose_mode
 from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
 from kraite_mp.store import account_state, audit, orders
 from kraite_mp.store.accounts import Account, mark_credentials_invalid
@@ -269,16 +269,3 @@ def reconcile_with(
         result.weight = client.weight_spent - weight_before
         if own_client:
             client.close()
-
-
-__all__ = [
-    "MODES",
-    "OPERATOR_MODES",
-    "ReconcileResult",
-    "ReconcileStatus",
-    "choose_mode",
-    "history_symbols",
-    "mode_for_gap",
-    "reconcile_account",
-    "reconcile_with",
-]
