@@ -8,11 +8,13 @@ deadlines ask. Counts, not timings: passes of ``loop`` and pings sent, with gene
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -84,10 +86,17 @@ def liveness(**overrides: float) -> Liveness:
     return Liveness(**values)
 
 
-def run_in_thread(stream: CountingStream) -> threading.Thread:
+@contextlib.contextmanager
+def running(stream: CountingStream) -> Iterator[threading.Thread]:
+    """Run ``stream`` in a thread; at the end set its stop and require the thread to end."""
     t = threading.Thread(target=stream.run, name="idle-stream", daemon=True)
     t.start()
-    return t
+    try:
+        yield t
+    finally:
+        stream.stop.set()
+        t.join(5.0)
+    assert not t.is_alive(), "the stream's thread must end once its stop is set"
 
 
 def wait_until(condition: Any, timeout_s: float) -> bool:
@@ -137,8 +146,7 @@ def test_the_idle_beat_is_what_liveness_needs_not_once_a_second() -> None:
 def test_an_idle_stream_wakes_only_for_its_deadlines_and_at_once_for_a_stop(simulator: Any) -> None:
     stop = WakeEvent()
     stream = CountingStream(user_data_url(simulator), liveness(), stop)
-    t = run_in_thread(stream)
-    try:
+    with running(stream) as t:
         assert simulator.wait_for_connections(simulator.accounts[0].api_key, 1, timeout=5)
         assert wait_until(lambda: stream.ws is not None, 5)
         passes = stream.passes
@@ -148,9 +156,6 @@ def test_an_idle_stream_wakes_only_for_its_deadlines_and_at_once_for_a_stop(simu
         stop.set()  # from another thread, as the signal relay does
         t.join(5.0)
         assert not t.is_alive(), "a stop set by another thread must end the wait for a frame"
-    finally:
-        stop.set()
-        t.join(5.0)
     assert stream.ws is None
     assert not stream.disconnects
 
@@ -159,33 +164,23 @@ def test_an_idle_stream_wakes_only_for_its_deadlines_and_at_once_for_a_stop(simu
 def test_the_ping_deadline_is_kept_with_a_long_longest_wait(simulator: Any) -> None:
     stop = WakeEvent()
     stream = CountingStream(user_data_url(simulator), liveness(ping_interval_s=0.2, pong_timeout_s=5.0), stop)
-    t = run_in_thread(stream)
-    try:
+    with running(stream):
         # the longest wait is 600 s; only the folded-in ping deadline can make these pings go out
         assert wait_until(lambda: stream._pings >= 3, 10), stream._pings
         assert not stream.disconnects  # every pong came back in time
-    finally:
-        stop.set()
-        t.join(5.0)
-    assert not t.is_alive()
 
 
 @pytest.mark.integration
 def test_a_frame_is_read_the_moment_it_arrives_not_at_the_next_deadline(simulator: Any) -> None:
     stop = WakeEvent()
     stream = CountingStream(user_data_url(simulator), liveness(), stop)
-    t = run_in_thread(stream)
-    try:
+    with running(stream):
         key = simulator.accounts[0].api_key
         assert simulator.wait_for_connections(key, 1, timeout=5)
         assert wait_until(lambda: stream.ws is not None, 5)
         simulator.step(key, 3)
         # the longest wait is 600 s: frames read within the bound can only have woken the poll
         assert wait_until(lambda: len(stream.frames) >= 3, 10), len(stream.frames)
-    finally:
-        stop.set()
-        t.join(5.0)
-    assert not t.is_alive()
 
 
 @pytest.mark.integration
@@ -198,18 +193,13 @@ def test_a_wake_fd_of_the_stream_ends_the_wait_without_touching_the_connection(s
 
     stop = WakeEvent()
     stream = Belled(user_data_url(simulator), liveness(), stop)
-    t = run_in_thread(stream)
-    try:
+    with running(stream):
         assert wait_until(lambda: stream.ws is not None, 5)
         passes = stream.passes
         bell.set()
         assert wait_until(lambda: stream.passes > passes, 5)  # woken by the bell ...
         bell.clear()
         assert stream.ws is not None and not stream.disconnects  # ... and the connection is untouched
-    finally:
-        stop.set()
-        t.join(5.0)
-    assert not t.is_alive()
     assert os.get_blocking(bell.fileno()) is False
 
 
@@ -233,8 +223,7 @@ def test_a_late_pong_behind_flowing_frames_keeps_the_connection(simulator: Any) 
     Frames arriving after the ping prove the connection delivers; leaving it would lose what is in flight."""
     stop = WakeEvent()
     stream = CountingStream(user_data_url(simulator), liveness(ping_interval_s=0.2, pong_timeout_s=0.5), stop)
-    t = run_in_thread(stream)
-    try:
+    with running(stream):
         key = simulator.accounts[0].api_key
         assert wait_until(lambda: stream.ws is not None, 5)
         assert simulator.delay_pongs(key, 1.2) == 1  # twice the pong timeout, within its deferral
@@ -244,10 +233,6 @@ def test_a_late_pong_behind_flowing_frames_keeps_the_connection(simulator: Any) 
         assert stream.frames == sent
         assert not stream.disconnects, [str(d) for d in stream.disconnects]
         assert stream._pings >= 2  # pongs did come (late): each answered ping let the next one go
-    finally:
-        stop.set()
-        t.join(5.0)
-    assert not t.is_alive()
 
 
 @pytest.mark.integration
@@ -256,8 +241,7 @@ def test_a_pong_that_never_comes_ends_a_delivering_connection_gracefully(simulat
     stop = WakeEvent()
     lv = liveness(ping_interval_s=0.2, pong_timeout_s=0.3)
     stream = CountingStream(user_data_url(simulator), lv, stop)
-    t = run_in_thread(stream)
-    try:
+    with running(stream):
         key = simulator.accounts[0].api_key
         assert wait_until(lambda: stream.ws is not None, 5)
         assert wait_until(lambda: stream._pings >= 1 and stream._ping_sent_at is None, 5)
@@ -271,8 +255,4 @@ def test_a_pong_that_never_comes_ends_a_delivering_connection_gracefully(simulat
         # every frame sent reached the stream, in order: on the old connection (drained) or the new one
         assert wait_until(lambda: stream.frames[: len(sent)] == sent, 5), (len(stream.frames), len(sent))
         assert time.monotonic() - started >= lv.pong_timeout_s * PONG_BEHIND_DATA_FACTOR
-    finally:
-        stop.set()
-        t.join(5.0)
-    assert not t.is_alive()
     assert simulator.stats()["ws_opened"].get(key, 0) >= 1
