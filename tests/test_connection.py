@@ -19,11 +19,12 @@ from kraite_mp.backoff import Attempts, backoff_delay
 from kraite_mp.config import ConfigError, load_settings
 from kraite_mp.store.accounts import Account
 from kraite_mp.streams import connection
-from kraite_mp.streams.connection import (
+from kraite_mp.streams.connection import WebSocketStream
+from kraite_mp.streams.liveness import (
+    DRAIN_TIMEOUT_S,
     Disconnect,
     Liveness,
     Reason,
-    WebSocketStream,
     jittered_max_age,
     reconnect_delay,
 )
@@ -113,7 +114,7 @@ def test_both_streams_use_the_one_healthy_after_setting() -> None:
     assert lv.max_age_s == cfg.max_connection_age_s
     assert lv.silence_s == cfg.ping_interval_s + cfg.pong_timeout_s
     assert lv.drain_timeout_s == cfg.drain_timeout_s == 2.0
-    assert mark_price.liveness.drain_timeout_s == connection.DRAIN_TIMEOUT_S
+    assert mark_price.liveness.drain_timeout_s == DRAIN_TIMEOUT_S
     drain = "KRAITE__user_data_stream__drain_timeout_s"
     assert liveness(load_settings(None, environ={drain: "0.5"})).drain_timeout_s == 0.5
     for bad in ("0", "-1", "nan"):

@@ -23,13 +23,8 @@ import requests
 from kraite_mp.backoff import Attempts
 from kraite_mp.config import load_settings
 from kraite_mp.store.accounts import Account
-from kraite_mp.streams.connection import (
-    PONG_BEHIND_DATA_FACTOR,
-    Disconnect,
-    Liveness,
-    Reason,
-    WebSocketStream,
-)
+from kraite_mp.streams.connection import WebSocketStream
+from kraite_mp.streams.liveness import PONG_BEHIND_DATA_FACTOR, Disconnect, Liveness, Reason
 from kraite_mp.streams.userdata import UserDataStream
 from kraite_mp.streams.userdata import liveness as user_data_liveness
 from kraite_mp.supervisor.context import IDLE_BEAT_MAX_S, ChildContext, idle_beat_s

@@ -23,7 +23,7 @@ from kraite_mp.config import Settings
 from kraite_mp.ops.seed import parse_binance_symbol, seed_symbols
 from kraite_mp.store import db as kdb
 from kraite_mp.store.symbols import BulkWriter, build_scales, build_symbol_map, load_symbol_map, scale_price
-from kraite_mp.streams.connection import Reason
+from kraite_mp.streams.liveness import Reason
 from kraite_mp.streams.markprice import Mailbox, MarkPriceStreamer, PriceWriter
 from kraite_mp.supervisor.context import ChildContext
 

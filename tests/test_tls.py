@@ -27,7 +27,7 @@ from kraite_mp.config import ConfigError, load_settings
 from kraite_mp.simulator import Simulator
 from kraite_mp.simulator.tls import make_test_certificate
 from kraite_mp.store.accounts import add_account
-from kraite_mp.streams.connection import Reason
+from kraite_mp.streams.liveness import Reason
 from kraite_mp.wakeup import WakeEvent
 
 

@@ -12,17 +12,10 @@ connection's age, the heartbeat, ``recv_timeout_s`` at the longest), not in fixe
 another thread decides meanwhile wakes that poll at once through ``wake_fds`` (``stop`` is a
 ``kraite_mp.wakeup.WakeEvent`` in a child). An idle user-data child so wakes a few times a minute.
 
-Client ping/pong: a ping unanswered for ``pong_timeout_s`` with nothing received since means half-open,
-and the socket is dropped. Frames that keep arriving after the ping defer that deadline (the server
-answers in order: under a burst the pong waits behind them, and a connection that delivers is not
-half-open), to ``PONG_BEHIND_DATA_FACTOR`` times ``pong_timeout_s`` at most; a connection left then
-is drained like a planned one, because what is in flight on it was sent.
-
-Reconnect delay (``reconnect_delay``): capped exponential backoff that starts over once a
-connection stayed up ``supervisor.healthy_after_s``; a planned reconnect after a healthy run is
-immediate. The server's own close of a healthy connection (Binance ends every one after 24 h) is
-planned too; of a young one it is a failure. The URL may carry a secret (the listenKey): it is
-never logged nor put in an error.
+Client ping/pong (``pong_deadline``), the reconnect delay (``reconnect_delay``) and the reasons to leave a
+connection are ``kraite_mp.streams.liveness``. A connection left for a late pong while frames kept coming is
+drained like a planned one, because what is in flight on it was sent. The URL may carry a secret (the
+listenKey): it is never logged nor put in an error.
 
 Pacing (Binance counts every connection attempt per IP): each attempt first asks ``before_connect``,
 the stream's hook onto the egress's connection budget (``binance.connections.ConnectionBudget``; this module
@@ -30,7 +23,7 @@ knows no Redis). Without a token nothing is sent: the loop waits, state ``paced`
 short by ``stop``, and asks again. A reconnect the stream did not choose itself (a drop, a server close,
 a failure, an expired key) waits up to ``Liveness.reconnect_spread_s`` longer, at random, so that a mass
 drop does not bring every stream back in the same instant; the planned rollover at ``max_age_s`` is
-spread already, per account (``jittered_max_age``).
+spread already, per account (``liveness.jittered_max_age``).
 
 Make-before-break rollover (``overlap_rollover``): at ``max_age_s`` the new connection is opened (a
 connection token first) while the old one keeps streaming, then the old one is drained and closed,
@@ -48,25 +41,27 @@ connection is just dropped.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import select
 import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from enum import StrEnum
 
 import websocket
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
 from kraite_mp.binance.tls import websocket_sslopt
-from kraite_mp.logs import describe_error
+from kraite_mp.streams.liveness import (
+    Disconnect,
+    Liveness,
+    Reason,
+    describe,
+    pong_deadline,
+    reconnect_delay,
+)
 
-#: Default of ``Liveness.drain_timeout_s``: a graceful close reads the server's last frames this long at most.
-DRAIN_TIMEOUT_S = 2.0
 #: A stream without a connection token asks the budget again at least this often.
 PACED_RECHECK_S = 10.0
 #: A rollover whose new connection failed (or had no token) tries again this much later, the old one streaming.
@@ -77,121 +72,6 @@ FRAME_READ_TIMEOUT_S = 1.0
 #: A deadline is acted on this late at least: the watchdog compares with ``>``, so waking exactly on it
 #: would poll again for nothing.
 DEADLINE_SLACK_S = 0.005
-#: A pong may come this many ``pong_timeout_s`` late while data frames keep arriving: the server answers
-#: pings in order, so under a burst the pong waits behind the frames sent before it (the connection is
-#: not half-open, it delivers). Past that it is not trusted any longer, and it is left gracefully.
-PONG_BEHIND_DATA_FACTOR = 6.0
-#: Spreads the per-account connection ages: frac(id * this) is evenly spread over consecutive ids.
-GOLDEN_RATIO_CONJUGATE = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-class Reason(StrEnum):
-    """Why a connection ended or never opened; the value names it in logs and reconcile requests."""
-
-    CONNECT_FAILED = "connect-failed"
-    HANDSHAKE_REFUSED = "handshake-refused"
-    CONNECTION_LOST = "connection-lost"
-    PROTOCOL_ERROR = "protocol-error"
-    SERVER_CLOSED = "server-closed"
-    PING_FAILED = "ping-failed"
-    PONG_TIMEOUT = "pong-timeout"
-    SILENT = "watchdog"
-    MAX_AGE = "max-connection-age"
-    LISTEN_KEY_EXPIRED = "listenKeyExpired"
-    LISTEN_KEY_LOST = "listen-key-lost"
-    LISTEN_KEY_FAILED = "listen-key-failed"
-    RATE_LIMITED = "rate-limited"
-
-    @property
-    def planned(self) -> bool:
-        """Part of normal life: reconnect at once after a healthy run, log at INFO, close gracefully."""
-        return self in PLANNED_REASONS
-
-
-#: Reconnects the stream asks for itself, on a connection that still works (a server close is
-#: planned or not by the connection's uptime: ``Disconnect.planned``).
-PLANNED_REASONS = frozenset({Reason.MAX_AGE, Reason.LISTEN_KEY_EXPIRED, Reason.LISTEN_KEY_LOST})
-
-
-class Disconnect(Exception):
-    """Leave the connection (or do not open one) for ``reason``; ``retry_after_s`` floors the next delay."""
-
-    def __init__(
-        self,
-        reason: Reason,
-        detail: str = "",
-        *,
-        retry_after_s: float = 0.0,
-        status: int | None = None,
-        planned: bool | None = None,
-        drain: bool | None = None,
-    ) -> None:
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
-        self.retry_after_s = retry_after_s
-        #: The HTTP status of a refused handshake.
-        self.status = status
-        #: Part of normal life (INFO, no backoff after a healthy run); None: as ``reason.planned`` says.
-        self.planned = reason.planned if planned is None else planned
-        #: Read the connection to the server's close frame before dropping it; None: if ``planned`` (a
-        #: connection left while it works), unless the server closed it (nothing is left to read).
-        self.drain = (self.planned and reason is not Reason.SERVER_CLOSED) if drain is None else drain
-
-
-@dataclass(frozen=True)
-class Liveness:
-    """How one stream judges its connection."""
-
-    #: Send a client ping this long after the previous one was answered.
-    ping_interval_s: float
-    #: No matching pong this long after a ping: the connection is half-open.
-    pong_timeout_s: float
-    #: Nothing alive received for this long: the socket is open but silent.
-    silence_s: float
-    #: Longest blocking wait for a frame (and backoff sleep): ``loop`` returns at least this often; the
-    #: stream's deadlines (pings, watchdogs, age, ``beat_due_in``) make it return sooner when due.
-    recv_timeout_s: float
-    #: TCP connect + WebSocket handshake timeout (``stop`` is not checked meanwhile).
-    connect_timeout_s: float
-    #: Reconnect (planned) after this long; None: the server ends it.
-    max_age_s: float | None = None
-    #: A graceful close reads (and hands to ``on_frame``) what the server sent until its close frame,
-    #: for this long at most; then the socket is dropped.
-    drain_timeout_s: float = DRAIN_TIMEOUT_S
-    #: A reconnect other than the planned max-age rollover waits up to this much longer (uniform random).
-    reconnect_spread_s: float = 0.0
-
-
-def describe(e: BaseException) -> str:
-    """Type and redacted first line of an error, short: library messages may quote the URL."""
-    name, text = type(e).__name__, describe_error(e)
-    return (name if text == name else f"{name}: {text}")[:300]
-
-
-def reconnect_delay(attempts: Attempts, planned: bool, uptime_s: float | None) -> float:
-    """Seconds before the next connect after a connection that lasted ``uptime_s`` (None: never opened).
-
-    A healthy run (``attempts.healthy_after_s``) starts the backoff over. A planned reconnect with no
-    failure counted is immediate; if its connection was not healthy it still counts, so that a key
-    that expires at once every time backs off too. Everything else waits ``attempts.next_delay()``.
-    """
-    healthy = attempts.healthy(uptime_s)
-    if planned and attempts.count == 0:
-        if not healthy:
-            attempts.count = 1
-        return 0.0
-    return attempts.next_delay()
-
-
-def jittered_max_age(max_age_s: float, jitter_ratio: float, account_id: int) -> float:
-    """The connection age after which account ``account_id`` rolls over: within the last ``jitter_ratio`` of
-    ``max_age_s``, fixed per account, spread evenly over consecutive ids (the golden-ratio sequence: n
-    consecutive ids leave gaps of about 1/n of the range or more), so that daily rollovers never coincide."""
-    if jitter_ratio <= 0:
-        return max_age_s
-    fraction = (account_id * GOLDEN_RATIO_CONJUGATE) % 1.0
-    return max_age_s * (1.0 - min(jitter_ratio, 1.0) * fraction)
 
 
 class WebSocketStream:
@@ -215,7 +95,7 @@ class WebSocketStream:
         self._ping_due_at = 0.0
         self._ping_sent_at: float | None = None
         #: When the last data frame was received: data after an unanswered ping defers the pong
-        #: deadline (``_pong_deadline``).
+        #: deadline (``liveness.pong_deadline``).
         self._received_at = 0.0
         self._ping_payload = b""
         self._pings = 0
@@ -466,7 +346,7 @@ class WebSocketStream:
             and now - self.connected_at >= lv.max_age_s
         ):
             return Disconnect(Reason.MAX_AGE)
-        pong_due = self._pong_deadline()
+        pong_due = pong_deadline(self._ping_sent_at, self._received_at, self.liveness.pong_timeout_s)
         if pong_due is not None and now > pong_due:
             assert self._ping_sent_at is not None
             waited = now - self._ping_sent_at
@@ -480,22 +360,6 @@ class WebSocketStream:
         if silent > lv.silence_s:
             return Disconnect(Reason.SILENT, f"silent for {silent:.1f}s")
         return None
-
-    def _pong_deadline(self) -> float | None:
-        """When the outstanding ping's pong is overdue (None: no ping outstanding).
-
-        ``pong_timeout_s`` after the ping if nothing came since (half-open); while frames keep coming it is
-        deferred to ``pong_timeout_s`` after the last one, for ``PONG_BEHIND_DATA_FACTOR`` times
-        ``pong_timeout_s`` at most: a burst queues the pong behind the frames sent before it, and leaving a
-        connection that delivers would lose what is in flight on it."""
-        if self._ping_sent_at is None:
-            return None
-        timeout = self.liveness.pong_timeout_s
-        due = self._ping_sent_at + timeout
-        if self._received_at > self._ping_sent_at:
-            cap = self._ping_sent_at + timeout * PONG_BEHIND_DATA_FACTOR
-            due = min(max(due, self._received_at + timeout), cap)
-        return due
 
     def _receive(self, ws: websocket.WebSocket) -> None:
         now = time.monotonic()
@@ -546,7 +410,7 @@ class WebSocketStream:
         """How long the wait for a frame may block: until the nearest deadline of the connection or stream."""
         lv = self.liveness
         due = now + lv.recv_timeout_s
-        pong_due = self._pong_deadline()
+        pong_due = pong_deadline(self._ping_sent_at, self._received_at, self.liveness.pong_timeout_s)
         due = min(due, self._ping_due_at if pong_due is None else pong_due + DEADLINE_SLACK_S)
         due = min(due, self._last_alive_at + lv.silence_s + DEADLINE_SLACK_S)
         if lv.max_age_s is not None and self.connected_at is not None:

@@ -38,7 +38,8 @@ from kraite_mp.config import Settings
 from kraite_mp.metrics import series
 from kraite_mp.store import db as kdb
 from kraite_mp.store.symbols import BulkWriter, SymbolMap, load_symbol_map, resolve_rows
-from kraite_mp.streams.connection import Disconnect, Liveness, Reason, WebSocketStream
+from kraite_mp.streams.connection import WebSocketStream
+from kraite_mp.streams.liveness import Disconnect, Liveness, Reason
 from kraite_mp.supervisor import runfiles
 from kraite_mp.supervisor.context import ChildContext
 

@@ -33,7 +33,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from kraite_mp.backoff import Attempts
 from kraite_mp.messages import PROCESS_ACTOR, ack_key, epoch_key, reconcile_record, record_message
-from kraite_mp.streams.connection import describe
+from kraite_mp.streams.liveness import describe
 from kraite_mp.streams.spool import Spool, SpoolRecord
 
 #: Records the sender takes from the spool at once.

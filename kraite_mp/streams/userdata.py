@@ -39,14 +39,8 @@ from kraite_mp.binance.user import MAX_FRAME_CHARS, is_listen_key_expired, scrub
 from kraite_mp.logs import redact, register_secret
 from kraite_mp.messages import FrameIds, build_producer_broker, event_type_of, frame_record, reconcile_record
 from kraite_mp.metrics import series
-from kraite_mp.streams.connection import (
-    Disconnect,
-    Liveness,
-    Reason,
-    WebSocketStream,
-    describe,
-    jittered_max_age,
-)
+from kraite_mp.streams.connection import WebSocketStream
+from kraite_mp.streams.liveness import Disconnect, Liveness, Reason, describe, jittered_max_age
 from kraite_mp.streams.sender import SENDER_DRAIN_S, Acks, SpoolSender
 from kraite_mp.streams.spool import Spool, SpoolError
 from kraite_mp.supervisor.context import BEAT_INTERVAL_S, idle_beat_s
