@@ -21,8 +21,6 @@ MODES = ("full", "targeted", "gap", "history", "auto")
 #: The modes a person may ask for (``sync-orders --mode``): ``gap`` and ``history`` need the gap's start,
 #: which only a reconnecting stream knows.
 OPERATOR_MODES = ("full", "targeted", "auto")
-#: Role (and heartbeat key prefix) of the user-data stream child.
-USER_DATA_ROLE = "user-data"
 #: The heartbeat state of a user-data child whose connection is up and delivering.
 STREAMING_STATE = "streaming"
 #: ... and those of one between connections (``kraite_mp.streams.connection``): its reconnect queues a sweep.
@@ -32,7 +30,7 @@ RECONNECTING_STATES = frozenset({"paced", "backoff", "connecting"})
 def _fresh_heartbeat(settings: Settings, account_id: int) -> tuple[dict[str, Any], float] | None:
     """This host's user-data child's heartbeat for the account and the child's start (epoch s), None when
     it is missing, unreadable or stale (older than ``supervisor.heartbeat_timeout_s``)."""
-    key = runfiles.child_key(USER_DATA_ROLE, account_id)
+    key = runfiles.child_key(runfiles.ROLE_USER_DATA, account_id)
     hb = runfiles.read_heartbeat(runfiles.heartbeat_path(settings.run_dir, key))
     if not hb:
         return None
