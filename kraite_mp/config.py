@@ -125,6 +125,10 @@ class SupervisorSettings:
     #: own cap, the egress's connection budget (binance.connection_share), which is what Binance counts.
     spawn_rate_per_s: float = 5.0
     spawn_burst: int = 100
+    #: Before the first fork, make the objects the supervisor holds immortal (CPython 3.12 and 3.13), so that
+    #: children stop copying the pages those objects sit on (kraite_mp.supervisor.immortal). Those objects are
+    #: never freed afterwards. Elsewhere it does nothing.
+    immortalize_before_fork: bool = True
     #: Periodic REST reconciliation of all owned accounts (0 disables).
     sync_interval_s: float = 300.0
     #: Periodic sync: a full sweep (positions, balances, openOrders/openAlgoOrders without symbol: weight 90, plus history)

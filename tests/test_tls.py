@@ -140,6 +140,14 @@ def test_kraite_mp_run_streams_over_tls_with_the_ca_file(
         first_key = log.index(next(r for r in log if r[:2] == ("POST", "/fapi/v1/listenKey")))
         assert log[:first_key].count(("GET", "/fapi/v1/time", "")) == 2, log[:10]
         assert sup.lines(r"server time offset [+-]\d+ ms"), sup.log()[-3000:]
+        # and then its heap made immortal (CPython 3.12, 3.13), the children forked after it
+        from kraite_mp.supervisor import immortal
+
+        made = sup.lines(r"made (\d+) objects immortal before the first fork")
+        if immortal.supported():
+            assert made and int(made[0].group(1)) > 10_000, sup.log()[-3000:]
+        else:
+            assert not made and sup.lines(r"not made immortal .* not supported"), sup.log()[-3000:]
     finally:
         sup.close()
 
