@@ -182,6 +182,7 @@ def run_one(
     detail: bool = False,
     real_limits: bool = False,
     tls: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"kraite-bench-{n}-"))
     dbname = f"kraite_bench_{uuid.uuid4().hex[:8]}"
@@ -254,6 +255,8 @@ def run_one(
             # one's restart in backoff all along (counted as restarts)
             KRAITE__metrics__listen=f"127.0.0.1:{free_port()}",
         )
+        # --setting section.name=value: a kraite-mp setting for this run (e.g. one part of the memory recipe off)
+        env.update({f"KRAITE__{k.replace('.', '__')}": v for k, v in (settings or {}).items()})
         if tls:  # https:// and wss:// as production runs, the simulator's test certificate trusted
             env["KRAITE__binance__ca_file"] = str(info["ca_file"])
         if not real_limits:
@@ -414,7 +417,15 @@ def main() -> int:
     parser.add_argument(
         "--tls", action="store_true", help="https:// and wss:// (the simulator's test certificate)"
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="SECTION.NAME=VALUE",
+        help="a kraite-mp setting for the run, e.g. supervisor.immortalize_before_fork=false (repeatable)",
+    )
     args = parser.parse_args()
+    settings = dict(s.split("=", 1) for s in args.setting)
 
     # a SIGTERM (timeout, pkill) must still run the clean-up: stop the supervisor and the simulator; a
     # second one (`timeout` passes its own on) must not cut that clean-up short
@@ -435,6 +446,7 @@ def main() -> int:
             args.detail,
             args.real_limits,
             args.tls,
+            settings,
         )
         for n in ns
     ]
