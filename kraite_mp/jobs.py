@@ -58,7 +58,7 @@ from kraite_mp.reconcile.sweep import reconcile_account
 from kraite_mp.store import audit
 from kraite_mp.store.account_state import apply_account_update
 from kraite_mp.store.accounts import get_account
-from kraite_mp.store.db import connect, is_transient
+from kraite_mp.store.db import TripCursor, connect, end_transaction, is_transient
 from kraite_mp.store.orders import Transition, apply_order_update
 
 log = logging.getLogger(__name__)
@@ -375,21 +375,25 @@ class JobRunner:
         self.reconcile_actor: dramatiq.Actor[Any, Any] | None = None
 
     # -- connections -----------------------------------------------------------------------------
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
+    def _connection(self, *, frames: bool = False) -> Any:
+        """This thread's connection: the reconcile jobs' (transactions as psycopg2 makes them), or with
+        ``frames`` the streamed frames' (autocommit, its transactions through ``TripCursor``)."""
+        name = "frames_conn" if frames else "conn"
+        conn = getattr(self._local, name, None)
         if conn is None or conn.closed:
-            conn = connect(self.settings.database_url, application_name="kraite-mp worker")
-            self._local.conn = conn
+            conn = connect(self.settings.database_url, application_name="kraite-mp worker", autocommit=frames)
+            setattr(self._local, name, conn)
         return conn
 
     def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - it is being thrown away
-                pass
+        for name in ("conn", "frames_conn"):
+            conn = getattr(self._local, name, None)
+            setattr(self._local, name, None)
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - it is being thrown away
+                    pass
 
     def _retry(self, what: str, e: BaseException) -> dramatiq.Retry:
         self._drop_connection()
@@ -401,7 +405,7 @@ class JobRunner:
     @staticmethod
     def _rollback(conn: Any) -> None:
         try:
-            conn.rollback()
+            end_transaction(conn)
         except psycopg2.Error:
             pass
 
@@ -446,7 +450,7 @@ class JobRunner:
         event = user.parse_frame(account_id, frame)
         received = parse_received_at(received_at)
         try:
-            conn = self._connection()
+            conn = self._connection(frames=True)
         except Exception as e:
             if is_transient(e):
                 raise self._retry(f"frame {frame_id}", e) from None
@@ -490,8 +494,13 @@ class JobRunner:
         self, conn: Any, account_id: int, frame_id: str, event: UserEvent, received: datetime
     ) -> tuple[Outcome, list[Transition]]:
         result = decide(event, self.settings.user_data_stream.binance.dispatched_executions)
+        # a frame that changes no row is its audit insert alone, a transaction of its own (one round trip);
+        # one that does begins with the insert and commits with its last write (TripCursor)
+        alone = result.order is None and result.account is None
         try:
-            with conn.cursor() as cur:
+            with conn.cursor(cursor_factory=TripCursor) as cur:
+                if not alone:
+                    cur.begin()
                 # the audit row is the idempotency barrier: a second delivery of the frame stops here
                 # (a concurrent one waits on the unique index until the first commits)
                 if not self._audit_frame(
@@ -503,10 +512,12 @@ class JobRunner:
                     result,
                     (event.payload_text, event.raw_text),
                 ):
-                    conn.rollback()
+                    if not alone:
+                        cur.rollback()
                     return Outcome(AuditOutcome.DUPLICATE), []
-                transitions = apply_outcome(cur, result, frame_id)
-            conn.commit()
+                transitions = [] if alone else apply_outcome(cur, result, frame_id)
+                if not alone:
+                    cur.commit()
             return result, transitions
         except BaseException:
             self._rollback(conn)

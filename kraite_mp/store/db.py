@@ -63,6 +63,65 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, _TRANSIENT_ERRORS)
 
 
+class TripCursor(psycopg2.extensions.cursor):  # type: ignore[misc]
+    """One transaction on an autocommit connection, in as few round trips as its statements allow.
+
+    psycopg2 sends BEGIN and COMMIT as round trips of their own: six for a streamed order frame (BEGIN,
+    the audit insert, the order's select-for-update, its update, the transition insert, COMMIT), each a
+    wake-up of the worker and of its PostgreSQL backend. Here ``begin()`` makes BEGIN travel with the next
+    statement, ``defer()`` holds a statement whose result nobody reads until the next one or the COMMIT,
+    and ``commit()`` / ``rollback()`` end the transaction (in autocommit mode the connection's own do
+    nothing). The same frame then takes four round trips. Statements sent together run as one simple
+    query: the first error stops the rest, and the transaction is left aborted until it is rolled back.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ahead: list[str] = []
+
+    def begin(self) -> None:
+        self._ahead.append("BEGIN")
+
+    def defer(self, query: str, params: Any = None) -> None:
+        """``query`` sent with the next statement (or the COMMIT): for a result nobody reads."""
+        codec = psycopg2.extensions.encodings[self.connection.encoding]
+        self._ahead.append(self.mogrify(query, params).decode(codec))
+
+    def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's own parameter name
+        if self._ahead:
+            ahead = "; ".join(self._ahead) + "; "
+            self._ahead = []
+            if vars is not None:  # the statements ahead are already bound: their % signs are text
+                ahead = ahead.replace("%", "%%")
+            query = ahead + (query if isinstance(query, str) else query.as_string(self))
+        super().execute(query, vars)
+
+    def commit(self) -> None:
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self._ahead = []
+        super().execute("ROLLBACK")
+
+
+def execute_later(cur: Any, query: str, params: Any = None) -> None:
+    """Run ``query``, whose result nobody reads, now, or with the next statement on a ``TripCursor``."""
+    defer = getattr(cur, "defer", None)
+    if defer is not None:
+        defer(query, params)
+    else:
+        cur.execute(query, params)
+
+
+def end_transaction(conn: Any) -> None:
+    """Roll back whatever transaction ``conn`` is in, autocommit (a ``TripCursor``'s) or not."""
+    if not conn.autocommit:
+        conn.rollback()
+    elif conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        with conn.cursor() as cur:
+            cur.execute("ROLLBACK")
+
+
 def connect(url: str, *, application_name: str = "kraite-mp", autocommit: bool = False) -> Any:
     """A new connection; raises DatabaseUnavailable (password-free message) when it fails."""
     try:

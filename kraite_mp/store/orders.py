@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from kraite_mp.binance.orders import OrderState
+from kraite_mp.store.db import execute_later
 
 #: Regular order statuses by progress; terminal ones share the top rank.
 REGULAR_RANK: dict[str, int] = {
@@ -199,7 +200,7 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
         if state.trade_id is not None and (
             old["last_trade_id"] is None or state.trade_id > old["last_trade_id"]
         ):
-            cur.execute(_RAISE_TRADE_ID, (state.trade_id, old["id"]))
+            execute_later(cur, _RAISE_TRADE_ID, (state.trade_id, old["id"]))
         return None
     filled = old["filled_quantity"] if state.filled_quantity is None else state.filled_quantity
     cur.execute(
@@ -219,7 +220,8 @@ def apply_order_update(cur: Any, state: OrderState, *, frame_id: str | None) -> 
 def _record_transition(
     cur: Any, old: Mapping[str, Any] | None, new: Mapping[str, Any], state: OrderState, frame_id: str | None
 ) -> None:
-    cur.execute(
+    execute_later(
+        cur,
         _INSERT_TRANSITION,
         (
             new["id"],
