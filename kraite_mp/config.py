@@ -129,6 +129,9 @@ class SupervisorSettings:
     #: children stop copying the pages those objects sit on (kraite_mp.supervisor.immortal). Those objects are
     #: never freed afterwards. Elsewhere it does nothing.
     immortalize_before_fork: bool = True
+    #: Fork the user-data children from a fork server started right after the warm-up, whose heap stays as
+    #: the first child saw it (kraite_mp.supervisor.forkserver), instead of from the supervisor itself.
+    fork_server: bool = True
     #: Periodic REST reconciliation of all owned accounts (0 disables).
     sync_interval_s: float = 300.0
     #: Periodic sync: a full sweep (positions, balances, openOrders/openAlgoOrders without symbol: weight 90, plus history)

@@ -29,7 +29,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from kraite_mp import exitcodes, metrics
@@ -43,6 +44,7 @@ from kraite_mp.supervisor.context import (
     run_child,
     set_process_title,
 )
+from kraite_mp.supervisor.forkserver import ForkServer, become_subreaper
 from kraite_mp.supervisor.process import WAITING_STATES, AfterStop, Child, ChildState, change_state
 from kraite_mp.supervisor.publish import Reporters
 from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_METRICS, ROLE_SYNC, ROLE_USER_DATA
@@ -67,6 +69,8 @@ TICK_S = 1.0
 STATUS_INTERVAL_S = 1.0
 #: ... and at least this often, so that a reader sees a fresh ``ts`` from a live supervisor.
 STATUS_IDLE_INTERVAL_S = 5.0
+#: The fork server is started (again, after it died) at most this often; then children are forked here.
+FORK_SERVER_STARTS = 5
 #: One pass of the loop forks for this long at most, then renews leases, reaps, ... before forking on.
 SPAWN_SLICE_S = 0.5
 #: Heartbeat files are checked every heartbeat_timeout_s / this, within the bounds below.
@@ -98,6 +102,11 @@ class Arbiter:
         self.environ = environ
         self.children: dict[str, Child] = {}
         self.pids: dict[int, Child] = {}
+        #: In a forked child: the parent's records of its children, kept referenced (see _become_child).
+        self._inherited: tuple[dict[str, Child], dict[int, Child]] | None = None
+        #: Where user-data children are forked from (``supervisor.fork_server``); None: forked here.
+        self.fork_server: ForkServer | None = None
+        self._fork_server_starts = 0
         self.signals = SignalQueue()
         self.lock_fd: int | None = None
         self.pid = os.getpid()
@@ -150,6 +159,8 @@ class Arbiter:
         self.targets = given if given is not None else load_targets(DEFAULT_TARGETS)
         if given is None:  # the real supervisor (tests that give targets run it inside pytest)
             process.prepare_to_fork(self.settings)
+            if self.settings.supervisor.fork_server:
+                self._start_fork_server()
         self.signals.install()
         sup = self.settings.supervisor
         msg = "supervisor starting pid=%s shard=%s mark_price=%s spawn_rate=%.2f/s burst=%d"
@@ -160,6 +171,14 @@ class Arbiter:
         self.update_title(force=True)
 
     def cleanup(self) -> None:
+        if self.fork_server is not None:
+            pid = self.fork_server.pid
+            self.fork_server.stop()
+            if pid is not None:
+                try:
+                    os.waitpid(pid, 0)  # SIGKILLed: at once
+                except ChildProcessError:
+                    pass
         self.write_status(force=True)
         self.reporters.on_shutdown()
         self.signals.close()
@@ -348,8 +367,57 @@ class Arbiter:
                 return
             self.spawn(child)
 
+    # -- the fork server ---------------------------------------------------------------------------
+    @contextmanager
+    def _signals_blocked(self) -> Iterator[None]:
+        """The children's signals blocked around a fork: none reaches the parent's handlers in the child."""
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _start_fork_server(self) -> None:
+        """Start (or restart) the fork server, at most ``FORK_SERVER_STARTS`` times; without one, or
+        without subreaping, children are forked here."""
+        if self._fork_server_starts >= FORK_SERVER_STARTS:
+            if self.fork_server is not None:
+                log.error(
+                    "fork server started %d times; the supervisor forks its children itself",
+                    FORK_SERVER_STARTS,
+                )
+            self.fork_server = None
+            return
+        if self.fork_server is None:
+            if not become_subreaper():
+                log.warning("PR_SET_CHILD_SUBREAPER unavailable: no fork server, children are forked here")
+                return
+            self.fork_server = ForkServer(self.settings, self.targets, self.reporters, self._become_child)
+        self._fork_server_starts += 1
+        self.fork_server.settings = self.settings  # what the server starts with (restarted after a reload)
+        if not self.fork_server.start(self._signals_blocked):
+            self.fork_server = None
+
+    def _spawn_from_fork_server(self, child: Child) -> int | None:
+        if self.fork_server is None or child.role != ROLE_USER_DATA:
+            return None
+        if not self.fork_server.running:
+            self._start_fork_server()
+            if self.fork_server is None:
+                return None
+        pid = self.fork_server.spawn(self.settings, child.role, child.account, child.key)
+        if pid is None:  # it did not answer, or could not fork: fork here from now on
+            log.error("fork server failed for %s; the supervisor forks its children itself", child.label)
+            self._fork_server_starts = FORK_SERVER_STARTS
+        return pid
+
     def spawn(self, child: Child) -> None:
-        """Fork one child. The child never returns into this stack: it leaves through ``os._exit``."""
+        """Fork one child (from the fork server, for a user-data child, when it runs). A child forked here
+        never returns into this stack: it leaves through ``os._exit``."""
+        pid = self._spawn_from_fork_server(child)
+        if pid is not None:
+            self._spawned(child, pid)
+            return
         target = self.targets[child.role]
         ctx = ChildContext(self.settings, child.role, child.account, key=child.key, reporters=self.reporters)
         if threading.active_count() > 1 and not self._warned_threads:
@@ -375,6 +443,9 @@ class Arbiter:
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self._spawned(child, pid)
+
+    def _spawned(self, child: Child, pid: int) -> None:
         now = time.monotonic()
         if child.spawns:
             child.restarts += 1
@@ -396,8 +467,15 @@ class Arbiter:
             except OSError:
                 pass
         self.lock_fd = None
+        # the parent's records of every other child stay referenced, never freed here: freeing them would
+        # write to every page they sit on (copies of the parent's pages in each child, growing with the
+        # number of accounts); the child never reads them again
+        self._inherited = (self.children, self.pids)
         self.children = {}
         self.pids = {}
+        if self.fork_server is not None:
+            self.fork_server.close_in_child()
+            self.fork_server = None
         gc.enable()  # the child collects its own garbage; the frozen parent objects stay untouched
 
     # -- exits ------------------------------------------------------------------------------------
@@ -411,6 +489,8 @@ class Arbiter:
                 return
             child = self.pids.pop(pid, None)
             metrics.process_dead(pid)
+            if child is None and self.fork_server is not None:
+                self.fork_server.reaped(pid, process.describe_status(status)[0])
             if child is not None:
                 self.child_exited(child, pid, status)
 
