@@ -1,0 +1,146 @@
+"""The fork server (kraite_mp.supervisor.forkserver): user-data children forked from a process that keeps
+the warmed-up heap. They are still the supervisor's own children, reaped and restarted by it, and nothing
+changes for them when the server dies.
+
+The real ``kraite-mp run`` against the local simulator, over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import children_of, title_of, wait_for
+from test_supervisor import FAST_ENV, Supervisor, by_role
+
+from kraite_mp.simulator import Simulator
+from kraite_mp.store.accounts import add_account
+from kraite_mp.supervisor.forkserver import TITLE
+
+#: Every wait of these tests is bounded by this (seconds).
+WAIT_S = 30.0
+
+
+@pytest.fixture()
+def sim3() -> Iterator[Simulator]:
+    sim = Simulator(accounts=3, symbols=10, rate=0.0, seed=11)
+    sim.start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def fork_servers(ppid: int) -> list[int]:
+    return [pid for pid in children_of(ppid) if title_of(pid).startswith(TITLE)]
+
+
+def ppid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def start(
+    sim: Simulator, db: Any, secret_key: str, env: dict[str, str], processes: Any, run_dir: str, **extra: str
+) -> Supervisor:
+    for i, a in enumerate(sim.accounts):
+        add_account(db, secret_key, name=f"fs{i}", api_key=a.api_key, api_secret=a.api_secret)
+    env = {
+        **env,
+        **FAST_ENV,
+        "KRAITE_BINANCE_REST_URL": sim.rest_url,
+        "KRAITE_BINANCE_WS_URL": sim.ws_url,
+        **extra,
+    }
+    return Supervisor(
+        processes, env, [sys.executable, "-m", "kraite_mp", "run"], Path(run_dir) / "supervisor.log"
+    )
+
+
+def user_data(sup: Supervisor) -> dict[str, int]:
+    return {k: v for k, v in by_role(sup.pid).items() if k.startswith("user-data-")}
+
+
+def all_user_data(sup: Supervisor, n: int) -> dict[str, int]:
+    kids = wait_for(
+        lambda: (lambda u: u if len(u) == n else None)(user_data(sup)), WAIT_S, message=sup.log()[-3000:]
+    )
+    return dict(kids)
+
+
+def replaced(sup: Supervisor, key: str, old: int) -> int:
+    """The pid of ``key``'s child once it is not ``old``."""
+    return int(
+        wait_for(lambda: (lambda p: p if p not in (None, old) else None)(user_data(sup).get(key)), WAIT_S)
+    )
+
+
+@pytest.mark.e2e
+def test_children_come_from_the_fork_server_and_outlive_it(
+    sim3: Simulator, db: Any, secret_key: str, kraite_env: dict[str, str], processes: Any, run_dir: str
+) -> None:
+    sup = start(sim3, db, secret_key, kraite_env, processes, run_dir)
+    try:
+        kids = all_user_data(sup, 3)
+        for a in sim3.accounts:
+            assert sim3.wait_for_connections(a.api_key, 1, timeout=WAIT_S), sup.log()[-3000:]
+        servers = fork_servers(sup.pid)
+        assert len(servers) == 1, sup.log()[-3000:]
+        server = servers[0]
+        # forked by the server (through an intermediate), re-parented to the supervisor: its own children
+        assert all(ppid_of(pid) == sup.pid for pid in kids.values())
+        assert not children_of(server)  # the server keeps no child: the intermediates exited
+        assert sup.lines(rf"fork server started pid={server} ")
+        mark = by_role(sup.pid)["mark-price"]  # the mark-price child is forked by the supervisor itself
+        assert mark not in kids.values()
+
+        # a user-data child killed: the supervisor reaps it and the server forks its replacement
+        key, victim = sorted(kids.items())[0]
+        os.kill(victim, signal.SIGKILL)
+        new = replaced(sup, key, victim)
+        assert ppid_of(new) == sup.pid
+        assert sup.lines(rf"pid={victim} exited with signal SIGKILL"), sup.log()[-3000:]
+
+        # the server killed: no child notices; the next spawn starts another server
+        others = {k: p for k, p in user_data(sup).items() if k != key}
+        os.kill(server, signal.SIGKILL)
+        wait_for(lambda: sup.lines(rf"fork server pid={server} exited"), WAIT_S, message=sup.log()[-3000:])
+        assert {k: p for k, p in user_data(sup).items() if k != key} == others
+        assert all(ppid_of(p) == sup.pid for p in others.values())
+        key2, victim2 = sorted(others.items())[0]
+        os.kill(victim2, signal.SIGKILL)
+        new2 = replaced(sup, key2, victim2)
+        assert ppid_of(new2) == sup.pid
+        second = fork_servers(sup.pid)
+        assert len(second) == 1 and second != [server], sup.log()[-3000:]
+        assert not sup.lines(r"(?i)forks its children itself")
+        # every account streams again
+        for a in sim3.accounts:
+            assert sim3.wait_for_connections(a.api_key, 1, timeout=WAIT_S)
+
+        # a graceful stop ends every process, the server included
+        everyone = [*user_data(sup).values(), *second]
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.proc.wait(timeout=WAIT_S) == 0, sup.log()[-3000:]
+        wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in everyone), WAIT_S)
+    finally:
+        sup.close()
+
+
+@pytest.mark.e2e
+def test_without_the_fork_server_the_supervisor_forks_the_children(
+    sim3: Simulator, db: Any, secret_key: str, kraite_env: dict[str, str], processes: Any, run_dir: str
+) -> None:
+    sup = start(sim3, db, secret_key, kraite_env, processes, run_dir, KRAITE__supervisor__fork_server="false")
+    try:
+        kids = all_user_data(sup, 3)
+        assert all(ppid_of(pid) == sup.pid for pid in kids.values())
+        assert not fork_servers(sup.pid)
+        assert not sup.lines(r"fork server started")
+    finally:
+        sup.close()
