@@ -144,3 +144,62 @@ def test_without_the_fork_server_the_supervisor_forks_the_children(
         assert not sup.lines(r"fork server started")
     finally:
         sup.close()
+
+
+SERVER_SCRIPT = """
+import json, os, sys
+from kraite_mp.config import load_settings
+from kraite_mp.supervisor.forkserver import ForkServer, become_subreaper
+from kraite_mp.supervisor.publish import Reporters
+from contextlib import nullcontext
+
+run_dir, out = sys.argv[1], sys.argv[2]
+os.makedirs(os.path.join(run_dir, "heartbeats"), exist_ok=True)
+env = {"KRAITE_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none", "KRAITE_RUN_DIR": run_dir}
+
+def target(ctx):
+    with open(out, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "key": ctx.key,
+                            "log_level": ctx.settings.log_level}) + "\\n")
+    return 3
+
+assert become_subreaper()
+first = load_settings(None, environ={**env, "KRAITE_LOG_LEVEL": "INFO"})
+server = ForkServer(first, {"user-data": target}, Reporters(), become_child=lambda: None)
+assert server.start(nullcontext)
+codes = []
+for n, settings in enumerate([first, first, load_settings(None, environ={**env, "KRAITE_LOG_LEVEL": "DEBUG"})]):
+    pid = server.spawn(settings, "user-data", None, f"user-data-{n}")
+    assert pid, pid
+    _, status = os.waitpid(pid, 0)  # the supervisor's own child: it can wait for it
+    codes.append(os.waitstatus_to_exitcode(status))
+server_pid = server.pid
+server.stop()
+_, status = os.waitpid(server_pid, 0)
+print(json.dumps({"codes": codes, "server": server_pid, "me": os.getpid()}))
+"""
+
+
+@pytest.mark.e2e
+def test_the_server_forks_children_its_caller_reaps_with_the_settings_of_each_request(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    out = tmp_path / "children.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path / "run"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    children = [json.loads(line) for line in out.read_text().splitlines()]
+    # each child ran its target with its own key, re-parented to the caller, its exit code reaped by it
+    assert [c["key"] for c in children] == ["user-data-0", "user-data-1", "user-data-2"]
+    assert all(c["ppid"] == summary["me"] for c in children)
+    assert len({c["pid"] for c in children}) == 3 and summary["server"] not in {c["pid"] for c in children}
+    assert summary["codes"] == [3, 3, 3]
+    # the settings sent with a request (a reload) are the ones its child, and the next ones, run with
+    assert [c["log_level"] for c in children] == ["INFO", "INFO", "DEBUG"]

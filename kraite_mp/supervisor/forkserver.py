@@ -11,7 +11,8 @@ stays the one the first child saw, and every child shares it alike.
 The children must still be the supervisor's own, to be reaped, signalled and restarted as before. The
 supervisor makes itself a *child subreaper* (``PR_SET_CHILD_SUBREAPER``), and the server double-forks: it
 forks an intermediate process, which forks the child, reports the child's pid and exits. The orphaned
-child is re-parented to the supervisor. It waits for that (``getppid()``) before it sets its parent-death
+child is re-parented to the supervisor. The server reaps the intermediate before it answers, so by the time
+the supervisor has the pid, the child is already the supervisor's. It waits for that (``getppid()``) before it sets its parent-death
 signal, because Linux sends that signal when the first parent exits. Then it runs exactly as a directly
 forked child does (``context.run_child``).
 
@@ -261,9 +262,14 @@ class ForkServer:
         ctx.parent_pid = self.supervisor_pid  # the child's parent once it is re-parented
         target = self.targets[request["role"]]
         gc.freeze()
+        # the intermediate tells the server the child's pid; the server answers only once the intermediate
+        # is reaped, i.e. once the child is the supervisor's: the supervisor can wait for it at once
+        pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
         try:
             middle = os.fork()
         except OSError:
+            os.close(pid_r)
+            os.close(pid_w)
             _write_all(replies, _REPLY.pack(request["id"], 0))
             return
         if middle == 0:  # the intermediate: fork the child, report it, exit (the child is orphaned)
@@ -271,17 +277,24 @@ class ForkServer:
             try:
                 pid = os.fork()
                 if pid == 0:
-                    os.close(requests)
-                    os.close(replies)
+                    for fd in (requests, replies, pid_r, pid_w):
+                        os.close(fd)
                     code = self._run_child(ctx, target)
                 else:
-                    _write_all(replies, _REPLY.pack(request["id"], pid))
+                    _write_all(pid_w, _LENGTH.pack(pid))
                     code = exitcodes.EXIT_OK
             except OSError:
-                _write_all(replies, _REPLY.pack(request["id"], 0))
+                code = exitcodes.EXIT_ERROR
             finally:
                 os._exit(code)
-        os.waitpid(middle, 0)
+        os.close(pid_w)
+        try:
+            os.waitpid(middle, 0)
+            data = _read_exact(pid_r, _LENGTH.size)
+        finally:
+            os.close(pid_r)
+        child = _LENGTH.unpack(data)[0] if data is not None else 0
+        _write_all(replies, _REPLY.pack(request["id"], child))
 
     def _run_child(self, ctx: ChildContext, target: Target) -> int:  # pragma: no cover - in the child
         deadline = time.monotonic() + REPARENT_TIMEOUT_S
