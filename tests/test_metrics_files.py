@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 import yaml
@@ -50,3 +51,43 @@ def test_dashboard_parses_and_uses_known_series() -> None:
     assert len(exprs) >= 10
     unknown = {n for e in exprs for n in _names(e) if not _known(n)}
     assert not unknown
+
+
+_SMALL_FILES_SCRIPT = """
+import glob, os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from kraite_mp.metrics import MMAP_INITIAL_BYTES, series
+from prometheus_client import CollectorRegistry, multiprocess
+
+m = series()
+m.USER_DATA_FRAMES.labels("1", "ORDER_TRADE_UPDATE").inc()
+counter = glob.glob(os.path.join(sys.argv[1], "counter_*.db"))[0]
+first = os.path.getsize(counter)
+for i in range(2000):  # far more than 4 KiB of series: the file grows as prometheus_client grows it
+    m.USER_DATA_FRAMES.labels(str(i), "ACCOUNT_UPDATE").inc(i + 1)
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry, path=sys.argv[1])
+values = {
+    s.labels["account"]: s.value
+    for metric in registry.collect() if metric.name == "kraite_user_data_frames"
+    for s in metric.samples if s.labels.get("event") == "ACCOUNT_UPDATE"
+}
+assert first == MMAP_INITIAL_BYTES, first
+assert os.path.getsize(counter) > 16 * MMAP_INITIAL_BYTES
+assert values == {str(i): float(i + 1) for i in range(2000)}, len(values)
+print("ok")
+"""
+
+
+def test_metrics_files_start_small_and_grow_without_losing_a_series(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _SMALL_FILES_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
