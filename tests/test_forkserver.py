@@ -21,6 +21,7 @@ from test_supervisor import FAST_ENV, Supervisor, by_role
 from kraite_mp.simulator import Simulator
 from kraite_mp.store.accounts import add_account
 from kraite_mp.supervisor.forkserver import TITLE
+from kraite_mp.supervisor.runfiles import read_snapshot
 
 #: Every wait of these tests is bounded by this (seconds).
 WAIT_S = 30.0
@@ -96,6 +97,10 @@ def test_children_come_from_the_fork_server_and_outlive_it(
         assert all(ppid_of(pid) == sup.pid for pid in kids.values())
         assert not children_of(server)  # the server keeps no child: the intermediates exited
         assert sup.lines(rf"fork server started pid={server} ")
+        wait_for(
+            lambda: (read_snapshot(os.path.join(run_dir, "run")) or {}).get("fork_server_pid") == server,
+            WAIT_S,
+        )
         mark = by_role(sup.pid)["mark-price"]  # the mark-price child is forked by the supervisor itself
         assert mark not in kids.values()
 
@@ -119,12 +124,21 @@ def test_children_come_from_the_fork_server_and_outlive_it(
         second = fork_servers(sup.pid)
         assert len(second) == 1 and second != [server], sup.log()[-3000:]
         assert not sup.lines(r"(?i)forks its children itself")
+        # the server and a child killed at once: whether the supervisor reaps the server before it spawns
+        # the child again or not, the child comes back (forked by a new server, or by the supervisor)
+        key3, victim3 = sorted(user_data(sup).items())[-1]
+        os.kill(second[0], signal.SIGKILL)
+        os.kill(victim3, signal.SIGKILL)
+        new3 = replaced(sup, key3, victim3)
+        assert ppid_of(new3) == sup.pid
+        wait_for(lambda: sup.lines(rf"fork server pid={second[0]} exited"), WAIT_S, message=sup.log()[-3000:])
+        assert not sup.lines(r"(?i)forks its children itself")  # a dead server is no reason to stop using one
         # every account streams again
         for a in sim3.accounts:
             assert sim3.wait_for_connections(a.api_key, 1, timeout=WAIT_S)
 
         # a graceful stop ends every process, the server included
-        everyone = [*user_data(sup).values(), *second]
+        everyone = [*user_data(sup).values(), *fork_servers(sup.pid)]
         sup.proc.send_signal(signal.SIGTERM)
         assert sup.proc.wait(timeout=WAIT_S) == 0, sup.log()[-3000:]
         wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in everyone), WAIT_S)
@@ -142,6 +156,8 @@ def test_without_the_fork_server_the_supervisor_forks_the_children(
         assert all(ppid_of(pid) == sup.pid for pid in kids.values())
         assert not fork_servers(sup.pid)
         assert not sup.lines(r"fork server started")
+        snapshot = wait_for(lambda: read_snapshot(os.path.join(run_dir, "run")), WAIT_S)
+        assert "fork_server_pid" in snapshot and snapshot["fork_server_pid"] is None
     finally:
         sup.close()
 

@@ -406,9 +406,11 @@ class Arbiter:
             if self.fork_server is None:
                 return None
         pid = self.fork_server.spawn(self.settings, child.role, child.account, child.key)
-        if pid is None:  # it did not answer, or could not fork: fork here from now on
+        if pid is None and self.fork_server.failure == "timeout":  # hung: fork here from now on
             log.error("fork server failed for %s; the supervisor forks its children itself", child.label)
             self._fork_server_starts = FORK_SERVER_STARTS
+        # "gone": this child is forked here, the server is reaped and started again at the next spawn;
+        # "fork": no process could be made, this child's fork here most likely fails too (then backoff)
         return pid
 
     def spawn(self, child: Child) -> None:
@@ -637,6 +639,7 @@ class Arbiter:
             "children_alive": len(self.pids),
             "restarts": self.restarts,
             "children": children,
+            "fork_server_pid": self.fork_server.pid if self.fork_server is not None else None,
         }
 
     def write_status(self, force: bool = False) -> None:

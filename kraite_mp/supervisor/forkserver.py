@@ -114,6 +114,8 @@ class ForkServer:
         self._requests = self._replies = -1
         self._next_id = 0
         self._sent_settings: Settings | None = None
+        #: Why the last ``spawn`` gave no pid ("gone", "fork", "timeout"), "" when it gave one.
+        self.failure = ""
 
     @property
     def running(self) -> bool:
@@ -154,8 +156,12 @@ class ForkServer:
         return True
 
     def spawn(self, settings: Settings, role: str, account: Account | None, key: str) -> int | None:
-        """Ask the server for a child; its pid, or None when the server failed (it is then stopped)."""
+        """Ask the server for a child: its pid, or None, with ``failure`` saying why: "gone" (the server
+        died; it is reaped and started again), "fork" (it could not fork: neither could the supervisor,
+        probably), "timeout" (it did not answer: it is killed)."""
+        self.failure = ""
         if not self.running:
+            self.failure = "gone"
             return None
         self._next_id = (self._next_id + 1) % 2**32
         request: dict[str, Any] = {"id": self._next_id, "role": role, "account": account, "key": key}
@@ -165,35 +171,41 @@ class ForkServer:
         try:
             _write_all(self._requests, _LENGTH.pack(len(payload)) + payload)
             pid = self._await_reply(self._next_id)
-        except OSError as e:
-            log.error("fork server pid=%s: %s; the supervisor forks its children itself", self.pid, e)
-            pid = None
+        except OSError as e:  # EPIPE: it died since the last spawn, not yet reaped
+            log.warning("fork server pid=%s: %s", self.pid, e)
+            self.failure, pid = "gone", None
         if pid is None:
             self.stop()
             return None
         self._sent_settings = settings
-        return pid or None
+        if pid == 0:
+            self.failure = "fork"
+            return None
+        return pid
 
     def _await_reply(self, request_id: int) -> int | None:
+        """The pid the server answered for ``request_id`` (0: it could not fork); None when it did not
+        answer in time or is gone (``failure`` says which)."""
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.error("fork server pid=%s: no answer within %.0f s", self.pid, REPLY_TIMEOUT_S)
+                self.failure = "timeout"
                 return None
             ready, _, _ = select.select([self._replies], [], [], left)
             if not ready:
                 continue
             data = _read_exact(self._replies, _REPLY.size)
             if data is None:
-                log.error("fork server pid=%s: gone", self.pid)
+                log.warning("fork server pid=%s: gone", self.pid)
+                self.failure = "gone"
                 return None
             answered, pid = _REPLY.unpack(data)
             if answered != request_id:
                 continue  # the late answer to a request given up on
             if pid == 0:
                 log.error("fork server pid=%s: could not fork the child", self.pid)
-                return 0
             return int(pid)
 
     def reaped(self, pid: int, how: str) -> bool:

@@ -85,6 +85,8 @@ class Snapshot(TypedDict):
     children_alive: int
     restarts: int
     children: list[ChildSnapshot]
+    #: The fork server's pid (supervisor.fork_server), None when the supervisor forks its children itself.
+    fork_server_pid: int | None
 
 
 class AlreadyRunning(RuntimeError):
