@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # tests/support.py, imported as the tests import it
 
-from support import children_of  # noqa: E402
+from support import children_of, title_of  # noqa: E402
 
 from kraite_mp.ops.seed import seed_symbols  # noqa: E402
 from kraite_mp.store import db as kdb  # noqa: E402
@@ -328,7 +328,7 @@ def run_one(
         users_pids = [p for p in kids if roles.get(p) == "user-data"]
         mark_pids = [p for p in kids if roles.get(p) == "mark-price"]
         # the fork server (supervisor.fork_server) writes no heartbeat: found by its process title
-        server_pids = [p for p in kids if p not in roles and _title(p).startswith("kraite-mp: fork-server")]
+        server_pids = [p for p in kids if p not in roles and title_of(p).startswith("kraite-mp: fork-server")]
         user_pss = [mem[p].pss_kb / KB_PER_MB for p in users_pids]
         user_uss = [mem[p].uss_kb / KB_PER_MB for p in users_pids]
         user_rss = [mem[p].rss_kb / KB_PER_MB for p in users_pids]
@@ -385,14 +385,6 @@ def drop_namespace(redis_url: str, namespace: str) -> None:
         log(f"cannot delete the Redis keys of {namespace}: {e}")
     finally:
         client.close()
-
-
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def _restarts(run_dir: Path) -> int:
