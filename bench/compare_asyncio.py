@@ -289,7 +289,12 @@ def asyncio_side(cfg_path: str) -> int:
                     print(f"account {account_id}: {type(e).__name__}: {e}; reconnecting", file=sys.stderr)
                 await asyncio.sleep(1.0)
 
-        connector = aiohttp.TCPConnector(limit=0)  # the default (100) would hold at most 100 streams
+        tls: Any = True
+        if cfg.get("ca_file"):  # one client context for every stream and REST call, as kraite-mp's
+            import ssl
+
+            tls = ssl.create_default_context(cafile=cfg["ca_file"])
+        connector = aiohttp.TCPConnector(limit=0, ssl=tls)  # the default limit (100) would hold 100 streams
         async with aiohttp.ClientSession(connector=connector) as http:
             await asyncio.gather(*(stream(http, a["id"], a["api_key"]) for a in cfg["accounts"]))
 
@@ -379,6 +384,11 @@ def serve_simulator(cfg: dict[str, Any]) -> int:
 
     stop = threading.Event()
     _on_term(stop)
+    certificate = None
+    if cfg.get("tls_dir"):  # https:// and wss:// with a test certificate, as production runs
+        from kraite_mp.simulator.tls import make_test_certificate
+
+        certificate = make_test_certificate(str(cfg["tls_dir"]))
     sim = Simulator(
         accounts=int(cfg["accounts"]),
         symbols=int(cfg["symbols"]),
@@ -387,10 +397,12 @@ def serve_simulator(cfg: dict[str, Any]) -> int:
         seed=int(cfg["seed"]),
         weight_limit_1m=10_000_000,
         connection_limit=10_000_000,
+        tls=certificate.server_context() if certificate is not None else None,
     )
     sim.start()
     try:
         line = {
+            "ca_file": certificate.cert_file if certificate is not None else None,
             "rest_url": sim.rest_url,
             "ws_url": sim.ws_url,
             "control_url": sim.control_url,
@@ -413,6 +425,8 @@ def stepper(cfg: dict[str, Any]) -> int:
     _on_term(stop)
     keys, rate, duration = cfg["keys"], float(cfg["rate"]), cfg.get("duration")
     http = requests.Session()
+    http.verify = cfg.get("ca_file") or True
+    http.trust_env = not cfg.get("ca_file")  # REQUESTS_CA_BUNDLE would override the session's verify
     t0_wall, t0, i = now_ms(), time.monotonic(), 0
     while not stop.is_set():
         due = t0 + i / rate
@@ -696,6 +710,8 @@ class KraiteMp(Design):
             KRAITE__binance__egress_id=f"cmpbench-{run.tag}-{self.n}",
             KRAITE__metrics__listen=f"127.0.0.1:{free_port()}",
         )
+        if run.sim.get("ca_file"):
+            env["KRAITE__binance__ca_file"] = str(run.sim["ca_file"])
         self.log_file = open(self.dir / "kraite-mp.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = run.procs.start(
             "kraite-mp run",
@@ -756,6 +772,7 @@ class AsyncioSide(Design):
         cfg = {
             "rest_url": run.sim["rest_url"],
             "ws_url": run.sim["ws_url"].rstrip("/"),
+            "ca_file": run.sim.get("ca_file"),
             "events": run.events,
             "ping_interval_s": run.ping_interval_s,
             "keepalive_s": run.keepalive_s,
@@ -797,7 +814,13 @@ def run_stepper(run: Run, keys: list[str], rate: float, duration: float) -> dict
         run,
         "stepper",
         "--stepper",
-        {"control_url": run.sim["control_url"], "keys": keys, "rate": rate, "duration": duration},
+        {
+            "control_url": run.sim["control_url"],
+            "ca_file": run.sim.get("ca_file"),
+            "keys": keys,
+            "rate": rate,
+            "duration": duration,
+        },
         stdout=subprocess.PIPE,
     )
     try:
@@ -936,10 +959,17 @@ def run_faults(design: Design, seen: Seen) -> list[dict[str, Any]]:
         run,
         "fault-phase stepper",
         "--stepper",
-        {"control_url": run.sim["control_url"], "keys": design.keys, "rate": args.rate},
+        {
+            "control_url": run.sim["control_url"],
+            "ca_file": run.sim.get("ca_file"),
+            "keys": design.keys,
+            "rate": args.rate,
+        },
         stdout=subprocess.DEVNULL,
     )
     http = requests.Session()
+    http.verify = run.sim.get("ca_file") or True
+    http.trust_env = not run.sim.get("ca_file")  # REQUESTS_CA_BUNDLE would override the session's verify
     out: list[dict[str, Any]] = []
     try:
         for kind, account in zip(FAULT_KINDS, design.accounts, strict=False):
@@ -1127,7 +1157,7 @@ def report(results: list[dict[str, Any]], notes: list[str], args: argparse.Names
     out.append(
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs ({cpu_model()}), "
         f"{mem_total_gib():.1f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}, "
-        f"{versions()}; kraite-mp revision {git_revision()}. Simulator, both designs (one after the other), "
+        f"{versions()}; kraite-mp revision {git_revision()}; {'TLS (https://, wss://)' if args.tls else 'plain http:// and ws://'}. Simulator, both designs (one after the other), "
         "the load and the Redis consumer on this machine, with other test runs going on: compare the "
         "designs within one run."
     )
@@ -1263,6 +1293,11 @@ def main() -> int:
         "--duration", type=float, default=60.0, help="seconds of load per design (default 60)"
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="https:// and wss:// for both designs (the simulator's test certificate), as production runs",
+    )
+    parser.add_argument(
         "--faults", action=argparse.BooleanOptionalAction, default=True, help="inject raise/leak/block"
     )
     parser.add_argument("--leak-mb", type=float, default=1.0, help="MB kept per frame by the leaking handler")
@@ -1337,7 +1372,12 @@ def drive(args: argparse.Namespace, counts: list[int]) -> int:
             run,
             "simulator",
             "--serve-simulator",
-            {"accounts": max(counts), "symbols": args.symbols, "seed": 7},
+            {
+                "accounts": max(counts),
+                "symbols": args.symbols,
+                "seed": 7,
+                "tls_dir": str(run.work / "tls") if args.tls else None,
+            },
             stdout=subprocess.PIPE,
             stderr=sim_log,
         )
@@ -1348,6 +1388,8 @@ def drive(args: argparse.Namespace, counts: list[int]) -> int:
         if not ready:
             raise RuntimeError("the simulator printed nothing")
         run.sim = json.loads(sim.stdout.readline())
+        run.http.verify = run.sim.get("ca_file") or True
+        run.http.trust_env = not run.sim.get("ca_file")  # REQUESTS_CA_BUNDLE would override verify
         log(f"simulator up with {max(counts)} accounts; work dir {run.work}")
         for n in counts:
             actual, note = gate_memory(n, args)
