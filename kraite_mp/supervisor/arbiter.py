@@ -102,8 +102,6 @@ class Arbiter:
         self.environ = environ
         self.children: dict[str, Child] = {}
         self.pids: dict[int, Child] = {}
-        #: In a forked child: the parent's records of its children, kept referenced (see _become_child).
-        self._inherited: tuple[dict[str, Child], dict[int, Child]] | None = None
         #: Where user-data children are forked from (``supervisor.fork_server``); None: forked here.
         self.fork_server: ForkServer | None = None
         self._fork_server_starts = 0
@@ -469,10 +467,6 @@ class Arbiter:
             except OSError:
                 pass
         self.lock_fd = None
-        # the parent's records of every other child stay referenced, never freed here: freeing them would
-        # write to every page they sit on (copies of the parent's pages in each child, growing with the
-        # number of accounts); the child never reads them again
-        self._inherited = (self.children, self.pids)
         self.children = {}
         self.pids = {}
         if self.fork_server is not None:
