@@ -1288,6 +1288,9 @@ def main() -> int:
     parser.add_argument("--stepper", help=argparse.SUPPRESS)
     parser.add_argument("--consumer", help=argparse.SUPPRESS)
     parser.add_argument("--accounts", default="200,1000", help="comma-separated N values (default 200,1000)")
+    parser.add_argument(
+        "--designs", default="asyncio,kraite-mp", help="comma-separated designs to run (default both)"
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="scenario steps/s in total (default 100)")
     parser.add_argument(
         "--duration", type=float, default=60.0, help="seconds of load per design (default 60)"
@@ -1399,6 +1402,8 @@ def drive(args: argparse.Namespace, counts: list[int]) -> int:
                 continue
             run.ensure_accounts(actual)
             for cls in (AsyncioSide, KraiteMp):
+                if cls.name not in args.designs.split(","):
+                    continue
                 design = cls(run, actual)
                 try:
                     results.append(measure_design(design))

@@ -11,6 +11,7 @@ import pytest
 
 from kraite_mp.config import load_settings
 from kraite_mp.messages import FrameIds, frame_record, reconcile_record, record_message
+from kraite_mp.streams import spool as spool_module
 from kraite_mp.streams.spool import Spool, segment_name
 from kraite_mp.streams.userdata import stream_url
 
@@ -53,6 +54,41 @@ def test_spool_survives_restart_without_the_sent_records(tmp_path: Path) -> None
         assert drain(spool) == [f"a{i}".encode() for i in range(4, 10)] + [b"b0"]
     with Spool(str(tmp_path)).open() as spool:
         assert spool.backlog == 0 and drain(spool) == []
+
+
+def test_sent_cursor_is_written_at_most_once_per_interval_and_on_close(tmp_path: Path) -> None:
+    """Records flowing: the first commit writes the cursor file, the next ones within ``CURSOR_PERSIST_S``
+    only move it in memory; a process killed then re-sends just those (never loses one); once due, or at
+    ``persist_cursor``/``close``, the file holds the last commit and a new run re-sends nothing."""
+
+    def on_disk() -> int:
+        with Spool(str(tmp_path)).open() as again:  # what a restarted child would send first
+            return again.backlog
+
+    with Spool(str(tmp_path)).open() as spool:
+        for i in range(10):
+            spool.append(f"a{i}".encode())
+        for _ in range(5):  # five sends, each of one record, in quick succession
+            (rec,) = spool.read(1, timeout=0)
+            spool.commit(rec, 1)
+        assert spool.backlog == 5 and spool.cursor_pending
+        assert 0 < spool.cursor_due_in() <= spool_module.CURSOR_PERSIST_S
+        assert on_disk() == 9  # a crash now re-sends the 4 commits after the first write, loses nothing
+        spool.persist_cursor(due_only=True)  # not due yet: still one write for the five commits
+        assert on_disk() == 9 and spool.cursor_pending
+        spool.persist_cursor()
+        assert on_disk() == 5 and not spool.cursor_pending
+        (rec,) = spool.read(1, timeout=0)
+        spool.commit(rec, 1)  # the last write was just now: deferred
+        assert on_disk() == 5
+        spool._cursor_written_at -= spool_module.CURSOR_PERSIST_S  # the interval has passed
+        (rec,) = spool.read(1, timeout=0)
+        spool.commit(rec, 1)  # due: written at once
+        assert on_disk() == 3 and not spool.cursor_pending
+        (rec,) = spool.read(1, timeout=0)
+        spool.commit(rec, 1)
+        assert on_disk() == 3
+    assert on_disk() == 2  # close wrote the last commit
 
 
 def test_runs_that_spool_nothing_leave_no_empty_segment_each(tmp_path: Path) -> None:

@@ -139,6 +139,9 @@ class SpoolSender:
             if drain_deadline is not None and time.monotonic() > drain_deadline:
                 break
             try:
+                self.spool.persist_cursor(
+                    due_only=True
+                )  # while records flow, at most once a CURSOR_PERSIST_S
                 if self.acks is not None:
                     if (self._unacked or not self._epoch) and self._check_epoch():
                         pending = []  # replaying: the spool was rewound
@@ -154,6 +157,7 @@ class SpoolSender:
                             break
                         continue
                     if not pending:
+                        self.spool.persist_cursor()  # the flow paused: the cursor on disk catches up
                         if self.stop.is_set():
                             break
                         continue
@@ -180,8 +184,11 @@ class SpoolSender:
                 self.log.warning("Redis is back: spooled frames sent, backlog=%d", self.spool.backlog)
                 self.redis_ok = True
             self.attempts.reset()
+        self.spool.persist_cursor()  # a stop: the next run skips exactly what this one sent
 
     def _read_wait(self) -> float:
+        if self.spool.cursor_pending:  # more records or not, the moved cursor is written when due
+            return min(ACK_POLL_S, max(0.01, self.spool.cursor_due_in()))
         if self._unacked:
             return ACK_POLL_S
         if self.acks is not None:  # idle: wake for the idle-spool expiry and the retention check only

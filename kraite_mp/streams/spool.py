@@ -1,7 +1,9 @@
 """A durable, append-only, per-account spool: the write-ahead log between the WebSocket and Redis.
 
 The user-data child appends every frame here *before* anything else happens to it; a sender thread
-reads the spool in order and enqueues each record to Redis, then advances a persisted cursor. So:
+reads the spool in order and enqueues each record to Redis, then advances a cursor, persisted at most
+every ``CURSOR_PERSIST_S`` while records flow (each write creates and renames a file), at once when the
+flow pauses, and on close. So:
 
 - Redis down: records pile up on disk, receiving never waits for Redis; they are sent in order
   once Redis is back.
@@ -56,6 +58,8 @@ READ_CHUNK_BYTES = 1024 * 1024
 CURSOR_FILE = "cursor"
 ACKED_FILE = "acked"
 ID_FILE = "id"
+#: While records flow, the sent cursor is written at most this often (a crash re-sends at most this much).
+CURSOR_PERSIST_S = 1.0
 #: ``SpoolRecord.segment`` of a record that waited in memory (the disk refused it).
 MEMORY_SEGMENT = -1
 #: Bits of a record's end offset in its position (``SpoolRecord.position``).
@@ -142,6 +146,11 @@ class Spool:
         self._commit_offset = 0
         #: ... to the broker of this epoch (see ``streams.sender``; "" = unknown)
         self.sent_epoch = ""
+        #: The sent cursor not yet written to ``CURSOR_FILE`` (None: the file is up to date), and when the
+        #: file was last written (monotonic).
+        self._cursor_pending: bytes | None = None
+        self._cursor_written_at = -1e9
+        self._cursor_lock = threading.Lock()
         # ... and acknowledged (audited); == the sent position without ``ack_required``
         self._acked_segment = 0
         self._acked_offset = 0
@@ -466,9 +475,34 @@ class Spool:
         payload: dict[str, object] = {"segment": record.segment, "offset": record.end_offset}
         if epoch:
             payload["epoch"] = epoch
-        self._write_file(CURSOR_FILE, json.dumps(payload).encode(), quiet=True)
+        with self._cursor_lock:
+            self._cursor_pending = json.dumps(payload).encode()
+        self.persist_cursor(due_only=True)
         if not self.ack_required:
             self._acknowledge(record.segment, record.end_offset)
+
+    @property
+    def cursor_pending(self) -> bool:
+        """The sent cursor moved since ``CURSOR_FILE`` was last written."""
+        return self._cursor_pending is not None
+
+    def cursor_due_in(self) -> float:
+        """Seconds until a pending cursor is due to be written (0: now)."""
+        return max(0.0, self._cursor_written_at + CURSOR_PERSIST_S - time.monotonic())
+
+    def persist_cursor(self, *, due_only: bool = False) -> None:
+        """Write the sent cursor if it moved; ``due_only``: only if the last write is ``CURSOR_PERSIST_S``
+        old. A failure is only logged (a cursor that cannot be saved costs a re-send, never a loss)."""
+        with self._cursor_lock:
+            data = self._cursor_pending
+            if data is None:
+                return
+            now = time.monotonic()
+            if due_only and now - self._cursor_written_at < CURSOR_PERSIST_S:
+                return
+            self._cursor_pending = None
+            self._cursor_written_at = now
+            self._write_file(CURSOR_FILE, data, quiet=True)
 
     @property
     def sent_position(self) -> int:
@@ -486,6 +520,7 @@ class Spool:
         segment, offset = position >> POSITION_OFFSET_BITS, position & ((1 << POSITION_OFFSET_BITS) - 1)
         if (segment, offset) <= (self._acked_segment, self._acked_offset):
             return
+        self.persist_cursor()  # the cursor file is never behind the acknowledged one (``open`` trusts that)
         self._write_file(ACKED_FILE, json.dumps({"segment": segment, "offset": offset}).encode(), quiet=True)
         self._acknowledge(segment, offset)
 
@@ -600,6 +635,7 @@ class Spool:
         return total
 
     def close(self) -> None:
+        self.persist_cursor()
         with self._cond:
             if self._memory:
                 log.error(
