@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
@@ -29,10 +30,12 @@ from kraite_mp.messages import (
     BELL_MAX,
     BELL_TTL_MS,
     PROCESS_ACTOR,
+    RECONCILE_QUEUE,
     bell_key,
     broker_namespace,
     build_producer_broker,
     frame_record,
+    reconcile_record,
     record_message,
 )
 from kraite_mp.ops.embedded import RedisServer
@@ -339,3 +342,46 @@ def test_the_producer_loads_the_enqueue_script_again_into_a_redis_without_it(
         # each enqueue that found no script (the first into this new Redis, the one after the flush) rang
         # once more in the attempt that failed: a spurious wake-up, harmless
         assert c.llen(bell_key(namespace, queue)) == 4
+
+
+def test_the_sender_enqueues_what_it_finds_spooled_in_one_round_trip_in_order(
+    bell_settings: Settings, server: RedisServer, made: list[Any], tmp_path: Path
+) -> None:
+    """Frames spooled while the sender was busy go in one pipeline (``enqueue_many``): the queue holds them
+    in spool order, each with a message id of its own, one bell each; a reconcile record between them goes
+    to its own queue in the same round trip; an unreadable record is skipped, not sent."""
+    queue = bell_settings.user_data_stream.queue_name
+    namespace = broker_namespace(bell_settings)
+    producer = build_producer_broker(bell_settings)
+    made.append(producer)
+    pipelines: list[int] = []
+    real_pipeline = producer.client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(1)
+        return real_pipeline(*args, **kwargs)
+
+    producer.client.pipeline = counting_pipeline  # type: ignore[method-assign]  # counts round trips only
+    with Spool(str(tmp_path)).open() as spool:
+        for i in range(6):
+            spool.append(frame_record(queue, 1, "{}", f"many-{i}", 0.0))
+        spool.append(b'{"not": "a record"}')
+        spool.append(reconcile_record(1, "test"))
+        for i in range(6, 10):
+            spool.append(frame_record(queue, 1, "{}", f"many-{i}", 0.0))
+        sender = SpoolSender(spool, producer, logging.getLogger("test.bell"))
+        sender.start()
+        try:
+            wait_for(lambda: spool.backlog == 0, 10, message="the spool drained")
+        finally:
+            sender.join(5)
+    assert len(pipelines) == 1  # eleven messages, one round trip
+    assert sender.sent == 11 and sender.skipped == 1
+    with client_of(server) as c:
+        ids = c.lrange(f"{namespace}:{queue}", 0, -1)
+        assert len(ids) == 10 and len(set(ids)) == 10
+        payloads = c.hmget(f"{namespace}:{queue}.msgs", ids)
+        frames = [orjson.loads(p)["kwargs"]["frame_id"] for p in payloads]
+        assert frames == [f"many-{i}" for i in range(10)]
+        assert c.llen(bell_key(namespace, queue)) == 10
+        assert c.llen(f"{namespace}:{RECONCILE_QUEUE}") == 1

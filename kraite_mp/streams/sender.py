@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import dramatiq
 import redis
@@ -36,8 +37,11 @@ from kraite_mp.messages import PROCESS_ACTOR, ack_key, epoch_key, reconcile_reco
 from kraite_mp.streams.liveness import describe
 from kraite_mp.streams.spool import Spool, SpoolRecord
 
-#: Records the sender takes from the spool at once.
+#: Records the sender takes from the spool at once ...
 SEND_BATCH = 256
+#: ... and enqueues in one round trip (``DoorbellBroker.enqueue_many``), at most this many bytes of them.
+ENQUEUE_CHUNK = 64
+ENQUEUE_CHUNK_BYTES = 1024 * 1024
 #: Sender retry delay while Redis is unreachable: this, doubling per failure ...
 SENDER_RETRY_BASE_S = 0.25
 #: ... up to 2**4 times it (4 s, plus jitter).
@@ -200,20 +204,48 @@ class SpoolSender:
 
     def _send_batch(self, pending: list[SpoolRecord]) -> None:
         """Send ``pending`` in order and remove what went from it; on a Redis error the cursor is committed
-        past what went, the rest stays in ``pending`` for the retry, and the error is raised."""
-        done = sent = 0
+        past what went, the rest stays in ``pending`` for the retry, and the error is raised. Records go in
+        chunks of one round trip each (``ENQUEUE_CHUNK``, ``ENQUEUE_CHUNK_BYTES``) when the broker can
+        (``enqueue_many``); a chunk that failed is sent again whole (at least once)."""
+        enqueue_many = getattr(self.broker, "enqueue_many", None)
+        limit = ENQUEUE_CHUNK if enqueue_many is not None else 1
+        done = sent = counted = 0  # counted: records of the spool's backlog (not sent by an earlier run)
         try:
-            for rec in pending:
-                if self._send(rec):
-                    sent += 1
-                done += 1
+            while done < len(pending):
+                messages: list[dramatiq.Message[Any]] = []
+                tracked: list[int] = []  # frame positions to await acknowledgements for, in order
+                size = taken = backlog = 0
+                for rec in pending[done:]:
+                    if taken and (len(messages) >= limit or size + len(rec.data) > ENQUEUE_CHUNK_BYTES):
+                        break
+                    taken += 1
+                    if rec.in_memory or rec.position > self._skip_until:
+                        backlog += 1
+                    message, is_frame = self._message(rec)
+                    if is_frame:
+                        tracked.append(rec.position)
+                    if message is not None:
+                        messages.append(message)
+                        size += len(rec.data)
+                if len(messages) == 1 or enqueue_many is None:
+                    for message in messages:
+                        self.broker.enqueue(message)
+                elif messages:
+                    enqueue_many(messages)
+                now = time.monotonic()
+                self._unacked.extend((position, now) for position in tracked)
+                self.sent += len(messages)
+                sent += len(messages)
+                counted += backlog
+                done += taken
         finally:
             if done:
-                self.spool.commit(pending[done - 1], sent, self._epoch)
+                self.spool.commit(pending[done - 1], counted, self._epoch)
                 del pending[:done]
 
-    def _send(self, rec: SpoolRecord) -> bool:
-        """Enqueue one record; False if it was not sent now (unreadable, or sent by an earlier run)."""
+    def _message(self, rec: SpoolRecord) -> tuple[dramatiq.Message[Any] | None, bool]:
+        """The message to enqueue for one record (None: not now: unreadable, or sent by an earlier run), and
+        whether it is a frame whose acknowledgement the sender waits for."""
         position = rec.position
         tracked = self.acks is not None and not rec.in_memory  # a record held in memory cannot be replayed
         try:
@@ -221,21 +253,13 @@ class SpoolSender:
         except ValueError:
             self.skipped += 1
             self.log.error("skipping an unreadable spool record (%d bytes)", len(rec.data))
-            return False
+            return None, False
         if rec.in_memory:
-            self.broker.enqueue(message)
-            self.sent += 1
-            return True
+            return message, False
         is_frame = tracked and message.actor_name == PROCESS_ACTOR
         if position <= self._skip_until:
-            if is_frame:
-                self._unacked.append((position, time.monotonic()))
-            return False
-        self.broker.enqueue(message)
-        self.sent += 1
-        if is_frame:
-            self._unacked.append((position, time.monotonic()))
-        return True
+            return None, is_frame
+        return message, is_frame
 
     def _ack_token(self, position: int) -> list[object]:
         assert self.acks is not None
