@@ -98,18 +98,7 @@ class DoorbellBroker(RedisBroker):
         script = self.scripts["dispatch"]
         # the arguments of Dramatiq's RedisBroker._dispatch, sent with EVALSHA in the bell's pipeline: a
         # Script object in a pipeline would cost a SCRIPT EXISTS round trip on every execute
-        args = [
-            "enqueue",
-            current_millis(),
-            queue_name,
-            self.broker_id,
-            self.heartbeat_timeout,
-            self.dead_message_ttl,
-            self._should_do_maintenance("enqueue"),
-            self._max_unpack_size(),  # type: ignore[no-untyped-call]
-            message_id,
-            data,
-        ]
+        args = self._enqueue_args(queue_name, message_id, data)
         bell = bell_key(self.namespace, queue_name)
 
         def send() -> Any:
@@ -126,6 +115,21 @@ class DoorbellBroker(RedisBroker):
             self.client.script_load(script.script)
             return send()
 
+    def _enqueue_args(self, queue_name: str, message_id: str, data: bytes) -> list[Any]:
+        """The arguments of Dramatiq's ``dispatch`` script for one enqueue (as ``RedisBroker._dispatch``)."""
+        return [
+            "enqueue",
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            self._should_do_maintenance("enqueue"),
+            self._max_unpack_size(),  # type: ignore[no-untyped-call]
+            message_id,
+            data,
+        ]
+
     def enqueue_many(self, messages: Sequence[dramatiq.Message[Any]]) -> None:
         """``enqueue`` each of ``messages`` (no delay), in order, in one round trip: one pipeline of Dramatiq's
         enqueue script per message, then the bells (one ring per message of a bell queue). On a Redis error
@@ -141,18 +145,7 @@ class DoorbellBroker(RedisBroker):
             self.emit_before("enqueue", message, None)
             queue_name = message.queue_name
             calls.append(
-                [
-                    "enqueue",
-                    current_millis(),
-                    queue_name,
-                    self.broker_id,
-                    self.heartbeat_timeout,
-                    self.dead_message_ttl,
-                    self._should_do_maintenance("enqueue"),
-                    self._max_unpack_size(),  # type: ignore[no-untyped-call]
-                    message.options["redis_message_id"],
-                    message.encode(),
-                ]
+                self._enqueue_args(queue_name, message.options["redis_message_id"], message.encode())
             )
             if queue_name in self.bell_queues:
                 bell = bell_key(self.namespace, queue_name)
