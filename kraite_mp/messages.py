@@ -12,8 +12,8 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import uuid4
 
 import dramatiq
@@ -24,6 +24,8 @@ from dramatiq.common import current_millis
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
+
+T = TypeVar("T")
 
 #: Actor and queue names shared with ``kraite_mp.jobs`` (the frame queue is ``user_data_stream.queue_name``).
 PROCESS_ACTOR = "process_user_data_event"
@@ -107,11 +109,16 @@ class DoorbellBroker(RedisBroker):
             ring_bell(pipe, bell)
             return pipe.execute()[0]
 
+        return self._with_script(send)
+
+    def _with_script(self, send: Callable[[], T]) -> T:
+        """``send()``, a pipeline calling the dispatch script by its sha; a Redis that does not have it (this
+        process's first call into it, or it restarted or flushed its scripts) gets it loaded and ``send()``
+        again: none of the pipeline's scripts ran, and the bells it rang are spurious wake-ups."""
+        script = self.scripts["dispatch"]
         try:
             return send()
         except redis.exceptions.NoScriptError:
-            # a Redis that restarted (or flushed its scripts) since the script was loaded: load it again;
-            # the bell already rung is one spurious wake-up
             self.client.script_load(script.script)
             return send()
 
@@ -138,9 +145,8 @@ class DoorbellBroker(RedisBroker):
         script = self.scripts["dispatch"]
         calls: list[list[Any]] = []
         rings: dict[str, int] = {}
-        copies = [
-            m.copy(options={"redis_message_id": str(uuid4())}) for m in messages
-        ]  # as RedisBroker.enqueue
+        # a Redis message id of its own per message, as RedisBroker.enqueue gives it
+        copies = [m.copy(options={"redis_message_id": str(uuid4())}) for m in messages]
         for message in copies:
             self.emit_before("enqueue", message, None)
             queue_name = message.queue_name
@@ -162,11 +168,7 @@ class DoorbellBroker(RedisBroker):
         if not self._script_loaded:  # else the first batch of a process would fail and ring its bells twice
             self.client.script_load(script.script)
             self._script_loaded = True
-        try:
-            send()
-        except redis.exceptions.NoScriptError:  # a Redis that lost its scripts: none of the batch ran
-            self.client.script_load(script.script)
-            send()
+        self._with_script(send)
         for message in copies:
             self.emit_after("enqueue", message, None)
 

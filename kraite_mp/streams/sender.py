@@ -143,9 +143,8 @@ class SpoolSender:
             if drain_deadline is not None and time.monotonic() > drain_deadline:
                 break
             try:
-                self.spool.persist_cursor(
-                    due_only=True
-                )  # while records flow, at most once a CURSOR_PERSIST_S
+                # while records flow (or Redis refuses them), at most once a CURSOR_PERSIST_S
+                self.spool.persist_cursor(due_only=True)
                 if self.acks is not None:
                     if (self._unacked or not self._epoch) and self._check_epoch():
                         pending = []  # replaying: the spool was rewound
