@@ -431,11 +431,13 @@ def test_supervisor_key_per_shard() -> None:
 def test_status_shows_the_egress_budget_every_process_shares(
     kraite_env: dict[str, str], namespace: str
 ) -> None:
-    """Weight used of kraite-mp's share this minute, connection attempts left, streams waiting for one, and a
-    429/418 in force: what this host's processes see in Redis (issue 12)."""
+    """Weight used of kraite-mp's share this minute, connection attempts left, streams waiting for one,
+    history sweeps waiting for weight and a 429/418 in force: what this host's processes see in Redis
+    (issue 12)."""
     from kraite_mp.binance.budget import reset_budgets, shared_budget
     from kraite_mp.binance.connections import connection_budget
     from kraite_mp.config import load_settings
+    from kraite_mp.reconcile.background import HistoryLine
 
     env = _env(kraite_env, namespace)
     settings = load_settings(None, environ=env)
@@ -448,16 +450,19 @@ def test_status_shows_the_egress_budget_every_process_shares(
         line = next(x for x in quiet.stdout.splitlines() if x.startswith("EGRESS "))
         assert f"REST weight 0/{share} used this minute" in line and "no 429/418 in force" in line, line
         assert f"connection attempts {conn_share}/{conn_share} left" in line, line
+        assert "0 history sweep(s) waiting for weight" in line, line
 
         weight = shared_budget(settings)
         assert weight.try_take(120)[0]
         connections = connection_budget(settings)
         assert connections.take(who="user-data-1", dark_since=time.time()) == 0.0
+        HistoryLine(weight).join("7:1700000000000", 1_700_000_000_000)
         weight.block(429, 30.0)
         busy = _status_cli(env)
         line = next(x for x in busy.stdout.splitlines() if x.startswith("EGRESS "))
         assert f"REST weight 120/{share} used this minute" in line, line
         assert f"connection attempts {conn_share - 1}/{conn_share} left" in line, line
+        assert "1 history sweep(s) waiting for weight" in line, line
         assert re.search(r"Binance said 429: no calls for (29|30|3\d)(\.\d)? s", line), line
     finally:
         reset_budgets()

@@ -263,6 +263,21 @@ class EgressBudget:
                 self._client, self._shared = client, MovingWindowRateLimiter(storage)
             return self._client, self._shared
 
+    def shared_client(self) -> redis.Redis | None:
+        """This process's client of the budget's Redis, None while Redis is known to be down (or not
+        used): for state kept beside the budget's keys (``<key_prefix>:...``). Report how a call on it
+        went with ``redis_answered``, so that the budget's fallback follows it."""
+        self._check_process()
+        shared = self._redis()
+        return None if shared is None else shared[0]
+
+    def redis_answered(self, error: BaseException | None = None) -> None:
+        """A call on ``shared_client()`` answered (``error`` None) or failed with ``error``."""
+        if error is None:
+            self._redis_ok()
+        else:
+            self._redis_failed(error)
+
     def disconnect(self) -> None:
         """Close this process's Redis connection (the supervisor, before it forks: no socket crosses a
         fork); the next call connects again."""

@@ -378,9 +378,11 @@ def status_command(
 def egress_summary(settings: Settings) -> dict[str, Any]:
     """This host's egress budget as every process of it sees it in Redis: REST weight used of kraite-mp's
     share this minute, WebSocket connection attempts left in their window, streams waiting for one, and a
-    429/418 in force (``ban``: status and seconds left, or None)."""
+    429/418 in force (``ban``: status and seconds left, or None) and the background history sweeps waiting
+    for weight in the egress's line."""
     from kraite_mp.binance.budget import egress_id, shared_budget
     from kraite_mp.binance.connections import connection_budget
+    from kraite_mp.reconcile.background import HistoryLine
 
     weight, connections = shared_budget(settings), connection_budget(settings)
     weight_left, attempts_left = weight.remaining(), connections.remaining()
@@ -394,6 +396,7 @@ def egress_summary(settings: Settings) -> dict[str, Any]:
         "connections_share": connections.limit,
         "connection_window_s": connections.window_s,
         "waiting": connections.waiting(),
+        "history_waiting": HistoryLine(weight).waiting(),
         "ban": None if block is None else {"status": block.status, "left_s": round(block.left_s, 1)},
         "shared": weight.shared and not weight.fallback,
     }
@@ -408,6 +411,7 @@ def egress_line(summary: Mapping[str, Any]) -> str:
         f"connection attempts {_cell(summary['connections_left'])}/{summary['connections_share']} left per"
         f" {summary['connection_window_s']:g} s",
         f"{_cell(summary['waiting'])} stream(s) waiting for one",
+        f"{_cell(summary.get('history_waiting'))} history sweep(s) waiting for weight",
         "no 429/418 in force"
         if ban is None
         else f"Binance said {ban['status']}: no calls for {ban['left_s']:g} s",

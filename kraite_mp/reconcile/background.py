@@ -10,9 +10,15 @@ atomic step, only while half the budget would still be left (``BinanceRest.prepa
 reconnects go first; the histories fill what they leave, and none stops halfway having spent weight on
 what it must read again.
 
-A history sweep that finds no room gives its worker thread back at once and is sent again for when the
-budget's oldest entry leaves the window, plus a spread that doubles per attempt (``next_delay_s``). It is
-skipped when a full sweep started after it was asked for (that sweep read the same symbols' histories over
+Earliest gap first (``HistoryLine``): a history sweep short of weight joins its egress's line, a Redis sorted
+set by gap start beside the budget's keys (``<budget>:history:waiting``, ``:history:seen``). Only the head of
+the line takes weight, or a sweep further back when the window holds its weight for it and for every sweep
+ahead of it, so that after a mass drop the histories of the longest gaps are read first and none starves
+behind gaps that opened later. A sweep that does not take weight gives its worker thread back at once and is
+sent again: the head for when the budget's oldest entry leaves the window, the others after a second per
+place (at most ``LINE_ASK_MAX_S``), each with a spread; a waiter not seen for ``LINE_TTL_S`` (its message
+lost) leaves the line. Without Redis there is no line: the sweep is sent again for when the budget frees,
+plus a spread that doubles per attempt (``next_delay_s``). It is skipped when a full sweep started after it was asked for (that sweep read the same symbols' histories over
 a window that holds the gap), and given up once ``supervisor.sync_full_interval_s`` has passed since it was
 asked for: by then the periodic full sweep reads the same histories.
 """
@@ -25,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kraite_mp.binance.budget import REDIS_ERRORS
 from kraite_mp.binance.rest import ENDPOINT_WEIGHTS, BinanceRest
 from kraite_mp.reconcile.fetch import history_symbols
 from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
@@ -32,6 +39,7 @@ from kraite_mp.reconcile.sweep import reconcile_account
 from kraite_mp.supervisor import runfiles
 
 if TYPE_CHECKING:
+    from kraite_mp.binance.budget import EgressBudget
     from kraite_mp.config import Settings
     from kraite_mp.store.accounts import Account
 
@@ -51,6 +59,82 @@ WEIGHT_PER_SYMBOL = (
 )
 #: Given up after this long when the periodic full sweep is off (``sync_full_interval_s`` otherwise).
 MAX_AGE_WITHOUT_FULL_S = 3600.0
+#: The line (``HistoryLine``): a waiter behind the head asks again after this much per place in it, at most
+#: ``LINE_ASK_MAX_S``, plus up to ``LINE_JITTER_S`` (the head: when the budget frees, plus the same).
+LINE_SPACING_S = 1.0
+LINE_ASK_MAX_S = 30.0
+LINE_JITTER_S = 1.0
+#: A waiter not seen this long (its message was lost, its account removed) leaves the line.
+LINE_TTL_S = 150.0
+
+
+class HistoryLine:
+    """The history sweeps of one egress waiting for weight, earliest gap first (module doc): a sorted set
+    by gap start and one by the time each waiter last asked, beside ``budget``'s keys in its Redis. Every
+    method answers None (no line) while that Redis is not used or does not answer."""
+
+    def __init__(self, budget: EgressBudget) -> None:
+        self.budget = budget
+        self.waiting_key = f"{budget.key_prefix}:history:waiting"
+        self.seen_key = f"{budget.key_prefix}:history:seen"
+
+    def join(self, who: str, gap_start_ms: int) -> int | None:
+        """Join the line, or stay in it: ``who``'s place, 0 first. Waiters not seen for ``LINE_TTL_S``
+        leave it first."""
+        client = self.budget.shared_client()
+        if client is None:
+            return None
+        now = time.time()
+        try:
+            stale: Any = client.zrangebyscore(self.seen_key, "-inf", now - LINE_TTL_S)
+            pipe = client.pipeline(transaction=False)
+            if stale:
+                pipe.zrem(self.waiting_key, *stale)
+                pipe.zrem(self.seen_key, *stale)
+            pipe.zadd(self.waiting_key, {who: gap_start_ms})
+            pipe.zadd(self.seen_key, {who: now})
+            pipe.expire(self.waiting_key, int(LINE_TTL_S * 2) + 60)
+            pipe.expire(self.seen_key, int(LINE_TTL_S * 2) + 60)
+            pipe.zrank(self.waiting_key, who)
+            place = pipe.execute()[-1]
+        except REDIS_ERRORS as e:
+            self.budget.redis_answered(e)
+            return None
+        self.budget.redis_answered()
+        return int(place or 0)
+
+    def leave(self, who: str) -> None:
+        """Leave the line (served, skipped or given up); nothing without Redis."""
+        client = self.budget.shared_client()
+        if client is None:
+            return
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.zrem(self.waiting_key, who)
+            pipe.zrem(self.seen_key, who)
+            pipe.execute()
+        except REDIS_ERRORS as e:
+            self.budget.redis_answered(e)
+            return
+        self.budget.redis_answered()
+
+    def waiting(self) -> int | None:
+        """History sweeps waiting for weight now (seen within ``LINE_TTL_S``); None without Redis."""
+        client = self.budget.shared_client()
+        if client is None:
+            return None
+        try:
+            count: Any = client.zcount(self.seen_key, time.time() - LINE_TTL_S, "+inf")
+        except REDIS_ERRORS as e:
+            self.budget.redis_answered(e)
+            return None
+        self.budget.redis_answered()
+        return int(count)
+
+
+def line_member(account_id: int, since_ms: int) -> str:
+    """A history sweep's name in the line: its account and its gap's start (an account may have two)."""
+    return f"{account_id}:{since_ms}"
 
 
 def next_delay_s(attempt: int, retry_after_s: float) -> float:
@@ -75,9 +159,28 @@ def history_sweep(
     """Run one background history sweep of ``account`` from ``since_ms`` (the gap's start), asked for at
     ``requested_ms``; ``send_again(attempt, delay_s)`` queues it again when the budget had no room or the
     exchange said "later". None when nothing was swept (superseded, given up, no symbol, no room)."""
+    client = BinanceRest.for_account(settings, account, max_budget_wait_s=BUDGET_WAIT_S)
+    try:
+        return _history_sweep(conn, settings, account, client, since_ms, requested_ms, attempt, send_again)
+    finally:
+        client.close()
+
+
+def _history_sweep(
+    conn: Any,
+    settings: Settings,
+    account: Account,
+    client: BinanceRest,
+    since_ms: int,
+    requested_ms: int,
+    attempt: int,
+    send_again: Callable[[int, float], object],
+) -> ReconcileResult | None:
+    line, member = HistoryLine(client.budget), line_member(account.id, since_ms)
     last_full = runfiles.last_full_sweep_ms(settings.run_dir, account.id)
     if last_full is not None and last_full >= requested_ms:
         log.info("account %s: history sweep skipped: a full sweep started after it was asked for", account.id)
+        line.leave(member)
         return None
     max_age_s = settings.supervisor.sync_full_interval_s
     if settings.supervisor.sync_interval_s <= 0 or max_age_s <= 0:
@@ -90,26 +193,47 @@ def history_sweep(
             attempt + 1,
             max_age_s,
         )
+        line.leave(member)
         return None
     symbols = history_symbols(conn, settings, account.id)
     conn.commit()  # end the reads' transaction: the returns below must not leave it open
     if not symbols:
+        line.leave(member)
         return None
-    client = BinanceRest.for_account(settings, account, max_budget_wait_s=BUDGET_WAIT_S)
-    try:
-        client.background_leave = int(client.budget.limit * LEAVE_RATIO)
-        weight = WEIGHT_PER_SYMBOL * len(symbols)
-        if weight <= client.budget.limit - client.background_leave:
-            taken, retry_in = client.prepay(weight)
-            if not taken:
+    client.background_leave = int(client.budget.limit * LEAVE_RATIO)
+    weight = WEIGHT_PER_SYMBOL * len(symbols)
+    if weight <= client.budget.limit - client.background_leave:
+        place = line.join(member, since_ms)
+        if place and not _room_for_those_ahead(client, place, weight):
+            delay_s = min(LINE_SPACING_S * place, LINE_ASK_MAX_S) + random.uniform(0.0, LINE_JITTER_S)
+            send_again(attempt + 1, delay_s)
+            log.info(
+                "account %s: history sweep sent again in %.0fs (place %d in the egress's line)",
+                account.id,
+                delay_s,
+                place,
+            )
+            return None
+        taken, retry_in = client.prepay(weight)
+        if not taken:
+            if place is None:  # no line without Redis: the doubling spread keeps the re-sends apart
                 _again(account, attempt, retry_in, "no room in the REST budget", send_again)
-                return None
-        # more than a prepay can hold: call by call, each leaving half the budget
-        result = reconcile_account(
-            conn, settings, account, rest=client, mode="history", gap_start_ms=since_ms, history=symbols
-        )
-    finally:
-        client.close()
+            else:
+                delay_s = retry_in + random.uniform(0.0, LINE_JITTER_S)
+                send_again(attempt + 1, delay_s)
+                log.info(
+                    "account %s: history sweep sent again in %.0fs (place %d in the egress's line, no room"
+                    " in the REST budget)",
+                    account.id,
+                    delay_s,
+                    place,
+                )
+            return None
+    # served: out of the line (more than a prepay can hold too: call by call, each leaving half the budget)
+    line.leave(member)
+    result = reconcile_account(
+        conn, settings, account, rest=client, mode="history", gap_start_ms=since_ms, history=symbols
+    )
     if result.status in (ReconcileStatus.RATE_LIMITED, ReconcileStatus.TRANSIENT):
         _again(account, attempt, float(result.retry_after_s or 0.0), str(result.error), send_again)
     elif result.status is not ReconcileStatus.OK:
@@ -117,6 +241,13 @@ def history_sweep(
     else:
         log.info("%s", result.summary())
     return result
+
+
+def _room_for_those_ahead(client: BinanceRest, place: int, weight: int) -> bool:
+    """Whether the budget's window holds ``weight`` for the sweep at ``place`` in the line and as much for
+    each sweep ahead of it, beside what history sweeps leave to everything else (False when unknown)."""
+    remaining = client.budget.remaining()
+    return remaining is not None and remaining - client.background_leave >= (place + 1) * weight
 
 
 def _again(
