@@ -385,3 +385,38 @@ def test_the_sender_enqueues_what_it_finds_spooled_in_one_round_trip_in_order(
         assert frames == [f"many-{i}" for i in range(10)]
         assert c.llen(bell_key(namespace, queue)) == 10
         assert c.llen(f"{namespace}:{RECONCILE_QUEUE}") == 1
+
+
+def test_an_idle_spool_whose_only_record_is_a_reconcile_request_expires_and_its_sender_sleeps_long(
+    bell_settings: Settings, server: RedisServer, made: list[Any], tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A reconcile request needs no acknowledgement: with no frame in flight, the acknowledged cursor moves
+    past it, the idle segment expires, and the sender then sleeps until the writer wakes it (it used to
+    stay unacknowledged until the next frame, the segment never expired and the sender woke every 30 s)."""
+    from kraite_mp.streams import sender as sender_module
+    from kraite_mp.streams.sender import EMPTY_READ_WAIT_S, Acks
+
+    monkeypatch.setattr(sender_module, "RETENTION_CHECK_S", 0.0)  # look at the segment's age at every pass
+    monkeypatch.setattr(sender_module, "READ_WAIT_S", 0.1)
+    queue = bell_settings.user_data_stream.queue_name
+    namespace = broker_namespace(bell_settings)
+    producer = build_producer_broker(bell_settings)
+    made.append(producer)
+    client = client_of(server)
+    made.append(client)
+    with Spool(str(tmp_path), ack_required=True, segment_max_age_s=0.2).open() as spool:
+        spool.append(reconcile_record(1, "connect"))
+        acks = Acks.for_spool(client, namespace, spool, 1)
+        sender = SpoolSender(spool, producer, logging.getLogger("test.bell"), acks=acks)
+        sender.start()
+        try:
+            wait_for(lambda: spool.disk_bytes() == 0, 10, message="the idle segment expired")
+            assert spool.holds_nothing and spool.acked_position == spool.sent_position
+            assert sender._read_wait() == EMPTY_READ_WAIT_S
+            assert client.llen(f"{namespace}:{RECONCILE_QUEUE}") == 1  # the request went first
+            spool.append(frame_record(queue, 1, "{}", "after-idle", 0.0))  # the writer wakes the long read
+            wait_for(lambda: client.llen(f"{namespace}:{queue}") == 1, 10, message="the frame sent")
+            wait_for(lambda: sender.unacked == 1, 10, message="the frame awaiting its acknowledgement")
+            assert not spool.holds_nothing
+        finally:
+            sender.join(5)

@@ -15,7 +15,9 @@ what was not lost) and asks for a reconciliation of the account, which also cove
 up. Idle accounts (nothing unacknowledged) cost Redis nothing: the epoch is looked at only while
 frames are in flight and before sending after a pause (a broker that lost data while nothing of the
 account was in it lost nothing of it), and an idle sender sleeps in its spool read for
-``IDLE_READ_WAIT_S``, woken at once by the writer.
+``IDLE_READ_WAIT_S`` (``EMPTY_READ_WAIT_S`` once its acknowledged segment expired and the spool holds
+nothing), woken at once by the writer. A reconcile request needs no acknowledgement: with no frame in
+flight, the acknowledged cursor moves past what was sent.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ SENDER_DRAIN_S = 5.0
 READ_WAIT_S = 5.0
 #: ... with nothing in flight (only the idle-segment expiry and the retention check are due) ...
 IDLE_READ_WAIT_S = 30.0
+#: ... with nothing on disk either (nothing is due: the writer wakes the read when a record comes) ...
+EMPTY_READ_WAIT_S = 600.0
 #: ... and while draining on stop.
 DRAIN_READ_WAIT_S = 0.2
 #: While frames are unacknowledged, read the acknowledgements (and the broker's epoch) this often.
@@ -194,6 +198,8 @@ class SpoolSender:
             return min(ACK_POLL_S, max(0.01, self.spool.cursor_due_in()))
         if self._unacked:
             return ACK_POLL_S
+        if self.acks is not None and self.spool.holds_nothing:
+            return EMPTY_READ_WAIT_S
         if self.acks is not None:  # idle: wake for the idle-spool expiry and the retention check only
             max_age = self.spool.segment_max_age_s
             return (
@@ -319,7 +325,14 @@ class SpoolSender:
     def _poll_acks(self) -> None:
         assert self.acks is not None
         now = time.monotonic()
-        if not self._unacked or now - self._ack_polled_at < ACK_POLL_S:
+        if not self._unacked:
+            # nothing in flight: what was sent since needs no acknowledgement (reconcile requests), so that
+            # an idle account's spool is acknowledged to its end and its segment can expire
+            if self.spool.sent_position > self.spool.acked_position:
+                self.spool.ack(self.spool.sent_position)
+            self._check_retention(now)
+            return
+        if now - self._ack_polled_at < ACK_POLL_S:
             self._check_retention(now)
             return
         self._ack_polled_at = now

@@ -510,6 +510,12 @@ class Spool:
         return position_of(self._commit_segment, self._commit_offset)
 
     @property
+    def holds_nothing(self) -> bool:
+        """No record on disk: the active segment is empty and every earlier one acknowledged (deleted)."""
+        with self._cond:
+            return self._active_size == 0 and self._acked_segment >= self._active and not self._memory
+
+    @property
     def acked_position(self) -> int:
         return position_of(self._acked_segment, self._acked_offset)
 
