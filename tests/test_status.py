@@ -109,6 +109,46 @@ def test_child_hook_publishes_heartbeat_with_ttl(
 
 
 @pytest.mark.integration
+def test_relayed_children_publish_nothing_and_the_supervisor_publishes_their_heartbeats(
+    status_settings: Settings, rclient: redis.Redis
+) -> None:
+    """``kraite-mp run``'s reporter (``relay_children``): a child's beat writes its heartbeat file only; the
+    supervisor publishes the files in one round trip, with the child's own ``ts``, redacted as before."""
+    from kraite_mp.supervisor import runfiles
+
+    relay = RedisStatus(relay_children=True)
+    secret = "S3cr3t-" + uuid.uuid4().hex
+    register_secret(secret)
+    try:
+        assert Reporters([relay]).relays_child_beats and not Reporters([RedisStatus()]).relays_child_beats
+        children = [_ctx(status_settings, relay, "user-data", _account(i, f"n{i}")) for i in (11, 12)]
+        children[0].fail(f"HTTP 401 for https://x/?listenKey=abcdefgh123 secret={secret}")
+        for ctx in children:
+            ctx.beat("streaming", force=True, frames=5)
+        keys = [
+            publish.status_key(status_settings.redis_namespace, publish.host_name(), c.key) for c in children
+        ]
+        assert rclient.exists(*keys) == 0, "a relayed child published its own status"
+        assert relay.publisher is None  # and opened no Redis connection for it
+
+        beats = [runfiles.read_heartbeat(c.heartbeat_path) for c in children]
+        assert all(b is not None for b in beats)
+        relay.on_child_beats(status_settings, beats)  # type: ignore[arg-type]
+        assert relay.publisher is not None and relay.publisher.published == 2
+        for ctx, key, beat in zip(children, keys, beats, strict=True):
+            raw = rclient.get(key)
+            assert raw is not None
+            data = json.loads(raw)
+            assert (data["state"], data["pid"], data["fields"]) == ("streaming", os.getpid(), {"frames": 5})
+            assert data["ts"] == pytest.approx(beat["ts"]) and data["account_id"] == ctx.account.id  # type: ignore[index,union-attr]
+            assert secret not in raw and "abcdefgh123" not in raw
+        assert "***" in rclient.get(keys[0])  # type: ignore[operator]
+    finally:
+        forget_secret(secret)
+        relay.on_shutdown()
+
+
+@pytest.mark.integration
 def test_publish_is_throttled_unless_state_or_error_changes(status_settings: Settings) -> None:
     pub = publish.StatusPublisher(status_settings.redis_url, status_settings.redis_namespace, interval_s=3600)
     try:

@@ -10,6 +10,7 @@ where the bound is the contract (children gone within 2 s of the parent's SIGKIL
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -573,6 +574,20 @@ def _write_config(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _redis_status(env: dict[str, str], key: str) -> dict[str, Any] | None:
+    """This host's status entry ``key`` in Redis (what ``kraite-mp status`` reads)."""
+    import redis as redis_lib
+
+    from kraite_mp.supervisor import publish
+
+    client = redis_lib.Redis.from_url(env["KRAITE_REDIS_URL"])
+    try:
+        raw = client.get(publish.status_key(env["KRAITE_REDIS_NAMESPACE"], publish.host_name(), key))
+    finally:
+        client.close()
+    return None if raw is None else dict(json.loads(raw))
+
+
 @pytest.mark.e2e
 def test_kraite_mp_run_streams_restarts_reloads_and_stops(
     db, secret_key, kraite_env, run_dir, processes, simulator, tmp_path
@@ -627,6 +642,16 @@ def test_kraite_mp_run_streams_restarts_reloads_and_stops(
         for key in api_key.values():
             assert sim.wait_for_connections(key, 1, timeout=30)
         assert sim.wait_for_connections("market", 1, timeout=30)
+        # the children publish no status themselves: the supervisor relays their heartbeats to Redis
+        for key, pid in pids.items():
+            wait_for(
+                lambda k=key, p=pid: (
+                    (_redis_status(env, k) or {}).get("pid") == p
+                    and _redis_status(env, k).get("state") == "streaming"
+                ),
+                30,
+                message=f"{key}'s status in Redis",
+            )
 
         # kill -9 bob's stream: one new connection for bob, none for anyone else, counters keep rising
         bob = f"user-data-{ids['bob']}"

@@ -349,7 +349,7 @@ def run_command(ctx: click.Context, fail_fast: bool) -> None:
         settings,
         config_path=root.get("config_path"),
         log_level_override=root.get("log_level"),
-        reporters=Reporters([RedisStatus()]),
+        reporters=Reporters([RedisStatus(relay_children=True)]),
     )
     try:
         code = arbiter.run()

@@ -492,6 +492,8 @@ class Arbiter:
 
     def child_exited(self, child: Child, pid: int, status: int) -> None:
         self._status_dirty = True
+        if self.reporters.relays_child_beats:
+            self._relay_last_beat(child, pid)
         if process.finish(child, pid, status, self.settings, stopping=self.stopping):
             self._forget(child)
 
@@ -537,6 +539,36 @@ class Arbiter:
                 child, self.settings.run_dir, now, wall, sup.heartbeat_timeout_s
             ):
                 self.stop_child(child, AfterStop.BACKOFF, "heartbeat stale")
+        if self.reporters.relays_child_beats:
+            self.relay_beats()
+
+    def relay_beats(self) -> None:
+        """Hand the heartbeats written since the last check to the status reporters, all at once: the
+        children publish nothing themselves (``RedisStatus(relay_children=True)``)."""
+        beats = []
+        for child in self.pids.values():
+            if child.heartbeat_mtime <= child.relayed_mtime:
+                continue
+            beat = runfiles.read_heartbeat(runfiles.heartbeat_path(self.settings.run_dir, child.key))
+            child.relayed_mtime = child.heartbeat_mtime
+            if isinstance(beat, dict) and beat.get("pid") == child.pid:  # never a dead run's last beat
+                beats.append(beat)
+        if beats:
+            self.reporters.on_child_beats(self.settings, beats)
+
+    def _relay_last_beat(self, child: Child, pid: int) -> None:
+        """A child's last words (``fatal`` and its error, ``stopped``) may come after the last check."""
+        path = runfiles.heartbeat_path(self.settings.run_dir, child.key)
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return
+        if mtime <= child.relayed_mtime:
+            return
+        child.relayed_mtime = child.heartbeat_mtime = mtime
+        beat = runfiles.read_heartbeat(path)
+        if isinstance(beat, dict) and beat.get("pid") == pid:
+            self.reporters.on_child_beats(self.settings, [beat])
 
     # -- periodic sync ----------------------------------------------------------------------------
     def maybe_start_sync(self, now: float) -> None:

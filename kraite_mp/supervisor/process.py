@@ -83,6 +83,9 @@ class Child:
     killed: bool = False  #: SIGKILL already sent (it is sent once)
     #: Changed since the supervisor last wrote its snapshot.
     dirty: bool = True
+    #: mtime of its heartbeat file at the last check, and of the one last relayed to the status reporters.
+    heartbeat_mtime: float = 0.0
+    relayed_mtime: float = 0.0
 
     @property
     def account_id(self) -> int | None:
@@ -298,6 +301,7 @@ def check_heartbeat(child: Child, run_dir: str, now: float, wall: float, timeout
         mtime = os.stat(path).st_mtime  # a stat per child, no read: cheap at 500 children
     except OSError:
         mtime = 0.0
+    child.heartbeat_mtime = mtime
     if child.state == ChildState.STARTING and mtime >= child.spawned_wall:
         beat = runfiles.read_heartbeat(path)
         if beat and beat.get("pid") == child.pid and beat.get("state") not in (None, "starting"):

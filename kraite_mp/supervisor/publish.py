@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kraite_mp.backoff import backoff_delay
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from kraite_mp.config import Settings
     from kraite_mp.supervisor.context import ChildContext
-    from kraite_mp.supervisor.runfiles import Snapshot
+    from kraite_mp.supervisor.runfiles import Heartbeat, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class Reporter:
     """Status hooks, each named for its moment; this base does nothing. A hook may raise: the
     ``Reporters`` that call it log the failure and go on."""
 
+    #: The supervisor reads its children's heartbeat files for ``on_child_beats`` only if a reporter wants
+    #: them.
+    relays_child_beats = False
+
     def before_fork(self) -> None:
         """In the supervisor, right before each fork: nothing connected may cross it."""
 
@@ -66,6 +70,10 @@ class Reporter:
 
     def on_snapshot(self, settings: Settings, snapshot: Snapshot, *, force: bool) -> None:
         """In the supervisor, with each ``supervisor.json`` it writes (``force``: the last one)."""
+
+    def on_child_beats(self, settings: Settings, beats: list[Heartbeat]) -> None:
+        """In the supervisor, after a heartbeat check: the heartbeats its children wrote since the last one
+        (only with ``relays_child_beats``)."""
 
     def on_forget(self, settings: Settings, key: str) -> None:
         """In the supervisor, when a child was stopped for good (account removed or disabled)."""
@@ -98,6 +106,13 @@ class Reporters:
 
     def on_snapshot(self, settings: Settings, snapshot: Snapshot, *, force: bool) -> None:
         self._emit("on_snapshot", lambda r: r.on_snapshot(settings, snapshot, force=force))
+
+    @property
+    def relays_child_beats(self) -> bool:
+        return any(r.relays_child_beats for r in self.reporters)
+
+    def on_child_beats(self, settings: Settings, beats: list[Heartbeat]) -> None:
+        self._emit("on_child_beats", lambda r: r.on_child_beats(settings, beats))
 
     def on_forget(self, settings: Settings, key: str) -> None:
         self._emit("on_forget", lambda r: r.on_forget(settings, key))
@@ -199,28 +214,48 @@ class StatusPublisher:
 
     def publish(self, key: str, payload: Mapping[str, Any], *, force: bool = False) -> bool:
         """Write one entry (throttled per key unless ``force``); True if it reached Redis."""
-        marker = (payload.get("state"), payload.get("error"))
+        return self.publish_many([(key, payload)], force=force) == 1
+
+    def publish_many(self, entries: Sequence[tuple[str, Mapping[str, Any]]], *, force: bool = False) -> int:
+        """Write entries (each throttled per key unless ``force``) in one round trip: how many reached
+        Redis (all that were due, or none)."""
         now = time.monotonic()
         with self._lock:
             if now < self._paused_until:
-                return False
-            if not force and not self.due(key, marker, now):
-                return False
-            body = dict(payload)
-            body.setdefault("key", key)
-            body["host"] = self.host
-            body.setdefault("ts", time.time())
-            # last line of defence: nothing registered as secret leaves the process
-            text = redact(json.dumps(body, default=str, separators=(",", ":")))
+                return 0
+            due = []
+            for key, payload in entries:
+                marker = (payload.get("state"), payload.get("error"))
+                if force or self.due(key, marker, now):
+                    due.append((key, marker, self._text(key, payload)))
+            if not due:
+                return 0
             try:
-                self._redis().set(status_key(self.namespace, self.host, key), text, ex=self.ttl_s)
+                client = self._redis()
+                if len(due) == 1:
+                    key, _, text = due[0]
+                    client.set(status_key(self.namespace, self.host, key), text, ex=self.ttl_s)
+                else:
+                    pipe = client.pipeline(transaction=False)
+                    for key, _, text in due:
+                        pipe.set(status_key(self.namespace, self.host, key), text, ex=self.ttl_s)
+                    pipe.execute()
             except Exception as e:  # noqa: BLE001 - status must never take a process down
                 self._failed(e, now)
-                return False
-            self._last[key] = (now, marker)
+                return 0
+            for key, marker, _ in due:
+                self._last[key] = (now, marker)
             self._failures_in_row = 0
-            self.published += 1
-            return True
+            self.published += len(due)
+            return len(due)
+
+    def _text(self, key: str, payload: Mapping[str, Any]) -> str:
+        body = dict(payload)
+        body.setdefault("key", key)
+        body["host"] = self.host
+        body.setdefault("ts", time.time())
+        # last line of defence: nothing registered as secret leaves the process
+        return redact(json.dumps(body, default=str, separators=(",", ":")))
 
     def remove(self, key: str) -> bool:
         """Delete an entry (a child stopped on purpose, e.g. its account was disabled)."""
@@ -256,7 +291,12 @@ class StatusPublisher:
 
 def child_payload(ctx: ChildContext) -> dict[str, Any]:
     """The status entry of one child: its heartbeat record plus its uptime."""
-    data: dict[str, Any] = dict(ctx.status())
+    return beat_payload(ctx.status())
+
+
+def beat_payload(beat: Mapping[str, Any]) -> dict[str, Any]:
+    """The status entry of a heartbeat record (its child's, or the file the supervisor read): plus uptime."""
+    data: dict[str, Any] = dict(beat)
     data["fields"] = dict(data.get("fields") or {})
     started = data.get("started")
     data["uptime_s"] = round(time.time() - started, 1) if isinstance(started, int | float) else None
@@ -312,10 +352,17 @@ class RedisStatus(Reporter):
 
     Connects nothing until the first publish, so building it before the fork is safe. Settings come
     with each hook: after a reload to another Redis URL or namespace, a new publisher takes over.
+
+    ``relay_children`` (``kraite-mp run``): the children's beats reach Redis through the supervisor,
+    which reads their heartbeat files at each heartbeat check and publishes what changed in one round trip
+    (``on_child_beats``); a child then publishes nothing and holds no Redis connection for status, and an
+    idle child's beat is a file write and a title. An entry is at most one heartbeat check
+    (``heartbeat_timeout_s / 10``, at most 5 s) behind its file; its ``ts`` is still the child's.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, relay_children: bool = False) -> None:
         self.publisher: StatusPublisher | None = None
+        self.relays_child_beats = relay_children
 
     def publisher_for(self, settings: Settings) -> StatusPublisher:
         pub = self.publisher
@@ -340,7 +387,12 @@ class RedisStatus(Reporter):
             self.publisher.forget_connection()
 
     def on_beat(self, ctx: ChildContext) -> None:
-        self.publisher_for(ctx.settings).publish(ctx.key, child_payload(ctx))
+        if not self.relays_child_beats:
+            self.publisher_for(ctx.settings).publish(ctx.key, child_payload(ctx))
+
+    def on_child_beats(self, settings: Settings, beats: list[Heartbeat]) -> None:
+        entries = [(str(beat.get("key")), beat_payload(beat)) for beat in beats if beat.get("key")]
+        self.publisher_for(settings).publish_many(entries)
 
     def on_snapshot(self, settings: Settings, snapshot: Snapshot, *, force: bool) -> None:
         # synchronous with short timeouts: the parent has no threads and must not start any
