@@ -125,6 +125,12 @@ def test_relayed_children_publish_nothing_and_the_supervisor_publishes_their_hea
         children[0].fail(f"HTTP 401 for https://x/?listenKey=abcdefgh123 secret={secret}")
         for ctx in children:
             ctx.beat("streaming", force=True, frames=5)
+        children[1].fields["note"] = f"leak {secret}"
+        children[1].beat(force=True)
+        with open(children[1].heartbeat_path) as f:
+            assert secret not in f.read()  # redacted in the child, which knows its secrets
+        children[1].fields.pop("note")
+        children[1].beat(force=True)
         keys = [
             publish.status_key(status_settings.redis_namespace, publish.host_name(), c.key) for c in children
         ]

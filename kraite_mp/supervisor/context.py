@@ -182,8 +182,11 @@ class ChildContext:
         }
 
     def _write_heartbeat(self) -> None:
+        from kraite_mp.logs import redact_value
+
         try:
-            runfiles.write_heartbeat(self.heartbeat_path, self.status())
+            # redacted here, where this child's secrets are known: the supervisor relays the file to Redis
+            runfiles.write_heartbeat(self.heartbeat_path, redact_value(self.status()))
         except OSError:
             log.warning("cannot write heartbeat %s", self.heartbeat_path, exc_info=True)
 
