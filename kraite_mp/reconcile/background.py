@@ -64,6 +64,8 @@ MAX_AGE_WITHOUT_FULL_S = 3600.0
 LINE_SPACING_S = 1.0
 LINE_ASK_MAX_S = 30.0
 LINE_JITTER_S = 1.0
+#: The head asks again no sooner than this, however soon the budget's oldest entry leaves its window.
+LINE_HEAD_MIN_S = 0.5
 #: A waiter not seen this long (its message was lost, its account removed) leaves the line.
 LINE_TTL_S = 150.0
 
@@ -219,7 +221,7 @@ def _history_sweep(
             if place is None:  # no line without Redis: the doubling spread keeps the re-sends apart
                 _again(account, attempt, retry_in, "no room in the REST budget", send_again)
             else:
-                delay_s = retry_in + random.uniform(0.0, LINE_JITTER_S)
+                delay_s = max(retry_in, LINE_HEAD_MIN_S) + random.uniform(0.0, LINE_JITTER_S)
                 send_again(attempt + 1, delay_s)
                 log.info(
                     "account %s: history sweep sent again in %.0fs (place %d in the egress's line, no room"
