@@ -327,9 +327,9 @@ class SpoolSender:
         now = time.monotonic()
         if not self._unacked:
             # nothing in flight: what was sent since needs no acknowledgement (reconcile requests), so that
-            # an idle account's spool is acknowledged to its end and its segment can expire
-            if self.spool.sent_position > self.spool.acked_position:
-                self.spool.ack(self.spool.sent_position)
+            # an idle account's spool is acknowledged to its end and its segment can expire (a no-op when
+            # the acknowledged cursor is there already)
+            self.spool.ack(self.spool.sent_position)
             self._check_retention(now)
             return
         if now - self._ack_polled_at < ACK_POLL_S:

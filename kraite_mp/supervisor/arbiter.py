@@ -545,29 +545,18 @@ class Arbiter:
     def relay_beats(self) -> None:
         """Hand the heartbeats written since the last check to the status reporters, all at once: the
         children publish nothing themselves (``RedisStatus(relay_children=True)``)."""
-        beats = []
-        for child in self.pids.values():
-            if child.heartbeat_mtime <= child.relayed_mtime:
-                continue
-            beat = runfiles.read_heartbeat(runfiles.heartbeat_path(self.settings.run_dir, child.key))
-            child.relayed_mtime = child.heartbeat_mtime
-            if isinstance(beat, dict) and beat.get("pid") == child.pid:  # never a dead run's last beat
-                beats.append(beat)
+        run_dir = self.settings.run_dir
+        found = (process.unrelayed_beat(c, run_dir, c.pid, c.heartbeat_mtime) for c in self.pids.values())
+        beats = [beat for beat in found if beat is not None]
         if beats:
             self.reporters.on_child_beats(self.settings, beats)
 
     def _relay_last_beat(self, child: Child, pid: int) -> None:
         """A child's last words (``fatal`` and its error, ``stopped``) may come after the last check."""
-        path = runfiles.heartbeat_path(self.settings.run_dir, child.key)
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            return
-        if mtime <= child.relayed_mtime:
-            return
-        child.relayed_mtime = child.heartbeat_mtime = mtime
-        beat = runfiles.read_heartbeat(path)
-        if isinstance(beat, dict) and beat.get("pid") == pid:
+        run_dir = self.settings.run_dir
+        mtime = process.heartbeat_mtime(runfiles.heartbeat_path(run_dir, child.key))
+        beat = process.unrelayed_beat(child, run_dir, pid, mtime)
+        if beat is not None:
             self.reporters.on_child_beats(self.settings, [beat])
 
     # -- periodic sync ----------------------------------------------------------------------------

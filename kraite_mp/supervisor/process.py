@@ -294,14 +294,28 @@ def begin_stop(child: Child, after: AfterStop, reason: str, now: float, graceful
     child.kill(signal.SIGTERM)
 
 
+def heartbeat_mtime(path: str) -> float:
+    """The heartbeat file's mtime, 0.0 when there is none: a stat, no read (cheap at 500 children)."""
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def unrelayed_beat(child: Child, run_dir: str, pid: int | None, mtime: float) -> runfiles.Heartbeat | None:
+    """The heartbeat ``child``'s run ``pid`` wrote at ``mtime``, if it is newer than the one last relayed to
+    the status reporters (it counts as relayed from now on); None for a dead run's last beat."""
+    if mtime <= child.relayed_mtime:
+        return None
+    child.relayed_mtime = child.heartbeat_mtime = mtime
+    beat = runfiles.read_heartbeat(runfiles.heartbeat_path(run_dir, child.key))
+    return beat if isinstance(beat, dict) and beat.get("pid") == pid else None
+
+
 def check_heartbeat(child: Child, run_dir: str, now: float, wall: float, timeout_s: float) -> bool:
     """STARTING becomes RUNNING on its first real heartbeat; True when a long-lived child went silent."""
     path = runfiles.heartbeat_path(run_dir, child.key)
-    try:
-        mtime = os.stat(path).st_mtime  # a stat per child, no read: cheap at 500 children
-    except OSError:
-        mtime = 0.0
-    child.heartbeat_mtime = mtime
+    mtime = child.heartbeat_mtime = heartbeat_mtime(path)
     if child.state == ChildState.STARTING and mtime >= child.spawned_wall:
         beat = runfiles.read_heartbeat(path)
         if beat and beat.get("pid") == child.pid and beat.get("state") not in (None, "starting"):
