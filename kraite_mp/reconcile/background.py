@@ -18,9 +18,10 @@ behind gaps that opened later. A sweep that does not take weight gives its worke
 sent again: the head for when the budget's oldest entry leaves the window, the others after a second per
 place (at most ``LINE_ASK_MAX_S``), each with a spread; a waiter not seen for ``LINE_TTL_S`` (its message
 lost) leaves the line. Without Redis there is no line: the sweep is sent again for when the budget frees,
-plus a spread that doubles per attempt (``next_delay_s``). It is skipped when a full sweep started after it was asked for (that sweep read the same symbols' histories over
-a window that holds the gap), and given up once ``supervisor.sync_full_interval_s`` has passed since it was
-asked for: by then the periodic full sweep reads the same histories.
+plus a spread that doubles per attempt (``next_delay_s``). It is skipped when a full sweep started after it
+was asked for (that sweep read the same symbols' histories over a window that holds the gap), and given up
+once ``supervisor.sync_full_interval_s`` has passed since it was asked for: by then the periodic full sweep
+reads the same histories.
 """
 
 from __future__ import annotations
