@@ -1347,7 +1347,7 @@ def main() -> int:
 def drive(args: argparse.Namespace, counts: list[int]) -> int:
     import requests
 
-    from kraite_mp.config import load_settings
+    from kraite_mp.config.load import load_settings
     from kraite_mp.store import db as kdb
     from kraite_mp.store.accounts import generate_secret_key
 

@@ -22,7 +22,7 @@ queues. The simulator sends no scenario events: only connections matter here.
 
 Settings: ``fleet.failover_s = --failover-s`` (default: the product's default); ``--spawn-pacing
 deployed`` keeps every supervisor setting as deployed (``supervisor.spawn_rate_per_s``,
-``spawn_burst``, periodic sync every 300 s, ...: the defaults of kraite_mp/config.py); ``fast`` uses the netns test's settings
+``spawn_burst``, periodic sync every 300 s, ...: the defaults of kraite_mp.config); ``fast`` uses the netns test's settings
 (``tests/test_supervisor.py`` ``FAST_ENV``: spawns unpaced at 100/s, no periodic sync), which leaves the
 fleet protocol alone in the figure; ``--sync-interval-s`` overrides ``supervisor.sync_interval_s`` (a
 periodic sync spends the egress's REST weight, which the listenKey request of every new stream needs

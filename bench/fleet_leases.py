@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kraite_mp.config import load_settings  # noqa: E402
+from kraite_mp.config.load import load_settings  # noqa: E402
 from kraite_mp.ops.embedded import RedisServer  # noqa: E402
 from kraite_mp.supervisor.fleet import FleetOwnership  # noqa: E402
 

@@ -31,7 +31,7 @@ Measured per frame received in the window:
 - worker events/s at the offered load, and its capacity: frames per second while draining a backlog
   of ``--burst`` scenario steps produced while the worker was paused.
 The cases run with the frame queue's doorbell (the consumer blocks in BLPOP on the bell the children's
-senders ring; ``jobs.KraiteRedisBroker``), as deployed; ``--no-doorbell`` makes their consumer poll every
+senders ring; ``broker.KraiteRedisBroker``), as deployed; ``--no-doorbell`` makes their consumer poll every
 ``--idle-poll-ms`` instead (``jobs.build_broker(doorbell=False)``, the behaviour before the doorbell).
 The wake-up comparison repeats the smallest case at ``--compare-rate`` with the consumer polling, its
 idle sleep capped at each of ``--compare-idle-poll`` ms (1000 = Dramatiq's default ``worker_timeout``
@@ -94,7 +94,7 @@ def wait(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
 def run_case(cfg: dict[str, Any]) -> dict[str, Any]:
     import requests
 
-    from kraite_mp.config import load_settings
+    from kraite_mp.config.load import load_settings
     from kraite_mp.logs import setup_logging
     from kraite_mp.store import db as kdb
     from kraite_mp.store.accounts import add_account, generate_secret_key, list_accounts
@@ -423,7 +423,7 @@ def run_idle_case(cfg: dict[str, Any]) -> dict[str, Any]:
     import redis as redis_lib
 
     from kraite_mp import jobs
-    from kraite_mp.config import load_settings
+    from kraite_mp.config.load import load_settings
     from kraite_mp.ops.embedded import RedisServer
 
     server = RedisServer().start()

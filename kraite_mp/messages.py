@@ -3,7 +3,7 @@
 Both sides import this module and nothing of each other: actor and queue names, the broker's Redis
 namespace, the spool record <-> Dramatiq message mapping, the end-to-end acknowledgement keys, the frame
 ids minted on receipt (a frame's identity comes from its content), and the doorbell a producer rings with
-every frame it enqueues (``DoorbellBroker``; ``jobs.KraiteRedisBroker`` waits for it).
+every frame it enqueues (``DoorbellBroker``; ``broker.KraiteRedisBroker`` waits for it).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class DoorbellBroker(RedisBroker):
     The ring is an RPUSH onto ``bell_key`` (LTRIM to ``BELL_MAX``, PEXPIRE ``BELL_TTL_MS``) pipelined after
     Dramatiq's own enqueue script, in the same round trip: the message is in the queue before its bell. The
     consumer of such a queue blocks in BLPOP on the bell after an empty fetch instead of sleeping
-    (``jobs.KraiteRedisBroker``); a message that comes without a bell (an older producer, Dramatiq's requeue
+    (``broker.KraiteRedisBroker``); a message that comes without a bell (an older producer, Dramatiq's requeue
     of a dead worker's messages) waits for the consumer's bounded BLPOP timeout at most.
     """
 

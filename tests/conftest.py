@@ -22,7 +22,8 @@ from support import ROOT, ProcessGroup
 
 sys.path.insert(0, str(ROOT))
 
-from kraite_mp.config import Settings, load_settings  # noqa: E402
+from kraite_mp.config import Settings  # noqa: E402
+from kraite_mp.config.load import load_settings  # noqa: E402
 from kraite_mp.ops.embedded import PostgresServer, RedisServer  # noqa: E402
 from kraite_mp.store import db as kdb  # noqa: E402
 from kraite_mp.store.accounts import generate_secret_key  # noqa: E402

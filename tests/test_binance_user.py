@@ -28,6 +28,7 @@ from kraite_mp.binance.user import (
     parse_frame,
     scrub_text,
 )
+from kraite_mp.config import load as config_load
 from kraite_mp.logs import register_secret
 
 pytestmark = pytest.mark.unit
@@ -205,7 +206,7 @@ def test_each_parser_docstring_sample_is_real_and_parses(parser: Any) -> None:
 
 
 def test_config_imports_the_lists_instead_of_repeating_them() -> None:
-    assert config.KNOWN_DISPATCH_KEYS is KNOWN_DISPATCH_KEYS
+    assert config_load.KNOWN_DISPATCH_KEYS is KNOWN_DISPATCH_KEYS
     assert config.UserDataStreamSettings().events == list(USER_DATA_EVENTS)
     assert KNOWN_EVENTS == set(USER_DATA_EVENTS) and len(USER_DATA_EVENTS) == len(KNOWN_EVENTS)
     assert set(config.DEFAULT_DISPATCHED_EXECUTIONS) <= KNOWN_DISPATCH_KEYS
@@ -296,8 +297,8 @@ SIM_FRAMES_2026 = Path(__file__).resolve().parent / "fixtures" / "sim_frames_202
 
 
 def test_recorded_simulator_frames_of_every_2026_kind_parse_unwrapped_and_scrubbed() -> None:
-    """Frames recorded from the simulator on /private/stream (two keys, wrapped): every kind the
-    exchange sends in 2026. ``outcome`` is what ``jobs.decide`` made of each with every dispatch key on."""
+    """Frames recorded from the simulator on /private/stream (two keys, wrapped): every kind the exchange
+    sends in 2026. ``outcome`` is what ``store.dispatch.decide`` made of each with every dispatch key on."""
     with open(SIM_FRAMES_2026) as f:
         recorded = [json.loads(line) for line in f if line.strip()]
     assert len(recorded) >= 25

@@ -27,14 +27,15 @@ from kraite_mp.binance.budget import (
     EgressBudget,
     budget_key,
     egress_id,
-    fallback_limit,
     resume_spread_s,
     shared_budget,
 )
 from kraite_mp.binance.errors import RateLimited
 from kraite_mp.binance.hosts import reset_host_state
 from kraite_mp.binance.rest import BinanceRest
-from kraite_mp.config import ConfigError, Settings, load_settings
+from kraite_mp.binance.window import fallback_limit, padded_window
+from kraite_mp.config import ConfigError, Settings
+from kraite_mp.config.load import load_settings
 
 SCRIPT = str(ROOT / "tests" / "fixtures" / "budget_client.py")
 
@@ -165,7 +166,7 @@ def test_without_redis_a_process_keeps_to_a_small_local_share_and_says_so_once(
 ) -> None:
     url = f"redis://127.0.0.1:{closed_port()}/0"
     budget = EgressBudget("unit@nowhere", 1200, redis_url=url, key_prefix="kraite-test:egress:unit")
-    caplog.set_level(logging.INFO, logger="kraite_mp.binance.budget")
+    caplog.set_level(logging.INFO, logger="kraite_mp.binance.window")
     taken = 0
     for _ in range(200):  # a would-be burst of 200 weight
         ok, _retry = budget.try_take(1)
@@ -463,7 +464,7 @@ def test_the_window_kept_is_longer_than_the_exchange_s_so_skewed_bursts_never_ov
     """A unit is taken a little before the exchange counts it; with an exact window, a burst taken right
     as the window frees can meet the previous one in the exchange's window (1,288 of a 1,200 share was
     measured in a rolling minute). The window kept is 3 % longer: 60 s -> 62 s, 300 s -> 310 s."""
-    assert (budget_mod.padded_window(60), budget_mod.padded_window(300), budget_mod.padded_window(1)) == (
+    assert (padded_window(60), padded_window(300), padded_window(1)) == (
         62,
         310,
         1,

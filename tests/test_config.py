@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from kraite_mp.config import ConfigError, load_settings
+from kraite_mp.config import ConfigError
+from kraite_mp.config.load import load_settings
 
 
 @pytest.mark.unit
@@ -94,7 +95,8 @@ def test_check_config_cli_redacts_and_fails_clearly(tmp_path) -> None:
 
 @pytest.mark.unit
 def test_every_duration_is_checked_for_range() -> None:
-    from kraite_mp.config import POSITIVE_DURATIONS, Settings, _durations
+    from kraite_mp.config import Settings
+    from kraite_mp.config.load import POSITIVE_DURATIONS, _durations
 
     paths = {path for path, _ in _durations(Settings())}
     assert POSITIVE_DURATIONS <= paths  # no typo in the list of the ones that must be > 0
@@ -136,7 +138,7 @@ def test_redis_url_must_parse(url: str, ok: bool) -> None:
 
 @pytest.mark.unit
 def test_env_typos_suggest_the_closest_known_name() -> None:
-    from kraite_mp.config import env_typos
+    from kraite_mp.config.load import env_typos
 
     environ = {
         "KRAITE_DATABSE_URL": "x",
@@ -174,7 +176,7 @@ def test_preflight_names_a_bad_secret_key_and_unloadable_observers() -> None:
 
 @pytest.mark.unit
 def test_config_is_found_in_the_usual_places_first_one_wins(tmp_path) -> None:
-    from kraite_mp.config import CONFIG_SEARCH_PATH, find_config
+    from kraite_mp.config.load import CONFIG_SEARCH_PATH, find_config
 
     assert CONFIG_SEARCH_PATH == (
         "etc/kraite-mp.toml",

@@ -16,7 +16,8 @@ import websocket
 
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts, backoff_delay
-from kraite_mp.config import ConfigError, load_settings
+from kraite_mp.config import ConfigError
+from kraite_mp.config.load import load_settings
 from kraite_mp.store.accounts import Account
 from kraite_mp.streams import connection
 from kraite_mp.streams.connection import WebSocketStream

@@ -17,7 +17,7 @@ import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.messages import PROCESS_ACTOR, broker_namespace, redis_client
 
 #: Fetch attempts before the test gives up on its own message (each waits up to CONSUME_TIMEOUT_MS).

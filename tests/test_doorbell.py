@@ -1,5 +1,5 @@
 """The frame queue's doorbell: producers ring it with every message, the consumer waits on it after an empty
-fetch (``messages.DoorbellBroker``, ``jobs.BellConsumer``). A Redis server of each test's own (real, stopped
+fetch (``messages.DoorbellBroker``, ``broker.BellConsumer``). A Redis server of each test's own (real, stopped
 and restarted empty by the tests), so ``CLIENT LIST`` shows only this test's clients.
 
 What a test proves never rests on timing: a consumer whose doorbell wait is far longer than the test's
@@ -25,6 +25,7 @@ from fixtures.userdata_helpers import settings_from
 from support import wait_for
 
 from kraite_mp import jobs
+from kraite_mp.broker import BELL_CLIENT_NAME, BellConsumer
 from kraite_mp.config import Settings
 from kraite_mp.messages import (
     BELL_MAX,
@@ -85,9 +86,7 @@ def blocked_on_bell(server: RedisServer) -> int:
         return sum(
             1
             for cl in c.client_list()
-            if cl.get("name") == jobs.BELL_CLIENT_NAME
-            and cl.get("cmd") == "blpop"
-            and "b" in cl.get("flags", "")
+            if cl.get("name") == BELL_CLIENT_NAME and cl.get("cmd") == "blpop" and "b" in cl.get("flags", "")
         )
 
 
@@ -144,7 +143,7 @@ def test_a_consumer_waiting_on_the_doorbell_wakes_for_a_frame_the_sender_enqueue
     made.append(broker)
     consumer = broker.consume(bell_settings.user_data_stream.queue_name, prefetch=4, timeout=LONG_MS)
     made.append(consumer)
-    assert isinstance(consumer, jobs.BellConsumer)
+    assert isinstance(consumer, BellConsumer)
     waiting = Next(consumer)  # empty queue: fetches nothing, then blocks on the bell for LONG_MS
     wait_for(lambda: blocked_on_bell(server) == 1, 10, message="the consumer blocked in BLPOP on the bell")
     assert waiting.thread.is_alive()
@@ -276,7 +275,7 @@ def test_redis_gone_is_logged_and_a_restarted_empty_redis_rings_again(
     """Redis stops under a consumer blocked on the bell, then comes back empty (what a broker epoch
     change looks like): a warning, Dramatiq's ConnectionClosed while it is gone, and the bell works again
     (the producer reloads the enqueue script the empty Redis no longer has)."""
-    caplog.set_level(logging.WARNING, logger="kraite_mp.jobs")
+    caplog.set_level(logging.WARNING, logger="kraite_mp.broker")
     queue = bell_settings.user_data_stream.queue_name
     producer = build_producer_broker(bell_settings)
     broker = jobs.build_broker(bell_settings)
@@ -315,14 +314,14 @@ def test_the_frame_queue_waits_on_the_bell_and_the_others_poll_as_before(
     made.append(broker)
     frames = broker.consume(bell_settings.user_data_stream.queue_name, prefetch=4, timeout=1000)
     made.append(frames)
-    assert isinstance(frames, jobs.BellConsumer)
+    assert isinstance(frames, BellConsumer)
     assert (frames.timeout, frames.bell_timeout_s) == (50, 1.0)  # idle_poll_ms caps the fallback poll
     reconcile = broker.consume("reconcile", prefetch=4, timeout=1000)
-    assert not isinstance(reconcile, jobs.BellConsumer) and reconcile.timeout == 1000
+    assert not isinstance(reconcile, BellConsumer) and reconcile.timeout == 1000
     polling = jobs.build_broker(bell_settings, doorbell=False)
     made.append(polling)
     old = polling.consume(bell_settings.user_data_stream.queue_name, prefetch=4, timeout=1000)
-    assert not isinstance(old, jobs.BellConsumer) and old.timeout == 50
+    assert not isinstance(old, BellConsumer) and old.timeout == 50
 
 
 def test_the_producer_loads_the_enqueue_script_again_into_a_redis_without_it(

@@ -19,7 +19,7 @@ import pytest
 import redis
 from support import children_of, title_of, wait_for
 
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.supervisor.fleet import FleetOwnership, assign, fleet_members, lease_key
 from kraite_mp.supervisor.publish import status_key
 

@@ -164,7 +164,7 @@ def test_without_the_fork_server_the_supervisor_forks_the_children(
 
 SERVER_SCRIPT = """
 import json, os, sys
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.supervisor.forkserver import ForkServer, become_subreaper
 from kraite_mp.supervisor.publish import Reporters
 from contextlib import nullcontext

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from kraite_mp.backoff import Attempts
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.store.accounts import Account
 from kraite_mp.streams.connection import WebSocketStream
 from kraite_mp.streams.liveness import PONG_BEHIND_DATA_FACTOR, Disconnect, Liveness, Reason

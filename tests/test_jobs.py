@@ -40,8 +40,9 @@ from support import wait_for
 
 from kraite_mp import jobs
 from kraite_mp.binance.user import FrameKind, parse_frame
-from kraite_mp.config import DEFAULT_DISPATCHED_EXECUTIONS, Settings, load_settings
-from kraite_mp.jobs import AuditOutcome, decide, finish_reconcile
+from kraite_mp.config import DEFAULT_DISPATCHED_EXECUTIONS, Settings
+from kraite_mp.config.load import load_settings
+from kraite_mp.jobs import finish_reconcile
 from kraite_mp.logs import RedactFilter, describe_error, register_secret
 from kraite_mp.messages import (
     PROCESS_ACTOR,
@@ -55,6 +56,7 @@ from kraite_mp.observers import transitions_channel
 from kraite_mp.ops.embedded import free_port
 from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
 from kraite_mp.store.accounts import add_account
+from kraite_mp.store.dispatch import AuditOutcome, Outcome, decide
 
 
 def load_jsonl(name: str) -> list[dict[str, Any]]:
@@ -823,17 +825,15 @@ def test_decide_checks_shadow_then_dispatch_key_then_allowlist_then_body() -> No
     broken_account = parse_frame(1, '{"e":"ACCOUNT_UPDATE","a":{"B":[]}}')
     assert broken_trade.error == "o.i: missing"
     for event in (broken_trade, no_key, broken_new, broken_account):
-        assert decide(event, []) == jobs.Outcome(AuditOutcome.SHADOW)  # shadow mode audits anything known
-    assert decide(no_key, ALL_KEYS) == jobs.Outcome(
-        AuditOutcome.INVALID, "no dispatch key (o.x / o.X missing)"
-    )
-    assert decide(broken_new, DEFAULT_DISPATCHED_EXECUTIONS) == jobs.Outcome(
+        assert decide(event, []) == Outcome(AuditOutcome.SHADOW)  # shadow mode audits anything known
+    assert decide(no_key, ALL_KEYS) == Outcome(AuditOutcome.INVALID, "no dispatch key (o.x / o.X missing)")
+    assert decide(broken_new, DEFAULT_DISPATCHED_EXECUTIONS) == Outcome(
         AuditOutcome.SKIPPED, "NEW is not dispatched"
     )
-    assert decide(broken_trade, ALL_KEYS) == jobs.Outcome(AuditOutcome.INVALID, "o.i: missing")
-    assert decide(broken_account, ALL_KEYS) == jobs.Outcome(AuditOutcome.INVALID, "E: missing event time")
+    assert decide(broken_trade, ALL_KEYS) == Outcome(AuditOutcome.INVALID, "o.i: missing")
+    assert decide(broken_account, ALL_KEYS) == Outcome(AuditOutcome.INVALID, "E: missing event time")
     unknown = decide(parse_frame(1, '{"e":"NEW_THING","E":1}'), ALL_KEYS)
-    assert unknown == jobs.Outcome(AuditOutcome.UNKNOWN, "unknown event type 'NEW_THING'")
+    assert unknown == Outcome(AuditOutcome.UNKNOWN, "unknown event type 'NEW_THING'")
     malformed = decide(parse_frame(1, "{oops"), ALL_KEYS)
     assert malformed.outcome == "malformed" and malformed.error and malformed.error.startswith("invalid JSON")
     # the persisted strings are exactly the old ones

@@ -20,6 +20,7 @@ FLOORS: list[set[str]] = [
     {"__main__"},
     {"ops"},
     {"jobs"},
+    {"broker"},
     {"reconcile"},
     {"streams"},
     {"supervisor"},
@@ -123,3 +124,4 @@ def test_the_worker_loads_no_websocket_code() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+

@@ -602,7 +602,7 @@ def test_writer_step_retries_after_connect_failure(settings: Settings, db: Any) 
 CHILD_SCRIPT = """
 import os, sys
 from kraite_mp.supervisor.context import ChildContext, run_child
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.logs import setup_logging
 from kraite_mp.streams.markprice import run_mark_price_child
 

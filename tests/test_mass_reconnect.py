@@ -52,8 +52,8 @@ import pytest
 from fixtures.userdata_helpers import ALL_DISPATCH_KEYS, add_sim_accounts, sim_env, truth_mismatches
 from support import wait_for
 
-from kraite_mp.binance.budget import padded_window
 from kraite_mp.binance.connections import MARK_PRICE_RESERVE
+from kraite_mp.binance.window import padded_window
 from kraite_mp.simulator.engine import RESTING_ORDERS
 
 ACCOUNTS = 120

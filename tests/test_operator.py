@@ -464,7 +464,7 @@ def test_a_postgresql_outage_longer_than_the_retry_budget_dead_letters_nothing(
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
-    from kraite_mp.config import load_settings
+    from kraite_mp.config.load import load_settings
     from kraite_mp.messages import PROCESS_ACTOR, broker_namespace, redis_client
     from kraite_mp.ops.deadletters import counts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kraite_mp.config import parse_shard
+from kraite_mp.config.load import parse_shard
 from kraite_mp.supervisor.ownership import ModuloShard
 
 

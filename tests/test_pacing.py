@@ -1,4 +1,4 @@
-"""Reconnect pacing (issue 12): one connection budget per egress (kraite_mp/binance/budget.py ConnectionBudget),
+"""Reconnect pacing (issue 12): one connection budget per egress (kraite_mp/binance/connections.py ConnectionBudget),
 taken by every WebSocket attempt of every stream; real Redis, real child processes, the simulator's handshake
 limit and counts.
 """
@@ -23,7 +23,8 @@ from support import title_of, wait_for
 from kraite_mp.binance import budget as budget_mod
 from kraite_mp.binance import connections
 from kraite_mp.binance.connections import ConnectionBudget, connection_budget, fallback_window
-from kraite_mp.config import ConfigError, load_settings
+from kraite_mp.config import ConfigError
+from kraite_mp.config.load import load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +65,7 @@ def test_the_fallback_share_of_connection_attempts_is_never_a_burst() -> None:
 def test_without_redis_a_stream_keeps_to_a_small_local_share_and_says_so_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="kraite_mp.binance.budget")
+    caplog.set_level(logging.INFO, logger="kraite_mp.binance.window")
     url = f"redis://127.0.0.1:{closed_port()}/0"
     tokens = ConnectionBudget("down", 150, redis_url=url, key_prefix="t:egress:x:h:ws", window_s=300)
     taken = [tokens.take() == 0.0 for _ in range(20)]

@@ -26,7 +26,8 @@ from packaging.utils import canonicalize_name
 from support import ROOT
 
 import kraite_mp
-from kraite_mp.config import Settings, load_settings
+from kraite_mp.config import Settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.ops import init_cmd as init
 from kraite_mp.ops.init_cmd import EXIT_CANTCREAT, TEMPLATES, init_cmd
 
@@ -218,7 +219,7 @@ def test_libraries_whose_internals_are_overridden_have_upper_bounds() -> None:
     from dramatiq.brokers.redis import RedisBroker
     from redis.lock import Lock
 
-    from kraite_mp.jobs import KraiteRedisBroker
+    from kraite_mp.broker import KraiteRedisBroker
 
     assert issubclass(KraiteRedisBroker, RedisBroker) and "consume" in vars(KraiteRedisBroker)
     assert hasattr(Lock, "lua_release") and hasattr(Lock, "register_scripts")  # what fleet.py runs

@@ -27,6 +27,7 @@ from kraite_mp.messages import FrameIds
 from kraite_mp.ops.retention_cmd import prune_cmd
 from kraite_mp.store import audit, retention
 from kraite_mp.store import db as kdb
+from kraite_mp.store.dispatch import AuditOutcome
 
 DAY_MS = 86_400_000
 
@@ -199,18 +200,16 @@ def test_a_redelivered_frame_on_another_days_run_is_still_a_duplicate(
     frame = frame_at(today)
     frame_id = FrameIds(2).for_frame(frame)
     first = runner.process_user_data_event(2, frame, frame_id, ms_of(today))
-    assert first == jobs.AuditOutcome.AUDITED
+    assert first == AuditOutcome.AUDITED
     # the same frame from the other connection of a rollover, a spool replay days later, another host
     for days_later in (1, 3, 6):
         again = runner.process_user_data_event(2, frame, frame_id, ms_of(today + timedelta(days=days_later)))
-        assert again == jobs.AuditOutcome.DUPLICATE
+        assert again == AuditOutcome.DUPLICATE
     # a frame without an event time (unique id) and a hand-made id without any time: the same
     no_time = FrameIds(2).next()
-    assert runner.process_user_data_event(2, "not json", no_time, ms_of(today)) == jobs.AuditOutcome.MALFORMED
+    assert runner.process_user_data_event(2, "not json", no_time, ms_of(today)) == AuditOutcome.MALFORMED
     assert runner.process_user_data_event(2, "not json", no_time, ms_of(today) + 5 * DAY_MS) == "duplicate"
-    assert (
-        runner.process_user_data_event(2, '{"e":"X"}', "hand-made", ms_of(today)) == jobs.AuditOutcome.UNKNOWN
-    )
+    assert runner.process_user_data_event(2, '{"e":"X"}', "hand-made", ms_of(today)) == AuditOutcome.UNKNOWN
     assert runner.process_user_data_event(2, '{"e":"X"}', "hand-made", ms_of(today) + DAY_MS) == "duplicate"
     runner._drop_connection()
     assert [r[2] for r in rows(conn)] == [frame_id, no_time, "hand-made"]

@@ -1,6 +1,6 @@
 """Every kind of user-data frame the exchange sends, from the simulator over a real socket, and what
 kraite-mp's edge makes of it: each one parses (``binance.user.parse_frame``) into a known event with no
-error, and ``jobs.decide`` dispatches, applies or audits it, never fails it.
+error, and ``store.dispatch.decide`` dispatches, applies or audits it, never fails it.
 
 Frames: AMENDMENT with ``o.M``, TRAILING_STOP_MARKET's ``AP``/``cr``, ALGO ``ia``, an algo stuck in
 TRIGGERING, EXPIRED_IN_MATCH, a liquidation (x=CALCULATED), hedge-mode and isolated positions,
@@ -27,8 +27,8 @@ import websocket
 from kraite_mp.binance import user
 from kraite_mp.binance.user import KNOWN_DISPATCH_KEYS
 from kraite_mp.config import DEFAULT_DISPATCHED_EXECUTIONS
-from kraite_mp.jobs import AuditOutcome, decide
 from kraite_mp.simulator import Simulator, SimulatorError
+from kraite_mp.store.dispatch import AuditOutcome, decide
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

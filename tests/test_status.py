@@ -482,7 +482,7 @@ def test_status_shows_the_egress_budget_every_process_shares(
     (issue 12)."""
     from kraite_mp.binance.budget import reset_budgets, shared_budget
     from kraite_mp.binance.connections import connection_budget
-    from kraite_mp.config import load_settings
+    from kraite_mp.config.load import load_settings
     from kraite_mp.reconcile.background import HistoryLine
 
     env = _env(kraite_env, namespace)

@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 from support import MARKER_VAR, ROOT, marked_pids, wait_for
 
-from kraite_mp.config import Settings, load_settings
+from kraite_mp.config import Settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.store.accounts import add_account
 
 SUPERVISORD_D = ROOT / "etc" / "supervisord.d"
@@ -303,7 +304,7 @@ def test_example_config_lists_every_setting_with_its_default(tmp_path: Path) -> 
     assert load_settings(example, environ={}).redacted() == dict(
         Settings().redacted(), source=f"defaults + {example}"
     )
-    # switched on, it holds every setting of config.py at its default, and nothing else
+    # switched on, it holds every setting of kraite_mp.config at its default, and nothing else
     switched_on = _uncommented(text)
     documented = _flatten(tomllib.loads(switched_on))
     expected = _all_settings()

@@ -23,7 +23,8 @@ from test_supervisor import FAST_ENV, Supervisor
 from kraite_mp.binance.errors import BinanceError
 from kraite_mp.binance.rest import BinanceRest
 from kraite_mp.binance.tls import client_context
-from kraite_mp.config import ConfigError, load_settings
+from kraite_mp.config import ConfigError
+from kraite_mp.config.load import load_settings
 from kraite_mp.simulator import Simulator
 from kraite_mp.simulator.tls import make_test_certificate
 from kraite_mp.store.accounts import add_account

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.messages import FrameIds, frame_record, reconcile_record, record_message
-from kraite_mp.streams import spool as spool_module
-from kraite_mp.streams.spool import Spool, segment_name
+from kraite_mp.streams.spool import Spool
+from kraite_mp.streams.spool_files import CURSOR_PERSIST_S, segment_name
 from kraite_mp.streams.userdata import stream_url
 
 pytestmark = pytest.mark.unit
@@ -72,7 +72,7 @@ def test_sent_cursor_is_written_at_most_once_per_interval_and_on_close(tmp_path:
             (rec,) = spool.read(1, timeout=0)
             spool.commit(rec, 1)
         assert spool.backlog == 5 and spool.cursor_pending
-        assert 0 < spool.cursor_due_in() <= spool_module.CURSOR_PERSIST_S
+        assert 0 < spool.cursor_due_in() <= CURSOR_PERSIST_S
         assert on_disk() == 9  # a crash now re-sends the 4 commits after the first write, loses nothing
         spool.persist_cursor(due_only=True)  # not due yet: still one write for the five commits
         assert on_disk() == 9 and spool.cursor_pending
@@ -81,7 +81,7 @@ def test_sent_cursor_is_written_at_most_once_per_interval_and_on_close(tmp_path:
         (rec,) = spool.read(1, timeout=0)
         spool.commit(rec, 1)  # the last write was just now: deferred
         assert on_disk() == 5
-        spool._cursor_written_at -= spool_module.CURSOR_PERSIST_S  # the interval has passed
+        spool.files._cursor_written_at -= CURSOR_PERSIST_S  # the interval has passed
         (rec,) = spool.read(1, timeout=0)
         spool.commit(rec, 1)  # due: written at once
         assert on_disk() == 3 and not spool.cursor_pending

@@ -22,7 +22,7 @@ import redis
 from support import wait_for
 
 from kraite_mp import jobs
-from kraite_mp.config import load_settings
+from kraite_mp.config.load import load_settings
 from kraite_mp.messages import PROCESS_ACTOR, broker_namespace
 from kraite_mp.store.accounts import add_account
 

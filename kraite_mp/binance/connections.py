@@ -20,18 +20,12 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from kraite_mp.binance.budget import (
-    FALLBACK_SHARE_RATIO,
-    REDIS_ERRORS,
-    EgressBudget,
-    budget_key,
-    cached_budget,
-    egress_id,
-    padded_window,
-)
+from kraite_mp.binance.budget import EgressBudget, budget_key, cached_budget, egress_id
+from kraite_mp.binance.waiting_line import WaitingLine
+from kraite_mp.binance.window import FALLBACK_SHARE_RATIO, REDIS_ERRORS, padded_window
 
 if TYPE_CHECKING:
     from kraite_mp.config import Settings
@@ -93,38 +87,19 @@ class ConnectionBudget(EgressBudget):
         return 0.0 if taken else self._next_try_s(retry_in)
 
     # -- the waiting line (longest dark first) ---------------------------------------------------
+    @property
+    def line(self) -> WaitingLine:
+        """The egress's streams waiting for a token, by dark-since time (``:waiting``, ``:waiting-seen``)."""
+        waiting, seen = f"{self.key_prefix}:waiting", f"{self.key_prefix}:waiting-seen"
+        return WaitingLine(self, waiting, seen, WAITER_TTL_S, expire_s=int(WAITER_TTL_S * 4))
+
     def waiting(self) -> int | None:
         """Streams waiting for a connection token now (asked within ``WAITER_TTL_S``); None without Redis."""
-        shared = self._redis()
-        if shared is None:
-            return None
-        try:
-            count: Any = shared[0].zcount(
-                f"{self.key_prefix}:waiting-seen", time.time() - WAITER_TTL_S, "+inf"
-            )
-            self._redis_ok()
-        except REDIS_ERRORS as e:
-            self._redis_failed(e)
-            return None
-        return int(count)
+        return self.line.waiting()
 
     def _queue(self, who: str, dark_since: float) -> int:
         """Join (or stay in) the waiting line: ``who``'s place in it, 0 first (0 without Redis)."""
-        shared = self._redis()
-        if shared is None:
-            return 0
-        now = time.time()
-        try:
-            pipe = shared[0].pipeline(transaction=False)
-            pipe.zadd(f"{self.key_prefix}:waiting", {who: dark_since})
-            pipe.zadd(f"{self.key_prefix}:waiting-seen", {who: now})
-            pipe.expire(f"{self.key_prefix}:waiting", int(WAITER_TTL_S * 4))
-            pipe.expire(f"{self.key_prefix}:waiting-seen", int(WAITER_TTL_S * 4))
-            pipe.zrank(f"{self.key_prefix}:waiting", who)
-            return int(pipe.execute()[-1] or 0)
-        except REDIS_ERRORS as e:
-            self._redis_failed(e)
-            return 0
+        return self.line.join(who, dark_since, purge=False) or 0
 
     def _turn_in_s(self, rank: int, reserve: int, remaining: int) -> float:
         """Seconds until the waiter at ``rank`` can be served, the window holding ``remaining`` free
@@ -156,43 +131,21 @@ class ConnectionBudget(EgressBudget):
     def _rank(self, who: str, dark_since: float, reserve: int) -> tuple[int, int] | None:
         """``who``'s place in the waiting line and the window's free attempts when those cannot serve it
         yet; None when it may take one now (without Redis too, or when nobody waits before it)."""
+        rank = self.line.join(who, dark_since, expire=False)
+        if not rank:  # first in line (or the line was lost, or there is none): go
+            return None
         shared = self._redis()
         if shared is None:
             return None
-        client, limiter = shared
-        waiting, seen = f"{self.key_prefix}:waiting", f"{self.key_prefix}:waiting-seen"
-        now = time.time()
         try:
-            stale: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]  # sync client
-                seen, "-inf", now - WAITER_TTL_S
-            )
-            pipe = client.pipeline(transaction=False)
-            if stale:
-                pipe.zrem(waiting, *stale)
-                pipe.zrem(seen, *stale)
-            pipe.zadd(waiting, {who: dark_since})
-            pipe.zadd(seen, {who: now})
-            pipe.zrank(waiting, who)
-            rank = pipe.execute()[-1]
-            if not rank:  # first in line (or the line was lost): go
-                return None
-            remaining = int(limiter.get_window_stats(self._item, self.resource).remaining)
-            return None if int(rank) < max(1, remaining - reserve) else (int(rank), remaining)
+            remaining = int(shared[1].get_window_stats(self._item, self.resource).remaining)
         except REDIS_ERRORS as e:
             self._redis_failed(e)
             return None
+        return None if rank < max(1, remaining - reserve) else (rank, remaining)
 
     def _leave_queue(self, who: str) -> None:
-        shared = self._redis()
-        if shared is None:
-            return
-        try:
-            pipe = shared[0].pipeline(transaction=False)
-            pipe.zrem(f"{self.key_prefix}:waiting", who)
-            pipe.zrem(f"{self.key_prefix}:waiting-seen", who)
-            pipe.execute()
-        except REDIS_ERRORS as e:
-            self._redis_failed(e)
+        self.line.leave(who)
 
     @staticmethod
     def _next_try_s(retry_in: float) -> float:

@@ -79,3 +79,30 @@ def parse_retry_after(value: str | None, default: float) -> float:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError, IndexError):
         return default
+
+
+def reply_error(
+    where: str, status: int, code: int | None, text: str, retry_after: str | None
+) -> BinanceError:
+    """The error of the family that a failed reply means: HTTP ``status``, Binance's ``code``, its (scrubbed)
+    ``text`` and the ``Retry-After`` header; ``where`` is the call (``GET /fapi/v1/order``)."""
+    if status in (429, 418):
+        default = DEFAULT_418_RETRY_AFTER_S if status == 418 else DEFAULT_429_RETRY_AFTER_S
+        retry_after_s = parse_retry_after(retry_after, default)
+        what = "IP banned" if status == 418 else "rate limited"
+        return RateLimited(
+            status, code, f"{where}: {what}, retry after {retry_after_s:.0f}s ({text})", retry_after_s
+        )
+    if status == 401 or code in CREDENTIAL_ERROR_CODES:
+        hint = {
+            -1022: "the API secret does not match the API key (signature rejected)",
+            -2014: "the API key is malformed",
+        }.get(code or 0, "invalid API key, IP not whitelisted, or missing permissions")
+        return InvalidCredentials(status, code, f"{where}: credentials rejected: {hint} ({text})")
+    if code == LISTEN_KEY_NOT_FOUND_CODE:
+        return ListenKeyNotFound(status, code, f"{where}: {text}")
+    if code == ORDER_NOT_FOUND_CODE:
+        return OrderNotFound(status, code, f"{where}: {text}")
+    if status >= 500 or status == 408:
+        return TransientError(status, code, f"{where}: server error ({text})")
+    return BinanceError(status, code, f"{where}: {text}")

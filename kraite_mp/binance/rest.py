@@ -31,20 +31,13 @@ from kraite_mp.binance.budget import (
     local_budget,
     shared_budget,
 )
+from kraite_mp.binance.endpoints import ENDPOINT_WEIGHTS, LISTEN_KEY_PATH
 from kraite_mp.binance.errors import (
-    CREDENTIAL_ERROR_CODES,
-    DEFAULT_418_RETRY_AFTER_S,
-    DEFAULT_429_RETRY_AFTER_S,
-    LISTEN_KEY_NOT_FOUND_CODE,
-    ORDER_NOT_FOUND_CODE,
     TIMESTAMP_ERROR_CODE,
     BinanceError,
-    InvalidCredentials,
-    ListenKeyNotFound,
-    OrderNotFound,
     RateLimited,
     TransientError,
-    parse_retry_after,
+    reply_error,
 )
 from kraite_mp.binance.hosts import host_state
 from kraite_mp.binance.tls import SharedContextAdapter, client_context
@@ -61,28 +54,6 @@ log = logging.getLogger(__name__)
 MAX_SLOWDOWN_SLEEP_S = 61.0
 #: Sleep this much past the minute boundary so that the server's window has surely rolled.
 SLOWDOWN_MARGIN_S = 0.25
-#: The listenKey route: its calls are what a stream waits on (the REST budget keeps them a reserve).
-LISTEN_KEY_PATH = "/fapi/v1/listenKey"
-#: Request weight per (method, path, has_symbol) (docs/PROTOCOL.md); used to account what a caller spent.
-ENDPOINT_WEIGHTS: dict[tuple[str, str, bool], int] = {
-    ("GET", "/fapi/v1/openOrders", True): 1,
-    ("GET", "/fapi/v1/openOrders", False): 40,
-    ("GET", "/fapi/v1/openAlgoOrders", True): 1,
-    ("GET", "/fapi/v1/openAlgoOrders", False): 40,
-    ("GET", "/fapi/v1/order", True): 1,
-    ("GET", "/fapi/v1/algoOrder", False): 1,
-    ("GET", "/fapi/v1/allOrders", True): 5,
-    ("GET", "/fapi/v1/allAlgoOrders", True): 5,
-    ("GET", "/fapi/v3/positionRisk", False): 5,
-    ("GET", "/fapi/v3/positionRisk", True): 5,
-    ("GET", "/fapi/v3/balance", False): 5,
-    ("GET", "/fapi/v3/account", False): 5,
-    ("GET", "/fapi/v1/time", False): 1,
-    ("POST", LISTEN_KEY_PATH, False): 1,
-    ("PUT", LISTEN_KEY_PATH, False): 1,
-    ("DELETE", LISTEN_KEY_PATH, False): 1,
-}
-
 _QUERY_RE = re.compile(r"\?[^\s'\")]*")
 
 
@@ -489,32 +460,15 @@ class BinanceRest:
             return data if data is not None else {}
         where = f"{method} {path}"
         text = _scrub(msg or (resp.text[:200] if data is None else "error"))
-        if status in (429, 418):
-            default = DEFAULT_418_RETRY_AFTER_S if status == 418 else DEFAULT_429_RETRY_AFTER_S
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"), default)
+        error = reply_error(where, status, code, text, resp.headers.get("Retry-After"))
+        if isinstance(error, RateLimited):
             # every process of the egress learns it (through Redis); each resumes a little after the deadline
-            self.budget.block(status, retry_after)
-            what = "IP banned" if status == 418 else "rate limited"
+            self.budget.block(status, error.retry_after_s)
             log.error(
                 "%s: %s by Binance for %.0fs: no requests to %s until then",
                 where,
-                what,
-                retry_after,
+                "IP banned" if error.banned else "rate limited",
+                error.retry_after_s,
                 self.base_url,
             )
-            raise RateLimited(
-                status, code, f"{where}: {what}, retry after {retry_after:.0f}s ({text})", retry_after
-            )
-        if status == 401 or code in CREDENTIAL_ERROR_CODES:
-            hint = {
-                -1022: "the API secret does not match the API key (signature rejected)",
-                -2014: "the API key is malformed",
-            }.get(code or 0, "invalid API key, IP not whitelisted, or missing permissions")
-            raise InvalidCredentials(status, code, f"{where}: credentials rejected: {hint} ({text})")
-        if code == LISTEN_KEY_NOT_FOUND_CODE:
-            raise ListenKeyNotFound(status, code, f"{where}: {text}")
-        if code == ORDER_NOT_FOUND_CODE:
-            raise OrderNotFound(status, code, f"{where}: {text}")
-        if status >= 500 or status == 408:
-            raise TransientError(status, code, f"{where}: server error ({text})")
-        raise BinanceError(status, code, f"{where}: {text}")
+        raise error

@@ -16,22 +16,19 @@ from typing import Any, NoReturn
 import click
 
 from kraite_mp import exitcodes
-from kraite_mp.config import ConfigError, Settings, env_typos, load_settings
-from kraite_mp.logs import describe_error, setup_logging, startup_summary
+from kraite_mp.config import ConfigError, Settings
+from kraite_mp.config.load import env_typos, load_settings
+from kraite_mp.logs import describe_error, setup_logging
 
 #: ``sync-orders --every`` never sleeps less than this between passes.
 MIN_EVERY_S = 1.0
 
-#: ``sync-orders --mode`` choices: ``kraite_mp.reconcile.modes.OPERATOR_MODES``, spelled out so that every command
-#: does not import the REST and Redis stack just to build its option list (a test keeps them equal).
+#: ``sync-orders --mode`` choices: ``kraite_mp.reconcile.modes.OPERATOR_MODES``, spelled out so that every
+#: command does not import the REST and Redis stack just to build its option list (a test keeps them equal).
 RECONCILE_MODES = ("full", "targeted", "auto")
 
 #: What ``--log-level`` accepts (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-#: ``run`` waits for PostgreSQL with backoff: base * 2^min(attempt, cap), so at most 32 s between tries.
-DB_WAIT_BASE_S = 1.0
-DB_WAIT_CAP_EXPONENT = 5
 
 #: Subcommands that live in their own modules: name -> "module:attribute".
 LAZY_COMMANDS: dict[str, str] = {
@@ -41,6 +38,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "demo": "kraite_mp.ops.demo:demo_command",
     "dead-letters": "kraite_mp.ops.deadletters:dead_letters",
     "init": "kraite_mp.ops.init_cmd:init_cmd",
+    "run": "kraite_mp.ops.run_cmd:run_command",
     "accounts": "kraite_mp.ops.accounts_cmd:accounts",
     "rotate-secret-key": "kraite_mp.ops.accounts_cmd:rotate_secret_key",
 }
@@ -196,7 +194,7 @@ def check_config(ctx: click.Context, connect: bool) -> None:
 
 
 def preflight(settings: Settings) -> list[str]:
-    """What `run` and the workers would refuse beyond ``config.validate``: the secret key, the observers."""
+    """What `run` and the workers would refuse beyond ``config.load.validate``: the secret key, the observers."""
     from kraite_mp.observers import load_observer
     from kraite_mp.store.accounts import SecretKeyError, check_secret_key
 
@@ -257,13 +255,37 @@ def binance_time_check(settings: Settings) -> list[str]:
 
     url = settings.binance.rest_url.rstrip("/") + "/fapi/v1/time"
     try:
-        with urlopen(url, timeout=settings.binance.rest_timeout_s) as response:  # noqa: S310 - http(s) only (validated)
+        # S310 (urlopen of a configured URL) is safe here: validation admits only http(s) rest_urls
+        with urlopen(url, timeout=settings.binance.rest_timeout_s) as response:  # noqa: S310
             server_time = json.loads(response.read())["serverTime"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"Binance REST unreachable at {settings.binance.rest_url}: {describe_error(e)}"]
     if not isinstance(server_time, int):
         return [f"binance.rest_url {settings.binance.rest_url}: /fapi/v1/time answered no serverTime"]
     return []
+
+
+def warn_if_redis_down(settings: Settings) -> bool:
+    """One warning line when Redis does not answer at start (the streams spool until it does); True if up."""
+    import redis
+
+    from kraite_mp.config import redact_url
+    from kraite_mp.messages import redis_client
+
+    client = redis_client(settings.redis_url)
+    try:
+        client.ping()
+        return True
+    except redis.RedisError as e:
+        logging.getLogger("kraite_mp.supervisor").warning(
+            "Redis unreachable at %s: %s; streams spool their frames locally and workers wait until it"
+            " answers (`kraite-mp status` needs it too)",
+            redact_url(settings.redis_url),
+            describe_error(e),
+        )
+        return False
+    finally:
+        client.close()
 
 
 @cli.command("gen-secret-key")
@@ -298,143 +320,6 @@ def db_migrate(ctx: click.Context) -> None:
     )
     if created:
         click.echo(f"created {len(created)} partition(s) of api_data_stream: {', '.join(created)}")
-
-
-@cli.command("run")
-@click.option(
-    "--fail-fast",
-    is_flag=True,
-    help="Exit 75 when PostgreSQL is unreachable at start instead of waiting for it with backoff.",
-)
-@click.pass_context
-def run_command(ctx: click.Context, fail_fast: bool) -> None:
-    """Run the supervisor: one user-data child per owned account, one mark-price child, periodic sync.
-
-    SIGTERM/SIGINT stop gracefully; SIGHUP reloads the configuration and the account list, and retries
-    FATAL children. PostgreSQL unreachable at start: waits with backoff (one log line per change).
-    """
-    from kraite_mp.config import parse_shard
-    from kraite_mp.store.accounts import SecretKeyError, check_secret_key
-    from kraite_mp.store.db import SchemaNotReady, check_schema
-    from kraite_mp.supervisor.arbiter import Arbiter
-    from kraite_mp.supervisor.publish import RedisStatus, Reporters
-    from kraite_mp.supervisor.runfiles import AlreadyRunning, heartbeat_dir
-
-    settings = get_settings(ctx)
-    # the first line: which config file, database, Redis, namespace and Binance URLs this run uses
-    logging.getLogger("kraite_mp.supervisor").info("%s", startup_summary(settings))
-    try:
-        check_secret_key(settings.secret_key)  # checks the key's shape; no real secret is touched
-        parse_shard(settings.supervisor.shard)
-    except SecretKeyError as e:
-        fail(ctx, f"configuration error: {e}", exitcodes.EXIT_FATAL_CONFIG)
-    except ValueError as e:
-        fail(ctx, f"configuration error: supervisor.shard: {e}", exitcodes.EXIT_FATAL_CONFIG)
-    for problem in preflight(settings):
-        fail(ctx, f"configuration error: {problem}", exitcodes.EXIT_FATAL_CONFIG)
-    try:
-        os.makedirs(heartbeat_dir(settings.run_dir), exist_ok=True)
-    except OSError as e:
-        fail(ctx, f"cannot create {heartbeat_dir(settings.run_dir)}: {e}", exitcodes.EXIT_FATAL_CONFIG)
-    conn = wait_for_database(ctx, settings, fail_fast=fail_fast)
-    try:
-        check_schema(conn)
-    except SchemaNotReady as e:
-        fail(ctx, e, exitcodes.EXIT_FATAL_CONFIG)
-    finally:
-        conn.close()  # no connection may cross the fork
-    warn_if_redis_down(settings)
-    root = ctx.find_root().ensure_object(dict)
-    arbiter = Arbiter(
-        settings,
-        config_path=root.get("config_path"),
-        log_level_override=root.get("log_level"),
-        reporters=Reporters([RedisStatus(relay_children=True)]),
-    )
-    try:
-        code = arbiter.run()
-    except AlreadyRunning as e:
-        fail(ctx, e, exitcodes.EXIT_TEMPFAIL)
-    except ImportError as e:
-        fail(ctx, f"cannot load a child entry point: {e}", exitcodes.EXIT_ERROR)
-    ctx.exit(code)
-
-
-def wait_for_database(ctx: click.Context, settings: Settings, *, fail_fast: bool = False) -> Any:
-    """A connection, once PostgreSQL answers: retried with capped backoff, one log line per change of the
-    error, the process title says so; SIGTERM/SIGINT while waiting exit 0. ``fail_fast``: exit 75 instead."""
-    from kraite_mp.backoff import backoff_delay
-    from kraite_mp.store.db import DatabaseRefused, DatabaseUnavailable, connect
-    from kraite_mp.supervisor.context import set_process_title
-
-    log = logging.getLogger("kraite_mp.supervisor")
-    stop = threading.Event()
-    previous: dict[int, Any] = {}
-    attempt, last_error = 0, None
-    try:
-        while True:
-            try:
-                conn = connect(settings.database_url, application_name="kraite-mp supervisor")
-            except DatabaseRefused as e:  # waiting would not fix a wrong database name, user or password
-                fail(ctx, f"configuration error: {e}", exitcodes.EXIT_FATAL_CONFIG)
-            except DatabaseUnavailable as e:
-                if fail_fast:
-                    fail(ctx, e, exitcodes.EXIT_TEMPFAIL)
-                if not previous:
-                    previous = {sig: signal.signal(sig, lambda _s, _f: stop.set()) for sig in STOP_SIGNALS}
-                    set_process_title("kraite-mp: supervisor waiting for PostgreSQL")
-                if str(e) != last_error:
-                    log.warning(
-                        "%s; waiting for it (retrying with backoff, at most %.0f s apart)",
-                        e,
-                        _db_wait_max_s(),
-                    )
-                    last_error = str(e)
-                delay = backoff_delay(attempt, base_s=DB_WAIT_BASE_S, cap_exponent=DB_WAIT_CAP_EXPONENT)
-                attempt += 1
-                if stop.wait(delay):
-                    log.info("stopped while waiting for PostgreSQL")
-                    ctx.exit(exitcodes.EXIT_OK)
-                continue
-            if last_error is not None:
-                log.info("PostgreSQL is reachable: starting (after %d attempt(s))", attempt + 1)
-            return conn
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-#: Signals that stop ``run`` while it waits for PostgreSQL (the arbiter installs its own afterwards).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _db_wait_max_s() -> float:
-    return float(DB_WAIT_BASE_S * 2**DB_WAIT_CAP_EXPONENT)
-
-
-def warn_if_redis_down(settings: Settings) -> bool:
-    """One warning line when Redis does not answer at start (the streams spool until it does); True if up."""
-    import logging
-
-    import redis
-
-    from kraite_mp.config import redact_url
-    from kraite_mp.messages import redis_client
-
-    client = redis_client(settings.redis_url)
-    try:
-        client.ping()
-        return True
-    except redis.RedisError as e:
-        logging.getLogger("kraite_mp.supervisor").warning(
-            "Redis unreachable at %s: %s; streams spool their frames locally and workers wait until it"
-            " answers (`kraite-mp status` needs it too)",
-            redact_url(settings.redis_url),
-            describe_error(e),
-        )
-        return False
-    finally:
-        client.close()
 
 
 @cli.command("sync-orders")

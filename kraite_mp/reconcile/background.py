@@ -32,8 +32,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kraite_mp.binance.budget import REDIS_ERRORS
-from kraite_mp.binance.rest import ENDPOINT_WEIGHTS, BinanceRest
+from kraite_mp.binance.endpoints import ENDPOINT_WEIGHTS
+from kraite_mp.binance.rest import BinanceRest
+from kraite_mp.binance.waiting_line import WaitingLine
 from kraite_mp.reconcile.fetch import history_symbols
 from kraite_mp.reconcile.result import ReconcileResult, ReconcileStatus
 from kraite_mp.reconcile.sweep import reconcile_account
@@ -71,68 +72,14 @@ LINE_HEAD_MIN_S = 0.5
 LINE_TTL_S = 150.0
 
 
-class HistoryLine:
-    """The history sweeps of one egress waiting for weight, earliest gap first (module doc): a sorted set
-    by gap start and one by the time each waiter last asked, beside ``budget``'s keys in its Redis. Every
-    method answers None (no line) while that Redis is not used or does not answer."""
+class HistoryLine(WaitingLine):
+    """The history sweeps of one egress waiting for weight, earliest gap first (module doc), by gap start
+    (ms), beside ``budget``'s keys in its Redis."""
 
     def __init__(self, budget: EgressBudget) -> None:
-        self.budget = budget
-        self.waiting_key = f"{budget.key_prefix}:history:waiting"
-        self.seen_key = f"{budget.key_prefix}:history:seen"
-
-    def join(self, who: str, gap_start_ms: int) -> int | None:
-        """Join the line, or stay in it: ``who``'s place, 0 first. Waiters not seen for ``LINE_TTL_S``
-        leave it first."""
-        client = self.budget.shared_client()
-        if client is None:
-            return None
-        now = time.time()
-        try:
-            stale: Any = client.zrangebyscore(self.seen_key, "-inf", now - LINE_TTL_S)
-            pipe = client.pipeline(transaction=False)
-            if stale:
-                pipe.zrem(self.waiting_key, *stale)
-                pipe.zrem(self.seen_key, *stale)
-            pipe.zadd(self.waiting_key, {who: gap_start_ms})
-            pipe.zadd(self.seen_key, {who: now})
-            pipe.expire(self.waiting_key, int(LINE_TTL_S * 2) + 60)
-            pipe.expire(self.seen_key, int(LINE_TTL_S * 2) + 60)
-            pipe.zrank(self.waiting_key, who)
-            place = pipe.execute()[-1]
-        except REDIS_ERRORS as e:
-            self.budget.redis_answered(e)
-            return None
-        self.budget.redis_answered()
-        return int(place or 0)
-
-    def leave(self, who: str) -> None:
-        """Leave the line (served, skipped or given up); nothing without Redis."""
-        client = self.budget.shared_client()
-        if client is None:
-            return
-        try:
-            pipe = client.pipeline(transaction=False)
-            pipe.zrem(self.waiting_key, who)
-            pipe.zrem(self.seen_key, who)
-            pipe.execute()
-        except REDIS_ERRORS as e:
-            self.budget.redis_answered(e)
-            return
-        self.budget.redis_answered()
-
-    def waiting(self) -> int | None:
-        """History sweeps waiting for weight now (seen within ``LINE_TTL_S``); None without Redis."""
-        client = self.budget.shared_client()
-        if client is None:
-            return None
-        try:
-            count: Any = client.zcount(self.seen_key, time.time() - LINE_TTL_S, "+inf")
-        except REDIS_ERRORS as e:
-            self.budget.redis_answered(e)
-            return None
-        self.budget.redis_answered()
-        return int(count)
+        prefix = budget.key_prefix
+        waiting, seen = f"{prefix}:history:waiting", f"{prefix}:history:seen"
+        super().__init__(budget, waiting, seen, LINE_TTL_S, expire_s=int(LINE_TTL_S * 2) + 60)
 
 
 def line_member(account_id: int, since_ms: int) -> str:

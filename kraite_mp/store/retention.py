@@ -48,7 +48,7 @@ DEFAULT_PARTITION = "api_data_stream_default"
 PARTITION_PREFIX = "api_data_stream_p"
 #: Day partitions made ahead of today (migration 0005 makes the same).
 AHEAD_DAYS = 7
-#: ``prune`` refuses fewer kept days (today and yesterday are never dropped); config.py checks the same.
+#: ``prune`` refuses fewer kept days (today and yesterday are never dropped); config.load checks the same.
 MIN_RETENTION_DAYS = 2
 #: How long a step waits for a table lock before it leaves its work for the next run (ms). While it
 #: waits for the ACCESS EXCLUSIVE lock (a long query holds the table), new inserts queue behind it.

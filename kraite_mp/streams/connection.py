@@ -31,11 +31,9 @@ so no event falls between them; the few seen on both are one frame for the strea
 come from the content). A rollover that cannot open its new connection keeps the old one and tries
 again ``ROLLOVER_RETRY_S`` later; the server ends the old one at 24 h at the latest.
 
-Graceful close (on stop and on a planned reconnect) drains: it sends the close frame, then keeps
-receiving and hands every data frame to ``on_frame`` until the server's close frame or
-``Liveness.drain_timeout_s``, because whatever the server sent before it saw our close is already
-on the wire (websocket-client's own ``close()`` would read and discard it). A dead or silent
-connection is just dropped.
+Graceful close (on stop and on a planned reconnect) drains (``kraite_mp.streams.drain``): the close
+frame, then every data frame to ``on_frame`` until the server's close frame or
+``Liveness.drain_timeout_s``. A dead or silent connection is just dropped.
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ import websocket
 from kraite_mp import exitcodes
 from kraite_mp.backoff import Attempts
 from kraite_mp.binance.tls import websocket_sslopt
+from kraite_mp.streams.drain import drain_connection
 from kraite_mp.streams.liveness import (
     Disconnect,
     Liveness,
@@ -469,33 +468,5 @@ class WebSocketStream:
                 pass
 
     def drain(self, ws: websocket.WebSocket) -> int:
-        """Send the close frame, then hand every data frame to ``on_frame`` until the server's close frame
-        or ``liveness.drain_timeout_s``; the number of frames read."""
-        deadline = time.monotonic() + self.liveness.drain_timeout_s
-        try:
-            ws.send_close()
-        except (websocket.WebSocketException, OSError) as e:
-            self.log.info("close frame not sent (%s): dropping the connection", describe(e))
-            return 0
-        drained, outcome = 0, "the server's close frame"
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                outcome = f"the {self.liveness.drain_timeout_s:g}s deadline"
-                break
-            try:
-                ws.settimeout(left)
-                opcode, frame = ws.recv_data_frame(control_frame=True)
-            except websocket.WebSocketTimeoutException:
-                outcome = f"the {self.liveness.drain_timeout_s:g}s deadline"
-                break
-            except (websocket.WebSocketException, OSError) as e:
-                outcome = describe(e)
-                break
-            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-                drained += 1
-                self.on_frame(frame.data)
-            elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                break
-        self.log.info("closed: %d frame(s) received after our close frame, until %s", drained, outcome)
-        return drained
+        """Read the server's last frames into ``on_frame`` (``streams.drain``); the number of frames read."""
+        return drain_connection(ws, self.on_frame, self.liveness.drain_timeout_s, self.log)

@@ -37,7 +37,8 @@ from dramatiq.brokers.redis import RedisBroker
 from kraite_mp.backoff import Attempts
 from kraite_mp.messages import PROCESS_ACTOR, ack_key, epoch_key, reconcile_record, record_message
 from kraite_mp.streams.liveness import describe
-from kraite_mp.streams.spool import Spool, SpoolRecord
+from kraite_mp.streams.spool import Spool
+from kraite_mp.streams.spool_record import SpoolRecord
 
 #: Records the sender takes from the spool at once ...
 SEND_BATCH = 256

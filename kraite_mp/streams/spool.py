@@ -2,8 +2,8 @@
 
 The user-data child appends every frame here *before* anything else happens to it; a sender thread
 reads the spool in order and enqueues each record to Redis, then advances a cursor, persisted at most
-every ``CURSOR_PERSIST_S`` while records flow (each write creates and renames a file), at once when the
-flow pauses, and on close. So:
+every ``spool_files.CURSOR_PERSIST_S`` while records flow (each write creates and renames a file), at
+once when the flow pauses, and on close. So:
 
 - Redis down: records pile up on disk, receiving never waits for Redis; they are sent in order
   once Redis is back.
@@ -15,20 +15,13 @@ flow pauses, and on close. So:
   its data can be replayed from the spool (``rewind``). Retention is bounded by ``max_bytes``: past
   it the oldest sent-but-unacknowledged segment is given up (``give_up_oldest``), never unsent ones.
 
-Layout (``<spool_dir>/<account_id>/``)::
-
-    000000000007.seg   records, one per line (a JSON object, so it holds no raw newline)
-    000000000008.seg   the active segment (the writer appends here)
-    cursor             {"segment": 7, "offset": 1234, "epoch": "..."}: everything before it was sent
-                       (to the broker whose epoch is named, see ``streams.sender``)
-    acked              {"segment": 7, "offset": 1000}: everything before it was audited
-    id                 this spool's random id (names its acknowledgement key in Redis)
-
-The writer never appends to a segment written by an earlier process (a crash may have left a torn
-last line there): ``open()`` always starts a new segment. The writer rotates to a new segment at
-``segment_bytes`` or ``segment_max_age_s``; a segment is deleted once the acknowledged cursor (the
-sent one without ``ack_required``) moved past it, so a drained spool holds at most one (partly
-filled) segment, and an idle one none with frames older than ``segment_max_age_s``.
+Layout: segments (one record a line) and the ``cursor``, ``acked`` and ``id`` files, kept by
+``streams.spool_files``; a record's position is ``streams.spool_record``. The writer never appends to
+a segment written by an earlier process (a crash may have left a torn last line there): ``open()``
+always starts a new segment. The writer rotates to a new segment at ``segment_bytes`` or
+``segment_max_age_s``; a segment is deleted once the acknowledged cursor (the sent one without
+``ack_required``) moved past it, so a drained spool holds at most one (partly filled) segment, and an
+idle one none with frames older than ``segment_max_age_s``.
 
 A record is written with one ``write()`` on an ``O_APPEND`` descriptor: it survives the process
 being killed at any point. ``fsync=True`` also makes it survive power loss, at the price of one
@@ -39,65 +32,19 @@ Thread-safety: one writer thread (``append``) and one reader thread (``read``/``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+
+from kraite_mp.streams.spool_files import READ_CHUNK_BYTES, SpoolError, SpoolFiles, segment_name
+from kraite_mp.streams.spool_record import MEMORY_SEGMENT, SpoolRecord, position_of, split_position
 
 log = logging.getLogger(__name__)
 
 #: Rotate the active segment once it is this big.
 DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
-#: Read at most this many bytes from a segment at once.
-READ_CHUNK_BYTES = 1024 * 1024
-CURSOR_FILE = "cursor"
-ACKED_FILE = "acked"
-ID_FILE = "id"
-#: While records flow, the sent cursor is written at most this often (a crash re-sends at most this much).
-CURSOR_PERSIST_S = 1.0
-#: ``SpoolRecord.segment`` of a record that waited in memory (the disk refused it).
-MEMORY_SEGMENT = -1
-#: Bits of a record's end offset in its position (``SpoolRecord.position``).
-POSITION_OFFSET_BITS = 40
-SEGMENT_SUFFIX = ".seg"
-_SEGMENT_RE = re.compile(r"^(\d{12})\.seg$")
-
-
-class SpoolError(RuntimeError):
-    """The spool directory cannot be used (permissions, disk full...)."""
-
-
-@dataclass(frozen=True)
-class SpoolRecord:
-    """One record and where the cursor goes once it is sent."""
-
-    data: bytes
-    segment: int
-    #: Offset just past this record's newline.
-    end_offset: int
-
-    @property
-    def in_memory(self) -> bool:
-        """Held in memory while the disk refused writes: sent, never acknowledged nor replayed."""
-        return self.segment == MEMORY_SEGMENT
-
-    @property
-    def position(self) -> int:
-        """Where this record ends, as one number that grows with every record of this spool."""
-        return (self.segment << POSITION_OFFSET_BITS) | self.end_offset
-
-
-def position_of(segment: int, offset: int) -> int:
-    return (segment << POSITION_OFFSET_BITS) | offset
-
-
-def segment_name(number: int) -> str:
-    return f"{number:012d}{SEGMENT_SUFFIX}"
 
 
 class Spool:
@@ -116,6 +63,8 @@ class Spool:
     ) -> None:
         self.directory = directory
         self.fsync = fsync
+        #: The segment files and the cursor, acked and id files (the sent cursor's write schedule too).
+        self.files = SpoolFiles(directory, fsync=fsync)
         self.segment_bytes = segment_bytes
         self.segment_max_age_s = segment_max_age_s
         #: Keep records until ``ack`` (not just ``commit``).
@@ -146,11 +95,6 @@ class Spool:
         self._commit_offset = 0
         #: ... to the broker of this epoch (see ``streams.sender``; "" = unknown)
         self.sent_epoch = ""
-        #: The sent cursor not yet written to ``CURSOR_FILE`` (None: the file is up to date), and when the
-        #: file was last written (monotonic).
-        self._cursor_pending: bytes | None = None
-        self._cursor_written_at = -1e9
-        self._cursor_lock = threading.Lock()
         # ... and acknowledged (audited); == the sent position without ``ack_required``
         self._acked_segment = 0
         self._acked_offset = 0
@@ -168,10 +112,10 @@ class Spool:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"spool directory {self.directory}: {e.strerror}") from None
-        self.spool_id = self._load_id()
-        segments = self._segments()
-        cursor = self._load_cursor()
-        acked = self._load_position(ACKED_FILE) if self.ack_required else None
+        self.spool_id = self.files.load_id()
+        segments = self.files.segments()
+        cursor = self.files.load_cursor()
+        acked = self.files.load_acked() if self.ack_required else None
         if acked is None or (cursor is not None and acked > cursor[:2]):
             acked = cursor[:2] if cursor is not None else None  # a spool written before acks: sent = audited
         if acked is not None and (not segments or acked[0] >= segments[0]):
@@ -185,13 +129,13 @@ class Spool:
         # segments wholly before the acknowledged position are done: remove them
         for number in segments:
             if number < self._acked_segment:
-                self._unlink(number)
+                self.files.unlink(number)
         segments = [n for n in segments if n >= self._acked_segment]
         # the reader starts at the acknowledged position; the sender skips what it knows it sent
         self._read_segment, self._read_offset = self._acked_segment, self._acked_offset
-        self.backlog = self._count_from(segments, self._commit_segment, self._commit_offset)
+        self.backlog = self.files.count_records(segments, self._commit_segment, self._commit_offset)
         self._active = (segments[-1] + 1) if segments else max(self._commit_segment, 1)
-        if segments and self._size(segments[-1]) == 0:
+        if segments and self.files.size(segments[-1]) == 0:
             # an empty last segment (a run that spooled nothing: an account FATAL at every retry) is the
             # active one again: no torn line to skip, and no empty file left per run
             self._active = segments[-1]
@@ -200,8 +144,7 @@ class Spool:
             self._commit_segment, self._commit_offset = self._active, 0
             self._acked_segment, self._acked_offset = self._active, 0
         if self.ack_required:  # from now on a missing file means a spool written before acknowledgements
-            position = {"segment": self._acked_segment, "offset": self._acked_offset}
-            self._write_file(ACKED_FILE, json.dumps(position).encode(), quiet=True)
+            self.files.write_acked(self._acked_segment, self._acked_offset)
         self._open_active()
         if self.backlog:
             log.warning(
@@ -211,80 +154,8 @@ class Spool:
             )
         return self
 
-    def _segments(self) -> list[int]:
-        found = []
-        for name in os.listdir(self.directory):
-            m = _SEGMENT_RE.match(name)
-            if m:
-                found.append(int(m.group(1)))
-        return sorted(found)
-
-    def _path(self, number: int) -> str:
-        return os.path.join(self.directory, segment_name(number))
-
-    def _load_id(self) -> str:
-        path = os.path.join(self.directory, ID_FILE)
-        try:
-            with open(path, "rb") as f:
-                found = f.read(64).decode("ascii", "replace").strip()
-            if re.fullmatch(r"[0-9a-f]{16,64}", found):
-                return found
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise SpoolError(f"spool {self.directory}: cannot read its id: {e.strerror}") from None
-        spool_id = os.urandom(8).hex()
-        self._write_file(ID_FILE, spool_id.encode())
-        return spool_id
-
-    def _load_cursor(self) -> tuple[int, int, str] | None:
-        data = self._load_json(CURSOR_FILE)
-        if data is None:
-            return None
-        try:
-            epoch = data.get("epoch", "")
-            return int(data["segment"]), int(data["offset"]), epoch if isinstance(epoch, str) else ""
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("spool %s: unreadable cursor, re-sending from the oldest segment", self.directory)
-            return None
-
-    def _load_position(self, name: str) -> tuple[int, int] | None:
-        data = self._load_json(name)
-        if data is None:
-            return None
-        try:
-            return int(data["segment"]), int(data["offset"])
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("spool %s: unreadable %s file, keeping every segment", self.directory, name)
-            return None
-
-    def _load_json(self, name: str) -> Any:
-        try:
-            with open(os.path.join(self.directory, name), "rb") as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            log.warning("spool %s: unreadable %s file", self.directory, name)
-            return None
-
-    def _count_from(self, segments: list[int], segment: int, offset: int) -> int:
-        count = 0
-        for number in segments:
-            if number < segment:
-                continue
-            start = offset if number == segment else 0
-            try:
-                with open(self._path(number), "rb") as f:
-                    f.seek(start)
-                    for chunk in iter(lambda: f.read(READ_CHUNK_BYTES), b""):
-                        count += chunk.count(b"\n")
-            except OSError:
-                pass
-        return count
-
     def _open_active(self) -> None:
-        path = self._path(self._active)
+        path = self.files.path(self._active)
         try:
             self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -458,7 +329,7 @@ class Spool:
                 os.close(self._read_fd)
             self._read_fd, self._read_fd_segment = -1, segment
             try:
-                self._read_fd = os.open(self._path(segment), os.O_RDONLY | os.O_CLOEXEC)
+                self._read_fd = os.open(self.files.path(segment), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._read_fd = -1
         return self._read_fd
@@ -472,37 +343,23 @@ class Spool:
                 return
             self._commit_segment, self._commit_offset = record.segment, record.end_offset
             self.sent_epoch = epoch
-        payload: dict[str, object] = {"segment": record.segment, "offset": record.end_offset}
-        if epoch:
-            payload["epoch"] = epoch
-        with self._cursor_lock:
-            self._cursor_pending = json.dumps(payload).encode()
+        self.files.stage_cursor(record.segment, record.end_offset, epoch)
         self.persist_cursor(due_only=True)
         if not self.ack_required:
             self._acknowledge(record.segment, record.end_offset)
 
     @property
     def cursor_pending(self) -> bool:
-        """The sent cursor moved since ``CURSOR_FILE`` was last written."""
-        return self._cursor_pending is not None
+        """The sent cursor moved since its file was last written."""
+        return self.files.cursor_pending
 
     def cursor_due_in(self) -> float:
         """Seconds until a pending cursor is due to be written (0: now)."""
-        return max(0.0, self._cursor_written_at + CURSOR_PERSIST_S - time.monotonic())
+        return self.files.cursor_due_in()
 
     def persist_cursor(self, *, due_only: bool = False) -> None:
-        """Write the sent cursor if it moved; ``due_only``: only if the last write is ``CURSOR_PERSIST_S``
-        old. A failure is only logged (a cursor that cannot be saved costs a re-send, never a loss)."""
-        with self._cursor_lock:
-            data = self._cursor_pending
-            if data is None:
-                return
-            now = time.monotonic()
-            if due_only and now - self._cursor_written_at < CURSOR_PERSIST_S:
-                return
-            self._cursor_pending = None
-            self._cursor_written_at = now
-            self._write_file(CURSOR_FILE, data, quiet=True)
+        """Write the sent cursor if it moved (``SpoolFiles.persist_cursor``)."""
+        self.files.persist_cursor(due_only=due_only)
 
     @property
     def sent_position(self) -> int:
@@ -523,11 +380,11 @@ class Spool:
         """Everything up to ``position`` (a ``SpoolRecord.position``) was audited: persist the acknowledged
         cursor, delete the segments wholly behind it (the active one too, once it is acknowledged and older
         than ``segment_max_age_s``)."""
-        segment, offset = position >> POSITION_OFFSET_BITS, position & ((1 << POSITION_OFFSET_BITS) - 1)
+        segment, offset = split_position(position)
         if (segment, offset) <= (self._acked_segment, self._acked_offset):
             return
         self.persist_cursor()  # the cursor file is never behind the acknowledged one (``open`` trusts that)
-        self._write_file(ACKED_FILE, json.dumps({"segment": segment, "offset": offset}).encode(), quiet=True)
+        self.files.write_acked(segment, offset)
         self._acknowledge(segment, offset)
 
     def _acknowledge(self, segment: int, offset: int) -> None:
@@ -545,9 +402,9 @@ class Spool:
             active = self._active
         if not moved:
             return
-        for number in self._segments_before(active):  # never the active segment
-            if number < segment or (number == segment and self._size(number) <= offset):
-                self._unlink(number)
+        for number in self.files.segments_before(active):  # never the active segment
+            if number < segment or (number == segment and self.files.size(number) <= offset):
+                self.files.unlink(number)
 
     def expire_idle(self) -> bool:
         """An idle spool whose every record is acknowledged: once its active segment is older than
@@ -560,27 +417,19 @@ class Spool:
             old = self._active
             self._rotate()
             self._acked_segment, self._acked_offset = self._active, 0
-            if self._commit_segment == old and self._commit_offset >= self._size(old):
+            if self._commit_segment == old and self._commit_offset >= self.files.size(old):
                 self._commit_segment, self._commit_offset = self._active, 0
-        self._write_file(
-            ACKED_FILE, json.dumps({"segment": self._acked_segment, "offset": 0}).encode(), quiet=True
-        )
-        self._unlink(old)
+        self.files.write_acked(self._acked_segment, 0)
+        self.files.unlink(old)
         return True
-
-    def _size(self, number: int) -> int:
-        try:
-            return os.stat(self._path(number)).st_size
-        except OSError:
-            return 0
 
     def rewind(self) -> int:
         """Read again from the acknowledged position (a broker lost what it had); the records to re-send."""
         with self._cond:
             self._read_segment, self._read_offset = self._acked_segment, self._acked_offset
             self._commit_segment, self._commit_offset = self._acked_segment, self._acked_offset
-            segments = [n for n in self._segments() if n >= self._acked_segment]
-            self.backlog = self._count_from(segments, self._acked_segment, self._acked_offset)
+            segments = [n for n in self.files.segments() if n >= self._acked_segment]
+            self.backlog = self.files.count_records(segments, self._acked_segment, self._acked_offset)
             self._cond.notify_all()
             return self.backlog
 
@@ -598,47 +447,8 @@ class Spool:
         self.ack(position_of(segment, offset))
         return position_of(segment, offset)
 
-    def _segments_before(self, segment: int) -> list[int]:
-        try:
-            return [n for n in self._segments() if n < segment]
-        except OSError:
-            return []
-
-    def _write_file(self, name: str, data: bytes, *, quiet: bool = False) -> None:
-        """Replace ``name`` atomically (fsync'd with ``fsync``); ``quiet``: a failure is only logged
-        (a cursor that cannot be saved costs a re-send, never a loss)."""
-        path = os.path.join(self.directory, name)
-        tmp = path + ".tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as e:
-            if not quiet:
-                raise SpoolError(f"spool {self.directory}: cannot write {name}: {e.strerror}") from None
-            log.warning("spool %s: cannot save %s: %s", self.directory, name, e.strerror)
-
-    def _unlink(self, number: int) -> None:
-        try:
-            os.unlink(self._path(number))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("spool %s: cannot remove %s: %s", self.directory, segment_name(number), e.strerror)
-
     def disk_bytes(self) -> int:
-        total = 0
-        for number in self._segments():
-            try:
-                total += os.stat(self._path(number)).st_size
-            except OSError:
-                pass
-        return total
+        return self.files.disk_bytes()
 
     def close(self) -> None:
         self.persist_cursor()

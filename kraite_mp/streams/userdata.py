@@ -42,7 +42,8 @@ from kraite_mp.metrics import series
 from kraite_mp.streams.connection import WebSocketStream
 from kraite_mp.streams.liveness import Disconnect, Liveness, Reason, describe, jittered_max_age
 from kraite_mp.streams.sender import SENDER_DRAIN_S, Acks, SpoolSender
-from kraite_mp.streams.spool import Spool, SpoolError
+from kraite_mp.streams.spool import Spool
+from kraite_mp.streams.spool_files import SpoolError
 from kraite_mp.supervisor.context import BEAT_INTERVAL_S, idle_beat_s
 from kraite_mp.wakeup import WakeEvent
 

@@ -19,6 +19,9 @@ keeps the collector from dirtying them). The parent never starts a thread and ho
 DB connection or broker across a fork: it opens PostgreSQL only to read the accounts, then closes
 it. Forks are paced by a token bucket (the host's start-up CPU); connection attempts, which Binance
 counts per IP, by the egress's connection budget (``binance.connections``).
+
+The loop's helpers live beside it: ``forking`` (how a process is made), ``heartbeats`` (stale children,
+beats relayed), ``periodic_sync`` and ``reporting`` (the process title and the status snapshot).
 """
 
 from __future__ import annotations
@@ -27,26 +30,20 @@ import gc
 import logging
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from kraite_mp import exitcodes, metrics
-from kraite_mp.config import ConfigError, Settings, load_settings
-from kraite_mp.supervisor import ownership, process, runfiles
-from kraite_mp.supervisor.context import (
-    CHILD_SIGNALS,
-    ChildContext,
-    Target,
-    load_targets,
-    run_child,
-    set_process_title,
-)
-from kraite_mp.supervisor.forkserver import ForkServer, become_subreaper
+from kraite_mp.config import ConfigError, Settings
+from kraite_mp.config.load import load_settings
+from kraite_mp.supervisor import heartbeats, ownership, process, runfiles
+from kraite_mp.supervisor.context import Target, load_targets
+from kraite_mp.supervisor.forking import Forker
+from kraite_mp.supervisor.periodic_sync import PeriodicSync
 from kraite_mp.supervisor.process import WAITING_STATES, AfterStop, Child, ChildState, change_state
 from kraite_mp.supervisor.publish import Reporters
+from kraite_mp.supervisor.reporting import StatusReport
 from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_METRICS, ROLE_SYNC, ROLE_USER_DATA
 from kraite_mp.supervisor.signals import SignalQueue
 
@@ -65,18 +62,8 @@ DEFAULT_TARGETS: dict[str, str] = {
 
 #: The main loop wakes at least this often even when nothing is due.
 TICK_S = 1.0
-#: Title and status file are rewritten at most this often.
-STATUS_INTERVAL_S = 1.0
-#: ... and at least this often, so that a reader sees a fresh ``ts`` from a live supervisor.
-STATUS_IDLE_INTERVAL_S = 5.0
-#: The fork server is started (again, after it died) at most this often; then children are forked here.
-FORK_SERVER_STARTS = 5
 #: One pass of the loop forks for this long at most, then renews leases, reaps, ... before forking on.
 SPAWN_SLICE_S = 0.5
-#: Heartbeat files are checked every heartbeat_timeout_s / this, within the bounds below.
-HEARTBEAT_CHECKS_PER_TIMEOUT = 10
-HEARTBEAT_CHECK_MIN_S = 0.2
-HEARTBEAT_CHECK_MAX_S = 5.0
 #: After SIGKILL at shutdown, how long to wait for the kernel to hand back the children.
 KILL_REAP_TIMEOUT_S = 5.0
 
@@ -102,9 +89,6 @@ class Arbiter:
         self.environ = environ
         self.children: dict[str, Child] = {}
         self.pids: dict[int, Child] = {}
-        #: Where user-data children are forked from (``supervisor.fork_server``); None: forked here.
-        self.fork_server: ForkServer | None = None
-        self._fork_server_starts = 0
         self.signals = SignalQueue()
         self.lock_fd: int | None = None
         self.pid = os.getpid()
@@ -119,16 +103,14 @@ class Arbiter:
         self.started_wall = time.time()
         self.bucket = process.TokenBucket(sup.spawn_rate_per_s, sup.spawn_burst, now)
         self.next_refresh_at = now + sup.accounts_refresh_s
-        self.next_sync_at = now + sup.sync_interval_s
         self.next_heartbeat_check_at = now
         self.stop_deadline: float | None = None
-        self._last_title: str | None = None
-        self._title_at = 0.0
-        self._last_status_at = 0.0
-        self._status_dirty = True
-        self._warned_threads = False
         #: Status hooks (best effort; none by default): called here and handed to every child.
         self.reporters = reporters if reporters is not None else Reporters()
+        #: How processes are made; the title and status snapshot; the periodic sync's schedule.
+        self.forker = Forker(self.reporters, self._become_child)
+        self.report = StatusReport(self)
+        self.periodic_sync = PeriodicSync(self, now)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -158,7 +140,7 @@ class Arbiter:
         if given is None:  # the real supervisor (tests that give targets run it inside pytest)
             process.prepare_to_fork(self.settings)
             if self.settings.supervisor.fork_server:
-                self._start_fork_server()
+                self.forker.start_server(self.settings, self.targets)
         self.signals.install()
         sup = self.settings.supervisor
         msg = "supervisor starting pid=%s shard=%s mark_price=%s spawn_rate=%.2f/s burst=%d"
@@ -166,18 +148,11 @@ class Arbiter:
         self._sync_mark_price_child()
         ownership.converge_metrics(self.children, self.settings, time.monotonic(), self.stop_child)
         self.refresh_accounts("start")
-        self.update_title(force=True)
+        self.report.update_title(force=True)
 
     def cleanup(self) -> None:
-        if self.fork_server is not None:
-            pid = self.fork_server.pid
-            self.fork_server.stop()
-            if pid is not None:
-                try:
-                    os.waitpid(pid, 0)  # SIGKILLed: at once
-                except ChildProcessError:
-                    pass
-        self.write_status(force=True)
+        self.forker.stop()
+        self.report.write(force=True)
         self.reporters.on_shutdown()
         self.signals.close()
         if self.lock_fd is not None:
@@ -231,10 +206,10 @@ class Arbiter:
         self.enforce_stop_deadlines(now)
         if now >= self.next_heartbeat_check_at:
             self.check_heartbeats(now)
-        self.maybe_start_sync(now)
+        self.periodic_sync.maybe_start(now)
         self.spawn_due(time.monotonic())
-        self.update_title()
-        self.write_status()
+        self.report.update_title()
+        self.report.write()
 
     def next_wakeup_s(self) -> float:
         now = time.monotonic()
@@ -255,11 +230,7 @@ class Arbiter:
             wake = min(wake, self.next_refresh_at, self.next_heartbeat_check_at)
             if self.fleet is not None:
                 wake = min(wake, self.fleet.next_step_at)
-            if self.settings.supervisor.sync_interval_s > 0:
-                wake = min(wake, self.next_sync_at)
-            sync = self.children.get(ROLE_SYNC)
-            if sync is not None and sync.pid is not None and sync.state != ChildState.STOPPING:
-                wake = min(wake, sync.spawned_at + self.settings.supervisor.sync_timeout_s)
+            wake = min(wake, self.periodic_sync.wake_at())
         return max(0.0, wake - now)
 
     # -- desired children -------------------------------------------------------------------------
@@ -288,7 +259,7 @@ class Arbiter:
             msg = "fleet (%s): %d member(s), %d of %d accounts here, %d new, %d removed, %d changed%s"
             lead = ", mark-price leader" if view.lead_mark_price else ""
             log.info(msg, reason, len(view.members), len(owned), len(self.fleet_accounts), *counts, lead)
-        self._status_dirty = True
+        self.report.dirty = True
 
     def refresh_accounts(self, reason: str) -> None:
         """Converge the user-data children on the owned accounts; keep everything if the DB is down."""
@@ -310,7 +281,7 @@ class Arbiter:
             lambda c: c.key in cleared and c.last_exit_code == exitcodes.EXIT_FATAL_CREDENTIALS,
             "credentials cleared",
         )
-        self._status_dirty = True
+        self.report.dirty = True
         if self.fleet is None and (any(counts) or reason != "periodic"):
             msg = "accounts (%s): %d owned, %d new, %d removed, %d changed"
             log.info(msg, reason, len(accounts), *counts)
@@ -322,7 +293,7 @@ class Arbiter:
             if child.pid is None and child.state == ChildState.FATAL and which(child):
                 child.attempt = 0
                 change_state(child, ChildState.PENDING, now)
-                self._status_dirty = True
+                self.report.dirty = True
                 log.info("%s: retrying FATAL %s now", reason, child.label)
 
     def _read_accounts(self) -> list[Account] | None:
@@ -346,7 +317,7 @@ class Arbiter:
         logging.getLogger().setLevel(new.log_level)
         self.settings = new
         self.bucket.configure(new.supervisor.spawn_rate_per_s, new.supervisor.spawn_burst)
-        self.next_sync_at = min(self.next_sync_at, time.monotonic() + new.supervisor.sync_interval_s)
+        self.periodic_sync.reschedule()
         log.info("reloaded configuration from %s (new children use it; running ones keep theirs)", new.source)
 
     # -- spawning ---------------------------------------------------------------------------------
@@ -365,87 +336,11 @@ class Arbiter:
                 return
             self.spawn(child)
 
-    # -- the fork server ---------------------------------------------------------------------------
-    @contextmanager
-    def _signals_blocked(self) -> Iterator[None]:
-        """The children's signals blocked around a fork: none reaches the parent's handlers in the child."""
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-    def _start_fork_server(self) -> None:
-        """Start (or restart) the fork server, at most ``FORK_SERVER_STARTS`` times; without one, or
-        without subreaping, children are forked here."""
-        if self._fork_server_starts >= FORK_SERVER_STARTS:
-            if self.fork_server is not None:
-                log.error(
-                    "fork server started %d times; the supervisor forks its children itself",
-                    FORK_SERVER_STARTS,
-                )
-            self.fork_server = None
-            return
-        if self.fork_server is None:
-            if not become_subreaper():
-                log.warning("PR_SET_CHILD_SUBREAPER unavailable: no fork server, children are forked here")
-                return
-            self.fork_server = ForkServer(self.settings, self.targets, self.reporters, self._become_child)
-        self._fork_server_starts += 1
-        self.fork_server.settings = self.settings  # what the server starts with (restarted after a reload)
-        if not self.fork_server.start(self._signals_blocked):
-            self.fork_server = None
-
-    def _spawn_from_fork_server(self, child: Child) -> int | None:
-        if self.fork_server is None or child.role != ROLE_USER_DATA:
-            return None
-        if not self.fork_server.running:
-            self._start_fork_server()
-            if self.fork_server is None:
-                return None
-        pid = self.fork_server.spawn(self.settings, child.role, child.account, child.key)
-        if pid is None and self.fork_server.failure == "timeout":  # hung: fork here from now on
-            log.error("fork server failed for %s; the supervisor forks its children itself", child.label)
-            self._fork_server_starts = FORK_SERVER_STARTS
-        # "gone": this child is forked here, the server is reaped and started again at the next spawn;
-        # "fork": no process could be made, this child's fork here most likely fails too (then backoff)
-        return pid
-
     def spawn(self, child: Child) -> None:
-        """Fork one child (from the fork server, for a user-data child, when it runs). A child forked here
-        never returns into this stack: it leaves through ``os._exit``."""
-        pid = self._spawn_from_fork_server(child)
-        if pid is not None:
-            self._spawned(child, pid)
-            return
-        target = self.targets[child.role]
-        ctx = ChildContext(self.settings, child.role, child.account, key=child.key, reporters=self.reporters)
-        if threading.active_count() > 1 and not self._warned_threads:
-            self._warned_threads = True  # a thread's locks would be copied held into every child
-            log.error("the supervisor has %d threads; forking is unsafe", threading.active_count())
-        self.reporters.before_fork()  # no socket crosses the fork
-        # (the parent runs with the collector off, see process.prepare_to_fork: no collection before the
-        # fork frees holes in shared pages for the child to write into)
-        gc.freeze()  # objects allocated so far are never touched by the collector: pages stay shared
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as e:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            log.error("fork failed for %s: %s", child.label, e)
-            process.schedule_backoff(child, time.monotonic(), self.settings, f"fork failed: {e}")
-            return
-        if pid == 0:  # pragma: no cover - runs in the child (covered by the e2e tests)
-            code = exitcodes.EXIT_ERROR
-            try:
-                self._become_child()
-                code = run_child(ctx, target)
-            finally:
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        self._spawned(child, pid)
-
-    def _spawned(self, child: Child, pid: int) -> None:
+        """Fork one child (``Forker.fork``) and record its process."""
+        pid = self.forker.fork(child, self.settings, self.targets)
+        if pid is None:
+            return  # the fork failed: BACKOFF
         now = time.monotonic()
         if child.spawns:
             child.restarts += 1
@@ -469,9 +364,7 @@ class Arbiter:
         self.lock_fd = None
         self.children = {}
         self.pids = {}
-        if self.fork_server is not None:
-            self.fork_server.close_in_child()
-            self.fork_server = None
+        self.forker.close_in_child()
         gc.enable()  # the child collects its own garbage; the frozen parent objects stay untouched
 
     # -- exits ------------------------------------------------------------------------------------
@@ -485,15 +378,14 @@ class Arbiter:
                 return
             child = self.pids.pop(pid, None)
             metrics.process_dead(pid)
-            if child is None and self.fork_server is not None:
-                self.fork_server.reaped(pid, process.describe_status(status)[0])
+            if child is None and self.forker.server is not None:
+                self.forker.server.reaped(pid, process.describe_status(status)[0])
             if child is not None:
                 self.child_exited(child, pid, status)
 
     def child_exited(self, child: Child, pid: int, status: int) -> None:
-        self._status_dirty = True
-        if self.reporters.relays_child_beats:
-            self._relay_last_beat(child, pid)
+        self.report.dirty = True
+        heartbeats.relay_last_beat(child, pid, self.settings, self.reporters)
         if process.finish(child, pid, status, self.settings, stopping=self.stopping):
             self._forget(child)
 
@@ -530,63 +422,8 @@ class Arbiter:
             child.kill(signal.SIGKILL)
 
     def check_heartbeats(self, now: float) -> None:
-        sup = self.settings.supervisor
-        interval = sup.heartbeat_timeout_s / HEARTBEAT_CHECKS_PER_TIMEOUT
-        self.next_heartbeat_check_at = now + min(HEARTBEAT_CHECK_MAX_S, max(HEARTBEAT_CHECK_MIN_S, interval))
-        wall = time.time()
-        for child in list(self.pids.values()):
-            if child.state in (ChildState.STARTING, ChildState.RUNNING) and process.check_heartbeat(
-                child, self.settings.run_dir, now, wall, sup.heartbeat_timeout_s
-            ):
-                self.stop_child(child, AfterStop.BACKOFF, "heartbeat stale")
-        if self.reporters.relays_child_beats:
-            self.relay_beats()
-
-    def relay_beats(self) -> None:
-        """Hand the heartbeats written since the last check to the status reporters, all at once: the
-        children publish nothing themselves (``RedisStatus(relay_children=True)``)."""
-        run_dir = self.settings.run_dir
-        found = (process.unrelayed_beat(c, run_dir, c.pid, c.heartbeat_mtime) for c in self.pids.values())
-        beats = [beat for beat in found if beat is not None]
-        if beats:
-            self.reporters.on_child_beats(self.settings, beats)
-
-    def _relay_last_beat(self, child: Child, pid: int) -> None:
-        """A child's last words (``fatal`` and its error, ``stopped``) may come after the last check."""
-        run_dir = self.settings.run_dir
-        mtime = process.heartbeat_mtime(runfiles.heartbeat_path(run_dir, child.key))
-        beat = process.unrelayed_beat(child, run_dir, pid, mtime)
-        if beat is not None:
-            self.reporters.on_child_beats(self.settings, [beat])
-
-    # -- periodic sync ----------------------------------------------------------------------------
-    def maybe_start_sync(self, now: float) -> None:
-        sup = self.settings.supervisor
-        child = self.children.get(ROLE_SYNC)
-        if child is not None and child.pid is not None and child.state != ChildState.STOPPING:
-            if now - child.spawned_at > sup.sync_timeout_s:
-                timeout_s = sup.sync_timeout_s
-                log.warning(
-                    "%s pid=%s still running after %.0fs: stopping it", child.label, child.pid, timeout_s
-                )
-                self.stop_child(child, AfterStop.EXIT, "sync timeout")
-        if sup.sync_interval_s <= 0 or now < self.next_sync_at:
-            return
-        self.next_sync_at = now + sup.sync_interval_s
-        if self.fleet is not None and not self.fleet.view.lead_mark_price:
-            # one periodic sync per fleet: the mark-price leader's. A host that takes the lead (its leader
-            # died) syncs one interval later, not at once (its schedule ran on meanwhile): the streams it
-            # takes over come first (each reconnect reconciles its own account)
-            return
-        if ROLE_SYNC not in self.targets:
-            return
-        if child is not None and child.pid is not None:
-            msg = "%s pid=%s from the previous interval is still running: not starting another"
-            log.warning(msg, child.label, child.pid)
-            return
-        if child is None:
-            child = self.children[ROLE_SYNC] = Child(key=ROLE_SYNC, role=ROLE_SYNC, one_shot=True)
-        self.spawn(child)  # REST only, no WebSocket: not paced by the spawn bucket
+        self.next_heartbeat_check_at = heartbeats.next_check_at(self.settings, now)
+        heartbeats.check(self.pids, self.settings, self.reporters, now, self.stop_child)
 
     # -- shutdown ---------------------------------------------------------------------------------
     def begin_shutdown(self, reason: str) -> None:
@@ -605,14 +442,14 @@ class Arbiter:
             else:
                 change_state(child, ChildState.STOPPING, now)  # bounded by the supervisor's own deadline
                 child.kill(signal.SIGTERM)
-        self._status_dirty = True
+        self.report.dirty = True
 
     def shutdown(self) -> None:
         """Wait for the children after begin_shutdown; SIGKILL what outlives the graceful timeout."""
         assert self.stop_deadline is not None
         while self.pids and time.monotonic() < self.stop_deadline:
-            self.update_title()
-            self.write_status()
+            self.report.update_title()
+            self.report.write()
             self.sleep(min(TICK_S, max(0.0, self.stop_deadline - time.monotonic())))
             self.dispatch_signals()
             self.reap()
@@ -627,51 +464,3 @@ class Arbiter:
         if self.fleet is not None:
             self.fleet.release_all()  # the streams are down: the next owners may take them now
         log.info("supervisor stopped (restarts=%d)", self.restarts)
-
-    # -- reporting --------------------------------------------------------------------------------
-    def title(self) -> str:
-        counts = f"accounts={self.accounts_count} children={len(self.pids)} restarts={self.restarts}"
-        return f"kraite-mp: supervisor {counts}" + (" stopping" if self.stopping else "")
-
-    def update_title(self, force: bool = False) -> None:
-        title = self.title()
-        if force or title != self._last_title:
-            now = time.monotonic()
-            if force or now - self._title_at >= STATUS_INTERVAL_S:
-                self._title_at = now
-                self._last_title = title
-                set_process_title(title)
-
-    def status(self) -> runfiles.Snapshot:
-        mono, wall = time.monotonic(), time.time()
-        children = [c.snapshot(mono, wall) for c in self.children.values()]
-        return {
-            "pid": self.pid,
-            "state": "stopping" if self.stopping else "running",
-            "started": round(self.started_wall, 3),
-            "ts": round(wall, 3),
-            "accounts": self.accounts_count,
-            "children_alive": len(self.pids),
-            "restarts": self.restarts,
-            "children": children,
-            "fork_server_pid": self.fork_server.pid if self.fork_server is not None else None,
-        }
-
-    def write_status(self, force: bool = False) -> None:
-        now = time.monotonic()
-        age = now - self._last_status_at
-        dirty = self._status_dirty or any(c.dirty for c in self.children.values())
-        if not force and (age < STATUS_INTERVAL_S or (not dirty and age < STATUS_IDLE_INTERVAL_S)):
-            return
-        self._last_status_at = now
-        self._status_dirty = False
-        for c in self.children.values():
-            c.dirty = False
-        data = self.status()
-        if force and not self.pids and self.stopping:
-            data["state"] = "stopped"
-        self.reporters.on_snapshot(self.settings, data, force=force)
-        try:
-            runfiles.write_snapshot(self.settings.run_dir, data)
-        except OSError as e:
-            log.warning("cannot write %s: %s", runfiles.status_path(self.settings.run_dir), e)

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from kraite_mp import exitcodes
-from kraite_mp.config import parse_listen
+from kraite_mp.config.load import parse_listen
 from kraite_mp.supervisor import runfiles
 
 if TYPE_CHECKING:

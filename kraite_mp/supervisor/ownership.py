@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from kraite_mp.config import parse_shard
+from kraite_mp.config.load import parse_shard
 from kraite_mp.supervisor import runfiles
 from kraite_mp.supervisor.process import AfterStop, Child, ChildState, change_state
 from kraite_mp.supervisor.runfiles import ROLE_MARK_PRICE, ROLE_METRICS, ROLE_USER_DATA

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from kraite_mp import exitcodes  # noqa: E402
-from kraite_mp.config import load_settings  # noqa: E402
+from kraite_mp.config.load import load_settings  # noqa: E402
 from kraite_mp.logs import setup_logging  # noqa: E402
 from kraite_mp.supervisor.arbiter import Arbiter  # noqa: E402
 from kraite_mp.supervisor.context import ChildContext  # noqa: E402
