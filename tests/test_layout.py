@@ -125,3 +125,12 @@ def test_the_worker_loads_no_websocket_code() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
+
+#: The longest a product module may grow: past it, a module holds more than one responsibility here.
+MAX_MODULE_LINES = 500
+
+
+def test_no_product_module_is_over_the_line_limit() -> None:
+    sizes = {m: len(p.read_text().splitlines()) for m, p in _product_modules().items()}
+    over = sorted(f"{m} ({n} lines)" for m, n in sizes.items() if n > MAX_MODULE_LINES)
+    assert not over, f"product modules over {MAX_MODULE_LINES} lines: " + ", ".join(over)
